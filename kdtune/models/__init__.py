@@ -1,0 +1,28 @@
+"""The CIFAR model zoo: mdistiller's architectures under mdistiller's names.
+
+State-dict keys and shapes match mdistiller's definitions, so its published
+teacher checkpoints load strictly. Every model maps an image batch to
+``(logits, features)``; see :class:`kdtune.models._registry.Features`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+# Importing the model modules runs their ``@MODELS.register`` decorators.
+from kdtune.models import (  # noqa: F401
+    mobilenetv2,
+    resnet,
+    resnetv2,
+    shufflenetv1,
+    shufflenetv2,
+    vgg,
+    wrn,
+)
+from kdtune.models._registry import MODELS, Features
+
+__all__ = ["MODELS", "Features", "build_model"]
+
+
+def build_model(name: str, *, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """Build a registered model; unknown names raise ``kdtune.registry.UnknownNameError``."""
+    return MODELS.build(name, num_classes=num_classes, in_channels=in_channels)

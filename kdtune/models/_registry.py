@@ -1,0 +1,64 @@
+"""The model registry and the small pieces every CIFAR model shares.
+
+Kept apart from ``kdtune.models.__init__`` so the model modules can import
+``MODELS`` without a circular import.
+"""
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.registry import Registry
+
+MODELS = Registry("model")
+
+
+class Features(TypedDict):
+    """The intermediate outputs a model returns next to its logits (mdistiller's layout).
+
+    ``feats``: stage outputs after their activation, stem first.
+    ``preact_feats``: the same stages before that activation (same length).
+    ``pooled_feat``: the globally pooled penultimate vector, shape (B, D).
+    """
+
+    feats: list[Tensor]
+    preact_feats: list[Tensor]
+    pooled_feat: Tensor
+
+
+class Stage(nn.Sequential):
+    """A run of blocks that each return ``(output, pre_activation)``.
+
+    Returns the last block's pair, so a model can read a stage's pre-activation
+    without hooks. State-dict keys are those of a plain ``nn.Sequential``.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        preact = x
+        for block in self:
+            x, preact = block(x)
+        return x, preact
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """ShuffleNet's channel shuffle: (N, g*k, H, W) -> interleave the g groups."""
+    if groups == 1:
+        return x
+    # reshape, not view: the input may be channels_last (non-contiguous in NCHW terms)
+    n, c, h, w = x.shape
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class GlobalAvgPool(nn.Module):
+    """Average over the whole feature map: ``(B, C, H, W) -> (B, C, 1, 1)``.
+
+    mdistiller pools CIFAR maps with a fixed ``AvgPool2d(8)`` / ``avg_pool2d(x, 4)``,
+    which breaks on other input sizes. Pooling with a kernel the size of the map is
+    the same operation there (bit for bit, unlike ``AdaptiveAvgPool2d(1)``, which
+    reduces through ``mean`` and rounds differently) and works on any input size.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, kernel_size=(x.shape[-2], x.shape[-1]))

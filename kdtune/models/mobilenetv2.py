@@ -1,0 +1,119 @@
+"""MobileNetV2 for CIFAR (mdistiller's ``mobile_half``: expansion 6, width 0.5).
+
+Differences from torchvision's MobileNetV2 that mdistiller's checkpoints rely on:
+a stride-2 stem, an expansion 1x1 conv even where the expansion ratio is 1,
+and blocks grouped per setting row under ``blocks.<row>.<i>``.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from kdtune.models._registry import MODELS, Features, GlobalAvgPool
+
+# (expansion, output channels at width 1, repeats, first stride); None = use ``expand``.
+_SETTINGS: list[tuple[int | None, int, int, int]] = [
+    (1, 16, 1, 1),
+    (None, 24, 2, 1),
+    (None, 32, 3, 2),
+    (None, 64, 4, 2),
+    (None, 96, 3, 1),
+    (None, 160, 3, 2),
+    (None, 320, 1, 1),
+]
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand, 3x3 depthwise, 1x1 linear projection (no final activation)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, cout, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+class CifarMobileNetV2(nn.Module):
+    """MobileNetV2 with expansion ``expand`` and channel multiplier ``width``."""
+
+    def __init__(
+        self,
+        expand: int = 6,
+        width: float = 0.5,
+        *,
+        num_classes: int = 100,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        cin = int(32 * width)
+        self.conv1 = _conv_bn_relu(in_channels, cin, 3, 2)
+        self.blocks = nn.ModuleList()
+        for t, c, n, s in _SETTINGS:
+            cout = int(c * width)
+            layers = []
+            for i in range(n):
+                ratio = expand if t is None else t
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, ratio))
+                cin = cout
+            self.blocks.append(nn.Sequential(*layers))
+        # As in mdistiller, the head is only widened, never narrowed.
+        last = int(1280 * width) if width > 1.0 else 1280
+        self.conv2 = _conv_bn_relu(cin, last, 1, 1)
+        self.avgpool = GlobalAvgPool()  # mdistiller: AvgPool2d(2) on the 2x2 map
+        self.classifier = nn.Sequential(nn.Linear(last, num_classes))
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
+        f0 = self.conv1(x)
+        out = self.blocks[1](self.blocks[0](f0))
+        f1 = out
+        f2 = out = self.blocks[2](out)
+        f3 = out = self.blocks[4](self.blocks[3](out))
+        f4 = out = self.blocks[6](self.blocks[5](out))
+        pooled = self.avgpool(self.conv2(out)).flatten(1)
+        logits = self.classifier(pooled)
+        feats = [f0, f1, f2, f3, f4]
+        # mdistiller returns no "preact_feats" here. Blocks end in a linear projection
+        # (BN, no ReLU), so the stage outputs already are pre-activations; the stem is
+        # reused as in the other models.
+        return logits, Features(feats=feats, preact_feats=list(feats), pooled_feat=pooled)
+
+
+@MODELS.register("MobileNetV2")
+def MobileNetV2(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:  # noqa: N802
+    """MobileNetV2 at width 0.5, expansion 6 (mdistiller ``mobile_half``)."""
+    return CifarMobileNetV2(6, 0.5, num_classes=num_classes, in_channels=in_channels)

@@ -1,0 +1,131 @@
+"""VGG with batch norm for CIFAR (mdistiller's ``vgg*_bn``, registered as ``vgg8`` ... ``vgg19``).
+
+Five conv stages separated by 2x2 max-pools and a single linear classifier on the
+globally pooled 512-d vector. Each stage is a ``Sequential`` of conv-bn-relu
+units whose final ReLU is left to ``forward``, so the pre-activation is available.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.models._registry import MODELS, Features
+
+# Conv widths per stage.
+_CONFIGS: dict[str, list[list[int]]] = {
+    "vgg8": [[64], [128], [256], [512], [512]],
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    "vgg19": [
+        [64, 64],
+        [128, 128],
+        [256, 256, 256, 256],
+        [512, 512, 512, 512],
+        [512, 512, 512, 512],
+    ],
+}
+
+
+def _stage(cin: int, widths: list[int]) -> nn.Sequential:
+    """conv-bn (-relu-conv-bn)*: indices 0,1,(2),3,4,... match mdistiller's keys."""
+    layers: list[nn.Module] = []
+    for i, cout in enumerate(widths):
+        if i:
+            layers.append(nn.ReLU(inplace=True))
+        layers += [nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.BatchNorm2d(cout)]
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+def _max_pool() -> nn.MaxPool2d:
+    # ceil_mode keeps a 1x1 map at 1x1 (tiny inputs such as 8x8 digits);
+    # it is the same as floor mode on the even sizes CIFAR produces.
+    return nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
+
+
+class VGG(nn.Module):
+    """VGG-BN; ``config`` lists the conv widths of the five stages."""
+
+    def __init__(
+        self, config: list[list[int]], *, num_classes: int = 100, in_channels: int = 3
+    ) -> None:
+        super().__init__()
+        self.block0 = _stage(in_channels, config[0])
+        self.block1 = _stage(config[0][-1], config[1])
+        self.block2 = _stage(config[1][-1], config[2])
+        self.block3 = _stage(config[2][-1], config[3])
+        self.block4 = _stage(config[3][-1], config[4])
+        self.pool0 = _max_pool()
+        self.pool1 = _max_pool()
+        self.pool2 = _max_pool()
+        self.pool3 = _max_pool()
+        self.pool4 = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(config[4][-1], num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # He init on fan-out, written out as mdistiller does.
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
+        height = x.shape[2]
+        f0 = F.relu(self.block0(x))
+        p1 = self.block1(self.pool0(f0))
+        f1 = F.relu(p1)
+        p2 = self.block2(self.pool1(f1))
+        f2 = F.relu(p2)
+        p3 = self.block3(self.pool2(f2))
+        f3 = F.relu(p3)
+        # mdistiller skips the fourth max-pool except on 64x64 (Tiny-ImageNet) inputs,
+        # so CIFAR's last stage runs at 4x4; kept for identical numerics.
+        p4 = self.block4(self.pool3(f3) if height == 64 else f3)
+        f4 = F.relu(p4)
+        pooled = self.pool4(f4).flatten(1)
+        logits = self.classifier(pooled)
+        return logits, Features(
+            feats=[f0, f1, f2, f3, f4],
+            preact_feats=[f0, p1, p2, p3, p4],
+            pooled_feat=pooled,
+        )
+
+
+@MODELS.register("vgg8")
+def vgg8(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """VGG-8-BN (mdistiller ``vgg8_bn``)."""
+    return VGG(_CONFIGS["vgg8"], num_classes=num_classes, in_channels=in_channels)
+
+
+@MODELS.register("vgg11")
+def vgg11(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """VGG-11-BN (mdistiller ``vgg11_bn``)."""
+    return VGG(_CONFIGS["vgg11"], num_classes=num_classes, in_channels=in_channels)
+
+
+@MODELS.register("vgg13")
+def vgg13(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """VGG-13-BN (mdistiller ``vgg13_bn``; a published teacher)."""
+    return VGG(_CONFIGS["vgg13"], num_classes=num_classes, in_channels=in_channels)
+
+
+@MODELS.register("vgg16")
+def vgg16(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """VGG-16-BN (mdistiller ``vgg16_bn``)."""
+    return VGG(_CONFIGS["vgg16"], num_classes=num_classes, in_channels=in_channels)
+
+
+@MODELS.register("vgg19")
+def vgg19(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """VGG-19-BN (mdistiller ``vgg19_bn``)."""
+    return VGG(_CONFIGS["vgg19"], num_classes=num_classes, in_channels=in_channels)

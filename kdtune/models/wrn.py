@@ -1,0 +1,123 @@
+"""Wide ResNets (Zagoruyko & Komodakis, 2016) for CIFAR, as in mdistiller's ``wrn.py``.
+
+``wrn_<depth>_<k>``: depth ``6n + 4``, three stages of ``n`` pre-activation
+blocks at widths 16k/32k/64k, then BN-ReLU, global pooling and a linear layer.
+Dropout is not used (mdistiller's rate is 0).
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.models._registry import MODELS, Features, GlobalAvgPool
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block: bn-relu-conv-bn-relu-conv plus a shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        # mdistiller's key name; only present where the width changes.
+        self.convShortcut: nn.Conv2d | None = None  # noqa: N815
+        if cin != cout:
+            self.convShortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = F.relu(self.bn1(x))
+        out = F.relu(self.bn2(self.conv1(act)))
+        out = self.conv2(out)
+        # The projection shortcut sees the activated input, the identity the raw one.
+        shortcut = x if self.convShortcut is None else self.convShortcut(act)
+        return shortcut + out
+
+
+class WideStage(nn.Module):
+    """``n`` wide blocks under ``.layer`` (mdistiller's ``NetworkBlock``)."""
+
+    def __init__(self, n: int, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            *(WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k for 32x32 inputs."""
+
+    def __init__(
+        self, depth: int, widen: int, *, num_classes: int = 100, in_channels: int = 3
+    ) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = WideStage(n, widths[0], widths[1], 1)
+        self.block2 = WideStage(n, widths[1], widths[2], 2)
+        self.block3 = WideStage(n, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.avgpool = GlobalAvgPool()  # mdistiller: avg_pool2d(8) on the 8x8 map
+        self.fc = nn.Linear(widths[3], num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
+        f0 = self.conv1(x)
+        f1 = self.block1(f0)
+        f2 = self.block2(f1)
+        f3 = self.block3(f2)
+        pooled = self.avgpool(F.relu(self.bn1(f3))).flatten(1)
+        logits = self.fc(pooled)
+        # Stage outputs are sums that no BN-ReLU has touched yet (pre-activation design);
+        # their "pre-activation" is the BN the next stage (or the head) applies to them.
+        # Like mdistiller, re-apply those BNs: same values as inside the pass, and in
+        # training mode the same extra running-statistics update mdistiller makes, so
+        # students trained here match students trained there.
+        p1 = self.block2.layer[0].bn1(f1)
+        p2 = self.block3.layer[0].bn1(f2)
+        p3 = self.bn1(f3)
+        return logits, Features(
+            feats=[f0, f1, f2, f3], preact_feats=[f0, p1, p2, p3], pooled_feat=pooled
+        )
+
+
+@MODELS.register("wrn_16_1")
+def wrn_16_1(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """WRN-16-1."""
+    return WideResNet(16, 1, num_classes=num_classes, in_channels=in_channels)
+
+
+@MODELS.register("wrn_16_2")
+def wrn_16_2(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """WRN-16-2."""
+    return WideResNet(16, 2, num_classes=num_classes, in_channels=in_channels)
+
+
+@MODELS.register("wrn_40_1")
+def wrn_40_1(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """WRN-40-1."""
+    return WideResNet(40, 1, num_classes=num_classes, in_channels=in_channels)
+
+
+@MODELS.register("wrn_40_2")
+def wrn_40_2(*, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """WRN-40-2 (a published mdistiller teacher)."""
+    return WideResNet(40, 2, num_classes=num_classes, in_channels=in_channels)
