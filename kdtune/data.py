@@ -1,0 +1,338 @@
+"""Datasets by name, a seeded validation split, and a device-resident training loader.
+
+Every dataset is held as uint8 NCHW tensors. The training loader keeps the whole (padded)
+train split on the run's device and draws CIFAR's augmentation -- random crop with zero
+padding plus horizontal flip -- for a whole batch in one gather, so there are no PIL
+transforms, no worker processes and no host synchronisation per batch.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from kdtune.registry import Registry
+
+DATASETS = Registry("dataset")
+
+
+class DataError(RuntimeError):
+    """A dataset cannot be loaded (missing or malformed files)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: Tensor  # uint8 [N, C, H, W]
+    labels: Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """The splits of one dataset plus how to normalise and augment its images.
+
+    ``val`` is carved from the original training set with ``split_seed``: searches select on
+    it. ``test`` is the dataset's own test split, used only by final runs.
+    """
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    def for_final(self) -> ImageData:
+        """Train on train+val (the whole original training set); evaluate on test."""
+        merged = Split(
+            torch.cat([self.train.images, self.val.images]),
+            torch.cat([self.train.labels, self.val.labels]),
+        )
+        empty = Split(self.val.images[:0], self.val.labels[:0])
+        return ImageData(
+            self.name, merged, empty, self.test, self.num_classes, self.mean, self.std,
+            self.crop_padding, self.flip,
+        )
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """What a dataset builder returns before the validation split is carved."""
+
+    train: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...] | None  # None: computed from the training images
+    std: tuple[float, ...] | None
+    crop_padding: int
+    flip: bool
+    default_val_size: int
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | Path | None = None,
+    val_size: int | None = None,
+    split_seed: int = 0,
+    download: bool = False,
+    options: dict | None = None,
+) -> ImageData:
+    """Load a registered dataset and carve a seeded validation split from its train split.
+
+    Args:
+        name: a key of ``DATASETS`` (``cifar100``, ``cifar10``, ``digits``, ``synthetic``).
+        root: directory holding the dataset files (CIFAR only).
+        val_size: images moved from train to val; ``None`` takes the dataset's default.
+        split_seed: seed of the train/val split. Keep it fixed across a search so that
+            every trial is scored on the same validation images.
+        download: fetch missing CIFAR files (needs network access).
+        options: extra keyword arguments of the dataset builder (``synthetic`` only).
+    """
+    builder = DATASETS.get(name)
+    kwargs = dict(options or {})
+    if name.startswith("cifar"):
+        kwargs.update(root=root, download=download)
+    raw: _Raw = builder(**kwargs)
+    n = len(raw.train)
+    val_size = raw.default_val_size if val_size is None else val_size
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}) for {name}, but got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    train = Split(raw.train.images[train_idx], raw.train.labels[train_idx])
+    val = Split(raw.train.images[val_idx], raw.train.labels[val_idx])
+    mean, std = raw.mean, raw.std
+    if mean is None or std is None:
+        pixels = train.images.float().div_(255).transpose(0, 1).flatten(1)
+        mean = tuple(pixels.mean(1).tolist())
+        std = tuple(pixels.std(1).clamp_min(1e-3).tolist())
+    return ImageData(name, train, val, raw.test, raw.num_classes, mean, std, raw.crop_padding, raw.flip)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:  # truncated or foreign file
+        raise DataError(f"{path}: cannot be read as a CIFAR pickle ({type(e).__name__}: {e})") from e
+
+
+def _cifar(root: str | Path | None, download: bool, *, folder: str, train_files: list[str],
+           test_file: str, label_key: bytes, num_classes: int, tv_name: str,
+           mean: tuple[float, ...], std: tuple[float, ...]) -> _Raw:
+    if root is None:
+        raise DataError(f"{tv_name} needs a data root (data_root / --data-root): the directory "
+                        f"that holds {folder}/")
+    root = Path(root).expanduser().resolve()
+    expected = [root / folder / f for f in [*train_files, test_file]]
+    missing = [p for p in expected if not p.is_file()]
+    if missing and download:
+        import torchvision  # only needed to download
+
+        getattr(torchvision.datasets, tv_name)(str(root), train=True, download=True)
+        missing = [p for p in expected if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"{tv_name} files missing under data root {root}: expected "
+            f"{', '.join(str(p.relative_to(root)) for p in expected)}; missing "
+            f"{', '.join(str(p.relative_to(root)) for p in missing)}. Get them with "
+            f"--download (needs network access), or unpack the python version of the dataset "
+            f"(https://www.cs.toronto.edu/~kriz/cifar.html) into {root}."
+        )
+
+    def read(files: list[Path]) -> Split:
+        images, labels = [], []
+        for path in files:
+            d = _unpickle(path)
+            if b"data" not in d or label_key not in d:
+                raise DataError(f"{path}: expected keys b'data' and {label_key!r}, found {sorted(d)}")
+            images.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            labels.append(torch.as_tensor(d[label_key], dtype=torch.int64))
+        return Split(torch.cat(images), torch.cat(labels))
+
+    return _Raw(read(expected[:-1]), read(expected[-1:]), num_classes, mean, std,
+                crop_padding=4, flip=True, default_val_size=5000)
+
+
+@DATASETS.register("cifar100")
+def cifar100(*, root: str | Path | None = None, download: bool = False) -> _Raw:
+    """CIFAR-100 in torchvision's on-disk format (``<root>/cifar-100-python/{train,test}``)."""
+    return _cifar(root, download, folder="cifar-100-python", train_files=["train"],
+                  test_file="test", label_key=b"fine_labels", num_classes=100, tv_name="CIFAR100",
+                  mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761))
+
+
+@DATASETS.register("cifar10")
+def cifar10(*, root: str | Path | None = None, download: bool = False) -> _Raw:
+    """CIFAR-10 in torchvision's on-disk format (``<root>/cifar-10-batches-py/``)."""
+    return _cifar(root, download, folder="cifar-10-batches-py",
+                  train_files=[f"data_batch_{i}" for i in range(1, 6)], test_file="test_batch",
+                  label_key=b"labels", num_classes=10, tv_name="CIFAR10",
+                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
+@DATASETS.register("digits")
+def digits(*, test_fraction: float = 0.2) -> _Raw:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, no download).
+
+    A fixed 20% becomes the test split (seed 0, independent of ``split_seed``). Images are
+    1x8x8; the crop pads by 1 pixel and there is no flip (a mirrored digit is another glyph).
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_test = int(round(test_fraction * len(labels)))
+    test_idx, train_idx = perm[:n_test].sort().values, perm[n_test:].sort().values
+    return _Raw(Split(images[train_idx], labels[train_idx]), Split(images[test_idx], labels[test_idx]),
+                10, None, None, crop_padding=1, flip=False, default_val_size=300)
+
+
+@DATASETS.register("synthetic")
+def synthetic(*, num_classes: int = 10, image_size: int = 32, channels: int = 3,
+              train_size: int = 5000, test_size: int = 1000, noise: float = 0.5,
+              seed: int = 0) -> _Raw:
+    """Random but learnable images: one random prototype per class plus per-image noise.
+
+    For benchmarks and tests: any shape and class count, deterministic given ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(num_classes, channels, image_size, image_size, generator=g)
+
+    def make(n: int) -> Split:
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        x = (1 - noise) * protos[labels] + noise * torch.rand(n, channels, image_size, image_size, generator=g)
+        return Split(x.mul(255).round().to(torch.uint8), labels)
+
+    return _Raw(make(train_size), make(test_size), num_classes, None, None, crop_padding=4,
+                flip=True, default_val_size=train_size // 10)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class _Normalizer:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+        # Folding the /255 into mean and std saves one elementwise pass per batch.
+        self.shift = torch.tensor(mean, device=device).mul(255).view(1, -1, 1, 1)
+        self.scale = torch.tensor(std, device=device).mul(255).reciprocal().view(1, -1, 1, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x.float() - self.shift) * self.scale
+
+
+class TrainLoader:
+    """Shuffled, augmented batches of the train split, held on ``device``.
+
+    Each batch is ``(images, labels, indices)`` where ``indices`` index the train split
+    (sample-selection methods such as KDAS key on them). Randomness comes from a private
+    generator whose state is part of :meth:`state_dict`, so a resumed run draws the same
+    batches as an uninterrupted one.
+    """
+
+    def __init__(self, data: ImageData, *, batch_size: int, device: torch.device | str,
+                 seed: int, augment: bool = True, channels_last: bool = False) -> None:
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        p = data.crop_padding if augment else 0
+        self.pad = p
+        self.flip = data.flip and augment
+        images = data.train.images.to(self.device)
+        # Zero padding in raw pixel space, exactly what RandomCrop(padding=p) does to a PIL image.
+        padded = torch.nn.functional.pad(images, (p, p, p, p)) if p else images
+        self.flat = padded.reshape(-1)
+        self.labels = data.train.labels.to(self.device)
+        self.num_samples = len(data.train)
+        n, c, h, w = images.shape
+        hp, wp = h + 2 * p, w + 2 * p
+        self.image_stride, self.row_stride = c * hp * wp, wp
+        # Offsets of the top-left crop's pixels inside one padded image, once plain and once
+        # mirrored; a crop at (dy, dx) adds dy * row_stride + dx. Ordered (H, W, C) for
+        # channels_last output so the gather writes the layout the convolutions want.
+        ch = torch.arange(c, device=self.device).view(c, 1, 1) * hp * wp
+        row = torch.arange(h, device=self.device).view(1, h, 1) * wp
+        col = torch.arange(w, device=self.device).view(1, 1, w)
+        offsets = torch.stack([ch + row + col, ch + row + col.flip(2)])  # [2, C, H, W]
+        if channels_last:
+            offsets = offsets.permute(0, 2, 3, 1)
+        self.offsets = offsets.reshape(2, -1)
+        self.out_shape = (h, w, c) if channels_last else (c, h, w)
+        self.channels_last = channels_last
+        self.normalize = _Normalizer(data.mean, data.std, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def num_batches(self, num_samples: int | None = None) -> int:
+        n = self.num_samples if num_samples is None else num_samples
+        return -(-n // self.batch_size)
+
+    def batches(self, indices: Tensor | None = None,
+                batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """One epoch over ``indices`` (default: the whole split) in a fresh random order.
+
+        The last batch may be short, as with a DataLoader's default ``drop_last=False``.
+        """
+        n = self.num_samples if indices is None else indices.shape[0]
+        order = torch.randperm(n, device=self.device, generator=self.generator)
+        if indices is not None:
+            order = indices.to(self.device)[order]
+        for idx in order.split(batch_size or self.batch_size):
+            yield self.images(idx), self.labels[idx], idx
+
+    def images(self, idx: Tensor) -> Tensor:
+        """Augmented, normalised images for train-split indices ``idx`` (float32, NCHW)."""
+        b, p = idx.shape[0], self.pad
+        base = idx * self.image_stride
+        if p:
+            shift = torch.randint(0, 2 * p + 1, (2, b), device=self.device, generator=self.generator)
+            base = base + shift[0] * self.row_stride + shift[1]
+        if self.flip:
+            mirror = torch.randint(0, 2, (b,), device=self.device, generator=self.generator)
+            offsets = self.offsets[mirror]
+        else:
+            offsets = self.offsets[0].expand(b, -1)
+        # One gather from the flat padded dataset does index, crop and flip for the batch.
+        x = self.flat.take(base[:, None] + offsets).view(b, *self.out_shape)
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return self.normalize(x)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def eval_batches(split: Split, data: ImageData, *, batch_size: int,
+                 device: torch.device | str) -> list[tuple[Tensor, Tensor]]:
+    """Normalised, unaugmented batches of ``split``, built once and kept on ``device``."""
+    device = torch.device(device)
+    normalize = _Normalizer(data.mean, data.std, device)
+    images, labels = split.images.to(device), split.labels.to(device)
+    return [
+        (normalize(images[i:i + batch_size]), labels[i:i + batch_size])
+        for i in range(0, len(split), batch_size)
+    ]

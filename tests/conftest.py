@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def write_cifar(root: Path, kind: str, n_train: int = 60, n_test: int = 20) -> None:
+    """Write a tiny dataset in torchvision's CIFAR on-disk (pickle) format."""
+    rng = np.random.default_rng(0)
+    if kind == "cifar100":
+        folder, files, key, classes = root / "cifar-100-python", ["train"], b"fine_labels", 100
+        test_name = "test"
+    else:
+        folder, key, classes = root / "cifar-10-batches-py", b"labels", 10
+        files, test_name = [f"data_batch_{i}" for i in range(1, 6)], "test_batch"
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = n_train // len(files)
+    for name, n in [*[(f, per_file) for f in files], (test_name, n_test)]:
+        blob = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                key: rng.integers(0, classes, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(blob, f)
