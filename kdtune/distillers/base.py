@@ -1,0 +1,110 @@
+"""The distiller interface: a student, a frozen teacher and per-sample loss terms."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.registry import Registry
+
+METHODS = Registry("method")
+
+
+class Distiller(nn.Module):
+    """Base class of every method.
+
+    ``forward(x, y)`` returns ``(student_logits, losses)`` where ``losses`` maps a term name
+    to a per-sample tensor [B], already multiplied by its weight. The engine minimises
+    ``sum(term.mean())``. The term named ``"ce"`` is the label loss; every other term is a
+    distillation term, which is what a sample-weighting policy (KDAS) reweights.
+
+    Extension points, and the only ones the engine calls:
+      * :meth:`on_epoch_start` -- warm-ups and curricula (DKD's warm-up, CTKD's lambda);
+      * trainable parameters other than the student's (connectors, a learnable temperature,
+        a policy net) are registered as submodules/parameters; the optimizer takes every
+        parameter with ``requires_grad`` -- the teacher's are frozen here;
+      * :meth:`param_groups` for parameters that need their own optimizer settings.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.epoch = 0
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen BN statistics, whatever the student's mode
+        return self
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        """Called before each epoch (1-based)."""
+        self.epoch = epoch
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups. A group may carry ``lr_scale`` (relative to the run's lr)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Method-specific values to log at the end of an epoch (e.g. CTKD's temperature)."""
+        return {}
+
+    @torch.no_grad()
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        assert self.teacher is not None
+        return self.teacher(x)[0]
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        return self.student.state_dict()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Everything but the (frozen) teacher: what a checkpoint needs."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise RuntimeError(f"distiller state mismatch: missing {missing}, unexpected {unexpected}")
+
+    def ce(self, logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), target, reduction="none")
+
+    @classmethod
+    def check(cls, params: dict[str, Any]) -> list[str]:
+        """Problems with hyperparameter values (types are checked by the config loader)."""
+        return []
+
+
+@METHODS.register("none")
+class Vanilla(Distiller):
+    """The student trained on labels alone: the baseline every search compares against."""
+
+    needs_teacher = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None) -> None:
+        super().__init__(student, None)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.student(x)[0]
+        return logits, {"ce": self.ce(logits, y)}
+
+
+def check_ranges(params: dict[str, Any], positive: tuple[str, ...] = (),
+                 non_negative: tuple[str, ...] = ()) -> list[str]:
+    problems = []
+    for k in positive:
+        if k in params and not params[k] > 0:
+            problems.append(f"{k}: must be > 0, but got {params[k]!r}")
+    for k in non_negative:
+        if k in params and not params[k] >= 0:
+            problems.append(f"{k}: must be >= 0, but got {params[k]!r}")
+    return problems

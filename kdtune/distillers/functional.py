@@ -1,0 +1,82 @@
+"""Pure loss functions on logits. Every loss returns one value per sample, shape [B].
+
+They compute in float32 whatever the autocast dtype, because softmax/KL in bf16 loses the
+small probabilities that distillation is about.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Logit standardization (Sun et al., CVPR'24): per-sample z-score over classes.
+
+    Uses the unbiased std and ``+eps`` as the reference does; mean and std are not detached,
+    so gradients flow back through them.
+    """
+    return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + eps)
+
+
+def kl_per_sample(log_p_target: Tensor, log_p_input: Tensor) -> Tensor:
+    """KL(target || input) per sample from log-probabilities; zero-probability targets add 0."""
+    p = log_p_target.exp()
+    terms = torch.where(p > 0, p * (log_p_target - log_p_input), torch.zeros_like(p))
+    return terms.sum(1)
+
+
+def _temperature(t: float | Tensor) -> float | Tensor:
+    # A tensor temperature is either a scalar or one per sample; shape it to broadcast over classes.
+    return t.reshape(-1, 1) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float | Tensor,
+            logit_stand: bool = False, reverse: bool = False) -> Tensor:
+    """Hinton KD: T^2 * KL(p_t(T) || p_s(T)) per sample.
+
+    Args:
+        temperature: a float, a scalar tensor or one temperature per sample ([B]); with
+            ``logit_stand`` it is the base temperature applied to standardized logits.
+        reverse: KL(p_s || p_t) instead, the form the released KDAS code computes
+            (kept as an option; forward KL is the reference KD).
+    """
+    s, t = student.float(), teacher.float()
+    if logit_stand:
+        s, t = standardize(s), standardize(t)
+    temp = _temperature(temperature)
+    log_ps = F.log_softmax(s / temp, dim=1)
+    log_pt = F.log_softmax(t / temp, dim=1)
+    kl = kl_per_sample(log_ps, log_pt) if reverse else kl_per_sample(log_pt, log_ps)
+    return kl * (temp**2 if not isinstance(temp, Tensor) else temp.reshape(-1) ** 2)
+
+
+def _binary_log_probs(z: Tensor, gt: Tensor) -> Tensor:
+    """log [p_gt, 1 - p_gt] of softmax(z), computed without forming 1 - p (stable in fp32)."""
+    log_all = torch.logsumexp(z, dim=1)
+    log_gt = z.gather(1, gt[:, None]).squeeze(1) - log_all
+    log_rest = torch.logsumexp(z.scatter(1, gt[:, None], float("-inf")), dim=1) - log_all
+    return torch.stack([log_gt, log_rest], dim=1)
+
+
+def dkd_loss(student: Tensor, teacher: Tensor, target: Tensor, alpha: float, beta: float,
+             temperature: float | Tensor, logit_stand: bool = False) -> tuple[Tensor, Tensor]:
+    """Decoupled KD (Zhao et al., CVPR'22): per-sample ``alpha * TCKD`` and ``beta * NCKD``.
+
+    TCKD is the KL between the binary [target, non-target] distributions; NCKD the KL over
+    the non-target classes, obtained as in the reference by subtracting 1000 from the target
+    logit (after dividing by T). Both are scaled by T^2. ``log(1 - p_gt)`` is computed with a
+    logsumexp over the non-target logits: the same value the reference takes with
+    ``log(sum of probabilities)``, without its underflow to ``-inf``.
+    """
+    s, t = student.float(), teacher.float()
+    if logit_stand:
+        s, t = standardize(s), standardize(t)
+    temp = _temperature(temperature)
+    s, t = s / temp, t / temp
+    tckd = kl_per_sample(_binary_log_probs(t, target), _binary_log_probs(s, target))
+    gt_mask = F.one_hot(target, s.shape[1]).to(s.dtype)
+    nckd = kl_per_sample(F.log_softmax(t - 1000.0 * gt_mask, dim=1),
+                         F.log_softmax(s - 1000.0 * gt_mask, dim=1))
+    scale = temp**2 if not isinstance(temp, Tensor) else temp.reshape(-1) ** 2
+    return alpha * tckd * scale, beta * nckd * scale

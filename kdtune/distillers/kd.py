@@ -1,0 +1,37 @@
+"""KD (Hinton et al., 2015), with logit standardization (Sun et al., CVPR'24) as a switch."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from kdtune.distillers.base import METHODS, Distiller, check_ranges
+from kdtune.distillers.functional import kd_loss
+
+
+@METHODS.register("kd")
+class KD(Distiller):
+    """``ce_weight * CE + kd_weight * T^2 * KL(p_t(T) || p_s(T))``.
+
+    Defaults are mdistiller's vanilla KD (T 4, CE 0.1, KD 0.9). With ``logit_stand=True``
+    both logits are z-scored per sample first and ``temperature`` is the paper's *base*
+    temperature (LS's settings: temperature 2, kd_weight 9).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, temperature: float = 4.0,
+                 ce_weight: float = 0.1, kd_weight: float = 0.9, logit_stand: bool = False) -> None:
+        super().__init__(student, teacher)
+        self.temperature = temperature
+        self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
+        self.logit_stand = logit_stand
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.student(x)[0]
+        teacher = self.teacher_logits(x)
+        kd = kd_loss(logits, teacher, self.temperature, self.logit_stand)
+        return logits, {"ce": self.ce_weight * self.ce(logits, y), "kd": self.kd_weight * kd}
+
+    @classmethod
+    def check(cls, params: dict[str, Any]) -> list[str]:
+        return check_ranges(params, positive=("temperature",), non_negative=("ce_weight", "kd_weight"))
