@@ -1,0 +1,255 @@
+"""One run's configuration: a flat mapping of names to values, validated in one pass.
+
+The same flat names are used in YAML files, on the command line (``--set key=value``), in
+search spaces, MLflow params and result tables: ``lr`` is ``lr`` everywhere, and a method's
+hyperparameters (``temperature``, ``beta``, ...) sit beside the recipe's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdtune.data import DATASETS
+from kdtune.distillers import METHODS
+from kdtune.engine import SCHEDULES, Recipe
+from kdtune.models import MODELS
+from kdtune.registry import Registry
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one distillation run needs. Method hyperparameters live in ``method_params``."""
+
+    # what is distilled
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    val_size: int | None = None
+    split_seed: int = 0
+    dataset_options: dict = field(default_factory=dict)
+    teacher: str | None = "resnet20"
+    teacher_checkpoint: str | None = None
+    teacher_epochs: int = 240  # recipe length when kdtune trains the teacher itself
+    student: str = "resnet8"
+    method: str = "kd"
+    method_params: dict = field(default_factory=dict)
+    # the recipe (see kdtune.engine.Recipe)
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "step"
+    lr_decay_epochs: tuple = (150, 180, 210)
+    lr_decay_rate: float = 0.1
+    lr_min: float = 1e-5
+    warmup_epochs: int = 0
+    # how it runs
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    final: bool = False
+    cache_dir: str = "~/.cache/kdtune"
+
+    def recipe(self) -> Recipe:
+        names = {f.name for f in fields(Recipe)}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        values["lr_decay_epochs"] = tuple(values["lr_decay_epochs"])
+        return Recipe(**values)
+
+    def flat(self) -> dict[str, Any]:
+        """One flat dict, method hyperparameters at the top level (the inverse of from_dict)."""
+        d = dataclasses.asdict(self)
+        d.update(d.pop("method_params"))
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        """Validate a flat mapping; raise :class:`ConfigError` listing every problem."""
+        return cls(**_validate(values, source))
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {}
+for _f in fields(RunConfig):
+    _FIELD_TYPES[_f.name] = {
+        "str": (str,), "str | None": (str, type(None)), "bool": (bool,), "int": (int,),
+        "int | None": (int, type(None)), "float": (float,), "bool | None": (bool, type(None)),
+        "dict": (dict,), "tuple": (list, tuple),
+    }[str(_f.type)]
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def coerce(value: Any, types: tuple[type, ...]) -> tuple[Any, bool]:
+    """``value`` converted to one of ``types`` where that is lossless; ``(value, ok)``.
+
+    Accepts ints for floats and numbers written as strings such as ``1e-4``, which PyYAML
+    reads as strings. bool is never taken for a number, nor a number for a bool.
+    """
+    if isinstance(value, bool):
+        return value, bool in types
+    if float in types and isinstance(value, int):
+        return float(value), True
+    if isinstance(value, str) and _FLOAT.match(value.strip()) and (float in types or int in types):
+        number = float(value)
+        if float in types:
+            return number, True
+        return (int(number), True) if number.is_integer() else (value, False)
+    if int in types and isinstance(value, float) and value.is_integer() and float not in types:
+        return value, False  # 3.0 for an epoch count is most likely a mistake; say so
+    return value, isinstance(value, types)
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             dict: "a mapping", list: "a list", tuple: "a list", type(None): "null"}
+    return " or ".join(dict.fromkeys(names[t] for t in types))
+
+
+def _known(registry: Registry, key: str, value: Any, source: str, problems: list[str]) -> bool:
+    if value in registry:
+        return True
+    problems.append(f"{source}: {key}: {registry.unknown_message(value)}")
+    return False
+
+
+def method_param_types(method: str) -> dict[str, tuple[type, ...]]:
+    """The hyperparameters ``method`` takes, with the types their defaults imply."""
+    return {name: (type(p.default),) for name, p in METHODS.parameters(method).items()}
+
+
+def _validate(values: dict[str, Any], source: str) -> dict[str, Any]:
+    problems: list[str] = []
+    if not isinstance(values, dict):
+        raise ConfigError([f"{source}: expected a mapping of keys to values, but got {values!r}"])
+    out: dict[str, Any] = {}
+    method = values.get("method", RunConfig.method)
+    method_ok = isinstance(method, str) and _known(METHODS, "method", method, source, problems)
+    method_types = method_param_types(method) if method_ok else {}
+    method_params: dict[str, Any] = dict(values.get("method_params") or {})
+    for key, value in values.items():
+        if key == "method_params":
+            continue
+        if key in _FIELD_TYPES:
+            target, types = out, _FIELD_TYPES[key]
+        elif key in method_types:
+            target, types = method_params, method_types[key]
+        else:
+            if method_ok or key not in _all_method_params():
+                problems.append(_unknown_key(key, method if method_ok else None, source))
+            continue
+        coerced, ok = coerce(value, types)
+        if not ok:
+            problems.append(f"{source}: {key}: expected {_type_name(types)}, but got {value!r}")
+            continue
+        target[key] = coerced
+    for key, value in list(method_params.items()):
+        if key not in method_types and method_ok:
+            problems.append(_unknown_key(key, method, source))
+            method_params.pop(key)
+            continue
+        if key in method_types:
+            coerced, ok = coerce(value, method_types[key])
+            if not ok:
+                problems.append(f"{source}: {key}: expected {_type_name(method_types[key])}, "
+                                f"but got {value!r}")
+            method_params[key] = coerced
+    if method_ok:
+        problems += [f"{source}: {p}" for p in METHODS.get(method).check(method_params)]
+
+    cfg = {**{f.name: getattr(RunConfig(), f.name) for f in fields(RunConfig)}, **out}
+    for key in ("teacher", "student"):
+        if cfg[key] is not None:
+            _known(MODELS, key, cfg[key], source, problems)
+    if cfg["teacher"] is None and method_ok and METHODS.get(method).needs_teacher:
+        problems.append(f"{source}: teacher: method {method!r} needs a teacher, but got null")
+    _known(DATASETS, "dataset", cfg["dataset"], source, problems)
+    problems += [f"{source}: {p}" for p in _check_ranges(cfg)]
+    ckpt = cfg["teacher_checkpoint"]
+    if ckpt is not None and not Path(ckpt).expanduser().is_file():
+        problems.append(f"{source}: teacher_checkpoint: file not found: {ckpt!r}")
+    if problems:
+        raise ConfigError(problems)
+    out["method_params"] = method_params
+    if "lr_decay_epochs" in out:
+        out["lr_decay_epochs"] = tuple(out["lr_decay_epochs"])
+    return out
+
+
+def _check_ranges(cfg: dict[str, Any]) -> list[str]:
+    rules = [
+        ("epochs", cfg["epochs"] >= 1, ">= 1"),
+        ("teacher_epochs", cfg["teacher_epochs"] >= 1, ">= 1"),
+        ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
+        ("lr", cfg["lr"] > 0, "> 0"),
+        ("momentum", 0 <= cfg["momentum"] < 1, "in [0, 1)"),
+        ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
+        ("lr_decay_rate", 0 < cfg["lr_decay_rate"] <= 1, "in (0, 1]"),
+        ("lr_min", 0 <= cfg["lr_min"] and (cfg["lr"] <= 0 or cfg["lr_min"] < cfg["lr"]), "in [0, lr)"),
+        ("warmup_epochs", 0 <= cfg["warmup_epochs"] < cfg["epochs"], "in [0, epochs)"),
+        ("schedule", cfg["schedule"] in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+        ("val_size", cfg["val_size"] is None or cfg["val_size"] >= 0, ">= 0 or null"),
+        ("lr_decay_epochs", all(isinstance(m, int) and m >= 1 for m in cfg["lr_decay_epochs"]),
+         "a list of positive integers"),
+    ]
+    if cfg["nesterov"] and cfg["momentum"] == 0:
+        rules.append(("nesterov", False, "false when momentum is 0 (SGD requires momentum > 0)"))
+    return [f"{key}: must be {rule}, but got {cfg[key]!r}" for key, ok, rule in rules if not ok]
+
+
+def _all_method_params() -> set[str]:
+    return {p for m in METHODS.names() for p in METHODS.parameters(m)}
+
+
+def _unknown_key(key: str, method: str | None, source: str) -> str:
+    import difflib
+
+    known = set(_FIELD_TYPES) | (set(METHODS.parameters(method)) if method else set())
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    takes = f" (method {method!r} takes: {', '.join(METHODS.parameters(method)) or 'nothing'})" if method else ""
+    return f"{source}: {key}: unknown key{hint}{takes}"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (data only: ``safe_load``); errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot be read ({e.strerror})"]) from e
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError([f"{path}: expected a mapping of keys to values, but got {type(values).__name__}"])
+    return values
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (so ``0.1``, ``true``, ``[1, 2]`` work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text!r}: expected key=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value

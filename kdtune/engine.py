@@ -1,0 +1,243 @@
+"""The training loop: one distillation run, epoch by epoch, with nothing but torch inside.
+
+``Engine.run()`` yields one metrics dict per epoch; ``python -m kdtune.train``, the teacher
+trainer and the Ray Tune trainable all consume that same generator. Inside an epoch there
+is no host synchronisation: losses and accuracies accumulate on the device and are read once
+at the end of the epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import Tensor
+
+from kdtune.data import ImageData, TrainLoader, eval_batches
+from kdtune.distillers import Distiller
+
+SCHEDULES = ("step", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser and schedule. Defaults are the CIFAR-100 reference (mdistiller) recipe.
+
+    ``lr_decay_epochs`` are given for a 240-epoch run and scaled to ``epochs``, so a
+    24-epoch run decays at 15/18/21.
+    """
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "step"
+    lr_decay_epochs: tuple[int, ...] = (150, 180, 210)
+    lr_decay_rate: float = 0.1
+    lr_min: float = 1e-5  # cosine floor (the KDAS code's eta_min)
+    warmup_epochs: int = 0  # linear LR warm-up
+
+    def lr_factor(self, epoch: int) -> float:
+        """LR multiplier for 1-based ``epoch``."""
+        if epoch <= self.warmup_epochs:
+            return epoch / self.warmup_epochs
+        if self.schedule == "step":
+            milestones = [round(m * self.epochs / 240) for m in self.lr_decay_epochs]
+            return self.lr_decay_rate ** sum(epoch > m for m in milestones)
+        if self.schedule == "cosine":
+            cos = (1 + math.cos(math.pi * (epoch - 1) / self.epochs)) / 2
+            return (self.lr_min + (self.lr - self.lr_min) * cos) / self.lr
+        return 1.0
+
+
+class SamplePolicy(Protocol):
+    """Chooses which training samples an epoch visits (KDAS plugs in here)."""
+
+    def epoch_indices(self, epoch: int, engine: Engine) -> Tensor | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    """Trains ``distiller`` on ``data`` with ``recipe``.
+
+    Args:
+        distiller: a :class:`Distiller` already on ``device``.
+        data: the dataset; ``final=True`` trains on train+val and evaluates on test.
+        seed: seeds the batch order and augmentation (model init is seeded by the caller).
+        amp: bf16 autocast; default on for CUDA, off on CPU.
+        sampler: optional :class:`SamplePolicy` choosing each epoch's samples.
+    """
+
+    def __init__(self, distiller: Distiller, data: ImageData, recipe: Recipe, *,
+                 device: torch.device | str = "cpu", seed: int = 0, final: bool = False,
+                 amp: bool | None = None, sampler: SamplePolicy | None = None,
+                 eval_batch_size: int = 512) -> None:
+        self.device = torch.device(device)
+        self.recipe = recipe
+        self.distiller = distiller
+        self.sampler = sampler
+        self.final = final
+        data = data.for_final() if final else data
+        self.data = data
+        self.eval_name = "test" if final else "val"
+        self.loader = TrainLoader(data, batch_size=recipe.batch_size, device=self.device, seed=seed)
+        eval_split = data.test if final else data.val
+        self.eval_set = eval_batches(eval_split, data, batch_size=eval_batch_size, device=self.device)
+        cuda = self.device.type == "cuda"
+        self.amp = cuda if amp is None else amp
+        # channels_last lets cuDNN pick its NHWC kernels, which bf16 tensor cores prefer.
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            distiller.to(memory_format=torch.channels_last)
+        groups = distiller.param_groups()
+        for g in groups:
+            g["base_lr"] = recipe.lr * g.pop("lr_scale", 1.0)
+            g["lr"] = g["base_lr"]
+        self.optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum,
+                                         weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+        self.epoch = 0  # epochs completed
+        self.samples_backprop = 0  # cumulative samples that went through a backward pass
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> Iterator[dict[str, float]]:
+        """Train the remaining epochs, yielding each epoch's metrics."""
+        while self.epoch < self.recipe.epochs:
+            yield self.train_epoch()
+
+    def train_epoch(self) -> dict[str, float]:
+        epoch = self.epoch + 1
+        start = time.perf_counter()
+        lr_factor = self.recipe.lr_factor(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor
+        self.distiller.on_epoch_start(epoch, self.recipe.epochs)
+        indices = self.sampler.epoch_indices(epoch, self) if self.sampler is not None else None
+        self.distiller.train()
+
+        sums: dict[str, Tensor] = {}
+        correct1 = torch.zeros((), device=self.device, dtype=torch.long)
+        correct5 = torch.zeros_like(correct1)
+        seen = 0
+        for x, y, _ in self.loader.batches(indices):
+            x = x.contiguous(memory_format=self.memory_format)
+            with self._autocast():
+                logits, losses = self.distiller(x, y)
+            loss = sum(term.mean() for term in losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            # Accumulate on the device; reading a value here would stall the pipeline.
+            for name, term in losses.items():
+                term_sum = term.detach().float().sum()
+                sums[name] = sums[name] + term_sum if name in sums else term_sum
+            c1, c5 = _correct(logits.detach(), y)
+            correct1 += c1
+            correct5 += c5
+            seen += y.shape[0]
+        self.samples_backprop += seen
+        self.epoch = epoch
+
+        metrics: dict[str, float] = {"epoch": epoch}
+        values = {k: v.item() / max(seen, 1) for k, v in sums.items()}  # one sync per epoch
+        metrics["train/loss"] = sum(values.values())
+        metrics.update({f"train/loss_{k}": v for k, v in values.items()})
+        metrics["train/acc1"] = 100.0 * correct1.item() / max(seen, 1)
+        metrics["train/acc5"] = 100.0 * correct5.item() / max(seen, 1)
+        metrics["lr"] = self.recipe.lr * lr_factor
+        metrics["samples/epoch"] = seen
+        metrics["samples/backprop"] = self.samples_backprop
+        metrics.update(self.distiller.epoch_metrics())
+        metrics.update(self.evaluate())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics["time/epoch_s"] = time.perf_counter() - start
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Student top-1/top-5 and CE on the selection split (val; test in final runs)."""
+        if not self.eval_set:
+            return {}
+        result = evaluate_model(self.distiller.student, self.eval_set, amp=self.amp,
+                                memory_format=self.memory_format)
+        return {f"{self.eval_name}/{k}": v for k, v in result.items()}
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this run stopped."""
+        state = {
+            "epoch": self.epoch,
+            "samples_backprop": self.samples_backprop,
+            "distiller": self.distiller.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "recipe": asdict(self.recipe),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.sampler is not None:
+            state["sampler"] = self.sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.samples_backprop = state["samples_backprop"]
+        self.distiller.load_trainable_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.sampler is not None and "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], *, amp: bool = False,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+    """``loss`` (CE), ``acc1`` and ``acc5`` of ``model`` in eval mode over ``batches``."""
+    was_training = model.training
+    model.eval()
+    device = batches[0][1].device
+    loss = torch.zeros((), device=device)
+    correct1 = torch.zeros((), device=device, dtype=torch.long)
+    correct5 = torch.zeros_like(correct1)
+    n = 0
+    for x, y in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.contiguous(memory_format=memory_format))[0]
+        loss += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        c1, c5 = _correct(logits, y)
+        correct1 += c1
+        correct5 += c5
+        n += y.shape[0]
+    model.train(was_training)
+    return {"loss": loss.item() / n, "acc1": 100.0 * correct1.item() / n,
+            "acc5": 100.0 * correct5.item() / n}
+
+
+def _correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Counts of top-1 and top-5 hits, as device tensors."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hits = top == target[:, None]
+    return hits[:, 0].sum(), hits.any(1).sum()

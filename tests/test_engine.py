@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdtune.config import RunConfig
+from kdtune.data import load_dataset
+from kdtune.engine import Recipe
+from kdtune.run import build_engine
+
+
+def test_step_schedule_matches_the_reference_milestones() -> None:
+    r = Recipe(epochs=240, lr=0.05)
+    assert r.lr_factor(1) == 1 and r.lr_factor(150) == 1
+    assert math.isclose(r.lr_factor(151), 0.1) and math.isclose(r.lr_factor(180), 0.1)
+    assert math.isclose(r.lr_factor(181), 0.01) and math.isclose(r.lr_factor(211), 0.001)
+    short = Recipe(epochs=24)  # milestones scale to 15 / 18 / 21
+    assert short.lr_factor(15) == 1 and math.isclose(short.lr_factor(16), 0.1)
+    assert math.isclose(short.lr_factor(22), 0.001)
+
+
+def test_cosine_and_warmup() -> None:
+    r = Recipe(epochs=10, lr=0.1, schedule="cosine", lr_min=0.0)
+    assert r.lr_factor(1) == 1.0
+    assert math.isclose(r.lr_factor(6), 0.5)
+    assert r.lr_factor(10) < 0.03
+    w = Recipe(epochs=10, warmup_epochs=4, schedule="constant")
+    assert [w.lr_factor(e) for e in (1, 2, 4, 5)] == [0.25, 0.5, 1.0, 1.0]
+
+
+def _cfg(**kw) -> RunConfig:
+    base = dict(dataset="digits", method="kd", student="resnet8", teacher="resnet8", epochs=4,
+                batch_size=128, val_size=200, device="cpu", seed=0)
+    base.update(kw)
+    return RunConfig.from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", val_size=200)
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    from kdtune.models import build_model
+
+    torch.manual_seed(123)
+    return build_model("resnet8", num_classes=10, in_channels=1)
+
+
+def _losses(engine, epochs: int | None = None) -> list[float]:
+    out = []
+    for m in engine.run():
+        out.append(m["train/loss"])
+        if epochs is not None and len(out) == epochs:
+            break
+    return out
+
+
+def test_seeded_run_reproduces_its_losses(digits, teacher) -> None:
+    a = _losses(build_engine(_cfg(), digits, teacher))
+    b = _losses(build_engine(_cfg(), digits, teacher))
+    c = _losses(build_engine(_cfg(seed=1), digits, teacher))
+    assert a == b
+    assert a != c
+    assert a[-1] < a[0]  # it learns
+
+
+def test_save_restore_continue_equals_uninterrupted(digits, teacher, tmp_path) -> None:
+    full = build_engine(_cfg(method="dkd", warmup=2), digits, teacher)
+    expected = [m for m in full.run()]
+    first = build_engine(_cfg(method="dkd", warmup=2), digits, teacher)
+    head = _losses(first, epochs=2)
+    torch.save(first.state_dict(), tmp_path / "ckpt.pth")
+    torch.manual_seed(999)  # a different process state must not matter
+    second = build_engine(_cfg(method="dkd", warmup=2, seed=0), digits, teacher)
+    second.load_state_dict(torch.load(tmp_path / "ckpt.pth", weights_only=True))
+    tail = [m for m in second.run()]
+    assert head == [m["train/loss"] for m in expected[:2]]
+    for got, want in zip(tail, expected[2:]):
+        assert got["epoch"] == want["epoch"]
+        assert got["train/loss"] == want["train/loss"]
+        assert got["val/acc1"] == want["val/acc1"]
+        assert got["samples/backprop"] == want["samples/backprop"]
+
+
+def test_metrics_per_epoch(digits, teacher) -> None:
+    engine = build_engine(_cfg(epochs=2), digits, teacher)
+    metrics = list(engine.run())
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    m = metrics[-1]
+    n = len(digits.train)
+    assert m["samples/backprop"] == 2 * n and m["samples/epoch"] == n
+    for key in ("train/loss", "train/loss_ce", "train/loss_kd", "train/acc1", "train/acc5",
+                "val/acc1", "val/acc5", "val/loss", "lr", "time/epoch_s"):
+        assert key in m and math.isfinite(m[key]), key
+    assert math.isclose(m["train/loss"], m["train/loss_ce"] + m["train/loss_kd"], rel_tol=1e-6)
+    assert 0 <= m["val/acc1"] <= m["val/acc5"] <= 100
+
+
+def test_final_run_trains_on_train_plus_val_and_reports_test(digits, teacher) -> None:
+    engine = build_engine(_cfg(epochs=1, final=True), digits, teacher)
+    m = next(engine.run())
+    assert m["samples/epoch"] == len(digits.train) + len(digits.val)
+    assert "test/acc1" in m and "val/acc1" not in m
+
+
+def test_teacher_stays_frozen_through_training(digits, teacher) -> None:
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    engine = build_engine(_cfg(epochs=1), digits, teacher)
+    list(engine.run())
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
