@@ -1,0 +1,125 @@
+"""``python -m kdtune.bench``: images per second of the training pipeline and of a KD step.
+
+(a) The device-resident pipeline (crop + flip + normalise, batched on the device) against
+torchvision's usual DataLoader with PIL RandomCrop + RandomHorizontalFlip (2 workers), both
+on CIFAR-shaped data, side by side in one run.
+(b) A full KD training step (teacher forward, student forward/backward, SGD, augmentation),
+steady state, through the same Engine the searches use.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from kdtune.data import ImageData, Split, TrainLoader, load_dataset
+from kdtune.distillers import build_distiller
+from kdtune.engine import Engine, Recipe, resolve_device
+from kdtune.models import build_model
+
+
+def cifar_shaped(n: int) -> ImageData:
+    return load_dataset("synthetic", val_size=0, options=dict(
+        num_classes=100, image_size=32, channels=3, train_size=n, test_size=1))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_device_pipeline(data: ImageData, device: torch.device, batch_size: int) -> float:
+    loader = TrainLoader(data, batch_size=batch_size, device=device, seed=0)
+    for _ in loader.batches():  # warm-up epoch
+        pass
+    _sync(device)
+    start = time.perf_counter()
+    for x, y, idx in loader.batches():
+        pass
+    _sync(device)
+    return len(data.train) / (time.perf_counter() - start)
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """What torchvision's CIFAR dataset does per sample: uint8 HWC array -> PIL -> transforms."""
+
+    def __init__(self, split: Split, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        import torchvision.transforms as T
+
+        self.images = split.images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = split.labels.tolist()
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+                                    T.ToTensor(), T.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def bench_torchvision_pipeline(data: ImageData, device: torch.device, batch_size: int,
+                               workers: int) -> float:
+    loader = torch.utils.data.DataLoader(
+        _PILDataset(data.train, data.mean, data.std), batch_size=batch_size, shuffle=True,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    for _ in loader:  # warm-up epoch (starts the workers)
+        pass
+    start = time.perf_counter()
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+    _sync(device)
+    return len(data.train) / (time.perf_counter() - start)
+
+
+def bench_kd_step(teacher: str, student: str, device: torch.device, batch_size: int,
+                  steps: int) -> float:
+    """Steady-state images/s of Engine epochs of ``steps`` KD steps (after one warm-up epoch)."""
+    data = cifar_shaped(batch_size * steps)
+    torch.manual_seed(0)
+    t = build_model(teacher, num_classes=100)
+    s = build_model(student, num_classes=100)
+    engine = Engine(build_distiller("kd", s, t).to(device), data,
+                    Recipe(epochs=3, batch_size=batch_size), device=device)
+    engine.train_epoch()  # warm-up: cuDNN autotuning, allocator
+    times = [engine.train_epoch()["time/epoch_s"] for _ in range(2)]
+    return batch_size * steps / min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kdtune.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--pipeline-images", type=int, default=10000)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the torchvision baseline")
+    p.add_argument("--pairs", default="resnet32x4:resnet8x4,vgg13:vgg8")
+    p.add_argument("--steps", type=int, default=None, help="KD steps per timed epoch (default 10 CPU, 200 CUDA)")
+    p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--skip-step", action="store_true")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size}")
+    if not args.skip_pipeline:
+        data = cifar_shaped(args.pipeline_images)
+        ours = bench_device_pipeline(data, device, args.batch_size)
+        base = bench_torchvision_pipeline(data, device, args.batch_size, args.workers)
+        print(f"pipeline  kdtune on-device crop+flip : {ours:12,.0f} img/s")
+        print(f"pipeline  torchvision PIL, {args.workers} workers : {base:12,.0f} img/s")
+        print(f"pipeline  speed-up                   : {ours / base:12.1f}x")
+    if not args.skip_step:
+        steps = args.steps or (200 if device.type == "cuda" else 10)
+        for pair in args.pairs.split(","):
+            teacher, student = pair.split(":")
+            ips = bench_kd_step(teacher, student, device, args.batch_size, steps)
+            print(f"kd step   {teacher}->{student:<10}: {ips:12,.0f} img/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""``python -m kdtune.train``: one distillation run without Ray, for debugging a configuration
+and for the final test-set run of a chosen one (``--final``).
+
+Writes into the output folder: ``config.yaml`` (the resolved configuration), ``metrics.jsonl``
+(one line per epoch), ``checkpoint.pth`` (engine state after the last finished epoch, for
+``--resume``), and at the end ``student.pth`` (``{"model": state_dict}``, mdistiller's
+layout) and ``final.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override
+from kdtune.data import DataError
+from kdtune.run import build_engine, load_data, load_teacher
+from kdtune.teachers import CheckpointError, save_atomic
+
+# Command-line flags that set a config key (flag name = key with dashes).
+FLAG_KEYS = ("dataset", "data_root", "teacher", "teacher_checkpoint", "student", "method",
+             "epochs", "seed", "device")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kdtune.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML file of run settings (flat keys, see README)")
+    for key in FLAG_KEYS:
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key or method hyperparameter (repeatable)")
+    p.add_argument("--download", action="store_true", default=None, help="download CIFAR if missing")
+    p.add_argument("--final", action="store_true", default=None,
+                   help="train on the full training set (train+val) and report test accuracy")
+    p.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<student>-<method>-seed<seed>")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    if args.resume:
+        if args.output_dir is None:
+            raise ConfigError(["--resume: needs --output-dir, the folder of the run to continue"])
+        out = Path(args.output_dir).resolve()
+        saved = out / "config.yaml"
+        if not (out / "checkpoint.pth").is_file() or not saved.is_file():
+            raise ConfigError([f"--resume: {out} holds no checkpoint.pth and config.yaml to resume from"])
+        return RunConfig.from_dict(load_yaml(saved), str(saved)), out
+    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    source = args.config or "command line"
+    flags = {k: getattr(args, k) for k in (*FLAG_KEYS, "download", "final") if getattr(args, k) is not None}
+    for key, raw in flags.items():
+        values[key] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    for text in args.overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    cfg = RunConfig.from_dict(values, source)
+    default = f"runs/{cfg.dataset}-{cfg.student}-{cfg.method}-seed{cfg.seed}" + ("-final" if cfg.final else "")
+    return cfg, Path(args.output_dir or default).resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, out = resolve_config(args)
+        data = load_data(cfg)
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        teacher, info = load_teacher(cfg, data)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    engine = build_engine(cfg, data, teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        engine.load_state_dict(torch.load(out / "checkpoint.pth", map_location=engine.device,
+                                          weights_only=True))
+        print(f"resumed {out} after epoch {engine.epoch}")
+    else:
+        (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.flat()), sort_keys=False))
+        (out / "metrics.jsonl").write_text("")
+    if info is not None:
+        print(f"teacher {info.model} ({info.source}: {info.path}) val acc {info.val_acc:.2f}")
+    print(f"student {cfg.student}, method {cfg.method} {cfg.method_params or ''}, "
+          f"{len(engine.loader.labels)} train images, device {engine.device}, output {out}")
+
+    split = engine.eval_name
+    best, status, last = -math.inf, "completed", {}
+    start = time.perf_counter()
+    try:
+        for m in engine.run():
+            last = m
+            best = max(best, m.get(f"{split}/acc1", -math.inf))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            save_atomic(engine.state_dict(), out / "checkpoint.pth")
+            print(_epoch_line(m, split, cfg.epochs), flush=True)
+            if not math.isfinite(m["train/loss"]):
+                status = "diverged"
+                print(f"error: training loss became {m['train/loss']} in epoch {m['epoch']}; stopping",
+                      file=sys.stderr)
+                break
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after epoch {engine.epoch}; continue with: python -m kdtune.train "
+              f"--resume --output-dir {out}", file=sys.stderr)
+        return 130
+    save_atomic({"model": {k: v.cpu() for k, v in engine.distiller.student_state_dict().items()},
+                 "student": cfg.student, "epoch": engine.epoch}, out / "student.pth")
+    final = {"status": status, "epochs": engine.epoch, f"best_{split}_acc1": best,
+             "wall_s": time.perf_counter() - start, **last,
+             "teacher": None if info is None else info.__dict__}
+    (out / "final.json").write_text(json.dumps(final, indent=2))
+    print(f"{status}: final {split} acc {last.get(f'{split}/acc1', float('nan')):.2f}, best {best:.2f}; "
+          f"wrote {out / 'student.pth'} and {out / 'final.json'}")
+    return 0 if status == "completed" else 1
+
+
+def _epoch_line(m: dict[str, float], split: str, epochs: int) -> str:
+    terms = "  ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in m.items() if k.startswith("train/loss_"))
+    return (f"epoch {m['epoch']:>3}/{epochs}  lr {m['lr']:.4g}  loss {m['train/loss']:.4f} ({terms})  "
+            f"train acc {m['train/acc1']:.2f}  {split} acc {m.get(f'{split}/acc1', float('nan')):.2f}  "
+            f"{m['time/epoch_s']:.1f}s")
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
