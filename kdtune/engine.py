@@ -78,13 +78,15 @@ class Engine:
         data: the dataset; ``final=True`` trains on train+val and evaluates on test.
         seed: seeds the batch order and augmentation (model init is seeded by the caller).
         amp: bf16 autocast; default on for CUDA, off on CPU.
+        channels_last: NHWC activations; default on for CUDA, where cuDNN's NHWC kernels
+            are what bf16 tensor cores prefer.
         sampler: optional :class:`SamplePolicy` choosing each epoch's samples.
     """
 
     def __init__(self, distiller: Distiller, data: ImageData, recipe: Recipe, *,
                  device: torch.device | str = "cpu", seed: int = 0, final: bool = False,
-                 amp: bool | None = None, sampler: SamplePolicy | None = None,
-                 eval_batch_size: int = 512) -> None:
+                 amp: bool | None = None, channels_last: bool | None = None,
+                 sampler: SamplePolicy | None = None, eval_batch_size: int = 512) -> None:
         self.device = torch.device(device)
         self.recipe = recipe
         self.distiller = distiller
@@ -93,16 +95,17 @@ class Engine:
         data = data.for_final() if final else data
         self.data = data
         self.eval_name = "test" if final else "val"
-        self.loader = TrainLoader(data, batch_size=recipe.batch_size, device=self.device, seed=seed)
-        eval_split = data.test if final else data.val
-        self.eval_set = eval_batches(eval_split, data, batch_size=eval_batch_size, device=self.device)
         cuda = self.device.type == "cuda"
         self.amp = cuda if amp is None else amp
-        # channels_last lets cuDNN pick its NHWC kernels, which bf16 tensor cores prefer.
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        channels_last = cuda if channels_last is None else channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if cuda:
             torch.backends.cudnn.benchmark = True
-            distiller.to(memory_format=torch.channels_last)
+        distiller.to(memory_format=self.memory_format)
+        self.loader = TrainLoader(data, batch_size=recipe.batch_size, device=self.device, seed=seed,
+                                  channels_last=channels_last)
+        eval_split = data.test if final else data.val
+        self.eval_set = eval_batches(eval_split, data, batch_size=eval_batch_size, device=self.device)
         groups = distiller.param_groups()
         for g in groups:
             g["base_lr"] = recipe.lr * g.pop("lr_scale", 1.0)

@@ -113,3 +113,22 @@ def test_teacher_stays_frozen_through_training(digits, teacher) -> None:
     list(engine.run())
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
+
+
+def test_cuda_settings_bf16_and_channels_last_run_on_cpu(digits, teacher) -> None:
+    """The CUDA defaults (bf16 autocast, NHWC) exercised on the CPU: same math within bf16 error."""
+    from kdtune.engine import Engine
+    from kdtune.distillers import build_distiller
+    from kdtune.models import build_model
+
+    def run(**kw) -> dict:
+        torch.manual_seed(0)
+        student = build_model("resnet8", num_classes=10, in_channels=1)
+        engine = Engine(build_distiller("kd", student, teacher), digits, Recipe(epochs=2, batch_size=128),
+                        **kw)
+        return list(engine.run())[-1]
+
+    fast = run(amp=True, channels_last=True)
+    plain = run(amp=False, channels_last=False)
+    assert math.isfinite(fast["train/loss"])
+    assert abs(fast["train/loss"] - plain["train/loss"]) < 0.1 * plain["train/loss"]
