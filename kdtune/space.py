@@ -1,0 +1,465 @@
+"""Search spaces: typed hyperparameter ranges, read from YAML, translated for Optuna and Ray Tune.
+
+A hyperparameter has one name everywhere: in the YAML file, in Optuna's ``trial.params``, in
+Tune's trial config and in :class:`~kdtune.config.RunConfig`. When ``method`` itself is
+searched, every method brings its own sub-space (a conditional space): its parameters exist
+only in the trials of that method.
+
+Three translations of one :class:`Space`:
+  * :meth:`Space.suggest` -- define-by-run, for ``OptunaSearch(space=space.suggest)``;
+  * :meth:`Space.to_tune` -- Ray Tune domains, for random search with Tune's own generator;
+  * :meth:`Space.grid` -- every point, for grid search.
+Integer bounds are inclusive in all three.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+from ray.tune.search.sample import Domain, Sampler
+from ray.tune.search.variant_generator import RecursiveDependencyError
+
+from kdtune.config import coerce
+
+KINDS = ("float", "int", "categorical")
+# The keys each kind of parameter takes in YAML.
+PARAM_KEYS = {
+    "float": ("type", "low", "high", "log", "step"),
+    "int": ("type", "low", "high", "log", "step"),
+    "categorical": ("type", "choices"),
+}
+MAX_GRID = 10_000  # more grid points than any search here could run
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched hyperparameter: a float or int range (bounds inclusive) or a set of choices."""
+
+    name: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", tuple(self.choices))
+        problems = _param_problems(self)
+        if problems:
+            raise ValueError(f"invalid parameter {self.name!r}: " + "; ".join(problems))
+
+    def suggest(self, trial: Any) -> Any:
+        """Draw this parameter from an Optuna trial (``Trial``, ``FixedTrial``, ...)."""
+        if self.kind == "float":
+            return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def to_tune(self) -> Domain:
+        """The Ray Tune domain that samples the same values as :meth:`suggest` with a random sampler."""
+        if self.kind == "categorical":
+            return tune.choice(list(self.choices))
+        if self.kind == "float":
+            if self.step is None:
+                return tune.loguniform(self.low, self.high) if self.log else tune.uniform(self.low, self.high)
+            # Tune's quniform rounds a uniform draw to multiples of q: its end values come up half
+            # as often, and its grid ignores low. Optuna's stepped floats are uniform over
+            # low + k * step; a choice over the same grid is that distribution exactly.
+            if self.grid_size() <= MAX_GRID:
+                return tune.choice(self.grid_values())
+            return tune.quniform(self.low, self.high, self.step)  # too fine to list: close enough
+        if self.log:
+            return tune.lograndint(self.low, self.high + 1)  # upper bound exclusive
+        step = self.step or 1
+        if step == 1:
+            return tune.randint(self.low, self.high + 1)  # upper bound exclusive
+        if self.low % step == 0 or self.grid_size() > MAX_GRID:
+            # qrandint is inclusive and uniform over the multiples of step: Optuna's grid
+            # (low + k * step) when low is one of them (and close enough when too long to list)
+            return tune.qrandint(self.low, self.high, step)
+        return tune.choice(self.grid_values())
+
+    def grid_size(self) -> int:
+        if self.kind == "categorical":
+            return len(self.choices)
+        if self.kind == "int":
+            return (self.high - self.low) // (self.step or 1) + 1
+        if self.step is not None:
+            return round((self.high - self.low) / self.step) + 1
+        raise ValueError(f"{self.name}: a float range has no values to enumerate for grid search; "
+                         f"use type: categorical with choices, or type: int")
+
+    def grid_values(self) -> list:
+        """Every value (choices, stepped ranges, int ranges); a plain float range raises ValueError."""
+        n = self.grid_size()
+        if n > MAX_GRID:
+            raise ValueError(f"{self.name}: grid search enumerates at most {MAX_GRID} values, but got {n}")
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.kind == "int":
+            return list(range(self.low, self.high + 1, self.step or 1))
+        # round() removes the binary noise of low + k * step (0.30000000000000004)
+        return [round(self.low + k * self.step, 12) for k in range(n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (the inverse of :func:`parse_param`)."""
+        if self.kind == "categorical":
+            return {"type": "categorical", "choices": list(self.choices)}
+        out: dict[str, Any] = {"type": self.kind, "low": self.low, "high": self.high}
+        if self.log:
+            out["log"] = True
+        if self.step is not None:
+            out["step"] = self.step
+        return out
+
+
+@dataclass(frozen=True)
+class Space:
+    """Searched hyperparameters: ``params`` apply to every trial; ``methods`` (when ``method``
+    is searched) maps each method to the sub-space that exists only in its trials."""
+
+    params: dict[str, Param] = field(default_factory=dict)
+    methods: dict[str, dict[str, Param]] | None = None
+
+    def suggest(self, trial: Any) -> None:
+        """Define-by-run space for ``OptunaSearch(space=space.suggest)``.
+
+        Returns None: Ray reads the values from the trial. Optuna only sees a method's
+        parameters in trials of that method.
+        """
+        if self.methods is not None:
+            method = trial.suggest_categorical("method", list(self.methods))
+            for param in self.methods[method].values():
+                param.suggest(trial)
+        for param in self.params.values():
+            param.suggest(trial)
+        return None
+
+    def to_tune(self) -> dict[str, Domain]:
+        """Ray Tune domains (``param_space``) for Tune's BasicVariantGenerator.
+
+        Tune configs cannot leave keys out per trial, so a method's parameter is a
+        :class:`Conditional` that resolves to None in trials of other methods; the trainable
+        drops keys whose value is None.
+        """
+        out: dict[str, Domain] = {}
+        if self.methods is not None:
+            out["method"] = tune.choice(list(self.methods))
+            by_name: dict[str, dict[str, Domain]] = {}
+            for method, sub in self.methods.items():
+                for name, param in sub.items():
+                    by_name.setdefault(name, {})[method] = param.to_tune()
+            out.update({name: Conditional(name, domains) for name, domains in by_name.items()})
+        out.update({name: param.to_tune() for name, param in self.params.items()})
+        return out
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every grid point; a searched method expands only its own parameters.
+
+        Raises ValueError for a float range (no values to enumerate) or more than MAX_GRID points.
+        """
+        branches = ([({"method": m}, {**sub, **self.params}) for m, sub in self.methods.items()]
+                    if self.methods is not None else [({}, self.params)])
+        total = sum(math.prod(p.grid_size() for p in params.values()) for _, params in branches)
+        if total > MAX_GRID:
+            raise ValueError(f"grid search runs at most {MAX_GRID} points, but this space has {total}")
+        points = []
+        for base, params in branches:
+            axes = [[(p.name, v) for v in p.grid_values()] for p in params.values()]
+            points += [{**base, **dict(combo)} for combo in itertools.product(*axes)]
+        return points
+
+    def names(self) -> list[str]:
+        """Every hyperparameter name a trial config may hold ("method" first when searched)."""
+        names = ["method"] if self.methods is not None else []
+        for sub in (self.methods or {}).values():
+            names += [n for n in sub if n not in names]
+        return names + [n for n in self.params if n not in names]
+
+    def entries(self) -> list[tuple[str, str | None, Param]]:
+        """``(yaml_path, method or None, param)`` for every parameter, conditional ones first."""
+        out = [(f"space.method.choices.{m}.{n}", m, p)
+               for m, sub in (self.methods or {}).items() for n, p in sub.items()]
+        return out + [(f"space.{n}", None, p) for n, p in self.params.items()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (the inverse of :func:`parse_space`)."""
+        out: dict[str, Any] = {}
+        if self.methods is not None:
+            out["method"] = {"type": "categorical", "choices": {
+                m: {n: p.to_dict() for n, p in sub.items()} for m, sub in self.methods.items()}}
+        out.update({n: p.to_dict() for n, p in self.params.items()})
+        return out
+
+
+# --------------------------------------------------------------------------- Tune conditionals
+
+def _trial_method(config: Any) -> Any:
+    # Tune's BasicVariantGenerator hands over the whole experiment spec ({"config": ...,
+    # "run": ...}); generate_variants(param_space) the config itself.
+    if "method" not in config and isinstance(config.get("config"), dict):
+        config = config["config"]
+    method = config["method"]
+    if isinstance(method, Domain):  # not drawn yet: Tune retries after the other variables
+        raise RecursiveDependencyError("method is not resolved yet")
+    return method
+
+
+class _ConditionalSampler(Sampler):
+    def sample(self, domain: Conditional, config: Any = None, size: int = 1, random_state: Any = None) -> Any:
+        configs = config if isinstance(config, list) else [config] * size
+        values = [domain.draw(c, random_state) for c in configs]
+        return values if size > 1 else values[0]
+
+
+class Conditional(Domain):
+    """A method's hyperparameter in a Tune config: drawn from that method's domain in trials of
+    a method that has it, None in the others.
+
+    A Domain rather than ``tune.sample_from``: Tune calls sample_from functions without its
+    random state (so a seeded random search would not be reproducible), while a Domain is
+    drawn by the variant generator with the searcher's seeded generator.
+    """
+
+    default_sampler_cls = _ConditionalSampler
+
+    def __init__(self, name: str, domains: dict[str, Domain]) -> None:
+        self.name = name
+        self.domains = domains
+
+    def draw(self, config: Any, random_state: Any = None) -> Any:
+        domain = self.domains.get(_trial_method(config))
+        return None if domain is None else domain.sample(random_state=random_state)
+
+    def is_valid(self, value: Any) -> bool:
+        return value is None or any(d.is_valid(value) for d in self.domains.values())
+
+    @property
+    def domain_str(self) -> str:
+        parts = [f"{m}: {type(d).__name__}{d.domain_str} {type(d.get_sampler()).__name__.lstrip('_')}"
+                 for m, d in self.domains.items()]
+        return "{" + ", ".join(parts) + ", else None}"
+
+    def __repr__(self) -> str:
+        return f"Conditional({self.name}: {self.domain_str})"
+
+
+# --------------------------------------------------------------------------- parsing YAML
+
+def parse_param(name: str, raw: Any, path: str) -> tuple[Param | None, list[str]]:
+    """A Param from its YAML mapping, or None and every problem (``"<path>.<key>: message"``)."""
+    problems: list[str] = []
+
+    def bad(key: str | None, message: str) -> None:
+        problems.append(f"{path}.{key}: {message}" if key else f"{path}: {message}")
+
+    if not isinstance(raw, dict):
+        bad(None, f"expected a mapping such as {{type: float, low: 0.1, high: 1.0}}, but got {raw!r} "
+                  f"(values that are not searched go under fixed)")
+        return None, problems
+    kind = raw.get("type")
+    if kind not in KINDS:
+        bad("type", f"must be one of {', '.join(KINDS)}, but got {kind!r}"
+            + ("" if "type" in raw else " (missing)"))
+        return None, problems
+    for key in raw:
+        if key not in PARAM_KEYS[kind]:
+            bad(str(key), f"unknown key{_hint(str(key), PARAM_KEYS[kind])} "
+                          f"(type {kind} takes: {', '.join(PARAM_KEYS[kind])})")
+    if kind == "categorical":
+        choices = _parse_choices(raw.get("choices"), bad)
+        values: dict[str, Any] = {"choices": choices}
+    else:
+        types = (float,) if kind == "float" else (int,)
+        values = {key: _number(raw, key, types, bad) for key in ("low", "high", "step")}
+        values["log"] = raw.get("log", False)
+        if not isinstance(values["log"], bool):
+            bad("log", f"expected true or false, but got {values['log']!r}")
+    if problems:
+        return None, problems
+    problems = [f"{path}.{p}" for p in _range_problems(kind, values.get("low"), values.get("high"),
+                                                          values.get("log", False), values.get("step"))]
+    if problems:
+        return None, problems
+    return Param(name, kind, **values), []
+
+
+def parse_space(raw: Any, path: str = "space") -> tuple[Space, list[str]]:
+    """A Space from the YAML ``space`` mapping, and every problem found (empty when valid)."""
+    problems: list[str] = []
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"{path}: expected a mapping of hyperparameter names to ranges, but got {raw!r}")
+        return Space(), problems
+    params: dict[str, Param] = {}
+    methods = None
+    for name, spec in raw.items():
+        if name == "method":
+            methods = _parse_methods(spec, f"{path}.method", problems)
+            continue
+        param = _parse_named(name, spec, path, problems)
+        if param is not None:
+            params[name] = param
+    if methods is not None:
+        problems += _conditional_problems(methods, params, path)
+    return Space(params, methods), problems
+
+
+def _parse_named(name: Any, spec: Any, path: str, problems: list[str]) -> Param | None:
+    if not isinstance(name, str) or not name:
+        problems.append(f"{path}.{name}: a hyperparameter name must be a non-empty string, but got {name!r}")
+        return None
+    param, found = parse_param(name, spec, f"{path}.{name}")
+    problems += found
+    return param
+
+
+def _parse_methods(raw: Any, path: str, problems: list[str]) -> dict[str, dict[str, Param]] | None:
+    """``method: {type: categorical, choices: {kd: {...sub-space...}, none: {}}}`` (or a list of names)."""
+    if not isinstance(raw, dict) or raw.get("type") != "categorical":
+        got = raw.get("type") if isinstance(raw, dict) else raw
+        problems.append(f"{path}: the method is searched as {{type: categorical, choices: {{<method>: "
+                        f"<its sub-space>, ...}}}}, but got {got!r}")
+        return None
+    for key in raw:
+        if key not in ("type", "choices"):
+            problems.append(f"{path}.{key}: unknown key{_hint(str(key), ('type', 'choices'))} "
+                            f"(the method takes: type, choices)")
+    choices = raw.get("choices")
+    names = choices if isinstance(choices, list) and all(isinstance(c, str) for c in choices) else None
+    if names and len(set(names)) == len(names):
+        choices = {c: {} for c in names}  # methods searched without sub-spaces of their own
+    if not isinstance(choices, dict) or not choices:
+        problems.append(f"{path}.choices: expected a mapping of method names to their sub-spaces "
+                        f"(each possibly {{}}), but got {choices!r}")
+        return None
+    methods: dict[str, dict[str, Param]] = {}
+    for method, sub in choices.items():
+        sub_path = f"{path}.choices.{method}"
+        if sub is None:
+            sub = {}
+        if not isinstance(method, str) or not isinstance(sub, dict):
+            problems.append(f"{sub_path}: expected a method name mapped to a sub-space (a mapping, "
+                            f"possibly {{}}), but got {method!r}: {sub!r}")
+            continue
+        methods[method] = {}
+        for name, spec in sub.items():
+            if name == "method":
+                problems.append(f"{sub_path}.method: a method's sub-space cannot search the method")
+                continue
+            param = _parse_named(name, spec, sub_path, problems)
+            if param is not None:
+                methods[method][name] = param
+    return methods
+
+
+def _conditional_problems(methods: dict[str, dict[str, Param]], params: dict[str, Param], path: str) -> list[str]:
+    """Optuna keeps one distribution per name in a study: a name shared by several methods
+    must keep its kind and log scale (and its choices, if categorical)."""
+    problems = []
+    first: dict[str, tuple[str, Param]] = {}
+    for method, sub in methods.items():
+        for name, param in sub.items():
+            where = f"{path}.method.choices.{method}.{name}"
+            if name in params:
+                problems.append(f"{where}: also searched for every method at {path}.{name}; keep one of them")
+            elif name not in first:
+                first[name] = (method, param)
+            elif _signature(param) != _signature(first[name][1]):
+                other, ref = first[name]
+                problems.append(f"{where}: Optuna keeps one distribution per name, so it must be "
+                                f"{_describe(ref)} as under {other!r}, but got {_describe(param)}")
+    return problems
+
+
+def _signature(p: Param) -> tuple:
+    return (p.kind, p.choices) if p.kind == "categorical" else (p.kind, p.log)
+
+
+def _describe(p: Param) -> str:
+    if p.kind == "categorical":
+        return f"categorical with choices {list(p.choices)}"
+    return f"{p.kind} with log: {str(p.log).lower()}"
+
+
+def _parse_choices(raw: Any, bad: Any) -> tuple:
+    if not isinstance(raw, list) or not raw:
+        bad("choices", f"must be a non-empty list, but got {raw!r}")
+        return ()
+    choices = []
+    for i, value in enumerate(raw):
+        if isinstance(value, str):
+            value = coerce(value, (float,))[0]  # "1e-4": PyYAML reads such numbers as strings
+        if not isinstance(value, (str, int, float, bool)):
+            bad(f"choices[{i}]", f"must be a string, a number or true/false, but got {value!r}")
+        elif value in choices:  # == also matches 1 and true, which Optuna could not tell apart
+            bad(f"choices[{i}]", f"must not repeat choices[{choices.index(value)}], but got {value!r}")
+        choices.append(value)
+    return tuple(choices)
+
+
+def _number(raw: dict, key: str, types: tuple[type, ...], bad: Any) -> Any:
+    if key not in raw or (key == "step" and raw[key] is None):
+        if key != "step":
+            bad(key, f"missing; a {'float' if float in types else 'int'} parameter needs low and high")
+        return None
+    value, ok = coerce(raw[key], types)
+    if not ok:
+        bad(key, f"expected {'a number' if float in types else 'an integer'}, but got {raw[key]!r}")
+        return None
+    if not math.isfinite(value):
+        bad(key, f"must be finite, but got {value!r}")
+        return None
+    return value
+
+
+def _range_problems(kind: str, low: Any, high: Any, log: bool, step: Any) -> list[str]:
+    """Problems of a range as ``"<key>: message"`` (rule, then the value found)."""
+    if kind == "categorical":
+        return []
+    problems = []
+    if low > high:
+        problems.append(f"low: must be <= high, but got low={low!r}, high={high!r}")
+    if log and low <= 0:
+        problems.append(f"low: must be > 0 when log is true, but got {low!r}")
+    if step is not None:
+        minimum = "> 0" if kind == "float" else ">= 1"
+        if step <= 0:
+            problems.append(f"step: must be {minimum}, but got {step!r}")
+        elif log and (kind == "float" or step != 1):
+            problems.append(f"step: cannot be combined with log: true (Optuna has no stepped log scale), "
+                            f"but got step={step!r}")
+        elif low <= high and not _is_multiple(high - low, step):
+            problems.append(f"step: high - low must be a multiple of step, but got low={low!r}, "
+                            f"high={high!r}, step={step!r}")
+    return problems
+
+
+def _param_problems(p: Param) -> list[str]:
+    if p.kind not in KINDS:
+        return [f"kind: must be one of {', '.join(KINDS)}, but got {p.kind!r}"]
+    if p.kind == "categorical":
+        if not p.choices:
+            return ["choices: must be a non-empty list, but got ()"]
+        return []
+    number = (int, float) if p.kind == "float" else (int,)
+    for key in ("low", "high"):
+        value = getattr(p, key)
+        if isinstance(value, bool) or not isinstance(value, number):
+            return [f"{key}: expected {'a number' if p.kind == 'float' else 'an integer'}, but got {value!r}"]
+    return _range_problems(p.kind, p.low, p.high, p.log, p.step)
+
+
+def _is_multiple(span: float, step: float) -> bool:
+    ratio = span / step
+    return abs(ratio - round(ratio)) <= 1e-9 * max(1.0, abs(ratio))
+
+
+def _hint(key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

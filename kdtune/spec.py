@@ -1,0 +1,410 @@
+"""A search specification: one YAML file (plus ``--set dotted.key=value`` overrides), validated in one pass.
+
+The file says what is fixed (a flat :class:`~kdtune.config.RunConfig` mapping), what is searched
+(a :class:`~kdtune.space.Space`), how (algorithm, metric, early stopping) and with what
+resources. :func:`load_spec` reports every problem at once, each as
+``<file or --set KEY=VALUE>: <yaml.path>: <rule>, but got <value>``.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdtune.config import ConfigError, RunConfig, coerce, load_yaml, parse_override
+from kdtune.distillers import METHODS
+from kdtune.space import Param, Space, parse_space
+
+SECTIONS = {  # section -> its keys with their defaults (None: computed)
+    "search": {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max", "seed": 0,
+               "max_concurrent": None},
+    "scheduler": {"type": "asha", "grace_period": None, "reduction_factor": 3},
+    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+}
+TOP_KEYS = ("name", "fixed", "space", *SECTIONS, "max_failures")
+ALGORITHMS = ("tpe", "random", "grid")
+METRICS = ("val/acc1", "val/acc5", "val/loss", "train/loss")
+MODES = ("max", "min")
+SCHEDULERS = ("asha", "none")
+PATH_KEYS = ("data_root", "teacher_checkpoint", "cache_dir")
+# Run settings a search must not vary, and why.
+NOT_SEARCHABLE = {
+    "epochs": "it is the budget that early stopping and max_epochs count in; set it under fixed",
+    "final": "a final run reports test accuracy, which a search must never select on",
+    "method_params": "method hyperparameters are searched by their own flat names",
+}
+RUN_KEYS = tuple(k for k in RunConfig.__dataclass_fields__ if k != "method_params")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_PROBE = "\x00probe"  # source name of RunConfig checks whose messages are re-prefixed here
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A validated search: what is fixed, what is searched, how, and with which resources."""
+
+    path: str  # absolute
+    name: str
+    fixed: dict
+    space: Space
+    algorithm: str
+    num_samples: int
+    metric: str
+    mode: str
+    seed: int
+    max_concurrent: int | None
+    scheduler: str
+    grace_period: int
+    reduction_factor: float
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_failures: int
+    resolved: dict  # the whole mapping after overrides and defaults (printed by --dry-run, logged)
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.fixed.get("epochs", RunConfig.epochs))
+
+    def run_config(self, trial_config: dict[str, Any]) -> RunConfig:
+        """The run of one trial: ``fixed`` plus the trial's values (None marks an inactive one)."""
+        values = {**self.fixed, **{k: v for k, v in trial_config.items() if v is not None}}
+        return RunConfig.from_dict(values, source=f"{self.path} (trial)")
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpec:
+    """Read, override, validate and resolve a search-space YAML file.
+
+    Args:
+        path: the YAML file (see ``search_spaces/``).
+        overrides: ``dotted.key=value`` strings, values read as YAML (``fixed.epochs=20``,
+            ``space.lr.high=0.2``, ``resources.gpus_per_trial=0.25``).
+
+    Raises:
+        ConfigError: listing every problem, each naming its source, YAML path and value.
+    """
+    problems = _Problems(str(path))
+    raw = _apply_overrides(copy.deepcopy(load_yaml(path)), list(overrides), problems)
+    for key in raw:
+        if key not in TOP_KEYS:
+            problems.add(str(key), f"unknown key{_hint(key, TOP_KEYS)} "
+                                   f"(a search file takes: {', '.join(TOP_KEYS)})")
+    name = _name(raw, problems)
+    space, found = parse_space(raw["space"]) if "space" in raw else (Space(), [])
+    if "space" not in raw:
+        problems.add("space", "missing; the hyperparameters to search are required")
+    problems.extend(found)
+    fixed, epochs = _check_fixed(raw.get("fixed", _MISSING), space, problems)
+    _check_space(space, fixed, problems)
+    sections = {s: _section(raw, s, problems) for s in SECTIONS}
+    search = _check_search(sections["search"], space, problems)
+    scheduler = _check_scheduler(sections["scheduler"], epochs, problems)
+    resources = _check_resources(sections["resources"], problems)
+    max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
+    if problems:
+        raise ConfigError(problems.render())
+    resolved = {"name": name, "fixed": fixed, "space": space.to_dict(), "search": search,
+                "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
+    return SearchSpec(
+        path=str(Path(path).resolve()), name=name, fixed=fixed, space=space, **search,
+        scheduler=scheduler["type"], grace_period=scheduler["grace_period"],
+        reduction_factor=scheduler["reduction_factor"], **resources, max_failures=max_failures,
+        resolved=copy.deepcopy(resolved))
+
+
+# --------------------------------------------------------------------------- problems
+
+class _Problems:
+    """Problems as (yaml path, message), rendered with the file -- or the ``--set`` that put the
+    value there -- as their source."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: dict[tuple[str, str], None] = {}  # ordered, without repeats
+        self.lines: list[str] = []  # problems of the overrides themselves, already complete
+        self.overridden: dict[str, str] = {}  # dotted path -> the override that set it
+
+    def add(self, path: str, message: str) -> None:
+        self.items[(path, message)] = None
+
+    def extend(self, texts: list[str], prefix: str = "") -> None:
+        """Add ``"<path>: message"`` strings (from parse_space, RunConfig), their paths under ``prefix``."""
+        for text in texts:
+            path, _, message = text.partition(": ")
+            self.add(prefix + path, message)
+
+    def render(self) -> list[str]:
+        return self.lines + [f"{self._source(path)}: {path}: {message}" for path, message in self.items]
+
+    def _source(self, path: str) -> str:
+        for dotted, text in self.overridden.items():
+            if path == dotted or path.startswith((dotted + ".", dotted + "[")):
+                return f"--set {text}"
+        return self.source
+
+    def __bool__(self) -> bool:
+        return bool(self.items or self.lines)
+
+
+def _apply_overrides(raw: dict, overrides: list[str], problems: _Problems) -> dict:
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as e:
+            problems.lines += e.problems  # each already names its --set
+            continue
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            if part not in node and depth == 0 and part in SECTIONS:
+                node[part] = {}  # a section left to its defaults in the file
+            if part not in node:
+                where = ".".join(parts[:depth]) or "the top level"
+                known = [*node, *(SECTIONS if depth == 0 else ())]
+                problems.lines.append(f"--set {text}: {where} has no key {part!r}{_hint(part, known)}")
+                break
+            if not isinstance(node[part], dict):
+                problems.lines.append(f"--set {text}: {'.'.join(parts[:depth + 1])} is not a mapping, "
+                                      f"but {node[part]!r}")
+                break
+            node = node[part]
+        else:
+            node[parts[-1]] = value
+            problems.overridden[key] = text
+    return raw
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _name(raw: dict, problems: _Problems) -> str:
+    name = raw.get("name", _MISSING)
+    if name is _MISSING:
+        problems.add("name", "missing; the experiment needs a name (MLflow experiment and storage folder)")
+    elif not isinstance(name, str) or not _NAME.match(name) or set(name) == {"."}:
+        problems.add("name", f"must be made of letters, digits, '_', '.' and '-', but got {name!r}")
+    return name if isinstance(name, str) else ""
+
+
+def _section(raw: dict, section: str, problems: _Problems) -> dict[str, Any]:
+    values = raw.get(section)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        problems.add(section, f"expected a mapping, but got {values!r}")
+        values = {}
+    known = SECTIONS[section]
+    for key in values:
+        if key not in known:
+            problems.add(f"{section}.{key}", f"unknown key{_hint(key, known)} "
+                                             f"({section} takes: {', '.join(known)})")
+    return values
+
+
+def _check_search(values: dict, space: Space, problems: _Problems) -> dict[str, Any]:
+    defaults = SECTIONS["search"]
+    out = {
+        "algorithm": _one_of(values, "algorithm", defaults, ALGORITHMS, "search", problems),
+        "num_samples": _integer(values, "num_samples", defaults["num_samples"], "search.num_samples", problems, 1),
+        "metric": _one_of(values, "metric", defaults, METRICS, "search", problems),
+        "mode": _one_of(values, "mode", defaults, MODES, "search", problems),
+        "seed": _integer(values, "seed", defaults["seed"], "search.seed", problems, 0),
+        "max_concurrent": _integer(values, "max_concurrent", None, "search.max_concurrent", problems, 1,
+                                   nullable=True),
+    }
+    if out["algorithm"] == "grid":
+        out["num_samples"] = _grid_size(space, problems)  # the grid decides the number of trials
+    return out
+
+
+def _grid_size(space: Space, problems: _Problems) -> int:
+    floats = [(path, p) for path, _, p in space.entries() if p.kind == "float" and p.step is None]
+    for path, _ in floats:
+        problems.add(path, "grid search needs values to enumerate, but got a float range "
+                           "(use type: categorical with choices, type: int, or a step)")
+    if floats:
+        return 0
+    try:
+        return len(space.grid())
+    except ValueError as e:
+        problems.add("space", f"{e} (search.algorithm: grid)")
+        return 0
+
+
+def _check_scheduler(values: dict, epochs: int | None, problems: _Problems) -> dict[str, Any]:
+    defaults = SECTIONS["scheduler"]
+    kind = _one_of(values, "type", defaults, SCHEDULERS, "scheduler", problems)
+    default_grace = max(1, (epochs or RunConfig.epochs) // 8)
+    grace = _integer(values, "grace_period", default_grace, "scheduler.grace_period", problems, 1)
+    if kind == "asha" and epochs is not None and isinstance(grace, int) and grace > epochs:
+        problems.add("scheduler.grace_period", f"must be <= fixed.epochs ({epochs}), but got {grace}")
+    factor = _number(values, "reduction_factor", defaults["reduction_factor"], "scheduler.reduction_factor",
+                     problems)
+    if factor is not None and not factor > 1:
+        problems.add("scheduler.reduction_factor", f"must be > 1, but got {factor!r}")
+    return {"type": kind, "grace_period": grace, "reduction_factor": factor}
+
+
+def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
+    cpus = _number(values, "cpus_per_trial", 1, "resources.cpus_per_trial", problems)
+    if cpus is not None and not cpus > 0:
+        problems.add("resources.cpus_per_trial", f"must be > 0, but got {cpus!r}")
+    gpus = _number(values, "gpus_per_trial", 0, "resources.gpus_per_trial", problems)
+    if gpus is not None and (gpus < 0 or (gpus > 1 and not gpus.is_integer())):
+        # Ray places a fraction on one GPU; more than one GPU must be a whole number of them.
+        problems.add("resources.gpus_per_trial", f"must be >= 0, and <= 1 (a share of one GPU) or a whole "
+                                                 f"number of GPUs, but got {gpus!r}")
+    return {"cpus_per_trial": cpus, "gpus_per_trial": gpus}
+
+
+def _one_of(values: dict, key: str, defaults: dict, options: tuple[str, ...], section: str,
+            problems: _Problems) -> str:
+    value = values.get(key, defaults[key])
+    if value not in options:
+        problems.add(f"{section}.{key}", f"must be one of {', '.join(options)}, but got {value!r}")
+    return value
+
+
+def _integer(values: dict, key: str, default: Any, path: str, problems: _Problems, minimum: int,
+             nullable: bool = False) -> Any:
+    value = values.get(key, default)
+    if value is None and nullable:
+        return None
+    number, ok = coerce(value, (int,))
+    if not ok:
+        problems.add(path, f"expected an integer{' or null' if nullable else ''}, but got {value!r}")
+        return value
+    if number < minimum:
+        problems.add(path, f"must be >= {minimum}, but got {number}")
+    return number
+
+
+def _number(values: dict, key: str, default: Any, path: str, problems: _Problems) -> float | None:
+    value = values.get(key, default)
+    number, ok = coerce(value, (float,))
+    if not ok or not math.isfinite(number):
+        problems.add(path, f"expected {'a number' if not ok else 'a finite number'}, but got {value!r}")
+        return None
+    return number
+
+
+# --------------------------------------------------------------------------- fixed and space vs RunConfig
+
+def _check_fixed(raw: Any, space: Space, problems: _Problems) -> tuple[dict[str, Any], int | None]:
+    """Validate ``fixed`` as a RunConfig (per method when the method is searched).
+
+    Returns the fixed values (numbers converted, relative paths made absolute) and the epoch
+    budget (None when invalid).
+    """
+    if raw is _MISSING or not isinstance(raw, dict):
+        problems.add("fixed", "missing; the run settings that are not searched are required"
+                     if raw is _MISSING else f"expected a mapping of run settings, but got {raw!r}")
+        return {}, None
+    fixed = {k: _absolute(v) if k in PATH_KEYS else v for k, v in raw.items()}
+    if "method_params" in fixed:
+        problems.add("fixed.method_params", "write method hyperparameters as flat keys "
+                                            "(temperature: 4, not method_params: {temperature: 4})")
+        fixed.pop("method_params")
+    if space.methods is not None and "method" in fixed:
+        problems.add("fixed.method", f"must be left out when space.method searches it, "
+                                     f"but got {fixed['method']!r}")
+        fixed.pop("method")
+    coerced: dict[str, Any] = {}
+    for method in _methods(space, fixed):
+        found = _run_problems(_with_method(fixed, space, method))
+        problems.extend(found, prefix="fixed.")
+        if not found and not coerced:
+            flat = RunConfig.from_dict(_with_method(fixed, space, method)).flat()
+            coerced = {k: list(flat[k]) if isinstance(flat[k], tuple) else flat[k] for k in fixed}
+    epochs, ok = coerce(fixed.get("epochs", RunConfig.epochs), (int,))
+    return coerced or fixed, epochs if ok and epochs >= 1 else None
+
+
+def _check_space(space: Space, fixed: dict[str, Any], problems: _Problems) -> None:
+    """Names each method takes, no name both fixed and searched, and values that pass RunConfig."""
+    for method in space.methods or {}:
+        if not _known_method(method):
+            problems.add(f"space.method.choices.{method}", METHODS.unknown_message(method))
+    base = {m: set(_run_problems(_with_method(fixed, space, m))) for m in _methods(space, fixed)
+            if _known_method(m)}
+    for path, owner, param in space.entries():
+        if param.name in NOT_SEARCHABLE:
+            problems.add(path, f"cannot be searched: {NOT_SEARCHABLE[param.name]}")
+            continue
+        if param.name in fixed:
+            problems.add(path, f"also set under fixed ({param.name}: {fixed[param.name]!r}); "
+                               f"a hyperparameter is either fixed or searched")
+            continue
+        methods = [m for m in ([owner] if owner else base) if m in base]  # unknown ones: reported above
+        missing = [m for m in methods if not _takes(m, param.name)]
+        if missing:
+            shared = owner is None and space.methods is not None
+            problems.add(path, _unknown_param(param.name, missing, shared))
+            continue
+        for method in methods:
+            for label, value in _probes(param):
+                found = _run_problems({**_with_method(fixed, space, method), param.name: value})
+                problems.extend([f"{label}: {p}" for p in found if p not in base[method]], prefix=f"{path}.")
+
+
+def _methods(space: Space, fixed: dict[str, Any]) -> list[str]:
+    """The methods a fixed part must work with: every known searched one, or the fixed one."""
+    if space.methods is not None:
+        return [m for m in space.methods if _known_method(m)]
+    return [fixed.get("method", RunConfig.method)]
+
+
+def _known_method(method: Any) -> bool:
+    return isinstance(method, str) and method in METHODS
+
+
+def _with_method(fixed: dict[str, Any], space: Space, method: str) -> dict[str, Any]:
+    return {**fixed, "method": method} if space.methods is not None else fixed
+
+
+def _takes(method: Any, name: str) -> bool:
+    if name in RUN_KEYS:
+        return True
+    return _known_method(method) and name in METHODS.parameters(method)
+
+
+def _unknown_param(name: str, methods: list[str], shared: bool) -> str:
+    takes = {m: list(METHODS.parameters(m)) for m in methods}
+    hint = _hint(name, [*RUN_KEYS, *(n for names in takes.values() for n in names)])
+    lists = "; ".join(f"{m} takes: {', '.join(names) or 'nothing'}" for m, names in takes.items())
+    where = ("; search it under space.method.choices.<method> for the methods that take it"
+             if shared and not hint else "")
+    return (f"unknown hyperparameter for method{'s' if len(methods) > 1 else ''} "
+            f"{', '.join(repr(m) for m in methods)}{hint} ({lists}; or a run setting such as lr){where}")
+
+
+def _probes(param: Param) -> list[tuple[str, Any]]:
+    """The values that stand for the whole range in RunConfig's checks (its rules are intervals)."""
+    if param.kind == "categorical":
+        return [(f"choices[{i}]", c) for i, c in enumerate(param.choices)]
+    return [("low", param.low), ("high", param.high)]
+
+
+def _run_problems(values: dict[str, Any]) -> list[str]:
+    """RunConfig's problems with ``values`` as ``"<key>: message"``."""
+    try:
+        RunConfig.from_dict(values, source=_PROBE)
+    except ConfigError as e:
+        return [p.removeprefix(f"{_PROBE}: ") for p in e.problems]
+    return []
+
+
+def _absolute(value: Any) -> Any:
+    # Trials run in their own working directories: a relative path must not depend on it.
+    if isinstance(value, str) and value and not value.startswith("~") and "://" not in value:
+        return os.path.abspath(value)
+    return value
+
+
+def _hint(key: Any, known: Any) -> str:
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

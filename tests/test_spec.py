@@ -1,0 +1,320 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.samplers import RandomSampler
+from ray.tune.search.variant_generator import generate_variants
+
+from kdtune.config import ConfigError, RunConfig
+from kdtune.spec import load_spec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SHIPPED = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+BASE = {
+    "name": "test-search",
+    "fixed": {"dataset": "digits", "teacher": "resnet20", "student": "resnet8", "method": "kd", "epochs": 16},
+    "space": {"temperature": {"type": "float", "low": 1, "high": 8, "log": True},
+              "kd_weight": {"type": "float", "low": 0.5, "high": 2.0}},
+}
+CONDITIONAL = {
+    "name": "methods",
+    "fixed": {"dataset": "digits", "teacher": "resnet20", "student": "resnet8", "epochs": 16},
+    "space": {"method": {"type": "categorical", "choices": {
+        "none": {},
+        "kd": {"temperature": {"type": "float", "low": 1, "high": 8, "log": True}},
+        "dkd": {"beta": {"type": "categorical", "choices": [2, 8]},
+                "temperature": {"type": "float", "low": 2, "high": 6, "log": True}}}},
+        "lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
+}
+
+
+def write(tmp_path: Path, content: dict | str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def problems_of(path: Path, overrides: list[str] = ()) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_spec(path, overrides)
+    return e.value.problems
+
+
+# --------------------------------------------------------------------------- shipped files
+
+def _needs_checkpoint(path: Path) -> bool:
+    return yaml.safe_load(path.read_text())["fixed"].get("teacher_checkpoint") is not None
+
+
+def test_the_four_search_spaces_are_shipped() -> None:
+    assert {p.stem for p in SHIPPED} >= {"quickstart", "kd", "dkd", "methods"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_space_loads_and_every_sample_is_a_valid_run(path: Path) -> None:
+    overrides = ["fixed.teacher_checkpoint=null"] if _needs_checkpoint(path) else []
+    spec = load_spec(path, overrides)
+    assert spec.path == str(path.resolve())
+    text = path.read_text()  # says what it is and how to run it
+    assert text.startswith("#") and f"python -m kdtune.search search_spaces/{path.name}" in text
+    study = optuna.create_study(sampler=RandomSampler(seed=0))
+    for _ in range(30):  # Optuna's define-by-run translation ...
+        trial = study.ask()
+        spec.space.suggest(trial)
+        assert isinstance(spec.run_config(trial.params), RunConfig)
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # ... and Tune's, whose inactive parameters are None
+        config = next(iter(generate_variants(spec.space.to_tune(), random_state=rng)))[1]
+        assert isinstance(spec.run_config(config), RunConfig)
+    yaml.safe_dump(spec.resolved)  # printable by --dry-run ...
+    assert json.loads(json.dumps(spec.resolved)) == spec.resolved  # ... and comparable after a round trip
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if _needs_checkpoint(p)], ids=lambda p: p.stem)
+def test_shipped_cifar_space_reports_the_missing_teacher_checkpoint(path: Path) -> None:
+    problems = problems_of(path)
+    assert len(problems) == 1
+    expected = str(Path("download_ckpts/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth").resolve())
+    assert problems[0] == f"{path}: fixed.teacher_checkpoint: file not found: {expected!r}"
+
+
+def test_quickstart_is_the_small_cpu_search() -> None:
+    spec = load_spec(SHIPPED[[p.stem for p in SHIPPED].index("quickstart")])
+    assert spec.fixed["dataset"] == "digits" and spec.max_epochs == 12 and spec.num_samples == 12
+    assert (spec.algorithm, spec.scheduler, spec.grace_period, spec.reduction_factor) == ("tpe", "asha", 2, 2.0)
+    assert (spec.cpus_per_trial, spec.gpus_per_trial, spec.max_concurrent) == (1.0, 0.0, 2)
+    assert spec.space.params["lr"].log
+
+
+# --------------------------------------------------------------------------- broken files and overrides
+
+BROKEN = [  # (overrides, the one problem expected): a value set by --set is reported against the --set
+    (["search.mode=maximize"], "--set search.mode=maximize: search.mode: must be one of max, min, but got 'maximize'"),
+    (["space.temprature={type: float, low: 1, high: 8}"],
+     "--set space.temprature={type: float, low: 1, high: 8}: space.temprature: unknown hyperparameter for method "
+     "'kd'; did you mean 'temperature'? (kd takes: temperature, ce_weight, kd_weight, logit_stand"),
+    (["fixed.student=resnet8x5"],
+     "--set fixed.student=resnet8x5: fixed.student: unknown model 'resnet8x5'; did you mean 'resnet8x4'?"),
+    (["space.temperature.log=false", "space.temperature.low=0"],
+     "--set space.temperature.low=0: space.temperature.low: temperature: must be > 0, but got 0.0"),
+    (["space.temperature.low=0"],
+     "--set space.temperature.low=0: space.temperature.low: must be > 0 when log is true, but got 0.0"),
+    (["space.kd_weight.low=-1"], "--set space.kd_weight.low=-1: space.kd_weight.low: kd_weight: must be >= 0, "
+                                 "but got -1.0"),
+    (["space.kd_weight.high=0.1"],
+     "space.yaml: space.kd_weight.low: must be <= high, but got low=0.5, high=0.1"),
+    (["search.num_samples=abc"],
+     "--set search.num_samples=abc: search.num_samples: expected an integer, but got 'abc'"),
+    (["fixed.epochs=10"], "space.yaml: scheduler.grace_period: must be <= fixed.epochs (10), but got 12"),
+    (["resources.gpus_per_trial=1.5"],
+     "--set resources.gpus_per_trial=1.5: resources.gpus_per_trial: must be >= 0, and <= 1 (a share of one GPU) "
+     "or a whole number of GPUs, but got 1.5"),
+    (["resources.cpus_per_trial=0"], "--set resources.cpus_per_trial=0: resources.cpus_per_trial: must be > 0, "
+                                     "but got 0.0"),
+    (["search.metric=val/acc"], "--set search.metric=val/acc: search.metric: must be one of val/acc1, val/acc5, "
+                                "val/loss, train/loss, but got 'val/acc'"),
+    (["search.algorithm=bayes"],
+     "--set search.algorithm=bayes: search.algorithm: must be one of tpe, random, grid, but got 'bayes'"),
+    (["search.seed=1.5"], "--set search.seed=1.5: search.seed: expected an integer, but got 1.5"),
+    (["search.max_concurrent=0"], "--set search.max_concurrent=0: search.max_concurrent: must be >= 1, but got 0"),
+    (["scheduler.reduction_factor=1"],
+     "--set scheduler.reduction_factor=1: scheduler.reduction_factor: must be > 1, but got 1.0"),
+    (["scheduler.type=hyperband"],
+     "--set scheduler.type=hyperband: scheduler.type: must be one of asha, none, but got 'hyperband'"),
+    (["max_failures=-1"], "--set max_failures=-1: max_failures: must be >= 0, but got -1"),
+    (["name=a/b"], "--set name=a/b: name: must be made of letters, digits, '_', '.' and '-', but got 'a/b'"),
+    (["space.lr={type: int, low: 1, high: 10, step: 4}"],
+     "--set space.lr={type: int, low: 1, high: 10, step: 4}: space.lr.step: high - low must be a multiple of step, "
+     "but got low=1, high=10, step=4"),
+    (["space.logit_stand={type: categorical, choices: [true, true]}"],
+     "--set space.logit_stand={type: categorical, choices: [true, true]}: space.logit_stand.choices[1]: "
+     "must not repeat choices[0], but got True"),
+    (["space.logit_stand={type: categorical, choices: [true, 0]}"],
+     "--set space.logit_stand={type: categorical, choices: [true, 0]}: space.logit_stand.choices[1]: "
+     "logit_stand: expected true or false, but got 0"),
+    (["space.epochs={type: int, low: 1, high: 10}"],
+     "--set space.epochs={type: int, low: 1, high: 10}: space.epochs: cannot be searched"),
+    (["fixed.temperature=4"], "space.yaml: space.temperature: also set under fixed (temperature: 4.0); "
+                              "a hyperparameter is either fixed or searched"),
+    (["space.temperature.type=floatt"], "--set space.temperature.type=floatt: space.temperature.type: "
+                                        "must be one of float, int, categorical, but got 'floatt'"),
+    (["search.algorithm=grid", "space.kd_weight={type: categorical, choices: [1, 2]}"],
+     "space.yaml: space.temperature: grid search needs values to enumerate, but got a float range"),
+    (["fixed.teacher_checkpoint=missing.pth"],
+     "--set fixed.teacher_checkpoint=missing.pth: fixed.teacher_checkpoint: file not found: '{tmp}/missing.pth'"),
+    (["fixed.epochs=many"], "--set fixed.epochs=many: fixed.epochs: expected an integer, but got 'many'"),
+    (["serch.num_samples=8"],
+     "--set serch.num_samples=8: the top level has no key 'serch'; did you mean 'search'?"),
+    (["space.nope.high=2"], "--set space.nope.high=2: space has no key 'nope'"),
+    (["fixed.epochs.value=3"], "--set fixed.epochs.value=3: fixed.epochs is not a mapping, but 96"),
+    (["novalue"], "--set 'novalue': expected key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", BROKEN, ids=[o[0] for o, _ in BROKEN])
+def test_broken_spec_names_the_yaml_path_and_the_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      overrides: list[str], expected: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, {**BASE, "scheduler": {"grace_period": 12}, "fixed": {**BASE["fixed"], "epochs": 96}})
+    problems = problems_of(Path("space.yaml"), overrides)
+    assert len(problems) == 1, "\n".join(problems)  # one mistake, one line: no follow-on noise
+    assert problems[0].startswith(expected.replace("{tmp}", str(tmp_path.resolve()))), problems[0]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({**BASE, "serach": {}}, "space.yaml: serach: unknown key; did you mean 'search'?"),
+    ({**BASE, "search": {"mode": "maximize"}},
+     "space.yaml: search.mode: must be one of max, min, but got 'maximize'"),
+    ({k: v for k, v in BASE.items() if k != "space"}, "space.yaml: space: missing"),
+    ({k: v for k, v in BASE.items() if k != "name"}, "space.yaml: name: missing"),
+    ({**BASE, "fixed": ["dataset", "digits"]}, "space.yaml: fixed: expected a mapping of run settings, but got"),
+    ({**BASE, "space": {}}, "space.yaml: space: expected a mapping of hyperparameter names to ranges, but got {}"),
+    ({**BASE, "space": {"lr": 0.1}}, "space.yaml: space.lr: expected a mapping such as"),
+    ({**BASE, "search": [1, 2]}, "space.yaml: search: expected a mapping, but got [1, 2]"),
+    ({**BASE, "search": {"num_sample": 4}},
+     "space.yaml: search.num_sample: unknown key; did you mean 'num_samples'?"),
+    ({**BASE, "fixed": {**BASE["fixed"], "method_params": {"temperature": 2}}},
+     "space.yaml: fixed.method_params: write method hyperparameters as flat keys"),
+    ("name: [unclosed", "space.yaml: not valid YAML"),
+])
+def test_broken_file(tmp_path: Path, content: Any, expected: str) -> None:
+    problems = problems_of(write(tmp_path, content))
+    assert any(p.startswith(str(tmp_path / expected)) for p in problems), "\n".join(problems)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+name: four-problems
+fixed: {dataset: digits, student: resnet8x5, method: kd, epochs: 16}
+space:
+  temperature: {type: float, low: 1, high: 8, log: true}
+  kd_weight: {type: float, low: 2, high: 0.5}
+search: {mode: maximize}
+shceduler: {type: asha}
+""")
+    problems = problems_of(path)
+    assert len(problems) == 4, "\n".join(problems)
+    for text in ("fixed.student: unknown model 'resnet8x5'", "space.kd_weight.low: must be <= high",
+                 "search.mode: must be one of max, min, but got 'maximize'", "shceduler: unknown key"):
+        assert sum(text in p for p in problems) == 1, text
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"fixed": {**CONDITIONAL["fixed"], "method": "kd"}},
+     "fixed.method: must be left out when space.method searches it, but got 'kd'"),
+    ({"space": {**CONDITIONAL["space"], "temperature": {"type": "float", "low": 1, "high": 4}}},
+     "space.temperature: unknown hyperparameter for method 'none' (none takes: nothing; or a run setting such as "
+     "lr); search it under space.method.choices.<method> for the methods that take it"),
+    ({"space": {"method": {"type": "categorical", "choices": {"kdd": {}, "kd": {}}}}},
+     "space.method.choices.kdd: unknown method 'kdd'; did you mean 'kd'?"),
+    ({"space": {"method": {"type": "categorical", "choices": {
+        "kd": {"beta": {"type": "categorical", "choices": [2, 8]}}}}}},
+     "space.method.choices.kd.beta: unknown hyperparameter for method 'kd'"),
+    ({"space": {"method": {"type": "categorical", "choices": {
+        "dkd": {"beta": {"type": "float", "low": -1, "high": 8}}}}}},
+     "space.method.choices.dkd.beta.low: beta: must be >= 0, but got -1.0"),
+    ({"fixed": {**CONDITIONAL["fixed"], "temperature": 4}},
+     "fixed.temperature: unknown key (method 'none' takes: nothing)"),
+])
+def test_conditional_spec_problems(tmp_path: Path, change: dict, expected: str) -> None:
+    problems = problems_of(write(tmp_path, {**CONDITIONAL, **change}))
+    assert any(p.startswith(f"{tmp_path / 'space.yaml'}: {expected}") for p in problems), "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- resolving
+
+def test_conditional_spec_resolves(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, CONDITIONAL))
+    assert list(spec.space.methods) == ["none", "kd", "dkd"] and "method" not in spec.fixed
+    assert spec.space.names() == ["method", "temperature", "beta", "lr"]
+    cfg = spec.run_config({"method": "dkd", "beta": 2, "temperature": 3.0, "lr": 0.02})
+    assert (cfg.method, cfg.method_params, cfg.lr) == ("dkd", {"beta": 2.0, "temperature": 3.0}, 0.02)
+    cfg = spec.run_config({"method": "none", "beta": None, "temperature": None, "lr": 0.02})
+    assert (cfg.method, cfg.method_params) == ("none", {})
+
+
+def test_defaults_are_filled(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, BASE))
+    assert (spec.algorithm, spec.num_samples, spec.metric, spec.mode, spec.seed, spec.max_concurrent) == (
+        "tpe", 32, "val/acc1", "max", 0, None)
+    assert (spec.scheduler, spec.grace_period, spec.reduction_factor) == ("asha", 2, 3.0)  # 16 // 8
+    assert (spec.cpus_per_trial, spec.gpus_per_trial, spec.max_failures) == (1.0, 0.0, 2)
+    assert spec.max_epochs == 16 and spec.name == "test-search"
+    assert spec.resolved["search"] == {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max",
+                                       "seed": 0, "max_concurrent": None}
+    assert spec.resolved["scheduler"] == {"type": "asha", "grace_period": 2, "reduction_factor": 3.0}
+    assert spec.resolved["space"] == {"temperature": {"type": "float", "low": 1.0, "high": 8.0, "log": True},
+                                      "kd_weight": {"type": "float", "low": 0.5, "high": 2.0}}
+    no_epochs = {**BASE, "fixed": {k: v for k, v in BASE["fixed"].items() if k != "epochs"}}
+    spec = load_spec(write(tmp_path, no_epochs))
+    assert spec.max_epochs == RunConfig.epochs and spec.grace_period == RunConfig.epochs // 8
+
+
+def test_dotted_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    spec = load_spec(path, ["fixed.epochs=20", "search.num_samples=8", "space.kd_weight.high=3",
+                            "resources.gpus_per_trial=0.25", "scheduler.type=none", "search.max_concurrent=2",
+                            "space.lr={type: float, low: 1e-3, high: 0.1, log: true}", "fixed.momentum=8e-1"])
+    assert spec.max_epochs == 20 and spec.num_samples == 8 and spec.gpus_per_trial == 0.25
+    assert spec.space.params["kd_weight"].high == 3.0 and spec.space.params["lr"].low == 1e-3
+    assert spec.scheduler == "none" and spec.max_concurrent == 2
+    assert spec.fixed["momentum"] == 0.8 and isinstance(spec.fixed["momentum"], float)
+    assert spec.resolved["fixed"]["epochs"] == 20 and "resources" not in yaml.safe_load(path.read_text())
+    assert load_spec(path, ["resources.gpus_per_trial=2"]).gpus_per_trial == 2.0
+
+
+def test_numbers_written_as_strings(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, """
+name: strings
+fixed: {dataset: digits, method: kd, epochs: 16, weight_decay: 1e-4}
+space:
+  lr: {type: float, low: 1e-3, high: 1e-1, log: true}
+scheduler: {reduction_factor: 2e0}
+"""))
+    assert spec.fixed["weight_decay"] == 1e-4 and spec.space.params["lr"].low == 1e-3
+    assert spec.reduction_factor == 2.0
+
+
+def test_relative_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "t.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    fixed = {**BASE["fixed"], "data_root": "data", "teacher_checkpoint": "ckpts/t.pth", "cache_dir": "../cache"}
+    spec = load_spec(write(tmp_path, {**BASE, "fixed": fixed}))
+    assert spec.fixed["data_root"] == str(tmp_path / "data")
+    assert spec.fixed["teacher_checkpoint"] == str(tmp_path / "ckpts" / "t.pth")
+    assert spec.fixed["cache_dir"] == str(tmp_path.parent / "cache")
+    fixed = {**BASE["fixed"], "cache_dir": "~/.cache/kdtune", "data_root": "/data"}
+    spec = load_spec(write(tmp_path, {**BASE, "fixed": fixed}))
+    assert (spec.fixed["cache_dir"], spec.fixed["data_root"]) == ("~/.cache/kdtune", "/data")
+
+
+def test_grid_search_counts_its_points(tmp_path: Path) -> None:
+    space = {"temperature": {"type": "categorical", "choices": [2, 4, 8]},
+             "kd_weight": {"type": "float", "low": 0.5, "high": 1.0, "step": 0.25}}
+    spec = load_spec(write(tmp_path, {**BASE, "space": space, "search": {"algorithm": "grid", "num_samples": 5}}))
+    assert spec.num_samples == 9 and len(spec.space.grid()) == 9
+
+
+def test_run_config_drops_inactive_values_and_validates(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, BASE))
+    cfg = spec.run_config({"temperature": 2.0, "kd_weight": None})
+    assert cfg.method_params == {"temperature": 2.0} and cfg.epochs == 16
+    with pytest.raises(ConfigError, match=r"\(trial\): temperature: must be > 0, but got -1.0"):
+        spec.run_config({"temperature": -1})
+
+
+def test_a_misspelt_shared_parameter_is_one_problem(tmp_path: Path) -> None:
+    space = {**CONDITIONAL["space"], "temprature": {"type": "float", "low": 1, "high": 4}}
+    problems = problems_of(write(tmp_path, {**CONDITIONAL, "space": space}))
+    assert problems == [f"{tmp_path / 'space.yaml'}: space.temprature: unknown hyperparameter for methods 'none', "
+                        f"'kd', 'dkd'; did you mean 'temperature'? (none takes: nothing; kd takes: temperature, "
+                        f"ce_weight, kd_weight, logit_stand; dkd takes: alpha, beta, temperature, warmup, "
+                        f"ce_weight, kd_weight, logit_stand; or a run setting such as lr)"]
