@@ -1,0 +1,291 @@
+"""``python -m kdtune.search SPACE.yaml``: search distillation hyperparameters.
+
+Ray Tune runs the trials (one engine epoch per step, several small trials per GPU with
+fractional ``--gpus-per-trial``), Optuna's TPE proposes configurations, ASHA stops weak trials
+early, and every trial becomes an MLflow run nested under one run for the search. The file is
+validated before anything starts (exit status 2 on any problem).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdtune.config import ConfigError
+from kdtune.spec import SearchSpec, load_spec
+
+# Flags that are shorthands for spec overrides.
+FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
+                  "gpus_per_trial": "resources.gpus_per_trial", "cpus_per_trial": "resources.cpus_per_trial"}
+STATE_FILE = "kdtune_search.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kdtune.search", description=__doc__.split("\n\n")[0])
+    p.add_argument("space", help="search-space YAML file (see search_spaces/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the file by its dotted path, e.g. fixed.epochs=20 (repeatable)")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--max-concurrent", type=int)
+    p.add_argument("--gpus-per-trial", type=float, help="fractional, e.g. 0.25 packs 4 trials on a GPU")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a private local one)")
+    p.add_argument("--storage-path", default="ray_results", help="absolute path or URI (relative paths are made absolute)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search from --storage-path")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved spec and translated space, then stop")
+    return p.parse_args(argv)
+
+
+def resolve_storage(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def local_dir(storage: str, name: str) -> Path:
+    """Where kdtune keeps its own files of a search (results table, parent run id)."""
+    return Path(storage) / name if "://" not in storage else Path.cwd() / "kdtune_searches" / name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = [f"{path}={getattr(args, flag)}" for flag, path in FLAG_OVERRIDES.items()
+                 if getattr(args, flag) is not None] + args.overrides
+    try:
+        spec = load_spec(args.space, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    storage = resolve_storage(args.storage_path)
+    from kdtune.tracking import default_tracking_uri
+
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if args.dry_run:
+        print_dry_run(spec, storage, tracking_uri)
+        return 0
+    own = local_dir(storage, spec.name)
+    state_path = own / STATE_FILE
+    if args.resume and not state_path.is_file():
+        print(f"error: --resume: no search named {spec.name!r} to resume under {storage}", file=sys.stderr)
+        return 2
+    if not args.resume and state_path.is_file():
+        print(f"error: a search named {spec.name!r} already exists under {storage}: continue it with "
+              f"--resume, or start a new one with --set name=<new name>", file=sys.stderr)
+        return 2
+    if args.resume and json.loads(state_path.read_text())["spec"] != spec.resolved:
+        print(f"error: --resume: {spec.path} (with its overrides) differs from the search stored in {own}; "
+              f"resume with the same file and --set values", file=sys.stderr)
+        return 2
+    try:
+        teacher = prepare_teacher(spec)
+    except Exception as e:  # DataError, CheckpointError: the message names the file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_search(spec, storage, tracking_uri, args.address, args.resume, own, teacher)
+
+
+def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
+    """Resolve (train and cache, if needed) the teacher once, before any trial starts."""
+    from kdtune.distillers import METHODS
+    from kdtune.run import load_data, load_teacher
+
+    methods = list(spec.space.methods) if spec.space.methods else [spec.fixed.get("method", "kd")]
+    needing = [m for m in methods if METHODS.get(m).needs_teacher]
+    if not needing:
+        return None
+    cfg = spec.run_config({"method": needing[0]} if spec.space.methods else {})
+    data = load_data(cfg)
+    _, info = load_teacher(cfg, data)
+    print(f"[kdtune] teacher {info.model} ({info.source}: {info.path}) val acc {info.val_acc:.2f}", flush=True)
+    return info.__dict__
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    # A CPU-only trial on a GPU host would otherwise see every GPU (Ray leaves
+    # CUDA_VISIBLE_DEVICES unset for zero-GPU trials).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+    # Every trial checkpoints every epoch (for retries and --resume); the snapshots this forces
+    # take milliseconds on a local disk, so Tune's warning about them is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        print(f"[kdtune] connected to the Ray cluster at {address}", flush=True)
+    else:
+        # "local" never attaches to a cluster that happens to be running (or a stale one).
+        ray.init(address="local", include_dashboard=False, object_store_memory=256 * 1024**2)
+        print("[kdtune] started a private local Ray instance", flush=True)
+
+
+def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str | None, resume: bool,
+               own: Path, teacher: dict[str, Any] | None) -> int:
+    import ray
+    from mlflow import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from kdtune.searchers import build_searcher
+    from kdtune.tracking import TrialTracker, close_dangling_runs, experiment_id
+    from kdtune.trainable import KDTrainable
+
+    client = MlflowClient(tracking_uri)
+    tags = {k: str(spec.fixed.get(k, "")) for k in ("method", "teacher", "student", "dataset", "seed")}
+    if resume:
+        parent_id = json.loads((own / STATE_FILE).read_text())["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        exp = experiment_id(client, spec.name)
+        parent = client.create_run(exp, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags={**tags, "kdtune.kind": "search", "kdtune.algorithm": spec.algorithm})
+        parent_id = parent.info.run_id
+        client.log_artifact(parent_id, spec.path)
+        client.log_dict(parent_id, spec.resolved, "spec.yaml")
+        if teacher is not None:
+            client.log_dict(parent_id, teacher, "teacher.json")
+        own.mkdir(parents=True, exist_ok=True)
+        (own / STATE_FILE).write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": tracking_uri,
+                                                  "spec": spec.resolved}, indent=2))
+
+    tracker = TrialTracker(tracking_uri, spec.name, parent_id, tags, spec.max_epochs, spec.metric, spec.mode)
+    trainable = tune.with_resources(tune.with_parameters(KDTrainable, spec=spec),
+                                    {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
+    experiment_path = f"{storage.rstrip('/')}/{spec.name}"
+    init_ray(address)
+    start = time.perf_counter()
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            searcher, param_space, num_samples = build_searcher(spec)
+            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
+                                       grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+                         if spec.scheduler == "asha" else FIFOScheduler())
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher,
+                                            scheduler=scheduler, num_samples=num_samples,
+                                            max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=storage, callbacks=[tracker], verbose=0,
+                    checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
+        results = tuner.fit()
+        table = results_table(results, spec)
+        expected = len(spec.space.grid()) if spec.algorithm == "grid" else spec.num_samples
+    finally:
+        ray.shutdown()
+        close_dangling_runs(client, spec.name, parent_id)
+    wall = time.perf_counter() - start
+    if tracker.results_logged:
+        print(f"[kdtune] MLflow logging on the driver: {1000 * tracker.log_seconds / tracker.results_logged:.1f} ms "
+              f"per reported epoch ({tracker.results_logged} results)")
+    return report(spec, table, expected, client, parent_id, own, tracking_uri, experiment_path, wall)
+
+
+def results_table(results, spec: SearchSpec):
+    """One row per trial: hyperparameters, final/best metric, epochs, status, wall time, samples."""
+    import pandas as pd
+
+    from kdtune.tracking import trial_status
+
+    # ResultGrid's public Result has no trial status, and Tune uses one TERMINATED for both
+    # "finished" and "stopped by ASHA"; the analysis object behind it has both.
+    analysis = results._experiment_analysis
+    names = spec.space.names()
+    rows = []
+    for trial in analysis.trials:
+        last = trial.last_result or {}
+        history = analysis.trial_dataframes.get(trial.trial_id)
+        series = history[spec.metric] if history is not None and spec.metric in history else pd.Series(dtype=float)
+        if trial.status in ("TERMINATED", "ERROR"):
+            status = trial_status(last, spec.max_epochs, error=trial.status == "ERROR")
+        else:
+            status = "interrupted"
+        row = {"trial_id": trial.trial_id}
+        row.update({n: trial.config.get(n) for n in names})
+        best = (series.max() if spec.mode == "max" else series.min()) if len(series) else math.nan
+        row.update({"status": status, "epochs": last.get("training_iteration", 0),
+                    f"final_{spec.metric}": last.get(spec.metric, math.nan), f"best_{spec.metric}": best,
+                    "wall_s": last.get("time_total_s", math.nan),
+                    "samples_backprop": last.get("samples/backprop", math.nan)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: Path, tracking_uri: str,
+           experiment_path: str, wall: float) -> int:
+    from mlflow.entities import Metric, RunTag
+
+    csv = own / "results.csv"
+    own.mkdir(parents=True, exist_ok=True)
+    table.to_csv(csv, index=False)
+    client.log_artifact(parent_id, str(csv))
+    interrupted = len(table) < expected or (table["status"] == "interrupted").any()
+    best_col = f"best_{spec.metric}"
+    ranked = table[~table["status"].isin(["diverged", "failed"])].dropna(subset=[best_col]) if len(table) else table
+    counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items()) if len(table) else "no trials"
+    print(f"\n[kdtune] search {spec.name}: {len(table)} trials ({counts}) in {wall:.0f}s")
+    if len(ranked):
+        best = ranked.sort_values(best_col, ascending=spec.mode == "min").iloc[0]
+        config = {n: best[n] for n in spec.space.names() if n in best and not _missing(best[n])}
+        print(f"[kdtune] best trial {best['trial_id']}: {spec.metric} {best[best_col]:.2f} "
+              f"(after {int(best['epochs'])} epochs)")
+        print(f"[kdtune] best configuration: {json.dumps(_plain(config))}")
+        ts = int(time.time() * 1000)
+        # Tags, not params: MLflow params are immutable, and a resumed search may find a better trial.
+        client.log_batch(parent_id, metrics=[Metric(f"best_{spec.metric}", float(best[best_col]), ts, 0)],
+                         tags=[RunTag(f"best.{k}", str(v)) for k, v in config.items()]
+                         + [RunTag("kdtune.best_trial", str(best["trial_id"]))])
+        client.log_dict(parent_id, {"trial_id": best["trial_id"], spec.metric: float(best[best_col]),
+                                    "config": _plain(config)}, "best.json")
+    client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
+    print(f"[kdtune] results table: {csv}")
+    print(f"[kdtune] MLflow: experiment {spec.name!r} at {tracking_uri} "
+          f"(browse: mlflow ui --backend-store-uri {tracking_uri})")
+    if interrupted:
+        print(f"[kdtune] the search was interrupted; continue it with: python -m kdtune.search {spec.path} "
+              f"--resume --storage-path {experiment_path.rsplit('/', 1)[0]}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def print_dry_run(spec: SearchSpec, storage: str, tracking_uri: str) -> None:
+    from kdtune.searchers import build_searcher
+
+    print(f"# resolved search spec ({spec.path})")
+    print(yaml.safe_dump(spec.resolved, sort_keys=False))
+    searcher, param_space, num_samples = build_searcher(spec)
+    print(f"# translated space: {spec.algorithm}, {num_samples} trials")
+    if spec.algorithm == "tpe":
+        import optuna
+
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        trial = study.ask()
+        spec.space.suggest(trial)
+        print(f"# Optuna define-by-run (one draw): {trial.distributions}")
+    elif spec.algorithm == "random":
+        print(f"# Ray Tune domains: {param_space}")
+    else:
+        print(f"# grid points: {searcher._points_to_evaluate}")
+    print(f"# storage {storage}/{spec.name}; MLflow {tracking_uri}")
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.item() if hasattr(v, "item") else v for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Ray Tune adapter: one trial is one Engine, one ``step()`` is one epoch.
+
+Data and teachers are cached per worker process, so with ``reuse_actors`` a worker loads
+them once and every later trial it runs starts in well under a second. The engine itself
+knows nothing of Ray; MLflow logging happens on the driver (kdtune.tracking).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from ray import tune
+
+from kdtune.config import RunConfig
+from kdtune.run import build_engine, load_data, load_teacher
+from kdtune.spec import SearchSpec
+
+# Per-process caches: (dataset settings) -> ImageData, (teacher settings) -> frozen teacher.
+_DATA: dict[tuple, Any] = {}
+_TEACHERS: dict[tuple, Any] = {}
+# Reported in place of a metric that is not finite, so that searchers can still learn from
+# the trial (Optuna refuses NaN and would leave the trial RUNNING forever).
+PENALTY = 1e6
+
+
+def penalty_value(mode: str) -> float:
+    return -PENALTY if mode == "max" else PENALTY
+
+
+def _data(cfg: RunConfig):
+    key = (cfg.dataset, cfg.data_root, cfg.val_size, cfg.split_seed, repr(sorted(cfg.dataset_options.items())))
+    if key not in _DATA:
+        _DATA[key] = load_data(cfg)
+    return _DATA[key]
+
+
+def _teacher(cfg: RunConfig, data):
+    key = (cfg.teacher, cfg.teacher_checkpoint, cfg.seed, cfg.teacher_epochs, cfg.cache_dir, id(data), cfg.device)
+    if key not in _TEACHERS:
+        _TEACHERS[key] = load_teacher(cfg, data, log=lambda msg: print(msg, flush=True))[0]
+    return _TEACHERS[key]
+
+
+class KDTrainable(tune.Trainable):
+    """A kdtune trial. ``config`` holds only the sampled hyperparameters; the fixed part of
+    the run configuration comes from the search spec (``tune.with_parameters``)."""
+
+    def setup(self, config: dict[str, Any], spec: SearchSpec) -> None:
+        self.spec = spec
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
+        cpus = int(max(1, self.trial_resources.required_resources.get("CPU", 1))) if self.trial_resources else 1
+        torch.set_num_threads(cpus)
+        gpus = self.trial_resources.required_resources.get("GPU", 0) if self.trial_resources else 0
+        if 0 < gpus < 1 and torch.cuda.is_available():
+            # Ray packs fractional trials onto one GPU but enforces no memory limit: cap our share.
+            torch.cuda.set_per_process_memory_fraction(gpus)
+        self._build(config)
+
+    def _build(self, config: dict[str, Any]) -> None:
+        cfg = self.spec.run_config(config)
+        data = _data(cfg)
+        teacher = _teacher(cfg, data) if cfg.teacher is not None else None
+        self.engine = build_engine(cfg, data, teacher)
+
+    def step(self) -> dict[str, Any]:
+        metrics = self.engine.train_epoch()
+        diverged = not math.isfinite(metrics["train/loss"])
+        for key, value in metrics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                metrics[key] = penalty_value("min" if "loss" in key else "max")
+        metrics["diverged"] = float(diverged)
+        # The last epoch ends the trial (without a scheduler nothing else would); a NaN loss
+        # never recovers, so it ends the trial at once.
+        metrics["done"] = diverged or self.engine.epoch >= self.engine.recipe.epochs
+        return metrics
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        torch.save(self.engine.state_dict(), os.path.join(checkpoint_dir, "engine.pth"))
+
+    def load_checkpoint(self, checkpoint: str) -> None:
+        state = torch.load(os.path.join(checkpoint, "engine.pth"), map_location=self.engine.device,
+                           weights_only=True)
+        self.engine.load_state_dict(state)
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        self._build(new_config)
+        return True

@@ -1,0 +1,243 @@
+"""``python -m kdtune.search`` end to end: real Ray, Optuna, ASHA and MLflow on digits.
+
+The searches run in subprocesses, as a user runs them; results are checked through the
+results table and ``MlflowClient``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from kdtune.analysis import load_mlflow, load_results
+
+SPACE = {
+    "name": "e2e",
+    "fixed": {"dataset": "digits", "teacher": "resnet8", "teacher_epochs": 2, "student": "resnet8",
+              "method": "kd", "epochs": 4, "batch_size": 128, "schedule": "cosine", "seed": 0},
+    "space": {"temperature": {"type": "float", "low": 1, "high": 8, "log": True},
+              "lr": {"type": "float", "low": 0.005, "high": 0.2, "log": True}},
+    "search": {"algorithm": "tpe", "num_samples": 6, "metric": "val/acc1", "mode": "max", "seed": 0,
+               "max_concurrent": 2},
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpus_per_trial": 1},
+}
+
+
+def write_space(tmp_path: Path, **changes) -> Path:
+    space = json.loads(json.dumps(SPACE))
+    for key, value in changes.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            space[section][leaf] = value
+        else:
+            space[section] = value
+    space["fixed"]["cache_dir"] = str(tmp_path / "cache")
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def search_cmd(tmp_path: Path, space: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kdtune.search", str(space), "--storage-path", str(tmp_path / "ray"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("RAY_ADDRESS", None)
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def run_search(tmp_path: Path, space: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(search_cmd(tmp_path, space, *extra), cwd=tmp_path, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def child_runs(tmp_path: Path, name: str = "e2e") -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    return client, client.search_runs([exp.experiment_id], filter_string="tags.`kdtune.trial_id` != ''")
+
+
+# ---------------------------------------------------------------------------- fast: no Ray started
+
+
+def test_invalid_space_exits_2_naming_the_key(tmp_path: Path) -> None:
+    space = write_space(tmp_path, search__mode="maximize", space={"temprature": {"type": "float", "low": 1, "high": 8}})
+    r = run_search(tmp_path, space)
+    assert r.returncode == 2, r.stderr
+    assert "search.mode" in r.stderr and "maximize" in r.stderr
+    assert "temprature" in r.stderr and "temperature" in r.stderr
+    assert not (tmp_path / "ray").exists()
+
+
+def test_dry_run_prints_spec_and_space(tmp_path: Path) -> None:
+    r = run_search(tmp_path, write_space(tmp_path), "--dry-run", "--num-samples", "3")
+    assert r.returncode == 0, r.stderr
+    assert "num_samples: 3" in r.stdout and "temperature" in r.stdout and "FloatDistribution" in r.stdout
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_optuna_is_told_pruned_for_early_stopped_trials() -> None:
+    import optuna
+
+    from kdtune.searchers import KDOptunaSearch
+    from kdtune.space import Param, Space
+
+    space = Space(params={"x": Param("x", "float", 0.0, 1.0)}, methods=None)
+    searcher = KDOptunaSearch(space=space.suggest, metric="val/acc1", mode="max", max_epochs=4,
+                              sampler=optuna.samplers.RandomSampler(seed=0))
+    for tid in ("stopped", "full", "diverged"):
+        searcher.suggest(tid)
+    for epoch in (1, 2):
+        searcher.on_trial_result("stopped", {"val/acc1": 50.0 + epoch, "training_iteration": epoch})
+    searcher.on_trial_complete("stopped", {"val/acc1": 52.0, "training_iteration": 2})
+    searcher.on_trial_complete("full", {"val/acc1": 80.0, "training_iteration": 4})
+    searcher.on_trial_complete("diverged", {"val/acc1": 1.0, "training_iteration": 1, "diverged": 1.0})
+    states = {t.number: t.state for t in searcher._ot_study.trials}
+    values = {t.number: t.value for t in searcher._ot_study.trials}
+    assert states == {0: optuna.trial.TrialState.PRUNED, 1: optuna.trial.TrialState.COMPLETE,
+                      2: optuna.trial.TrialState.COMPLETE}
+    assert values[1] == 80.0 and values[2] == 1.0
+    assert searcher._ot_study.trials[0].intermediate_values == {1: 51.0, 2: 52.0}
+
+
+# ---------------------------------------------------------------------------- slow: real searches
+
+
+@pytest.mark.slow
+def test_search_end_to_end_tracks_every_trial(tmp_path: Path) -> None:
+    r = run_search(tmp_path, write_space(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "best configuration" in r.stdout and "results table" in r.stdout
+
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 6 and table["trial_id"].is_unique
+    assert set(table["status"]) <= {"completed", "stopped early"}
+    assert (table["status"] == "stopped early").any(), "ASHA stopped no trial"
+    assert (table["status"] == "completed").any()
+    assert (table.loc[table.status == "completed", "epochs"] == 4).all()
+    assert table[["temperature", "lr"]].notna().all().all()
+
+    client, runs = child_runs(tmp_path)
+    assert len(runs) == 6
+    parent_ids = {run.data.tags["mlflow.parentRunId"] for run in runs}
+    assert len(parent_ids) == 1
+    parent = client.get_run(parent_ids.pop())
+    assert parent.info.status == "FINISHED" and "best.temperature" in parent.data.tags
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"space.yaml", "spec.yaml", "results.csv", "best.json"} <= artifacts
+    by_trial = {run.data.tags["kdtune.trial_id"]: run for run in runs}
+    for row in table.itertuples():
+        run = by_trial[row.trial_id]
+        assert set(run.data.params) == {"temperature", "lr"}  # the hyperparameters and nothing else
+        assert float(run.data.params["lr"]) == pytest.approx(row.lr)
+        assert run.data.tags["kdtune.status"] == row.status
+        assert run.info.status == "FINISHED"
+        for tag in ("method", "teacher", "student", "dataset", "seed"):
+            assert run.data.tags[tag]
+        history = client.get_metric_history(run.info.run_id, "val/acc1")
+        assert sorted(m.step for m in history) == list(range(1, row.epochs + 1))
+        assert client.get_metric_history(run.info.run_id, "lr")
+
+    df = load_mlflow("e2e", storage_path=tmp_path / "ray")
+    assert len(df) == 6 and set(df["status"]) == set(table["status"])
+    assert pd.api.types.is_float_dtype(df["temperature"])
+
+
+@pytest.mark.slow
+def test_diverging_trial_ends_clearly_and_search_goes_on(tmp_path: Path) -> None:
+    space = write_space(tmp_path, space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
+                        search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                        scheduler={"type": "none"})
+    r = run_search(tmp_path, space)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = load_results(tmp_path / "ray" / "e2e").set_index("lr")
+    assert table.loc[1e12, "status"] == "diverged" and table.loc[1e12, "epochs"] < 4
+    assert table.loc[0.05, "status"] == "completed"
+    _, runs = child_runs(tmp_path)
+    statuses = {run.data.params["lr"]: (run.data.tags["kdtune.status"], run.info.status) for run in runs}
+    assert statuses["1000000000000.0"] == ("diverged", "FAILED")
+    assert statuses["0.05"] == ("completed", "FINISHED")
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path) -> None:
+    space = write_space(tmp_path, search__num_samples=8, fixed={**SPACE["fixed"], "epochs": 6})
+    proc = subprocess.Popen(search_cmd(tmp_path, space), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 400
+    # wait until two trials have ended, then press Ctrl-C
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if sum("[kdtune] trial" in ln and ("completed" in ln or "stopped early" in ln) for ln in lines) >= 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    lines.append(out)
+    assert proc.returncode != 0, "".join(lines)[-3000:]
+    _, before = child_runs(tmp_path)
+    assert all(run.info.status != "RUNNING" for run in before)  # nothing left dangling
+    ended = {run.data.tags["kdtune.trial_id"]: len(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+                                                    .get_metric_history(run.info.run_id, "val/acc1"))
+             for run in before if run.data.tags["kdtune.status"] in ("completed", "stopped early")}
+    assert len(ended) >= 2
+
+    r = run_search(tmp_path, space, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client, after = child_runs(tmp_path)
+    trial_ids = [run.data.tags["kdtune.trial_id"] for run in after]
+    assert len(trial_ids) == len(set(trial_ids)) == 8  # no duplicate runs
+    assert all(run.info.status == "FINISHED" for run in after)
+    for run in after:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")]
+        assert len(steps) == len(set(steps)), "an epoch was logged twice"
+        tid = run.data.tags["kdtune.trial_id"]
+        if tid in ended:
+            assert len(steps) == ended[tid]  # finished trials were not re-run
+    assert len(load_results(tmp_path / "ray" / "e2e")) == 8
+    parents = {run.data.tags["mlflow.parentRunId"] for run in after}
+    assert len(parents) == 1 and client.get_run(parents.pop()).info.status == "FINISHED"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_search_on_an_existing_ray_cluster(tmp_path: Path) -> None:
+    e = env()
+    e["RAY_AUTH_MODE"] = "disabled"
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="kdt", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+    start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                            f"--temp-dir={temp_dir}"], env=e, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr
+    try:
+        space = write_space(tmp_path, search__num_samples=2)
+        r = subprocess.run(search_cmd(tmp_path, space, "--address", f"127.0.0.1:{port}"), cwd=tmp_path, env=e,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert f"connected to the Ray cluster at 127.0.0.1:{port}" in r.stdout
+        assert len(load_results(tmp_path / "ray" / "e2e")) == 2
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=e, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
