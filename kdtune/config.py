@@ -18,7 +18,10 @@ from kdtune.data import DATASETS
 from kdtune.distillers import METHODS
 from kdtune.engine import SCHEDULES, Recipe
 from kdtune.models import MODELS
+from kdtune.plugins import load_plugins
 from kdtune.registry import Registry
+
+load_plugins()
 
 
 class ConfigError(ValueError):

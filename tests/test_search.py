@@ -192,6 +192,13 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path)
     out, _ = proc.communicate(timeout=120)
     lines.append(out)
     assert proc.returncode != 0, "".join(lines)[-3000:]
+    assert "--resume" in out  # the hint
+    for _ in range(20):  # Ctrl-C leaves no Ray processes behind
+        if subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("Ray processes are still running after Ctrl-C")
     _, before = child_runs(tmp_path)
     assert all(run.info.status != "RUNNING" for run in before)  # nothing left dangling
     ended = {run.data.tags["kdtune.trial_id"]: len(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -241,3 +248,59 @@ def test_search_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     finally:
         subprocess.run(["ray", "stop", "--force"], env=e, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+FLAKY_PLUGIN = '''
+"""A KD variant that crashes in epoch 2: once (like a lost worker), or every time."""
+import os
+from pathlib import Path
+
+from kdtune.distillers import METHODS
+from kdtune.distillers.kd import KD
+
+
+@METHODS.register("flaky_kd")
+class FlakyKD(KD):
+    def __init__(self, student, teacher, *, crash_always: bool = False, temperature: float = 4.0) -> None:
+        super().__init__(student, teacher, temperature=temperature)
+        self.crash_always = crash_always
+
+    def on_epoch_start(self, epoch, num_epochs):
+        super().on_epoch_start(epoch, num_epochs)
+        marker = Path(os.environ["FLAKY_MARKERS"]) / f"crashed-{self.crash_always}"
+        if epoch == 2 and (self.crash_always or not marker.exists()):
+            marker.touch()
+            raise RuntimeError("simulated crash")
+'''
+
+
+@pytest.mark.slow
+def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(tmp_path: Path) -> None:
+    (tmp_path / "flaky_plugin.py").write_text(FLAKY_PLUGIN)
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "flaky_kd", "epochs": 3},
+                        space={"crash_always": {"type": "categorical", "choices": [False, True]}},
+                        search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                        scheduler={"type": "none"}, max_failures=1)
+    e = env()
+    e.update(KDTUNE_PLUGINS="flaky_plugin", PYTHONPATH=f"{tmp_path}:{e.get('PYTHONPATH', '')}",
+             FLAKY_MARKERS=str(tmp_path))
+    r = subprocess.run(search_cmd(tmp_path, space), cwd=tmp_path, env=e, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "retrying from its last checkpoint" in r.stdout
+    table = load_results(tmp_path / "ray" / "e2e").set_index("crash_always")
+    assert table.loc[False, "status"] == "completed" and table.loc[False, "epochs"] == 3
+    assert table.loc[True, "status"] == "failed"
+    client, runs = child_runs(tmp_path)
+    assert len(runs) == 2
+    by_value = {run.data.params["crash_always"]: run for run in runs}
+    recovered = by_value["False"]
+    steps = [m.step for m in client.get_metric_history(recovered.info.run_id, "val/acc1")]
+    assert sorted(steps) == [1, 2, 3]
+    # Tune's own log of the trial: epoch 1 once, then 2 and 3 after the restore (not 1 again)
+    trial_dir = next(d for d in (tmp_path / "ray" / "e2e").glob("KDTrainable_*")
+                     if json.loads((d / "params.json").read_text())["crash_always"] is False)
+    iterations = [json.loads(line)["training_iteration"] for line in (trial_dir / "result.json").open()]
+    assert iterations == [1, 2, 3]
+    assert recovered.info.status == "FINISHED"
+    assert by_value["True"].info.status == "FAILED" and by_value["True"].data.tags["kdtune.status"] == "failed"
