@@ -49,18 +49,18 @@ class RunConfig:
     student: str = "resnet8"
     method: str = "kd"
     method_params: dict = field(default_factory=dict)
-    # the recipe (see kdtune.engine.Recipe)
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "step"
-    lr_decay_epochs: tuple = (150, 180, 210)
-    lr_decay_rate: float = 0.1
-    lr_min: float = 1e-5
-    warmup_epochs: int = 0
+    # the recipe: kdtune.engine.Recipe's fields, flat, with its defaults
+    epochs: int = Recipe.epochs
+    batch_size: int = Recipe.batch_size
+    lr: float = Recipe.lr
+    momentum: float = Recipe.momentum
+    weight_decay: float = Recipe.weight_decay
+    nesterov: bool = Recipe.nesterov
+    schedule: str = Recipe.schedule
+    lr_decay_epochs: tuple = Recipe.lr_decay_epochs
+    lr_decay_rate: float = Recipe.lr_decay_rate
+    lr_min: float = Recipe.lr_min
+    warmup_epochs: int = Recipe.warmup_epochs
     # how it runs
     seed: int = 0
     device: str = "auto"
