@@ -20,6 +20,7 @@ from kdtune.engine import SCHEDULES, Recipe
 from kdtune.models import MODELS
 from kdtune.plugins import load_plugins
 from kdtune.registry import Registry
+from kdtune.sampling import SAMPLERS
 
 load_plugins()
 
@@ -34,7 +35,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one distillation run needs. Method hyperparameters live in ``method_params``."""
+    """Everything one distillation run needs. Method and sampler hyperparameters live in
+    ``method_params`` and ``sampler_params`` (flat in files: see :meth:`from_dict`)."""
 
     # what is distilled
     dataset: str = "digits"
@@ -49,6 +51,8 @@ class RunConfig:
     student: str = "resnet8"
     method: str = "kd"
     method_params: dict = field(default_factory=dict)
+    sampler: str = "none"  # which samples each epoch trains on: none (all) or kdas
+    sampler_params: dict = field(default_factory=dict)
     # the recipe: kdtune.engine.Recipe's fields, flat, with its defaults
     epochs: int = Recipe.epochs
     batch_size: int = Recipe.batch_size
@@ -78,6 +82,7 @@ class RunConfig:
         """One flat dict, method hyperparameters at the top level (the inverse of from_dict)."""
         d = dataclasses.asdict(self)
         d.update(d.pop("method_params"))
+        d.update(d.pop("sampler_params"))
         return d
 
     @classmethod
@@ -130,9 +135,24 @@ def _known(registry: Registry, key: str, value: Any, source: str, problems: list
     return False
 
 
+def param_types(registry: Registry, name: str) -> dict[str, tuple[type, ...]]:
+    """The hyperparameters entry ``name`` of ``registry`` takes, with the types their defaults imply."""
+    overrides = getattr(registry.get(name), "param_types", {})  # e.g. an int or a list
+    return {p: overrides.get(p, (type(param.default),)) for p, param in registry.parameters(name).items()}
+
+
 def method_param_types(method: str) -> dict[str, tuple[type, ...]]:
-    """The hyperparameters ``method`` takes, with the types their defaults imply."""
-    return {name: (type(p.default),) for name, p in METHODS.parameters(method).items()}
+    return param_types(METHODS, method)
+
+
+def _owners(values: dict[str, Any], source: str, problems: list[str]) -> list[tuple[str, Registry, str, dict]]:
+    """The registries whose chosen entry takes flat hyperparameters: (field, registry, name, types)."""
+    owners = []
+    for field_name, registry in (("method", METHODS), ("sampler", SAMPLERS)):
+        name = values.get(field_name, getattr(RunConfig, field_name))
+        ok = isinstance(name, str) and _known(registry, field_name, name, source, problems)
+        owners.append((field_name, registry, name if ok else None, param_types(registry, name) if ok else {}))
+    return owners
 
 
 def _validate(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -140,46 +160,42 @@ def _validate(values: dict[str, Any], source: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError([f"{source}: expected a mapping of keys to values, but got {values!r}"])
     out: dict[str, Any] = {}
-    method = values.get("method", RunConfig.method)
-    method_ok = isinstance(method, str) and _known(METHODS, "method", method, source, problems)
-    method_types = method_param_types(method) if method_ok else {}
-    method_params: dict[str, Any] = dict(values.get("method_params") or {})
-    for key, value in values.items():
-        if key == "method_params":
-            continue
+    owners = _owners(values, source, problems)
+    params: dict[str, dict[str, Any]] = {field_name: {} for field_name, *_ in owners}
+    # Flat keys, plus nested method_params / sampler_params mappings (same rules).
+    items = [(k, v) for k, v in values.items() if k not in ("method_params", "sampler_params")]
+    for nested in ("method_params", "sampler_params"):
+        items += list((values.get(nested) or {}).items())
+    for key, value in items:
         if key in _FIELD_TYPES:
             target, types = out, _FIELD_TYPES[key]
-        elif key in method_types:
-            target, types = method_params, method_types[key]
         else:
-            if method_ok or key not in _all_method_params():
-                problems.append(_unknown_key(key, method if method_ok else None, source))
-            continue
+            owner = next(((f, t) for f, _, name, t in owners if key in t), None)
+            if owner is None:
+                if all(name is not None for *_, name, _ in owners) or key not in _all_params():
+                    problems.append(_unknown_key(key, owners, source))
+                continue
+            target, types = params[owner[0]], owner[1][key]
         coerced, ok = coerce(value, types)
         if not ok:
             problems.append(f"{source}: {key}: expected {_type_name(types)}, but got {value!r}")
             continue
         target[key] = coerced
-    for key, value in list(method_params.items()):
-        if key not in method_types and method_ok:
-            problems.append(_unknown_key(key, method, source))
-            method_params.pop(key)
-            continue
-        if key in method_types:
-            coerced, ok = coerce(value, method_types[key])
-            if not ok:
-                problems.append(f"{source}: {key}: expected {_type_name(method_types[key])}, "
-                                f"but got {value!r}")
-            method_params[key] = coerced
-    if method_ok:
-        problems += [f"{source}: {p}" for p in METHODS.get(method).check(method_params)]
+    for field_name, registry, name, _ in owners:
+        if name is not None:
+            problems += [f"{source}: {p}" for p in registry.get(name).check(params[field_name])]
 
     cfg = {**{f.name: getattr(RunConfig(), f.name) for f in fields(RunConfig)}, **out}
     for key in ("teacher", "student"):
         if cfg[key] is not None:
             _known(MODELS, key, cfg[key], source, problems)
-    if cfg["teacher"] is None and method_ok and METHODS.get(method).needs_teacher:
+    method = owners[0][2]
+    needs_teacher = method is not None and METHODS.get(method).needs_teacher
+    if cfg["teacher"] is None and needs_teacher:
         problems.append(f"{source}: teacher: method {method!r} needs a teacher, but got null")
+    if cfg["sampler"] != "none" and method is not None and not needs_teacher:
+        problems.append(f"{source}: sampler: {cfg['sampler']!r} selects samples by teacher-student "
+                        f"disagreement, so it needs a distillation method, but method is {method!r}")
     _known(DATASETS, "dataset", cfg["dataset"], source, problems)
     problems += [f"{source}: {p}" for p in _check_ranges(cfg)]
     ckpt = cfg["teacher_checkpoint"]
@@ -187,7 +203,7 @@ def _validate(values: dict[str, Any], source: str) -> dict[str, Any]:
         problems.append(f"{source}: teacher_checkpoint: file not found: {ckpt!r}")
     if problems:
         raise ConfigError(problems)
-    out["method_params"] = method_params
+    out["method_params"], out["sampler_params"] = params["method"], params["sampler"]
     if "lr_decay_epochs" in out:
         out["lr_decay_epochs"] = tuple(out["lr_decay_epochs"])
     return out
@@ -214,18 +230,24 @@ def _check_ranges(cfg: dict[str, Any]) -> list[str]:
     return [f"{key}: must be {rule}, but got {cfg[key]!r}" for key, ok, rule in rules if not ok]
 
 
-def _all_method_params() -> set[str]:
-    return {p for m in METHODS.names() for p in METHODS.parameters(m)}
+def _all_params() -> set[str]:
+    return {p for reg in (METHODS, SAMPLERS) for m in reg.names() for p in reg.parameters(m)}
 
 
-def _unknown_key(key: str, method: str | None, source: str) -> str:
+def _unknown_key(key: str, owners: list, source: str) -> str:
     import difflib
 
-    known = set(_FIELD_TYPES) | (set(METHODS.parameters(method)) if method else set())
+    known = set(_FIELD_TYPES) | {p for *_, types in owners for p in types}
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    takes = f" (method {method!r} takes: {', '.join(METHODS.parameters(method)) or 'nothing'})" if method else ""
-    return f"{source}: {key}: unknown key{hint}{takes}"
+    takes = "; ".join(f"{field_name} {name!r} takes: {', '.join(types) or 'nothing'}"
+                      for field_name, _, name, types in owners if name is not None
+                      and (field_name == "method" or name != "none"))
+    elsewhere = [f"{field} {name!r}" for field, reg in (("method", METHODS), ("sampler", SAMPLERS))
+                 for name in reg.names() if key in reg.parameters(name)]
+    if elsewhere:
+        hint += f"; it is a hyperparameter of {' and '.join(elsewhere)}"
+    return f"{source}: {key}: unknown key{hint}" + (f" ({takes})" if takes else "")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

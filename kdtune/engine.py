@@ -55,9 +55,19 @@ class Recipe:
 
 
 class SamplePolicy(Protocol):
-    """Chooses which training samples an epoch visits (KDAS plugs in here)."""
+    """Chooses an epoch's batches and weights samples' distillation terms (KDAS plugs in here).
 
-    def epoch_indices(self, epoch: int, engine: Engine) -> Tensor | None: ...
+    ``batches`` yields ``(images, labels, train indices, teacher logits or None)``; teacher
+    logits it already computed are reused by the distiller instead of a second forward.
+    """
+
+    def batches(self, epoch: int, engine: Engine) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None]]: ...
+
+    def needs_teacher_logits(self, epoch: int) -> bool: ...
+
+    def weights(self, teacher_logits: Tensor | None, target: Tensor, epoch: int) -> Tensor | None: ...
+
+    def epoch_metrics(self) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -129,17 +139,24 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor
         self.distiller.on_epoch_start(epoch, self.recipe.epochs)
-        indices = self.sampler.epoch_indices(epoch, self) if self.sampler is not None else None
         self.distiller.train()
+        sampler = self.sampler
+        batches = (sampler.batches(epoch, self) if sampler is not None
+                   else ((x, y, idx, None) for x, y, idx in self.loader.batches()))
 
         sums: dict[str, Tensor] = {}
         correct1 = torch.zeros((), device=self.device, dtype=torch.long)
         correct5 = torch.zeros_like(correct1)
         seen = 0
-        for x, y, _ in self.loader.batches(indices):
+        for x, y, _, teacher in batches:
             x = x.contiguous(memory_format=self.memory_format)
-            with self._autocast():
-                logits, losses = self.distiller(x, y)
+            with self.autocast():
+                if teacher is None and sampler is not None and sampler.needs_teacher_logits(epoch):
+                    teacher = self.distiller.teacher_logits(x)
+                logits, losses = self.distiller(x, y, teacher_logits=teacher)
+            weights = sampler.weights(teacher, y, epoch) if sampler is not None else None
+            if weights is not None:  # per-sample weights scale the distillation terms, never CE
+                losses = {k: v if k == "ce" else v * weights for k, v in losses.items()}
             loss = sum(term.mean() for term in losses.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,6 +182,8 @@ class Engine:
         metrics["samples/epoch"] = seen
         metrics["samples/backprop"] = self.samples_backprop
         metrics.update(self.distiller.epoch_metrics())
+        if sampler is not None:
+            metrics.update(sampler.epoch_metrics())
         metrics.update(self.evaluate())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -179,7 +198,7 @@ class Engine:
                                 memory_format=self.memory_format)
         return {f"{self.eval_name}/{k}": v for k, v in result.items()}
 
-    def _autocast(self) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     # ------------------------------------------------------------------ state

@@ -15,6 +15,7 @@ from kdtune.data import ImageData, load_dataset
 from kdtune.distillers import METHODS, build_distiller
 from kdtune.engine import Engine, resolve_device
 from kdtune.models import build_model
+from kdtune.sampling import SAMPLERS
 from kdtune.teachers import TeacherInfo, resolve_teacher
 
 
@@ -41,5 +42,6 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None) -> 
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, num_classes=data.num_classes, in_channels=data.in_channels)
     distiller = build_distiller(cfg.method, student, teacher, **cfg.method_params).to(device)
+    sampler = SAMPLERS.build(cfg.sampler, **cfg.sampler_params) if cfg.sampler != "none" else None
     return Engine(distiller, data, cfg.recipe(), device=device, seed=cfg.seed, final=cfg.final,
-                  amp=cfg.amp)
+                  amp=cfg.amp, sampler=sampler)

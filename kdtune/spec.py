@@ -18,6 +18,7 @@ from typing import Any
 
 from kdtune.config import ConfigError, RunConfig, coerce, load_yaml, parse_override
 from kdtune.distillers import METHODS
+from kdtune.sampling import SAMPLERS
 from kdtune.space import Param, Space, parse_space
 
 SECTIONS = {  # section -> its keys with their defaults (None: computed)
@@ -37,8 +38,12 @@ NOT_SEARCHABLE = {
     "epochs": "it is the budget that early stopping and max_epochs count in; set it under fixed",
     "final": "a final run reports test accuracy, which a search must never select on",
     "method_params": "method hyperparameters are searched by their own flat names",
+    "sampler_params": "sampler hyperparameters are searched by their own flat names",
 }
-RUN_KEYS = tuple(k for k in RunConfig.__dataclass_fields__ if k != "method_params")
+RUN_KEYS = tuple(k for k in RunConfig.__dataclass_fields__ if k not in ("method_params", "sampler_params"))
+# Sampler hyperparameters (KDAS's start_rate, ...) are taken by any method; whether the fixed
+# sampler takes them is checked by RunConfig when the bounds are probed.
+SAMPLER_KEYS = tuple(p for name in SAMPLERS.names() for p in SAMPLERS.parameters(name))
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PROBE = "\x00probe"  # source name of RunConfig checks whose messages are re-prefixed here
 _MISSING = object()
@@ -367,7 +372,7 @@ def _with_method(fixed: dict[str, Any], space: Space, method: str) -> dict[str, 
 
 
 def _takes(method: Any, name: str) -> bool:
-    if name in RUN_KEYS:
+    if name in RUN_KEYS or name in SAMPLER_KEYS:
         return True
     return _known_method(method) and name in METHODS.parameters(method)
 

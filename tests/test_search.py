@@ -304,3 +304,23 @@ def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(tmp_path: Path
     assert iterations == [1, 2, 3]
     assert recovered.info.status == "FINISHED"
     assert by_value["True"].info.status == "FAILED" and by_value["True"].data.tags["kdtune.status"] == "failed"
+
+
+@pytest.mark.slow
+def test_kdas_trials_in_a_real_search(tmp_path: Path) -> None:
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
+                        space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
+                               "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
+                        search__num_samples=3, scheduler={"type": "none"})
+    r = run_search(tmp_path, space)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 3 and (table["status"] == "completed").all()
+    assert (table["end_rate"] <= table["start_rate"]).all()
+    n = 1138  # digits train split
+    assert (table["samples_backprop"] < 4 * n).all() and (table["samples/scored"] == 2 * n).all()
+    client, runs = child_runs(tmp_path)
+    for run in runs:
+        ratios = client.get_metric_history(run.info.run_id, "kdas/ratio")
+        assert sorted(m.step for m in ratios) == [1, 2, 3, 4]
+        assert {"kdas/scoring_epoch", "kdas/cache_size", "kdas/mean_weight", "samples/scored"} <= set(run.data.metrics)

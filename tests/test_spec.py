@@ -221,7 +221,7 @@ shceduler: {type: asha}
         "dkd": {"beta": {"type": "float", "low": -1, "high": 8}}}}}},
      "space.method.choices.dkd.beta.low: beta: must be >= 0, but got -1.0"),
     ({"fixed": {**CONDITIONAL["fixed"], "temperature": 4}},
-     "fixed.temperature: unknown key (method 'none' takes: nothing)"),
+     "fixed.temperature: unknown key; it is a hyperparameter of method 'dkd' and method 'kd' (method 'none' takes: nothing)"),
 ])
 def test_conditional_spec_problems(tmp_path: Path, change: dict, expected: str) -> None:
     problems = problems_of(write(tmp_path, {**CONDITIONAL, **change}))
@@ -316,5 +316,5 @@ def test_a_misspelt_shared_parameter_is_one_problem(tmp_path: Path) -> None:
     problems = problems_of(write(tmp_path, {**CONDITIONAL, "space": space}))
     assert problems == [f"{tmp_path / 'space.yaml'}: space.temprature: unknown hyperparameter for methods 'none', "
                         f"'kd', 'dkd'; did you mean 'temperature'? (none takes: nothing; kd takes: temperature, "
-                        f"ce_weight, kd_weight, logit_stand; dkd takes: alpha, beta, temperature, warmup, "
+                        f"ce_weight, kd_weight, logit_stand, reverse_kl; dkd takes: alpha, beta, temperature, warmup, "
                         f"ce_weight, kd_weight, logit_stand; or a run setting such as lr)"]

@@ -15,10 +15,11 @@ METHODS = Registry("method")
 class Distiller(nn.Module):
     """Base class of every method.
 
-    ``forward(x, y)`` returns ``(student_logits, losses)`` where ``losses`` maps a term name
+    ``forward(x, y, teacher_logits=None)`` returns ``(student_logits, losses)`` where ``losses`` maps a term name
     to a per-sample tensor [B], already multiplied by its weight. The engine minimises
     ``sum(term.mean())``. The term named ``"ce"`` is the label loss; every other term is a
-    distillation term, which is what a sample-weighting policy (KDAS) reweights.
+    distillation term, which is what a sample-weighting policy (KDAS) reweights. Teacher logits
+    a sample policy already computed for the batch are passed in so the teacher runs once.
 
     Extension points, and the only ones the engine calls:
       * :meth:`on_epoch_start` -- warm-ups and curricula (DKD's warm-up, CTKD's lambda);
@@ -93,7 +94,8 @@ class Vanilla(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None) -> None:
         super().__init__(student, None)
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)[0]
         return logits, {"ce": self.ce(logits, y)}
 

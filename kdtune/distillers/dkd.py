@@ -35,9 +35,10 @@ class DKD(Distiller):
         # The reference ramps linearly from 1/warmup in epoch 1 to 1 at epoch ``warmup``.
         return min(self.epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)[0]
-        teacher = self.teacher_logits(x)
+        teacher = self.teacher_logits(x) if teacher_logits is None else teacher_logits
         tckd, nckd = dkd_loss(logits, teacher, y, self.alpha, self.beta, self.temperature,
                               self.logit_stand)
         scale = self.warmup_factor() * self.kd_weight

@@ -15,21 +15,26 @@ class KD(Distiller):
 
     Defaults are mdistiller's vanilla KD (T 4, CE 0.1, KD 0.9). With ``logit_stand=True``
     both logits are z-scored per sample first and ``temperature`` is the paper's *base*
-    temperature (LS's settings: temperature 2, kd_weight 9).
+    temperature (LS's settings: temperature 2, kd_weight 9). ``reverse_kl`` computes
+    KL(p_s || p_t), the form the released KDAS code uses (a bug there: every other reference,
+    and kdtune by default, use the forward KL).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, temperature: float = 4.0,
-                 ce_weight: float = 0.1, kd_weight: float = 0.9, logit_stand: bool = False) -> None:
+                 ce_weight: float = 0.1, kd_weight: float = 0.9, logit_stand: bool = False,
+                 reverse_kl: bool = False) -> None:
         super().__init__(student, teacher)
+        self.reverse_kl = reverse_kl
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
         self.logit_stand = logit_stand
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)[0]
-        teacher = self.teacher_logits(x)
-        kd = kd_loss(logits, teacher, self.temperature, self.logit_stand)
+        teacher = self.teacher_logits(x) if teacher_logits is None else teacher_logits
+        kd = kd_loss(logits, teacher, self.temperature, self.logit_stand, reverse=self.reverse_kl)
         return logits, {"ce": self.ce_weight * self.ce(logits, y), "kd": self.kd_weight * kd}
 
     @classmethod

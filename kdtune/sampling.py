@@ -1,0 +1,229 @@
+"""Sample policies: which training samples an epoch visits and how each is weighted.
+
+The engine asks its policy for the epoch's batches and, per batch, for per-sample weights of
+the distillation terms. ``kdas`` (Chae & Heo, "What to Distill? Fast Knowledge Distillation with
+Adaptive Sampling", ICCV 2025) is the one policy so far; with no policy the engine visits every
+sample once per epoch with weight 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.distillers.functional import kl_per_sample
+from kdtune.registry import Registry
+
+SAMPLERS = Registry("sampler")
+
+Batch = tuple[Tensor, Tensor, Tensor, "Tensor | None"]  # images, labels, indices, teacher logits
+
+
+def parse_periods(value: int | str | list | tuple) -> tuple[int, ...]:
+    """``sampling_period`` as a tuple: an int, a list, or a string such as ``"1,3,5,10"`` (the
+    string form lets a search space offer lists as categorical choices)."""
+    if isinstance(value, str):
+        value = [int(v) for v in value.replace(" ", "").split(",") if v]
+    periods = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+    if not periods or any(p < 1 for p in periods):
+        raise ValueError(f"sampling_period must be a positive int or a list of them, but got {value!r}")
+    return periods
+
+
+def select(scores: Tensor, batch_size: int, exclusion: float) -> Tensor:
+    """Positions kept from one enlarged batch: skip the ceil(n * exclusion) highest scores as
+    outliers, keep the next ``batch_size``; a batch no larger than ``batch_size`` is kept whole."""
+    n = scores.shape[0]
+    if n <= batch_size:
+        return torch.arange(n, device=scores.device)
+    skip = math.ceil(n * exclusion)
+    return scores.argsort(descending=True)[skip:skip + batch_size]
+
+
+def teacher_target_divergence(teacher: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """KL(y_smooth || p_t) per sample at T=1, with y_smooth = 1-eps on the label, eps/(C-1) elsewhere."""
+    c = teacher.shape[1]
+    smooth = torch.full_like(teacher, eps / (c - 1), dtype=torch.float32)
+    smooth.scatter_(1, target[:, None], 1 - eps)
+    return kl_per_sample(smooth.log(), F.log_softmax(teacher.float(), dim=1))
+
+
+def penalty_weights(kl_tg: Tensor, threshold: float, strength: float, floor: float) -> Tensor:
+    """KDAS's knowledge-quality weights: 1 inside the in-batch band [q_t, q_(1-t)] of the
+    teacher-target divergence, falling by ``strength`` per nat outside it, never below ``floor``."""
+    # Python-float quantiles: a tensor of them would be a host-to-device copy on every batch.
+    lo, hi = torch.quantile(kl_tg, threshold), torch.quantile(kl_tg, 1 - threshold)
+    outside = torch.where(kl_tg < lo, lo - kl_tg, torch.where(kl_tg > hi, kl_tg - hi, torch.zeros_like(kl_tg)))
+    return (1 - strength * outside).clamp(floor, 1.0)
+
+
+@SAMPLERS.register("none")
+class AllSamples:
+    """No policy: every sample once per epoch, weight 1 (the engine's default path)."""
+
+    @classmethod
+    def check(cls, params: dict[str, Any]) -> list[str]:
+        return []
+
+
+@SAMPLERS.register("kdas")
+class KDAS:
+    """Adaptive sampling (knowledge quantity) plus the teacher-target penalty (knowledge quality).
+
+    After ``kdas_warmup`` full-data epochs, the sampling ratio follows a cosine from ``start_rate``
+    to ``end_rate``. In a scoring epoch (every ``sampling_period`` epochs; a list splits the
+    post-warm-up epochs into equal segments with their own period) the data is read in enlarged
+    batches of ceil(B / ratio); each sample is scored by KL(p_t || p_s) at T=1, the top
+    ``exclusion_rate`` share is skipped as outliers (the rate decays linearly to 0 after 5/8 of
+    the run, the released code's epoch 150 of 240) and the next B samples are trained on. The
+    union of the selections is cached and the epochs until the next scoring epoch train on it.
+    After warm-up every distillation term is weighted per sample by :func:`penalty_weights`
+    with strength ``penalty_lambda`` ramped over ``penalty_warmup`` epochs.
+
+    Differences from the released trainer, all intended: scoring runs without autograd and
+    with batch-norm running statistics left untouched (batch statistics are still used, as in
+    the reference); the selected samples reuse the scoring pass's teacher logits instead of a
+    second teacher forward; the selection stays on the device. The penalty applies to every
+    per-sample distillation loss (the released code has it in KD only and crashes with DKD).
+    """
+
+    param_types = {"sampling_period": (str, int, list, tuple)}
+
+    def __init__(self, *, start_rate: float = 0.6, end_rate: float = 0.4, sampling_period: str = "1,3,5,10",
+                 exclusion_rate: float = 0.0, penalty_factor: float = 0.5, penalty_lambda: float = 1000.0,
+                 penalty_warmup: int = 0, kdas_warmup: int = 0, threshold: float = 0.2) -> None:
+        self.start_rate, self.end_rate = start_rate, end_rate
+        self.periods = parse_periods(sampling_period)
+        self.exclusion_rate = exclusion_rate
+        self.penalty_factor, self.penalty_lambda, self.penalty_warmup = penalty_factor, penalty_lambda, penalty_warmup
+        self.warmup = kdas_warmup
+        self.threshold = threshold
+        self.cache: Tensor | None = None  # train-split indices selected in the last scoring epoch
+        self.samples_scored = 0
+        self.ratio = 1.0
+        self._scoring = False
+        self._weight_sum: Tensor | None = None
+        self._weight_count = 0
+
+    @classmethod
+    def check(cls, params: dict[str, Any]) -> list[str]:
+        problems = []
+        for key in ("start_rate", "end_rate"):
+            if key in params and not 0 < params[key] <= 1:
+                problems.append(f"{key}: must be in (0, 1], but got {params[key]!r}")
+        if params.get("end_rate", 0.4) > params.get("start_rate", 0.6):
+            problems.append(f"end_rate: must be <= start_rate, but got end_rate={params.get('end_rate', 0.4)!r}, "
+                            f"start_rate={params.get('start_rate', 0.6)!r}")
+        for key, lo, hi in (("exclusion_rate", 0, 1), ("penalty_factor", 0, 1), ("threshold", 0, 0.5)):
+            if key in params and not lo <= params[key] <= hi:
+                problems.append(f"{key}: must be in [{lo}, {hi}], but got {params[key]!r}")
+        for key in ("penalty_lambda", "penalty_warmup", "kdas_warmup"):
+            if key in params and params[key] < 0:
+                problems.append(f"{key}: must be >= 0, but got {params[key]!r}")
+        if "sampling_period" in params:
+            try:
+                parse_periods(params["sampling_period"])
+            except (ValueError, TypeError) as e:
+                problems.append(f"sampling_period: {e}")
+        return problems
+
+    # ------------------------------------------------------------------ schedule
+
+    def rate(self, epoch: int, epochs: int) -> float:
+        if epoch <= self.warmup:
+            return 1.0
+        span = epochs - self.warmup - 1
+        progress = (epoch - self.warmup - 1) / span if span > 0 else 0.0
+        return self.end_rate + 0.5 * (self.start_rate - self.end_rate) * (1 + math.cos(math.pi * progress))
+
+    def is_scoring_epoch(self, epoch: int, epochs: int) -> bool:
+        if epoch <= self.warmup:
+            return False
+        e = epoch - self.warmup
+        segment = max(1, (epochs - self.warmup) // len(self.periods))
+        period = self.periods[min((e - 1) // segment, len(self.periods) - 1)]
+        return (e - 1) % period == 0
+
+    def exclusion(self, epoch: int, epochs: int) -> float:
+        decay_start = round(150 * epochs / 240)
+        if epoch <= decay_start:
+            return self.exclusion_rate
+        return max(0.0, self.exclusion_rate * (epochs - epoch) / max(1, epochs - decay_start))
+
+    # ------------------------------------------------------------------ engine hooks
+
+    def batches(self, epoch: int, engine: Any) -> Iterator[Batch]:
+        epochs, batch_size = engine.recipe.epochs, engine.recipe.batch_size
+        self._weight_sum, self._weight_count = None, 0
+        self._scoring = self.is_scoring_epoch(epoch, epochs) or (epoch > self.warmup and self.cache is None)
+        if epoch <= self.warmup:
+            for x, y, idx in engine.loader.batches():
+                yield x, y, idx, None
+            return
+        if not self._scoring:
+            for x, y, idx in engine.loader.batches(self.cache):
+                yield x, y, idx, None
+            return
+        self.ratio = self.rate(epoch, epochs)
+        enlarged = math.ceil(batch_size / self.ratio)
+        exclusion = self.exclusion(epoch, epochs)
+        selected = []
+        for x, y, idx in engine.loader.batches(batch_size=enlarged):
+            x = x.contiguous(memory_format=engine.memory_format)
+            student_logits, teacher_logits = self._score_logits(engine, x)
+            self.samples_scored += y.shape[0]
+            scores = kl_per_sample(F.log_softmax(teacher_logits.float(), 1), F.log_softmax(student_logits.float(), 1))
+            keep = select(scores, batch_size, exclusion)
+            selected.append(idx[keep])
+            yield x[keep], y[keep], idx[keep], teacher_logits[keep]
+        self.cache = torch.cat(selected)
+
+    @staticmethod
+    def _score_logits(engine: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Student and teacher logits without autograd; the student's BN layers use batch
+        statistics (as the reference's train-mode forward does) but keep their running ones."""
+        student = engine.distiller.student
+        norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in norms]
+        with torch.no_grad(), engine.autocast():
+            for m in norms:
+                m.momentum = 0.0  # running stats: (1 - 0) * running + 0 * batch
+            try:
+                student_logits = student(x)[0]
+            finally:
+                for m, momentum in zip(norms, saved):
+                    m.momentum = momentum
+            teacher_logits = engine.distiller.teacher_logits(x)
+        return student_logits, teacher_logits
+
+    def needs_teacher_logits(self, epoch: int) -> bool:
+        return epoch > self.warmup
+
+    def weights(self, teacher_logits: Tensor | None, target: Tensor, epoch: int) -> Tensor | None:
+        if epoch <= self.warmup or teacher_logits is None:
+            return None
+        e = epoch - self.warmup
+        progress = min(1.0, e / self.penalty_warmup) if self.penalty_warmup > 0 else 1.0
+        w = penalty_weights(teacher_target_divergence(teacher_logits, target), self.threshold,
+                            self.penalty_lambda * progress, self.penalty_factor)
+        total = w.sum()
+        self._weight_sum = total if self._weight_sum is None else self._weight_sum + total
+        self._weight_count += w.shape[0]
+        return w
+
+    def epoch_metrics(self) -> dict[str, float]:
+        mean_weight = self._weight_sum.item() / self._weight_count if self._weight_count else 1.0
+        return {"kdas/ratio": self.ratio, "kdas/scoring_epoch": float(self._scoring),
+                "kdas/cache_size": float(0 if self.cache is None else self.cache.shape[0]),
+                "kdas/mean_weight": mean_weight, "samples/scored": float(self.samples_scored)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cache": None if self.cache is None else self.cache.cpu(), "samples_scored": self.samples_scored,
+                "ratio": self.ratio}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cache = state["cache"]
+        self.samples_scored, self.ratio = state["samples_scored"], state["ratio"]

@@ -1,0 +1,153 @@
+"""KDAS (adaptive sampling + teacher-target penalty) against direct computations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdtune.config import ConfigError, RunConfig
+from kdtune.data import load_dataset
+from kdtune.models import build_model
+from kdtune.run import build_engine
+from kdtune.sampling import KDAS, penalty_weights, select, teacher_target_divergence
+
+
+def test_ratio_schedule_and_the_98_scoring_epochs_of_the_defaults() -> None:
+    k = KDAS()  # start 0.6, end 0.4, periods [1, 3, 5, 10]
+    assert k.rate(1, 240) == pytest.approx(0.6) and k.rate(240, 240) == pytest.approx(0.4)
+    assert k.rate(120, 240) == pytest.approx(0.4 + 0.1 * (1 + math.cos(math.pi * 119 / 239)))
+    rates = [k.rate(e, 240) for e in range(1, 241)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises
+    scoring = [e for e in range(1, 241) if k.is_scoring_epoch(e, 240)]
+    assert len(scoring) == 98
+    assert scoring[:60] == list(range(1, 61))
+    assert scoring[60:63] == [61, 64, 67] and scoring[80:82] == [121, 126] and scoring[-1] == 231
+
+
+def test_warmup_and_int_period() -> None:
+    k = KDAS(kdas_warmup=10, sampling_period=5)
+    assert k.rate(10, 100) == 1.0 and k.rate(11, 100) == pytest.approx(0.6)
+    assert not k.is_scoring_epoch(10, 100)
+    assert [e for e in range(1, 31) if k.is_scoring_epoch(e, 100)] == [11, 16, 21, 26]
+
+
+def test_exclusion_decays_after_five_eighths_of_the_run() -> None:
+    k = KDAS(exclusion_rate=0.05)
+    assert k.exclusion(150, 240) == 0.05
+    assert k.exclusion(195, 240) == pytest.approx(0.025) and k.exclusion(240, 240) == 0.0
+
+
+def test_selection_skips_the_top_share_and_keeps_the_next_batch() -> None:
+    scores = torch.tensor([0.5, 9.0, 0.1, 3.0, 7.0, 0.2, 5.0, 1.0, 8.0, 0.3])
+    keep = select(scores, batch_size=4, exclusion=0.0)
+    assert sorted(keep.tolist()) == [1, 4, 6, 8]  # the four largest
+    keep = select(scores, batch_size=4, exclusion=0.2)  # skip ceil(10 * 0.2) = 2: 9.0 and 8.0
+    assert sorted(keep.tolist()) == [3, 4, 6, 7]
+    assert select(scores[:3], batch_size=4, exclusion=0.5).tolist() == [0, 1, 2]  # short batch: all
+
+
+def test_penalty_weights_on_known_inputs() -> None:
+    kl = torch.arange(10, dtype=torch.float32)  # q_0.2 = 1.8, q_0.8 = 7.2 (linear interpolation)
+    w = penalty_weights(kl, threshold=0.2, strength=0.5, floor=0.3)
+    expected = [max(0.3, 1 - 0.5 * 1.8), max(0.3, 1 - 0.5 * 0.8), 1, 1, 1, 1, 1, 1, 1 - 0.5 * 0.8,
+                max(0.3, 1 - 0.5 * 1.8)]
+    assert torch.allclose(w, torch.tensor(expected))
+    steep = penalty_weights(kl, threshold=0.2, strength=1000.0, floor=0.5)
+    assert steep[2:8].eq(1).all() and steep[[0, 1, 8, 9]].eq(0.5).all()
+
+
+def test_teacher_target_divergence_is_the_smoothed_label_cross_entropy() -> None:
+    t = torch.randn(6, 5)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    smooth = torch.full((6, 5), 1e-6 / 4).scatter(1, y[:, None], 1 - 1e-6)
+    expected = (smooth * (smooth.log() - F.log_softmax(t, 1))).sum(1)
+    assert torch.allclose(teacher_target_divergence(t, y), expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", val_size=200)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(5)
+    return build_model("resnet8", num_classes=10, in_channels=1)
+
+
+def _engine(digits, teacher, **kw):
+    cfg = dict(dataset="digits", val_size=200, teacher="resnet8", student="resnet8", method="kd",
+               sampler="kdas", epochs=8, batch_size=64, device="cpu", sampling_period=[1, 4])
+    cfg.update(kw)
+    return build_engine(RunConfig.from_dict(cfg), digits, teacher)
+
+
+def test_scoring_epoch_trains_on_the_selected_samples_with_the_scoring_teacher_logits(digits, teacher) -> None:
+    engine = _engine(digits, teacher)
+    sampler = engine.sampler
+    engine.distiller.train()
+    student = engine.distiller.student
+    bn = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    before = bn.running_mean.clone()
+    n = len(digits.train)
+    total = 0
+    for x, y, idx, t in sampler.batches(1, engine):
+        assert x.shape[0] == y.shape[0] == idx.shape[0] == t.shape[0] <= 64
+        assert torch.equal(y, digits.train.labels[idx])
+        assert not t.requires_grad
+        assert torch.allclose(t, engine.distiller.teacher_logits(x), atol=1e-5)  # reused, not recomputed
+        total += x.shape[0]
+    assert torch.equal(bn.running_mean, before)  # scoring left BN statistics alone
+    enlarged = math.ceil(64 / 0.6)
+    full, rest = divmod(n, enlarged)
+    assert total == full * 64 + min(rest, 64)
+    assert sampler.cache.shape[0] == total and sampler.samples_scored == n
+    assert sampler.cache.unique().shape[0] == total
+
+
+def test_samples_backpropagated_follow_the_ratio_and_the_cache(digits, teacher) -> None:
+    engine = _engine(digits, teacher)
+    metrics = list(engine.run())
+    n = len(digits.train)
+    scoring = [m for m in metrics if m["kdas/scoring_epoch"]]
+    assert [m["epoch"] for m in scoring] == [1, 2, 3, 4, 5]  # period 1 for 4 epochs, then every 4th
+    for m in metrics:
+        assert m["samples/epoch"] == m["kdas/cache_size"] or m["kdas/scoring_epoch"]
+        assert m["samples/epoch"] == pytest.approx(m["kdas/ratio"] * n, rel=0.06)
+        assert 0.5 <= m["kdas/mean_weight"] <= 1.0
+    assert metrics[-1]["samples/scored"] == 5 * n
+    assert metrics[-1]["samples/backprop"] == sum(m["samples/epoch"] for m in metrics)
+    assert metrics[-1]["samples/backprop"] < 0.65 * 8 * n
+
+
+@pytest.mark.parametrize("method,params", [("dkd", {}), ("kd", {"logit_stand": True}), ("dkd", {"logit_stand": True}),
+                                           ("kd", {"reverse_kl": True})])
+def test_kdas_runs_with_any_logit_method(digits, teacher, method, params) -> None:
+    metrics = list(_engine(digits, teacher, method=method, epochs=3, **params).run())
+    assert all(math.isfinite(m["train/loss"]) for m in metrics)
+    assert metrics[0]["kdas/mean_weight"] < 1.0  # the penalty is applied to the DKD/LS terms too
+
+
+def test_kdas_resumes_exactly(digits, teacher, tmp_path) -> None:
+    full = [m["train/loss"] for m in _engine(digits, teacher, epochs=6).run()]
+    first = _engine(digits, teacher, epochs=6)
+    head = [next(first.run())["train/loss"] for _ in range(5)]
+    torch.save(first.state_dict(), tmp_path / "s.pth")
+    second = _engine(digits, teacher, epochs=6)
+    second.load_state_dict(torch.load(tmp_path / "s.pth", weights_only=True))
+    assert head + [m["train/loss"] for m in second.run()] == full
+
+
+def test_kdas_config_is_validated() -> None:
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict({"sampler": "kdas", "start_rate": 0.4, "end_rate": 0.6, "threshold": 0.7,
+                             "sampling_period": "1,x"})
+    text = str(e.value)
+    assert "end_rate: must be <= start_rate" in text and "threshold: must be in [0, 0.5]" in text
+    assert "sampling_period" in text
+    with pytest.raises(ConfigError, match="start_rate: unknown key; it is a hyperparameter of sampler 'kdas'"):
+        RunConfig.from_dict({"start_rate": 0.7})
+    with pytest.raises(ConfigError, match="needs a distillation method"):
+        RunConfig.from_dict({"sampler": "kdas", "method": "none", "teacher": None})
