@@ -90,6 +90,67 @@ def bench_kd_step(teacher: str, student: str, device: torch.device, batch_size: 
     return batch_size * steps / min(times)
 
 
+def count_macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of the convolutions and linear layers for one input of ``shape``."""
+    total = 0
+
+    def hook(module: torch.nn.Module, _: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += out.numel() * k
+        elif isinstance(module, torch.nn.Linear):
+            total += out.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *shape))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def bench_kdas(teacher: str, student: str, device: torch.device, batch_size: int, images: int) -> None:
+    """KDAS vs KD epoch wall time on one pipeline, and the whole-schedule ratio for the defaults."""
+    from kdtune.sampling import KDAS
+
+    data = cifar_shaped(images)
+    torch.manual_seed(0)
+    t = build_model(teacher, num_classes=100).to(device)
+
+    def engine(sampler: KDAS | None) -> Engine:
+        torch.manual_seed(0)
+        s = build_model(student, num_classes=100)
+        return Engine(build_distiller("kd", s, t).to(device), data, Recipe(epochs=4, batch_size=batch_size),
+                      device=device, sampler=sampler)
+
+    kd = engine(None)
+    kd_time = min(kd.train_epoch()["time/epoch_s"] for _ in range(3))
+    scoring, cached = {}, {}
+    for rate in (0.6, 0.4):
+        e = engine(KDAS(start_rate=rate, end_rate=rate, sampling_period=2))
+        times = [e.train_epoch()["time/epoch_s"] for _ in range(4)]  # scoring, cached, scoring, cached
+        scoring[rate], cached[rate] = min(times[0::2]) / kd_time, min(times[1::2]) / kd_time
+    print(f"kdas      {teacher}->{student}, {images} CIFAR-shaped images, batch {batch_size}; KD epoch {kd_time:.2f}s")
+    for rate in (0.6, 0.4):
+        print(f"kdas      ratio {rate}: scoring epoch {scoring[rate]:.3f}x KD, non-scoring epoch {cached[rate]:.3f}x KD")
+
+    def interpolate(table: dict[float, float], r: float) -> float:
+        return table[0.4] + (table[0.6] - table[0.4]) * (r - 0.4) / 0.2
+
+    k = KDAS()  # the released defaults: 0.6 -> 0.4, periods [1, 3, 5, 10], no warm-up
+    epochs = 240
+    wall = sum(interpolate(scoring if k.is_scoring_epoch(e, epochs) else cached, k.rate(e, epochs))
+               for e in range(1, epochs + 1)) / epochs
+    tm, sm = count_macs(t, (3, 32, 32)), count_macs(build_model(student, num_classes=100), (3, 32, 32))
+    kd_work = tm + 3 * sm  # teacher forward + student forward and backward (~2x forward)
+    work = sum(((tm + sm) + k.rate(e, epochs) * 3 * sm) if k.is_scoring_epoch(e, epochs)
+               else k.rate(e, epochs) * kd_work for e in range(1, epochs + 1)) / (epochs * kd_work)
+    print(f"kdas      whole schedule (defaults, 240 epochs, 98 scoring): wall time {wall:.3f}x KD; "
+          f"work (MACs: teacher {tm / 1e6:.0f}M, student {sm / 1e6:.0f}M per image) {work:.3f}x KD")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kdtune.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
@@ -100,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="KD steps per timed epoch (default 10 CPU, 200 CUDA)")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-step", action="store_true")
+    p.add_argument("--kdas", default=None, metavar="TEACHER:STUDENT",
+                   help="also time KDAS against KD epochs for this pair (e.g. resnet32:resnet8)")
+    p.add_argument("--kdas-images", type=int, default=2048)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -118,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             teacher, student = pair.split(":")
             ips = bench_kd_step(teacher, student, device, args.batch_size, steps)
             print(f"kd step   {teacher}->{student:<10}: {ips:12,.0f} img/s")
+    if args.kdas:
+        teacher, student = args.kdas.split(":")
+        bench_kdas(teacher, student, device, args.batch_size, args.kdas_images)
     return 0
 
 

@@ -235,7 +235,8 @@ def test_search_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     e["RAY_AUTH_MODE"] = "disabled"
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="kdt", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
-    start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command, whatever PATH holds
+    start = subprocess.run([*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
                             f"--temp-dir={temp_dir}"], env=e, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr
     try:
@@ -246,7 +247,7 @@ def test_search_on_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert f"connected to the Ray cluster at 127.0.0.1:{port}" in r.stdout
         assert len(load_results(tmp_path / "ray" / "e2e")) == 2
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=e, capture_output=True, timeout=120)
+        subprocess.run([*ray_cli, "stop", "--force"], env=e, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
