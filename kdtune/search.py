@@ -130,9 +130,7 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     import ray
     from mlflow import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from kdtune.searchers import build_searcher
     from kdtune.tracking import TrialTracker, close_dangling_runs, experiment_id
     from kdtune.trainable import KDTrainable
 
@@ -154,30 +152,17 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         (own / STATE_FILE).write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": tracking_uri,
                                                   "spec": spec.resolved}, indent=2))
 
-    tracker = TrialTracker(tracking_uri, spec.name, parent_id, tags, spec.max_epochs, spec.metric, spec.mode)
     trainable = tune.with_resources(tune.with_parameters(KDTrainable, spec=spec),
                                     {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
+    # On --resume the tracker, searcher and scheduler come back from the experiment state.
+    tracker = None if resume else TrialTracker(tracking_uri, spec.name, parent_id, tags, spec.max_epochs,
+                                               spec.metric, spec.mode)
     init_ray(address)
     start = time.perf_counter()
     try:
-        if resume:
-            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            searcher, param_space, num_samples = build_searcher(spec)
-            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
-                                       grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
-                         if spec.scheduler == "asha" else FIFOScheduler())
-            tuner = tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher,
-                                            scheduler=scheduler, num_samples=num_samples,
-                                            max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
-                run_config=tune.RunConfig(
-                    name=spec.name, storage_path=storage, callbacks=[tracker], verbose=0,
-                    checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=1),
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
+        tuner = (tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+                 if resume else new_tuner(spec, storage, trainable, tracker))
         results = tuner.fit()
         table = results_table(results, spec)
         expected = len(spec.space.grid()) if spec.algorithm == "grid" else spec.num_samples
@@ -185,10 +170,32 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         ray.shutdown()
         close_dangling_runs(client, spec.name, parent_id)
     wall = time.perf_counter() - start
-    if tracker.results_logged:
+    if tracker is not None and tracker.results_logged:
         print(f"[kdtune] MLflow logging on the driver: {1000 * tracker.log_seconds / tracker.results_logged:.1f} ms "
               f"per reported epoch ({tracker.results_logged} results)")
     return report(spec, table, expected, client, parent_id, own, tracking_uri, experiment_path, wall)
+
+
+def new_tuner(spec: SearchSpec, storage: str, trainable, tracker):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from kdtune.searchers import build_searcher
+
+    searcher, param_space, num_samples = build_searcher(spec)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
+                               grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+                 if spec.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=num_samples, max_concurrent_trials=spec.max_concurrent,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=storage, callbacks=[tracker], verbose=0,
+            # a checkpoint every epoch: crashed trials retry from it and --resume continues from it
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
 
 
 def results_table(results, spec: SearchSpec):
