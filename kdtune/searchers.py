@@ -55,8 +55,8 @@ def build_searcher(spec: SearchSpec) -> tuple[Searcher | None, dict[str, Any], i
     if spec.algorithm == "tpe":
         sampler = optuna.samplers.TPESampler(
             seed=spec.seed, multivariate=True, constant_liar=True,
-            # group=True lets multivariate TPE model conditional (per-method) sub-spaces jointly.
-            group=space.methods is not None)
+            # group=True lets multivariate TPE model conditional (per-method/sampler) sub-spaces jointly.
+            group=bool(space.conditionals))
         searcher = KDOptunaSearch(space=space.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler,
                                   study_name=spec.name, max_epochs=spec.max_epochs)
         return searcher, {}, spec.num_samples

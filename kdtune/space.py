@@ -1,9 +1,9 @@
 """Search spaces: typed hyperparameter ranges, read from YAML, translated for Optuna and Ray Tune.
 
 A hyperparameter has one name everywhere: in the YAML file, in Optuna's ``trial.params``, in
-Tune's trial config and in :class:`~kdtune.config.RunConfig`. When ``method`` itself is
-searched, every method brings its own sub-space (a conditional space): its parameters exist
-only in the trials of that method.
+Tune's trial config and in :class:`~kdtune.config.RunConfig`. When ``method`` or ``sampler``
+itself is searched (the conditional keys, independent of each other), every choice brings its
+own sub-space: its parameters exist only in the trials of that method or sampler.
 
 Three translations of one :class:`Space`:
   * :meth:`Space.suggest` -- define-by-run, for ``OptunaSearch(space=space.suggest)``;
@@ -33,6 +33,8 @@ PARAM_KEYS = {
     "categorical": ("type", "choices"),
 }
 MAX_GRID = 10_000  # more grid points than any search here could run
+# Keys searched as a categorical whose choices map to sub-spaces (RunConfig fields).
+CONDITIONAL_KEYS = ("method", "sampler")
 
 
 @dataclass(frozen=True)
@@ -122,20 +124,28 @@ class Param:
 @dataclass(frozen=True)
 class Space:
     """Searched hyperparameters: ``params`` apply to every trial; ``methods`` (when ``method``
-    is searched) maps each method to the sub-space that exists only in its trials."""
+    is searched) maps each method to the sub-space that exists only in its trials, and
+    ``samplers`` (when ``sampler`` is searched) does the same for each sampler."""
 
     params: dict[str, Param] = field(default_factory=dict)
     methods: dict[str, dict[str, Param]] | None = None
+    samplers: dict[str, dict[str, Param]] | None = None
+
+    @property
+    def conditionals(self) -> dict[str, dict[str, dict[str, Param]]]:
+        """The searched conditional keys ("method", "sampler"), each mapping choice -> sub-space."""
+        found = {"method": self.methods, "sampler": self.samplers}
+        return {key: choices for key, choices in found.items() if choices is not None}
 
     def suggest(self, trial: Any) -> None:
         """Define-by-run space for ``OptunaSearch(space=space.suggest)``.
 
-        Returns None: Ray reads the values from the trial. Optuna only sees a method's
-        parameters in trials of that method.
+        Returns None: Ray reads the values from the trial. Optuna only sees a method's (or a
+        sampler's) parameters in trials of that method (sampler).
         """
-        if self.methods is not None:
-            method = trial.suggest_categorical("method", list(self.methods))
-            for param in self.methods[method].values():
+        for key, choices in self.conditionals.items():
+            choice = trial.suggest_categorical(key, list(choices))
+            for param in choices[choice].values():
                 param.suggest(trial)
         for param in self.params.values():
             param.suggest(trial)
@@ -144,71 +154,81 @@ class Space:
     def to_tune(self) -> dict[str, Domain]:
         """Ray Tune domains (``param_space``) for Tune's BasicVariantGenerator.
 
-        Tune configs cannot leave keys out per trial, so a method's parameter is a
-        :class:`Conditional` that resolves to None in trials of other methods; the trainable
-        drops keys whose value is None.
+        Tune configs cannot leave keys out per trial, so a method's (sampler's) parameter is a
+        :class:`Conditional` that resolves to None in trials of other methods (samplers); the
+        trainable drops keys whose value is None.
         """
-        out: dict[str, Domain] = {}
-        if self.methods is not None:
-            out["method"] = tune.choice(list(self.methods))
+        out: dict[str, Domain] = {key: tune.choice(list(choices)) for key, choices in self.conditionals.items()}
+        for key, choices in self.conditionals.items():
             by_name: dict[str, dict[str, Domain]] = {}
-            for method, sub in self.methods.items():
+            for choice, sub in choices.items():
                 for name, param in sub.items():
-                    by_name.setdefault(name, {})[method] = param.to_tune()
-            out.update({name: Conditional(name, domains) for name, domains in by_name.items()})
+                    by_name.setdefault(name, {})[choice] = param.to_tune()
+            out.update({name: Conditional(name, domains, key) for name, domains in by_name.items()})
         out.update({name: param.to_tune() for name, param in self.params.items()})
         return out
 
     def grid(self) -> list[dict[str, Any]]:
-        """Every grid point; a searched method expands only its own parameters.
+        """Every grid point; a searched method (sampler) expands only its own parameters, and
+        searched methods and samplers are combined in every pairing.
 
         Raises ValueError for a float range (no values to enumerate) or more than MAX_GRID points.
         """
-        branches = ([({"method": m}, {**sub, **self.params}) for m, sub in self.methods.items()]
-                    if self.methods is not None else [({}, self.params)])
+        axes = [[(key, choice, sub) for choice, sub in choices.items()]
+                for key, choices in self.conditionals.items()]
+        branches = []
+        for combo in itertools.product(*axes):
+            base = {key: choice for key, choice, _ in combo}
+            params: dict[str, Param] = {}
+            for _, _, sub in combo:
+                params.update(sub)
+            branches.append((base, {**params, **self.params}))
         total = sum(math.prod(p.grid_size() for p in params.values()) for _, params in branches)
         if total > MAX_GRID:
             raise ValueError(f"grid search runs at most {MAX_GRID} points, but this space has {total}")
         points = []
         for base, params in branches:
-            axes = [[(p.name, v) for v in p.grid_values()] for p in params.values()]
-            points += [{**base, **dict(combo)} for combo in itertools.product(*axes)]
+            values = [[(p.name, v) for v in p.grid_values()] for p in params.values()]
+            points += [{**base, **dict(combo)} for combo in itertools.product(*values)]
         return points
 
     def names(self) -> list[str]:
-        """Every hyperparameter name a trial config may hold ("method" first when searched)."""
-        names = ["method"] if self.methods is not None else []
-        for sub in (self.methods or {}).values():
-            names += [n for n in sub if n not in names]
+        """Every hyperparameter name a trial config may hold (the searched "method" and
+        "sampler" first, then their sub-spaces' parameters, then the others)."""
+        names = list(self.conditionals)
+        for choices in self.conditionals.values():
+            for sub in choices.values():
+                names += [n for n in sub if n not in names]
         return names + [n for n in self.params if n not in names]
 
-    def entries(self) -> list[tuple[str, str | None, Param]]:
-        """``(yaml_path, method or None, param)`` for every parameter, conditional ones first."""
-        out = [(f"space.method.choices.{m}.{n}", m, p)
-               for m, sub in (self.methods or {}).items() for n, p in sub.items()]
+    def entries(self) -> list[tuple[str, tuple[str, str] | None, Param]]:
+        """``(yaml_path, (key, choice) or None, param)`` for every parameter, conditional ones
+        first; ``(key, choice)`` is e.g. ``("method", "kd")`` or ``("sampler", "kdas")``."""
+        out = [(f"space.{key}.choices.{c}.{n}", (key, c), p)
+               for key, choices in self.conditionals.items() for c, sub in choices.items() for n, p in sub.items()]
         return out + [(f"space.{n}", None, p) for n, p in self.params.items()]
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML form (the inverse of :func:`parse_space`)."""
         out: dict[str, Any] = {}
-        if self.methods is not None:
-            out["method"] = {"type": "categorical", "choices": {
-                m: {n: p.to_dict() for n, p in sub.items()} for m, sub in self.methods.items()}}
+        for key, choices in self.conditionals.items():
+            out[key] = {"type": "categorical", "choices": {
+                c: {n: p.to_dict() for n, p in sub.items()} for c, sub in choices.items()}}
         out.update({n: p.to_dict() for n, p in self.params.items()})
         return out
 
 
 # --------------------------------------------------------------------------- Tune conditionals
 
-def _trial_method(config: Any) -> Any:
+def _trial_choice(config: Any, key: str = "method") -> Any:
     # Tune's BasicVariantGenerator hands over the whole experiment spec ({"config": ...,
     # "run": ...}); generate_variants(param_space) the config itself.
-    if "method" not in config and isinstance(config.get("config"), dict):
+    if key not in config and isinstance(config.get("config"), dict):
         config = config["config"]
-    method = config["method"]
-    if isinstance(method, Domain):  # not drawn yet: Tune retries after the other variables
-        raise RecursiveDependencyError("method is not resolved yet")
-    return method
+    choice = config[key]
+    if isinstance(choice, Domain):  # not drawn yet: Tune retries after the other variables
+        raise RecursiveDependencyError(f"{key} is not resolved yet")
+    return choice
 
 
 class _ConditionalSampler(Sampler):
@@ -219,8 +239,9 @@ class _ConditionalSampler(Sampler):
 
 
 class Conditional(Domain):
-    """A method's hyperparameter in a Tune config: drawn from that method's domain in trials of
-    a method that has it, None in the others.
+    """A method's (or sampler's) hyperparameter in a Tune config: drawn from that method's domain
+    in trials of a method that has it, None in the others. ``parent`` is the key whose drawn
+    choice decides ("method" or "sampler").
 
     A Domain rather than ``tune.sample_from``: Tune calls sample_from functions without its
     random state (so a seeded random search would not be reproducible), while a Domain is
@@ -229,12 +250,13 @@ class Conditional(Domain):
 
     default_sampler_cls = _ConditionalSampler
 
-    def __init__(self, name: str, domains: dict[str, Domain]) -> None:
+    def __init__(self, name: str, domains: dict[str, Domain], parent: str = "method") -> None:
         self.name = name
         self.domains = domains
+        self.parent = parent
 
     def draw(self, config: Any, random_state: Any = None) -> Any:
-        domain = self.domains.get(_trial_method(config))
+        domain = self.domains.get(_trial_choice(config, self.parent))
         return None if domain is None else domain.sample(random_state=random_state)
 
     def is_valid(self, value: Any) -> bool:
@@ -244,7 +266,7 @@ class Conditional(Domain):
     def domain_str(self) -> str:
         parts = [f"{m}: {type(d).__name__}{d.domain_str} {type(d.get_sampler()).__name__.lstrip('_')}"
                  for m, d in self.domains.items()]
-        return "{" + ", ".join(parts) + ", else None}"
+        return f"{self.parent} " + "{" + ", ".join(parts) + ", else None}"
 
     def __repr__(self) -> str:
         return f"Conditional({self.name}: {self.domain_str})"
@@ -297,17 +319,18 @@ def parse_space(raw: Any, path: str = "space") -> tuple[Space, list[str]]:
         problems.append(f"{path}: expected a mapping of hyperparameter names to ranges, but got {raw!r}")
         return Space(), problems
     params: dict[str, Param] = {}
-    methods = None
+    conditionals: dict[str, dict[str, dict[str, Param]]] = {}
     for name, spec in raw.items():
-        if name == "method":
-            methods = _parse_methods(spec, f"{path}.method", problems)
+        if name in CONDITIONAL_KEYS:
+            choices = _parse_conditional(name, spec, f"{path}.{name}", problems)
+            if choices is not None:
+                conditionals[name] = choices
             continue
         param = _parse_named(name, spec, path, problems)
         if param is not None:
             params[name] = param
-    if methods is not None:
-        problems += _conditional_problems(methods, params, path)
-    return Space(params, methods), problems
+    problems += _conditional_problems(conditionals, params, path)
+    return Space(params, conditionals.get("method"), conditionals.get("sampler")), problems
 
 
 def _parse_named(name: Any, spec: Any, path: str, problems: list[str]) -> Param | None:
@@ -319,61 +342,71 @@ def _parse_named(name: Any, spec: Any, path: str, problems: list[str]) -> Param 
     return param
 
 
-def _parse_methods(raw: Any, path: str, problems: list[str]) -> dict[str, dict[str, Param]] | None:
-    """``method: {type: categorical, choices: {kd: {...sub-space...}, none: {}}}`` (or a list of names)."""
+def _parse_conditional(key: str, raw: Any, path: str, problems: list[str]) -> dict[str, dict[str, Param]] | None:
+    """``<key>: {type: categorical, choices: {<choice>: {...sub-space...}, ...}}`` (or a list of
+    names), for key "method" (``{kd: {...}, none: {}}``) or "sampler" (``{kdas: {...}, none: {}}``)."""
     if not isinstance(raw, dict) or raw.get("type") != "categorical":
         got = raw.get("type") if isinstance(raw, dict) else raw
-        problems.append(f"{path}: the method is searched as {{type: categorical, choices: {{<method>: "
+        problems.append(f"{path}: the {key} is searched as {{type: categorical, choices: {{<{key}>: "
                         f"<its sub-space>, ...}}}}, but got {got!r}")
         return None
-    for key in raw:
-        if key not in ("type", "choices"):
-            problems.append(f"{path}.{key}: unknown key{_hint(str(key), ('type', 'choices'))} "
-                            f"(the method takes: type, choices)")
+    for k in raw:
+        if k not in ("type", "choices"):
+            problems.append(f"{path}.{k}: unknown key{_hint(str(k), ('type', 'choices'))} "
+                            f"(the {key} takes: type, choices)")
     choices = raw.get("choices")
     names = choices if isinstance(choices, list) and all(isinstance(c, str) for c in choices) else None
     if names and len(set(names)) == len(names):
-        choices = {c: {} for c in names}  # methods searched without sub-spaces of their own
+        choices = {c: {} for c in names}  # choices searched without sub-spaces of their own
     if not isinstance(choices, dict) or not choices:
-        problems.append(f"{path}.choices: expected a mapping of method names to their sub-spaces "
+        problems.append(f"{path}.choices: expected a mapping of {key} names to their sub-spaces "
                         f"(each possibly {{}}), but got {choices!r}")
         return None
-    methods: dict[str, dict[str, Param]] = {}
-    for method, sub in choices.items():
-        sub_path = f"{path}.choices.{method}"
+    out: dict[str, dict[str, Param]] = {}
+    for choice, sub in choices.items():
+        sub_path = f"{path}.choices.{choice}"
         if sub is None:
             sub = {}
-        if not isinstance(method, str) or not isinstance(sub, dict):
-            problems.append(f"{sub_path}: expected a method name mapped to a sub-space (a mapping, "
-                            f"possibly {{}}), but got {method!r}: {sub!r}")
+        if not isinstance(choice, str) or not isinstance(sub, dict):
+            problems.append(f"{sub_path}: expected a {key} name mapped to a sub-space (a mapping, "
+                            f"possibly {{}}), but got {choice!r}: {sub!r}")
             continue
-        methods[method] = {}
+        out[choice] = {}
         for name, spec in sub.items():
-            if name == "method":
-                problems.append(f"{sub_path}.method: a method's sub-space cannot search the method")
+            if name in CONDITIONAL_KEYS:
+                where = "" if name == key else f"; search it at {path.rpartition('.')[0]}.{name}"
+                problems.append(f"{sub_path}.{name}: a {key}'s sub-space cannot search the {name}{where}")
                 continue
             param = _parse_named(name, spec, sub_path, problems)
             if param is not None:
-                methods[method][name] = param
-    return methods
+                out[choice][name] = param
+    return out
 
 
-def _conditional_problems(methods: dict[str, dict[str, Param]], params: dict[str, Param], path: str) -> list[str]:
+def _conditional_problems(conditionals: dict[str, dict[str, dict[str, Param]]], params: dict[str, Param],
+                          path: str) -> list[str]:
     """Optuna keeps one distribution per name in a study: a name shared by several methods
-    must keep its kind and log scale (and its choices, if categorical)."""
+    (samplers) must keep its kind and log scale (and its choices, if categorical). A name
+    belongs to one place: every trial, the method sub-spaces or the sampler sub-spaces."""
     problems = []
-    first: dict[str, tuple[str, Param]] = {}
-    for method, sub in methods.items():
-        for name, param in sub.items():
-            where = f"{path}.method.choices.{method}.{name}"
-            if name in params:
-                problems.append(f"{where}: also searched for every method at {path}.{name}; keep one of them")
-            elif name not in first:
-                first[name] = (method, param)
-            elif _signature(param) != _signature(first[name][1]):
-                other, ref = first[name]
-                problems.append(f"{where}: Optuna keeps one distribution per name, so it must be "
-                                f"{_describe(ref)} as under {other!r}, but got {_describe(param)}")
+    owner: dict[str, str] = {}  # name -> the conditional key whose sub-spaces hold it
+    for key, choices in conditionals.items():
+        first: dict[str, tuple[str, Param]] = {}
+        for choice, sub in choices.items():
+            for name, param in sub.items():
+                where = f"{path}.{key}.choices.{choice}.{name}"
+                if name in params:
+                    problems.append(f"{where}: also searched for every {key} at {path}.{name}; keep one of them")
+                elif owner.get(name, key) != key:
+                    problems.append(f"{where}: also searched under {path}.{owner[name]}.choices; "
+                                    f"keep one of them")
+                elif name not in first:
+                    first[name] = (choice, param)
+                    owner[name] = key
+                elif _signature(param) != _signature(first[name][1]):
+                    other, ref = first[name]
+                    problems.append(f"{where}: Optuna keeps one distribution per name, so it must be "
+                                    f"{_describe(ref)} as under {other!r}, but got {_describe(param)}")
     return problems
 
 

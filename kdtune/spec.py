@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import math
 import os
 import re
@@ -314,29 +315,38 @@ def _check_fixed(raw: Any, space: Space, problems: _Problems) -> tuple[dict[str,
         problems.add("fixed.method_params", "write method hyperparameters as flat keys "
                                             "(temperature: 4, not method_params: {temperature: 4})")
         fixed.pop("method_params")
-    if space.methods is not None and "method" in fixed:
-        problems.add("fixed.method", f"must be left out when space.method searches it, "
-                                     f"but got {fixed['method']!r}")
-        fixed.pop("method")
+    for key in space.conditionals:
+        if key in fixed:
+            problems.add(f"fixed.{key}", f"must be left out when space.{key} searches it, "
+                                         f"but got {fixed[key]!r}")
+            fixed.pop(key)
     coerced: dict[str, Any] = {}
-    for method in _methods(space, fixed):
-        found = _run_problems(_with_method(fixed, space, method))
-        problems.extend(found, prefix="fixed.")
+    for combo in _combos(space, fixed):
+        found = _run_problems({**fixed, **combo})
+        for text in found:
+            key = text.partition(": ")[0]
+            if key in combo:  # a pairing of searched choices that cannot run (kdas without a teacher's method)
+                pairing = " with ".join(f"{k} {v!r}" for k, v in combo.items())
+                problems.add(f"space.{key}", f"{text.partition(': ')[2]} (in trials of {pairing})")
+            else:
+                problems.extend([text], prefix="fixed.")
         if not found and not coerced:
-            flat = RunConfig.from_dict(_with_method(fixed, space, method)).flat()
+            flat = RunConfig.from_dict({**fixed, **combo}).flat()
             coerced = {k: list(flat[k]) if isinstance(flat[k], tuple) else flat[k] for k in fixed}
     epochs, ok = coerce(fixed.get("epochs", RunConfig.epochs), (int,))
     return coerced or fixed, epochs if ok and epochs >= 1 else None
 
 
 def _check_space(space: Space, fixed: dict[str, Any], problems: _Problems) -> None:
-    """Names each method takes, no name both fixed and searched, and values that pass RunConfig."""
-    for method in space.methods or {}:
-        if not _known_method(method):
-            problems.add(f"space.method.choices.{method}", METHODS.unknown_message(method))
-    base = {m: set(_run_problems(_with_method(fixed, space, m))) for m in _methods(space, fixed)
-            if _known_method(m)}
-    for path, owner, param in space.entries():
+    """Names each method (sampler) takes, no name both fixed and searched, and values that pass
+    RunConfig in every pairing of the searched method and sampler they appear in."""
+    for key, choices in space.conditionals.items():
+        for choice in choices:
+            if not _known(key, choice):
+                problems.add(f"space.{key}.choices.{choice}", _REGISTRIES[key].unknown_message(choice))
+    combos = _combos(space, fixed)
+    base = {_frozen(c): set(_run_problems({**fixed, **c})) for c in combos}
+    for path, parent, param in space.entries():
         if param.name in NOT_SEARCHABLE:
             problems.add(path, f"cannot be searched: {NOT_SEARCHABLE[param.name]}")
             continue
@@ -344,37 +354,78 @@ def _check_space(space: Space, fixed: dict[str, Any], problems: _Problems) -> No
             problems.add(path, f"also set under fixed ({param.name}: {fixed[param.name]!r}); "
                                f"a hyperparameter is either fixed or searched")
             continue
-        methods = [m for m in ([owner] if owner else base) if m in base]  # unknown ones: reported above
-        missing = [m for m in methods if not _takes(m, param.name)]
-        if missing:
-            shared = owner is None and space.methods is not None
-            problems.add(path, _unknown_param(param.name, missing, shared))
-            continue
-        for method in methods:
+        mine = [c for c in combos if parent is None or c.get(parent[0], fixed.get(parent[0])) == parent[1]]
+        if parent is not None and parent[0] == "sampler":
+            if _known("sampler", parent[1]) and not _sampler_takes(parent[1], param.name):
+                problems.add(path, _unknown_sampler_param(param.name, parent[1]))
+                continue
+        elif parent is None and space.samplers is not None and param.name in SAMPLER_KEYS:
+            lacking = [c for c in space.samplers if _known("sampler", c) and not _sampler_takes(c, param.name)]
+            if lacking:
+                problems.add(path, f"searched for every sampler, but sampler{'s' if len(lacking) > 1 else ''} "
+                                   f"{', '.join(repr(c) for c in lacking)} take{'' if len(lacking) > 1 else 's'} "
+                                   f"no {param.name}; search it under space.sampler.choices.<sampler> "
+                                   f"for the samplers that take it")
+                continue
+        if parent is None or parent[0] == "method":
+            owners = [parent[1]] if parent else list(dict.fromkeys(_method_of(c, fixed) for c in combos))
+            missing = [m for m in owners if _known("method", m) and not _takes(m, param.name)]
+            if missing:
+                shared = parent is None and space.methods is not None
+                problems.add(path, _unknown_param(param.name, missing, shared))
+                continue
+        for combo in mine:
             for label, value in _probes(param):
-                found = _run_problems({**_with_method(fixed, space, method), param.name: value})
-                problems.extend([f"{label}: {p}" for p in found if p not in base[method]], prefix=f"{path}.")
+                found = _run_problems({**fixed, **combo, param.name: value})
+                problems.extend([f"{label}: {p}" for p in found if p not in base[_frozen(combo)]],
+                                prefix=f"{path}.")
 
 
-def _methods(space: Space, fixed: dict[str, Any]) -> list[str]:
-    """The methods a fixed part must work with: every known searched one, or the fixed one."""
-    if space.methods is not None:
-        return [m for m in space.methods if _known_method(m)]
-    return [fixed.get("method", RunConfig.method)]
+def _combos(space: Space, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pairings a fixed part must work with: every known searched method times every known
+    searched sampler (a key not searched is left to ``fixed``: ``{}`` when neither is)."""
+    axes = [[(key, c) for c in choices if _known(key, c)] for key, choices in space.conditionals.items()]
+    return [dict(pairs) for pairs in itertools.product(*axes)]
+
+
+def _frozen(combo: dict[str, Any]) -> tuple:
+    return tuple(combo.items())
+
+
+def _method_of(combo: dict[str, Any], fixed: dict[str, Any]) -> Any:
+    return combo.get("method", fixed.get("method", RunConfig.method))
+
+
+_REGISTRIES = {"method": METHODS, "sampler": SAMPLERS}
+
+
+def _known(key: str, name: Any) -> bool:
+    return isinstance(name, str) and name in _REGISTRIES[key]
 
 
 def _known_method(method: Any) -> bool:
-    return isinstance(method, str) and method in METHODS
-
-
-def _with_method(fixed: dict[str, Any], space: Space, method: str) -> dict[str, Any]:
-    return {**fixed, "method": method} if space.methods is not None else fixed
+    return _known("method", method)
 
 
 def _takes(method: Any, name: str) -> bool:
     if name in RUN_KEYS or name in SAMPLER_KEYS:
         return True
     return _known_method(method) and name in METHODS.parameters(method)
+
+
+def _sampler_takes(sampler: str, name: str) -> bool:
+    return name in RUN_KEYS or name in SAMPLERS.parameters(sampler)
+
+
+def _unknown_sampler_param(name: str, sampler: str) -> str:
+    takes = list(SAMPLERS.parameters(sampler))
+    hint = _hint(name, [*RUN_KEYS, *takes])
+    elsewhere = [m for m in METHODS.names() if name in METHODS.parameters(m)]
+    where = (f"; it is a hyperparameter of method{'s' if len(elsewhere) > 1 else ''} "
+             f"{', '.join(repr(m) for m in elsewhere)}: search it at space.{name} or under space.method.choices"
+             if elsewhere and not hint else "")
+    return (f"unknown hyperparameter for sampler {sampler!r}{hint} ({sampler} takes: "
+            f"{', '.join(takes) or 'nothing'}; or a run setting such as lr){where}")
 
 
 def _unknown_param(name: str, methods: list[str], shared: bool) -> str:

@@ -300,3 +300,130 @@ def test_tune_conditionals_wait_for_the_method_whatever_the_key_order() -> None:
     for seed in range(20):
         config = next(iter(generate_variants(reordered, random_state=seed)))[1]
         assert (config["beta"] is not None) == (config["method"] == "dkd")
+
+
+# --------------------------------------------------------------------------- a searched sampler
+
+KDAS_SPACE = {
+    "method": {"type": "categorical", "choices": {
+        "kd": {"temperature": {"type": "float", "low": 1, "high": 8, "log": True}},
+        "dkd": {"beta": {"type": "int", "low": 1, "high": 10}}}},
+    "sampler": {"type": "categorical", "choices": {
+        "none": {},
+        "kdas": {"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
+                 "end_rate": {"type": "float", "low": 0.2, "high": 0.6},
+                 "sampling_period": {"type": "categorical", "choices": [1, 2, "1,2,3,4"]}}}},
+    "lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+}
+KDAS_PARAMS = {"start_rate", "end_rate", "sampling_period"}
+OWN_METHOD = {"kd": {"temperature"}, "dkd": {"beta"}}
+
+
+def test_sampler_is_parsed_as_its_own_conditional() -> None:
+    space = _space(KDAS_SPACE)
+    assert list(space.conditionals) == ["method", "sampler"]
+    assert list(space.methods) == ["kd", "dkd"] and list(space.samplers) == ["none", "kdas"]
+    assert set(space.samplers["kdas"]) == KDAS_PARAMS and space.samplers["none"] == {}
+    assert space.names() == ["method", "sampler", "temperature", "beta", "start_rate", "end_rate",
+                             "sampling_period", "lr"]
+    assert parse_space(space.to_dict()) == (space, [])
+    only = _space({"sampler": KDAS_SPACE["sampler"]})
+    assert only.methods is None and list(only.conditionals) == ["sampler"]
+    assert only.names() == ["sampler", "start_rate", "end_rate", "sampling_period"]
+    listed = _space({"sampler": {"type": "categorical", "choices": ["none", "kdas"]}})
+    assert listed.samplers == {"none": {}, "kdas": {}}
+    paths = [(path, parent) for path, parent, _ in space.entries()]
+    assert ("space.sampler.choices.kdas.end_rate", ("sampler", "kdas")) in paths
+    assert ("space.method.choices.kd.temperature", ("method", "kd")) in paths
+
+
+def test_fixed_trial_drives_the_sampler_conditional() -> None:
+    space = _space(KDAS_SPACE)
+    kdas = {"start_rate": 0.7, "end_rate": 0.3, "sampling_period": 2}
+    trial = FixedTrial({"method": "kd", "temperature": 4.0, "beta": 3, "sampler": "kdas", **kdas, "lr": 0.05})
+    space.suggest(trial)
+    assert trial.params == {"method": "kd", "temperature": 4.0, "sampler": "kdas", **kdas, "lr": 0.05}
+    trial = FixedTrial({"method": "dkd", "beta": 3, "sampler": "none", **kdas, "lr": 0.05})
+    space.suggest(trial)
+    assert trial.params == {"method": "dkd", "beta": 3, "sampler": "none", "lr": 0.05}
+
+
+def test_sampler_parameters_exist_only_in_kdas_trials_in_both_translations() -> None:
+    space = _space(KDAS_SPACE)
+    optuna_draws, tune_draws = optuna_samples(space, 600), tune_samples(space, 600)
+    for params in optuna_draws:
+        expected = {"method", "sampler", "lr"} | OWN_METHOD[params["method"]]
+        assert set(params) == expected | (KDAS_PARAMS if params["sampler"] == "kdas" else set())
+    conditional = {"temperature", "beta"} | KDAS_PARAMS
+    for config in tune_draws:
+        assert set(config) == {"method", "sampler", "lr"} | conditional
+        active = {k for k in conditional if config[k] is not None}
+        own = OWN_METHOD[config["method"]] | (KDAS_PARAMS if config["sampler"] == "kdas" else set())
+        assert active == own, config
+    for draws in (optuna_draws, tune_draws):  # independent choices: every pairing comes up evenly
+        pairs = Counter((d["method"], d["sampler"]) for d in draws)
+        assert len(pairs) == 4 and all(abs(c - 150) < 0.3 * 150 for c in pairs.values()), pairs
+        kdas = [d for d in draws if d["sampler"] == "kdas"]
+        assert all(0.6 <= d["start_rate"] <= 0.9 and 0.2 <= d["end_rate"] <= 0.6 for d in kdas)
+        assert {d["sampling_period"] for d in kdas} == {1, 2, "1,2,3,4"}
+        for name, mid, width in (("start_rate", 0.75, 0.3), ("end_rate", 0.4, 0.4)):
+            assert abs(np.median([d[name] for d in kdas]) - mid) < 0.1 * width, name
+
+
+def test_tune_sampler_conditionals_wait_for_the_sampler_whatever_the_key_order() -> None:
+    domains = _space(KDAS_SPACE).to_tune()
+    assert domains["start_rate"].parent == "sampler" and domains["beta"].parent == "method"
+    reordered = {name: domains[name] for name in reversed(domains)}  # "method", "sampler" last
+    for seed in range(20):
+        config = next(iter(generate_variants(reordered, random_state=seed)))[1]
+        assert (config["end_rate"] is not None) == (config["sampler"] == "kdas")
+        assert (config["beta"] is not None) == (config["method"] == "dkd")
+    generator = BasicVariantGenerator(random_state=1)
+    generator.add_configurations({"x": {"run": _noop, "config": pickle.loads(pickle.dumps(domains)),
+                                        "num_samples": 10}})
+    configs = [generator.next_trial().config for _ in range(10)]
+    assert all((c["start_rate"] is None) == (c["sampler"] != "kdas") for c in configs)
+
+
+def test_grid_is_the_product_of_methods_and_samplers() -> None:
+    space = _space({
+        "method": {"type": "categorical", "choices": {
+            "kd": {"temperature": {"type": "categorical", "choices": [2, 4]}}, "none": {}}},
+        "sampler": {"type": "categorical", "choices": {
+            "none": {}, "kdas": {"start_rate": {"type": "categorical", "choices": [0.6, 0.8]},
+                                 "sampling_period": {"type": "int", "low": 1, "high": 3}}}},
+        "schedule": {"type": "categorical", "choices": ["step", "cosine"]}})
+    grid = space.grid()
+    # (kd: 2 temperatures, none: 1) x (none: 1, kdas: 2 x 3) x 2 schedules
+    assert len(grid) == (2 + 1) * (1 + 6) * 2
+    assert len({tuple(sorted(p.items())) for p in grid}) == len(grid)
+    assert {"method": "none", "sampler": "none", "schedule": "step"} in grid
+    assert {"method": "kd", "sampler": "kdas", "temperature": 4, "start_rate": 0.8, "sampling_period": 3,
+            "schedule": "cosine"} in grid
+    for point in grid:
+        assert ("start_rate" in point) == (point["sampler"] == "kdas")
+        assert ("temperature" in point) == (point["method"] == "kd")
+
+
+@pytest.mark.parametrize("sampler, expected", [
+    ({"type": "float", "low": 1, "high": 2}, "space.sampler: the sampler is searched as {type: categorical"),
+    ({"type": "categorical", "choices": []}, "space.sampler.choices: expected a mapping of sampler names"),
+    ({"type": "categorical", "choices": {"kdas": {"sampler": {"type": "categorical", "choices": ["kdas"]}}}},
+     "space.sampler.choices.kdas.sampler: a sampler's sub-space cannot search the sampler"),
+    ({"type": "categorical", "choices": {"kdas": {"method": {"type": "categorical", "choices": ["kd"]}}}},
+     "space.sampler.choices.kdas.method: a sampler's sub-space cannot search the method; search it at "
+     "space.method"),
+    ({"type": "categorical", "choices": {"kdas": {"lr": {"type": "float", "low": 0.01, "high": 0.1}}}},
+     "space.sampler.choices.kdas.lr: also searched for every sampler at space.lr; keep one of them"),
+    ({"type": "categorical", "choices": {"kdas": {"temperature": {"type": "float", "low": 1, "high": 4}}}},
+     "space.sampler.choices.kdas.temperature: also searched under space.method.choices; keep one of them"),
+    ({"type": "categorical", "choices": {"kdas": {"end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
+                                         "other": {"end_rate": {"type": "float", "low": 0.2, "high": 0.6,
+                                                                "log": True}}}},
+     "space.sampler.choices.other.end_rate: Optuna keeps one distribution per name"),
+])
+def test_conditional_sampler_space_problems(sampler: dict, expected: str) -> None:
+    _, problems = parse_space({"method": {"type": "categorical", "choices": {
+        "kd": {"temperature": {"type": "float", "low": 1, "high": 8}}}},
+        "sampler": sampler, "lr": {"type": "float", "low": 0.01, "high": 0.1}})
+    assert any(p.startswith(expected) for p in problems), problems

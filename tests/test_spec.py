@@ -318,3 +318,98 @@ def test_a_misspelt_shared_parameter_is_one_problem(tmp_path: Path) -> None:
                         f"'kd', 'dkd'; did you mean 'temperature'? (none takes: nothing; kd takes: temperature, "
                         f"ce_weight, kd_weight, logit_stand, reverse_kl; dkd takes: alpha, beta, temperature, warmup, "
                         f"ce_weight, kd_weight, logit_stand; or a run setting such as lr)"]
+
+
+# --------------------------------------------------------------------------- a searched sampler
+
+KDAS_SEARCH = {
+    "name": "kdas-compare",
+    "fixed": {"dataset": "digits", "teacher": "resnet20", "student": "resnet8", "method": "kd", "epochs": 12},
+    "space": {"sampler": {"type": "categorical", "choices": {
+        "none": {},
+        "kdas": {"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
+                 "end_rate": {"type": "float", "low": 0.2, "high": 0.6}}}},
+        "temperature": {"type": "float", "low": 1, "high": 8, "log": True}},
+}
+
+
+def _kdas(**sub: dict) -> dict:
+    return {**KDAS_SEARCH["space"], "sampler": {"type": "categorical", "choices": {"none": {}, **sub}}}
+
+
+def test_sampler_spec_resolves_and_every_trial_is_a_valid_run(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, KDAS_SEARCH))
+    assert list(spec.space.samplers) == ["none", "kdas"] and "sampler" not in spec.fixed
+    assert spec.space.names() == ["sampler", "start_rate", "end_rate", "temperature"]
+    assert spec.resolved["space"]["sampler"]["choices"]["none"] == {}
+    cfg = spec.run_config({"sampler": "kdas", "start_rate": 0.8, "end_rate": 0.3, "temperature": 2.0})
+    assert (cfg.sampler, cfg.sampler_params, cfg.method_params) == (
+        "kdas", {"start_rate": 0.8, "end_rate": 0.3}, {"temperature": 2.0})
+    cfg = spec.run_config({"sampler": "none", "start_rate": None, "end_rate": None, "temperature": 2.0})
+    assert (cfg.sampler, cfg.sampler_params) == ("none", {})
+    study = optuna.create_study(sampler=RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        spec.space.suggest(trial)
+        spec.run_config(trial.params)
+    for _, config in generate_variants(spec.space.to_tune(), random_state=np.random.default_rng(0)):
+        assert spec.run_config(config).sampler == config["sampler"]
+
+
+def test_method_and_sampler_may_both_be_searched(tmp_path: Path) -> None:
+    space = {**CONDITIONAL["space"], "method": {"type": "categorical", "choices": {
+        k: v for k, v in CONDITIONAL["space"]["method"]["choices"].items() if k != "none"}},
+        "sampler": KDAS_SEARCH["space"]["sampler"]}
+    spec = load_spec(write(tmp_path, {**CONDITIONAL, "space": space, "search": {"algorithm": "random"}}))
+    assert list(spec.space.conditionals) == ["method", "sampler"]
+    for _, config in generate_variants(spec.space.to_tune(), random_state=np.random.default_rng(1)):
+        cfg = spec.run_config(config)
+        assert (cfg.method, cfg.sampler) == (config["method"], config["sampler"])
+    # method none cannot take KDAS (it needs teacher-student disagreement): reported, naming the pairing
+    space["method"] = CONDITIONAL["space"]["method"]
+    problems = problems_of(write(tmp_path, {**CONDITIONAL, "space": space}))
+    assert [p for p in problems if "space.sampler:" in p and "(in trials of method 'none' with sampler "
+            "'kdas')" in p], "\n".join(problems)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"space": _kdas(kdsa={})}, "space.sampler.choices.kdsa: unknown sampler 'kdsa'; did you mean 'kdas'?"),
+    ({"space": {**_kdas(kdas={"beta": {"type": "float", "low": 1, "high": 8}}), "temperature": None}},
+     "space.sampler.choices.kdas.beta: unknown hyperparameter for sampler 'kdas' (kdas takes: start_rate, "),
+    ({"space": {"sampler": _kdas(kdas={"temperature": {"type": "float", "low": 1, "high": 8}})["sampler"]}},
+     "space.sampler.choices.kdas.temperature: unknown hyperparameter for sampler 'kdas' (kdas takes: "
+     "start_rate, end_rate, sampling_period, exclusion_rate, penalty_factor, penalty_lambda, penalty_warmup, "
+     "kdas_warmup, threshold; or a run setting such as lr); it is a hyperparameter of methods"),
+    ({"space": _kdas(kdas={"end_rate": {"type": "float", "low": 0.2, "high": 1.5}})},
+     "space.sampler.choices.kdas.end_rate.high: end_rate: must be in (0, 1], but got 1.5"),
+    ({"space": _kdas(kdas={"end_rate": {"type": "float", "low": 0.2, "high": 0.95}})},
+     "space.sampler.choices.kdas.end_rate.high: end_rate: must be <= start_rate, but got end_rate=0.95"),
+    ({"fixed": {**KDAS_SEARCH["fixed"], "sampler": "kdas"}},
+     "fixed.sampler: must be left out when space.sampler searches it, but got 'kdas'"),
+    ({"space": {**KDAS_SEARCH["space"], "threshold": {"type": "float", "low": 0.1, "high": 0.3}}},
+     "space.threshold: searched for every sampler, but sampler 'none' takes no threshold; search it under "
+     "space.sampler.choices.<sampler> for the samplers that take it"),
+])
+def test_sampler_spec_problems(tmp_path: Path, change: dict, expected: str) -> None:
+    content = {**KDAS_SEARCH, **change}
+    content["space"] = {k: v for k, v in content["space"].items() if v is not None}
+    problems = problems_of(write(tmp_path, content))
+    assert any(p.startswith(f"{tmp_path / 'space.yaml'}: {expected}") for p in problems), "\n".join(problems)
+
+
+def test_a_sampler_parameter_searched_while_the_sampler_is_fixed_to_none_is_reported(tmp_path: Path) -> None:
+    space = {"start_rate": {"type": "float", "low": 0.6, "high": 0.9}}
+    problems = problems_of(write(tmp_path, {**BASE, "space": space}))
+    assert any("space.start_rate.low: start_rate: unknown key; it is a hyperparameter of sampler 'kdas'" in p
+               for p in problems), "\n".join(problems)
+
+
+def test_grid_over_samplers_counts_every_pairing(tmp_path: Path) -> None:
+    space = {"sampler": {"type": "categorical", "choices": {
+        "none": {}, "kdas": {"start_rate": {"type": "categorical", "choices": [0.6, 0.8]},
+                             "sampling_period": {"type": "categorical", "choices": [1, 2, "1,2,3,4"]}}}},
+        "temperature": {"type": "categorical", "choices": [2, 4]}}
+    spec = load_spec(write(tmp_path, {**KDAS_SEARCH, "space": space, "search": {"algorithm": "grid"}}))
+    assert spec.num_samples == (1 + 2 * 3) * 2 == len(spec.space.grid())
+    for point in spec.space.grid():
+        spec.run_config(point)
