@@ -173,7 +173,7 @@ class Engine:
         self.epoch = epoch
 
         metrics: dict[str, float] = {"epoch": epoch}
-        values = {k: v.item() / max(seen, 1) for k, v in sums.items()}  # one sync per epoch
+        values = {k: v.item() / max(seen, 1) for k, v in sums.items()}  # host reads: epoch end only
         metrics["train/loss"] = sum(values.values())
         metrics.update({f"train/loss_{k}": v for k, v in values.items()})
         metrics["train/acc1"] = 100.0 * correct1.item() / max(seen, 1)
