@@ -5,6 +5,7 @@ Kept apart from ``kdtune.models.__init__`` so the model modules can import
 """
 from __future__ import annotations
 
+import math
 from typing import TypedDict
 
 import torch.nn.functional as F
@@ -62,3 +63,34 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(x, kernel_size=(x.shape[-2], x.shape[-1]))
+
+
+def init_normal_fan_out(model: nn.Module, linear_std: float | None = 0.01) -> None:
+    """The CRD/mdistiller init of VGG, WRN and MobileNetV2, written out as they do it.
+
+    Convolutions: N(0, 2 / fan_out), bias 0; batch norm: weight 1, bias 0; linear layers:
+    N(0, linear_std) and bias 0 (``linear_std=None`` keeps PyTorch's default weight, as WRN does).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
+def init_kaiming_fan_out(model: nn.Module) -> None:
+    """The init of mdistiller's ResNets: Kaiming-normal (fan_out) convolutions, BN weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

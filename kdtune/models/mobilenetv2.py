@@ -6,11 +6,10 @@ and blocks grouped per setting row under ``blocks.<row>.<i>``.
 """
 from __future__ import annotations
 
-import math
 
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, Features, GlobalAvgPool
+from kdtune.models._registry import Features, GlobalAvgPool, MODELS, init_normal_fan_out
 
 # (expansion, output channels at width 1, repeats, first stride); None = use ``expand``.
 _SETTINGS: list[tuple[int | None, int, int, int]] = [
@@ -84,18 +83,7 @@ class CifarMobileNetV2(nn.Module):
         self.avgpool = GlobalAvgPool()  # mdistiller: AvgPool2d(2) on the 2x2 map
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_normal_fan_out(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Features]:
         f0 = self.conv1(x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, Features, GlobalAvgPool, Stage
+from kdtune.models._registry import Features, GlobalAvgPool, MODELS, Stage, init_kaiming_fan_out
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -64,12 +64,7 @@ class CifarResNet(nn.Module):
         self.avgpool = GlobalAvgPool()  # mdistiller: AvgPool2d(8) on the 8x8 map
         self.fc = nn.Linear(widths[3], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_kaiming_fan_out(self)
 
     @staticmethod
     def _stage(cin: int, cout: int, n: int, stride: int) -> Stage:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, Features, Stage
+from kdtune.models._registry import Features, MODELS, Stage, init_kaiming_fan_out
 
 
 def _projection(cin: int, cout: int, stride: int) -> nn.Module:
@@ -92,12 +92,7 @@ class ResNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_kaiming_fan_out(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Features]:
         f0 = F.relu(self.bn1(self.conv1(x)))

@@ -6,12 +6,11 @@ units whose final ReLU is left to ``forward``, so the pre-activation is availabl
 """
 from __future__ import annotations
 
-import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, Features
+from kdtune.models._registry import Features, MODELS, init_normal_fan_out
 
 # Conv widths per stage.
 _CONFIGS: dict[str, list[list[int]]] = {
@@ -65,19 +64,7 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(config[4][-1], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # He init on fan-out, written out as mdistiller does.
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_normal_fan_out(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Features]:
         height = x.shape[2]

@@ -6,12 +6,11 @@ Dropout is not used (mdistiller's rate is 0).
 """
 from __future__ import annotations
 
-import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, Features, GlobalAvgPool
+from kdtune.models._registry import Features, GlobalAvgPool, MODELS, init_normal_fan_out
 
 
 class WideBlock(nn.Module):
@@ -69,15 +68,7 @@ class WideResNet(nn.Module):
         self.avgpool = GlobalAvgPool()  # mdistiller: avg_pool2d(8) on the 8x8 map
         self.fc = nn.Linear(widths[3], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_normal_fan_out(self, linear_std=None)  # convolutions have no bias here
 
     def forward(self, x: Tensor) -> tuple[Tensor, Features]:
         f0 = self.conv1(x)
