@@ -170,10 +170,12 @@ class KDAS:
         self.ratio = self.rate(epoch, epochs)
         enlarged = math.ceil(batch_size / self.ratio)
         exclusion = self.exclusion(epoch, epochs)
+        student = engine.distiller.student
+        norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         selected = []
         for x, y, idx in engine.loader.batches(batch_size=enlarged):
             x = x.contiguous(memory_format=engine.memory_format)
-            student_logits, teacher_logits = self._score_logits(engine, x)
+            student_logits, teacher_logits = self._score_logits(engine, norms, x)
             self.samples_scored += y.shape[0]
             scores = kl_per_sample(F.log_softmax(teacher_logits.float(), 1), F.log_softmax(student_logits.float(), 1))
             keep = select(scores, batch_size, exclusion)
@@ -182,11 +184,10 @@ class KDAS:
         self.cache = torch.cat(selected)
 
     @staticmethod
-    def _score_logits(engine: Any, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Student and teacher logits without autograd; the student's BN layers use batch
-        statistics (as the reference's train-mode forward does) but keep their running ones."""
+    def _score_logits(engine: Any, norms: list[nn.Module], x: Tensor) -> tuple[Tensor, Tensor]:
+        """Student and teacher logits without autograd; the student's BN layers (``norms``) use
+        batch statistics (as the reference's train-mode forward does) but keep their running ones."""
         student = engine.distiller.student
-        norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [m.momentum for m in norms]
         with torch.no_grad(), engine.autocast():
             for m in norms:

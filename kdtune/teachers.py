@@ -127,9 +127,13 @@ def resolve_teacher(model_name: str, data: ImageData, *, checkpoint: str | None,
     """
     device = torch.device(device)
     cache = Path(cache_dir).expanduser().resolve()
-    model = build_model(model_name, num_classes=data.num_classes, in_channels=data.in_channels)
+
+    def build() -> nn.Module:
+        return build_model(model_name, num_classes=data.num_classes, in_channels=data.in_channels)
+
     key = data_key(data)
     if checkpoint is not None:
+        model = build()
         path = Path(checkpoint).expanduser().resolve()
         load_checkpoint(model, path)
         model.to(device).eval()
@@ -149,6 +153,7 @@ def resolve_teacher(model_name: str, data: ImageData, *, checkpoint: str | None,
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:12]
     path = cache / "teachers" / f"{data.name}-{model_name}-seed{seed}-{digest}.pth"
     if path.is_file():
+        model = build()
         ckpt = load_checkpoint(model, path)
         model.to(device).eval()
         return model, TeacherInfo(model_name, str(path), "cache", float(ckpt["val_acc"]))
@@ -156,7 +161,7 @@ def resolve_teacher(model_name: str, data: ImageData, *, checkpoint: str | None,
     log(f"teacher {model_name}: no checkpoint given and none cached; training it "
         f"({epochs} epochs, seed {seed}) -> {path}")
     torch.manual_seed(seed)
-    model = build_model(model_name, num_classes=data.num_classes, in_channels=data.in_channels).to(device)
+    model = build().to(device)
     engine = Engine(Vanilla(model), data, recipe, device=device, seed=seed)
     for m in engine.run():
         if m["epoch"] == recipe.epochs or m["epoch"] % max(1, recipe.epochs // 10) == 0:
