@@ -224,8 +224,9 @@ def results_table(results, spec: SearchSpec):
                     f"final_{spec.metric}": last.get(spec.metric, math.nan), f"best_{spec.metric}": best,
                     "wall_s": last.get("time_total_s", math.nan),
                     "samples_backprop": last.get("samples/backprop", math.nan)})
-        # method- and sampler-specific values of the last epoch (KDAS's ratio, samples scored, ...)
-        row.update({k: v for k, v in last.items() if k.startswith(("kdas/", "samples/scored"))})
+        # method- and sampler-specific values of the last epoch (KDAS's ratio, CTKD's temperature,
+        # SAKD's gate rates, samples scored)
+        row.update({k: v for k, v in last.items() if k.startswith(("kdas/", "ctkd/", "sakd/", "samples/scored"))})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -125,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if status == "completed" else 1
 
 
+# A method's headline values, shown on the epoch line when present (all are in metrics.jsonl).
+_SHOWN = {"kdas/ratio": "ratio", "ctkd/lambda": "lambda", "ctkd/temperature": "T"}
+
+
 def _epoch_line(m: dict[str, float], split: str, epochs: int) -> str:
     terms = "  ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in m.items() if k.startswith("train/loss_"))
-    return (f"epoch {m['epoch']:>3}/{epochs}  lr {m['lr']:.4g}  loss {m['train/loss']:.4f} ({terms})  "
+    extra = "".join(f"{label} {m[k]:.4g}  " for k, label in _SHOWN.items() if k in m)
+    return (f"epoch {m['epoch']:>3}/{epochs}  lr {m['lr']:.4g}  loss {m['train/loss']:.4f} ({terms})  {extra}"
             f"train acc {m['train/acc1']:.2f}  {split} acc {m.get(f'{split}/acc1', float('nan')):.2f}  "
             f"{m['time/epoch_s']:.1f}s")
 

@@ -325,3 +325,25 @@ def test_kdas_trials_in_a_real_search(tmp_path: Path) -> None:
         ratios = client.get_metric_history(run.info.run_id, "kdas/ratio")
         assert sorted(m.step for m in ratios) == [1, 2, 3, 4]
         assert {"kdas/scoring_epoch", "kdas/cache_size", "kdas/mean_weight", "samples/scored"} <= set(run.data.metrics)
+
+
+@pytest.mark.slow
+def test_ctkd_trials_in_a_real_search(tmp_path: Path) -> None:
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
+                        space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
+                               "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
+                        search__num_samples=3, scheduler={"type": "none"})
+    r = run_search(tmp_path, space)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 3 and (table["status"] == "completed").all()
+    assert (table["ctkd/lambda"] == table["lambda_max"]).all()  # the curriculum ended at lambda_max
+    assert ((table["ctkd/temperature_min"] > 1) & (table["ctkd/temperature_max"] < 21)).all()
+    client, runs = child_runs(tmp_path)
+    for run in runs:
+        assert run.data.tags["method"] == "ctkd"
+        lambdas = sorted(client.get_metric_history(run.info.run_id, "ctkd/lambda"), key=lambda m: m.step)
+        lam = float(run.data.params["lambda_max"])
+        assert [m.step for m in lambdas] == [1, 2, 3, 4]
+        assert [m.value for m in lambdas] == pytest.approx([lam / 2, lam, lam, lam])
+        assert "ctkd/temperature" in run.data.metrics

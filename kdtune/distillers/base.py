@@ -54,6 +54,14 @@ class Distiller(nn.Module):
         """Optimizer parameter groups. A group may carry ``lr_scale`` (relative to the run's lr)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def groups_apart(self, module: nn.Module, **settings: Any) -> list[dict[str, Any]]:
+        """Two groups: ``module``'s parameters with ``settings`` (e.g. ``lr_scale``,
+        ``weight_decay``), and every other trainable parameter with the run's settings."""
+        apart = [p for p in module.parameters() if p.requires_grad]
+        ids = {id(p) for p in apart}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest}, {"params": apart, **settings}]
+
     def epoch_metrics(self) -> dict[str, float]:
         """Method-specific values to log at the end of an epoch (e.g. CTKD's temperature)."""
         return {}

@@ -39,11 +39,15 @@ class DKD(Distiller):
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)[0]
         teacher = self.teacher_logits(x) if teacher_logits is None else teacher_logits
-        tckd, nckd = dkd_loss(logits, teacher, y, self.alpha, self.beta, self.temperature,
-                              self.logit_stand)
+        temperature = self.current_temperature(logits, teacher)
+        tckd, nckd = dkd_loss(logits, teacher, y, self.alpha, self.beta, temperature, self.logit_stand)
         scale = self.warmup_factor() * self.kd_weight
         return logits, {"ce": self.ce_weight * self.ce(logits, y), "tckd": scale * tckd,
                         "nckd": scale * nckd}
+
+    def current_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> float | Tensor:
+        """The batch's temperature: fixed here, learned by CTKD (``kdtune.distillers.ctkd``)."""
+        return self.temperature
 
     @classmethod
     def check(cls, params: dict[str, Any]) -> list[str]:

@@ -34,8 +34,13 @@ class KD(Distiller):
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)[0]
         teacher = self.teacher_logits(x) if teacher_logits is None else teacher_logits
-        kd = kd_loss(logits, teacher, self.temperature, self.logit_stand, reverse=self.reverse_kl)
+        temperature = self.current_temperature(logits, teacher)
+        kd = kd_loss(logits, teacher, temperature, self.logit_stand, reverse=self.reverse_kl)
         return logits, {"ce": self.ce_weight * self.ce(logits, y), "kd": self.kd_weight * kd}
+
+    def current_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> float | Tensor:
+        """The batch's temperature: fixed here, learned by CTKD (``kdtune.distillers.ctkd``)."""
+        return self.temperature
 
     @classmethod
     def check(cls, params: dict[str, Any]) -> list[str]:
