@@ -6,6 +6,7 @@ shape map and the parameter count, dumped from mdistiller's own definitions.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator
@@ -132,6 +133,75 @@ def test_channels_last_bf16_autocast(name: str) -> None:
         torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _check_output(model(x), 2, 100)
+
+
+def _run_stages(model: nn.Module, x: torch.Tensor) -> Any:
+    """``forward`` rebuilt from ``forward_stage`` / ``forward_head`` (how SAKD drives a model)."""
+    feats, preacts = [], []
+    for i in range(model.num_stages):
+        x, preact = model.forward_stage(i, x)
+        feats.append(x)
+        preacts.append(preact)
+    logits, pooled = model.forward_head(x)
+    return logits, {"feats": feats, "preact_feats": preacts, "pooled_feat": pooled}
+
+
+def _assert_stages_match_forward(model: nn.Module, x: torch.Tensor, train: bool) -> None:
+    # Two copies, so the BN running statistics start equal and each path updates its own.
+    whole, staged = copy.deepcopy(model).train(train), copy.deepcopy(model).train(train)
+    with torch.no_grad():
+        logits, feats = whole(x)
+        s_logits, s_feats = _run_stages(staged, x)
+    assert whole.num_stages == len(feats["feats"])
+    assert torch.equal(s_logits, logits)
+    assert torch.equal(s_feats["pooled_feat"], feats["pooled_feat"])
+    for key in ("feats", "preact_feats"):
+        assert len(s_feats[key]) == len(feats[key])
+        for i, (ours, ref) in enumerate(zip(s_feats[key], feats[key])):
+            assert torch.equal(ours, ref), f"{key}[{i}] differs"
+    # In train mode this checks the running statistics too (WRN updates some BNs twice).
+    ref_state = whole.state_dict()
+    for key, value in staged.state_dict().items():
+        assert torch.equal(value, ref_state[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    ("num_classes", "in_channels", "size"), [(100, 3, 32), (10, 1, 8)], ids=["cifar", "tiny"]
+)
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_stage_by_stage_equals_forward(
+    name: str, num_classes: int, in_channels: int, size: int, train: bool
+) -> None:
+    model = build_model(name, num_classes=num_classes, in_channels=in_channels)
+    _assert_stages_match_forward(model, torch.randn(2, in_channels, size, size), train)
+
+
+@pytest.mark.parametrize("name", ["vgg8", "wrn_16_1", "MobileNetV2", "ShuffleV2"])
+def test_stage_by_stage_channels_last(name: str) -> None:
+    model = build_model(name).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    for train in (False, True):
+        _assert_stages_match_forward(model, x, train)
+
+
+def test_vgg_stages_keep_mdistillers_tiny_imagenet_pool() -> None:
+    """The fourth max-pool runs on 64x64 inputs only, so the last stage is 4x4 on both sizes."""
+    model = build_model("vgg8", num_classes=200).eval()
+    for size in (32, 64):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            _, feats = model(x)
+        assert feats["feats"][-1].shape[-2:] == (4, 4)
+        _assert_stages_match_forward(model, x, train=False)
+
+
+def test_forward_stage_rejects_out_of_range_stages() -> None:
+    model = build_model("resnet8")
+    x = torch.randn(1, 3, 32, 32)
+    for i in (-1, model.num_stages):
+        with pytest.raises(IndexError):
+            model.forward_stage(i, x)
 
 
 def test_fixed_pool_equivalence_on_32x32() -> None:

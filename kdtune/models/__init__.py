@@ -18,9 +18,9 @@ from kdtune.models import (  # noqa: F401
     vgg,
     wrn,
 )
-from kdtune.models._registry import MODELS, Features
+from kdtune.models._registry import MODELS, Features, StagedModel
 
-__all__ = ["MODELS", "Features", "build_model"]
+__all__ = ["MODELS", "Features", "StagedModel", "build_model"]
 
 
 def build_model(name: str, *, num_classes: int = 100, in_channels: int = 3) -> nn.Module:

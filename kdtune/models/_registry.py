@@ -29,6 +29,46 @@ class Features(TypedDict):
     pooled_feat: Tensor
 
 
+class StagedModel(nn.Module):
+    """A zoo model that can also run one stage at a time (what SAKD needs to mix streams).
+
+    * ``num_stages`` == ``len(features["feats"])``.
+    * ``forward_stage(i, x) -> (feats[i], preact_feats[i])``: stage 0 (the stem) takes
+      the image, stage ``i > 0`` takes ``feats[i - 1]``, the post-activation output of
+      the previous stage. Whatever lies between two feature points (a max-pool, say)
+      belongs to the later stage.
+    * ``forward_head(x) -> (logits, pooled_feat)`` from ``feats[-1]``.
+
+    ``forward`` chains those calls (WRN orders its own, see there), so running the stages
+    one by one gives exactly what ``forward`` gives: bit for bit, BN running statistics
+    included. Subclasses implement ``_forward_stage`` and ``forward_head``; this class
+    adds no parameters or buffers, so state-dict keys stay mdistiller's.
+    """
+
+    num_stages: int
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
+        feats, preacts = [], []
+        for i in range(self.num_stages):
+            x, preact = self.forward_stage(i, x)
+            feats.append(x)
+            preacts.append(preact)
+        logits, pooled = self.forward_head(x)
+        return logits, Features(feats=feats, preact_feats=preacts, pooled_feat=pooled)
+
+    def forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        # Checked here: a negative index would silently take a wrong ``_forward_stage`` branch.
+        if not 0 <= i < self.num_stages:
+            raise IndexError(f"stage {i} out of range for {self.num_stages} stages")
+        return self._forward_stage(i, x)
+
+    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
 class Stage(nn.Sequential):
     """A run of blocks that each return ``(output, pre_activation)``.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdtune.models._registry import Features, GlobalAvgPool, MODELS, init_normal_fan_out
+from kdtune.models._registry import GlobalAvgPool, MODELS, StagedModel, init_normal_fan_out
 
 # (expansion, output channels at width 1, repeats, first stride); None = use ``expand``.
 _SETTINGS: list[tuple[int | None, int, int, int]] = [
@@ -54,8 +54,13 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class CifarMobileNetV2(nn.Module):
+class CifarMobileNetV2(StagedModel):
     """MobileNetV2 with expansion ``expand`` and channel multiplier ``width``."""
+
+    num_stages = 5  # the stem and four groups of block rows
+    # Which ``blocks`` rows run between two feature points (mdistiller's grouping):
+    # the features are read after rows 1, 2, 4 and 6.
+    _ROWS = ((0, 1), (2,), (3, 4), (5, 6))
 
     def __init__(
         self,
@@ -85,20 +90,20 @@ class CifarMobileNetV2(nn.Module):
 
         init_normal_fan_out(self)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
-        f0 = self.conv1(x)
-        out = self.blocks[1](self.blocks[0](f0))
-        f1 = out
-        f2 = out = self.blocks[2](out)
-        f3 = out = self.blocks[4](self.blocks[3](out))
-        f4 = out = self.blocks[6](self.blocks[5](out))
-        pooled = self.avgpool(self.conv2(out)).flatten(1)
-        logits = self.classifier(pooled)
-        feats = [f0, f1, f2, f3, f4]
+    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            x = self.conv1(x)
+        else:
+            for row in self._ROWS[i - 1]:
+                x = self.blocks[row](x)
         # mdistiller returns no "preact_feats" here. Blocks end in a linear projection
         # (BN, no ReLU), so the stage outputs already are pre-activations; the stem is
         # reused as in the other models.
-        return logits, Features(feats=feats, preact_feats=list(feats), pooled_feat=pooled)
+        return x, x
+
+    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = self.avgpool(self.conv2(x)).flatten(1)
+        return self.classifier(pooled), pooled
 
 
 @MODELS.register("MobileNetV2")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import Features, GlobalAvgPool, MODELS, Stage, init_kaiming_fan_out
+from kdtune.models._registry import GlobalAvgPool, MODELS, Stage, StagedModel, init_kaiming_fan_out
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -41,8 +41,10 @@ class BasicBlock(nn.Module):
         return F.relu(preact), preact
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(StagedModel):
     """ResNet-(6n+2) for 32x32 inputs; ``widths`` = (stem, stage1, stage2, stage3)."""
+
+    num_stages = 4  # the stem and three stages
 
     def __init__(
         self,
@@ -72,17 +74,16 @@ class CifarResNet(nn.Module):
         blocks += [BasicBlock(cout, cout) for _ in range(n - 1)]
         return Stage(*blocks)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, p1 = self.layer1(f0)
-        f2, p2 = self.layer2(f1)
-        f3, p3 = self.layer3(f2)
-        pooled = self.avgpool(f3).flatten(1)
-        logits = self.fc(pooled)
-        # The stem output has no separate pre-activation in mdistiller: it is reused.
-        return logits, Features(
-            feats=[f0, f1, f2, f3], preact_feats=[f0, p1, p2, p3], pooled_feat=pooled
-        )
+    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            x = F.relu(self.bn1(self.conv1(x)))
+            # The stem output has no separate pre-activation in mdistiller: it is reused.
+            return x, x
+        return (self.layer1, self.layer2, self.layer3)[i - 1](x)
+
+    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = self.avgpool(x).flatten(1)
+        return self.fc(pooled), pooled
 
 
 _THIN = (16, 16, 32, 64)

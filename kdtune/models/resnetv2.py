@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import Features, MODELS, Stage, init_kaiming_fan_out
+from kdtune.models._registry import MODELS, Stage, StagedModel, init_kaiming_fan_out
 
 
 def _projection(cin: int, cout: int, stride: int) -> nn.Module:
@@ -65,8 +65,10 @@ class Bottleneck(nn.Module):
         return F.relu(preact), preact
 
 
-class ResNetV2(nn.Module):
+class ResNetV2(StagedModel):
     """Four-stage ResNet; ``num_blocks`` per stage, ``block`` basic or bottleneck."""
+
+    num_stages = 5  # the stem and four stages
 
     def __init__(
         self,
@@ -94,19 +96,15 @@ class ResNetV2(nn.Module):
 
         init_kaiming_fan_out(self)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, p1 = self.layer1(f0)
-        f2, p2 = self.layer2(f1)
-        f3, p3 = self.layer3(f2)
-        f4, p4 = self.layer4(f3)
-        pooled = self.avgpool(f4).flatten(1)
-        logits = self.linear(pooled)
-        return logits, Features(
-            feats=[f0, f1, f2, f3, f4],
-            preact_feats=[f0, p1, p2, p3, p4],
-            pooled_feat=pooled,
-        )
+    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            x = F.relu(self.bn1(self.conv1(x)))
+            return x, x  # as in mdistiller, the stem output doubles as its pre-activation
+        return (self.layer1, self.layer2, self.layer3, self.layer4)[i - 1](x)
+
+    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = self.avgpool(x).flatten(1)
+        return self.linear(pooled), pooled
 
 
 @MODELS.register("ResNet18")

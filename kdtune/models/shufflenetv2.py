@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, Features, GlobalAvgPool, Stage, channel_shuffle
+from kdtune.models._registry import MODELS, GlobalAvgPool, Stage, StagedModel, channel_shuffle
 
 _STEM = 24
 
@@ -80,8 +80,10 @@ class DownUnit(nn.Module):
         return out, out
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(StagedModel):
     """ShuffleNet V2 with stage widths ``widths[:3]``, head width ``widths[3]``."""
+
+    num_stages = 4  # the stem and three stages
 
     def __init__(
         self,
@@ -105,16 +107,15 @@ class ShuffleNetV2(nn.Module):
         self.avgpool = GlobalAvgPool()  # mdistiller: avg_pool2d(4) on the 4x4 map
         self.linear = nn.Linear(widths[3], num_classes)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, p1 = self.layer1(f0)
-        f2, p2 = self.layer2(f1)
-        f3, p3 = self.layer3(f2)
-        pooled = self.avgpool(F.relu(self.bn2(self.conv2(f3)))).flatten(1)
-        logits = self.linear(pooled)
-        return logits, Features(
-            feats=[f0, f1, f2, f3], preact_feats=[f0, p1, p2, p3], pooled_feat=pooled
-        )
+    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            x = F.relu(self.bn1(self.conv1(x)))
+            return x, x  # as in mdistiller, the stem output doubles as its pre-activation
+        return (self.layer1, self.layer2, self.layer3)[i - 1](x)
+
+    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = self.avgpool(F.relu(self.bn2(self.conv2(x)))).flatten(1)
+        return self.linear(pooled), pooled
 
 
 @MODELS.register("ShuffleV2")

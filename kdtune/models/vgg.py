@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import Features, MODELS, init_normal_fan_out
+from kdtune.models._registry import MODELS, StagedModel, init_normal_fan_out
 
 # Conv widths per stage.
 _CONFIGS: dict[str, list[list[int]]] = {
@@ -45,8 +45,10 @@ def _max_pool() -> nn.MaxPool2d:
     return nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
 
 
-class VGG(nn.Module):
+class VGG(StagedModel):
     """VGG-BN; ``config`` lists the conv widths of the five stages."""
+
+    num_stages = 5  # block0 (the stem) to block4
 
     def __init__(
         self, config: list[list[int]], *, num_classes: int = 100, in_channels: int = 3
@@ -66,26 +68,25 @@ class VGG(nn.Module):
 
         init_normal_fan_out(self)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
-        height = x.shape[2]
-        f0 = F.relu(self.block0(x))
-        p1 = self.block1(self.pool0(f0))
-        f1 = F.relu(p1)
-        p2 = self.block2(self.pool1(f1))
-        f2 = F.relu(p2)
-        p3 = self.block3(self.pool2(f2))
-        f3 = F.relu(p3)
-        # mdistiller skips the fourth max-pool except on 64x64 (Tiny-ImageNet) inputs,
-        # so CIFAR's last stage runs at 4x4; kept for identical numerics.
-        p4 = self.block4(self.pool3(f3) if height == 64 else f3)
-        f4 = F.relu(p4)
-        pooled = self.pool4(f4).flatten(1)
-        logits = self.classifier(pooled)
-        return logits, Features(
-            feats=[f0, f1, f2, f3, f4],
-            preact_feats=[f0, p1, p2, p3, p4],
-            pooled_feat=pooled,
-        )
+    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            x = F.relu(self.block0(x))
+            return x, x  # as in mdistiller, the stem output doubles as its pre-activation
+        if i < 4:
+            # The max-pool after a feature point opens the next stage.
+            x = (self.pool0, self.pool1, self.pool2)[i - 1](x)
+        elif x.shape[2] == 8:
+            # mdistiller skips the fourth max-pool except on 64x64 (Tiny-ImageNet) inputs,
+            # so CIFAR's last stage runs at 4x4; kept for identical numerics. A stage sees
+            # only its input, so the test is on the third stage's map: 8 high for a
+            # 64-high image (and, unlike mdistiller, for the never-used heights 57-63).
+            x = self.pool3(x)
+        preact = (self.block1, self.block2, self.block3, self.block4)[i - 1](x)
+        return F.relu(preact), preact
+
+    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = self.pool4(x).flatten(1)
+        return self.classifier(pooled), pooled
 
 
 @MODELS.register("vgg8")

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import Features, GlobalAvgPool, MODELS, init_normal_fan_out
+from kdtune.models._registry import (
+    Features,
+    GlobalAvgPool,
+    MODELS,
+    StagedModel,
+    init_normal_fan_out,
+)
 
 
 class WideBlock(nn.Module):
@@ -49,8 +55,10 @@ class WideStage(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(StagedModel):
     """WRN-depth-k for 32x32 inputs."""
+
+    num_stages = 4  # the stem and three stages
 
     def __init__(
         self, depth: int, widen: int, *, num_classes: int = 100, in_channels: int = 3
@@ -70,24 +78,38 @@ class WideResNet(nn.Module):
 
         init_normal_fan_out(self, linear_std=None)  # convolutions have no bias here
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
-        f0 = self.conv1(x)
-        f1 = self.block1(f0)
-        f2 = self.block2(f1)
-        f3 = self.block3(f2)
-        pooled = self.avgpool(F.relu(self.bn1(f3))).flatten(1)
-        logits = self.fc(pooled)
+    def _next_bns(self) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm2d]:
+        """The BNs that first touch the outputs of stages 1-3 (next block's, or the head's)."""
+        return self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1
+
+    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            x = self.conv1(x)
+            return x, x  # a bare conv: no activation to be "pre"
+        x = (self.block1, self.block2, self.block3)[i - 1](x)
         # Stage outputs are sums that no BN-ReLU has touched yet (pre-activation design);
         # their "pre-activation" is the BN the next stage (or the head) applies to them.
-        # Like mdistiller, re-apply those BNs: same values as inside the pass, and in
-        # training mode the same extra running-statistics update mdistiller makes, so
+        # Like mdistiller, apply that BN here and again where it belongs: same values, and
+        # in training mode the same extra running-statistics update mdistiller makes, so
         # students trained here match students trained there.
-        p1 = self.block2.layer[0].bn1(f1)
-        p2 = self.block3.layer[0].bn1(f2)
-        p3 = self.bn1(f3)
-        return logits, Features(
-            feats=[f0, f1, f2, f3], preact_feats=[f0, p1, p2, p3], pooled_feat=pooled
-        )
+        return x, self._next_bns()[i - 1](x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Features]:
+        # Not the generic stage loop, which would apply those extra BNs inside the pass:
+        # same values and running statistics, but mdistiller applies them after the head,
+        # and autograd sums the gradient contributions a tensor receives in an order set by
+        # when they were created. A loss on both feats[i] and preact_feats[i] (three
+        # contributions to feats[i]) would then round differently from mdistiller.
+        feats = [self.conv1(x)]
+        for block in (self.block1, self.block2, self.block3):
+            feats.append(block(feats[-1]))
+        logits, pooled = self.forward_head(feats[-1])
+        preacts = [feats[0]] + [bn(f) for bn, f in zip(self._next_bns(), feats[1:])]
+        return logits, Features(feats=feats, preact_feats=preacts, pooled_feat=pooled)
+
+    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = self.avgpool(F.relu(self.bn1(x))).flatten(1)
+        return self.fc(pooled), pooled
 
 
 @MODELS.register("wrn_16_1")
