@@ -41,7 +41,10 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None) -> 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, num_classes=data.num_classes, in_channels=data.in_channels)
-    distiller = build_distiller(cfg.method, student, teacher, **cfg.method_params).to(device)
+    # Training crops keep the stored size (CIFAR 32x32, digits 8x8), so the stored image shape
+    # is the shape the distiller sees; feature distillers size their connectors from it.
+    distiller = build_distiller(cfg.method, student, teacher, input_shape=data.image_shape,
+                                **cfg.method_params).to(device)
     sampler = SAMPLERS.build(cfg.sampler, **cfg.sampler_params) if cfg.sampler != "none" else None
     return Engine(distiller, data, cfg.recipe(), device=device, seed=cfg.seed, final=cfg.final,
                   amp=cfg.amp, sampler=sampler)
