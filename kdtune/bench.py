@@ -3,8 +3,9 @@
 (a) The device-resident pipeline (crop + flip + normalise, batched on the device) against
 torchvision's usual DataLoader with PIL RandomCrop + RandomHorizontalFlip (2 workers), both
 on CIFAR-shaped data, side by side in one run.
-(b) A full KD training step (teacher forward, student forward/backward, SGD, augmentation),
-steady state, through the same Engine the searches use.
+(b) A full training step (teacher forward, student forward/backward, SGD, augmentation),
+steady state, through the same Engine the searches use: KD, and other methods (``--methods``)
+as a multiple of KD's step time on the same pair.
 """
 from __future__ import annotations
 
@@ -76,14 +77,15 @@ def bench_torchvision_pipeline(data: ImageData, device: torch.device, batch_size
     return len(data.train) / (time.perf_counter() - start)
 
 
-def bench_kd_step(teacher: str, student: str, device: torch.device, batch_size: int,
-                  steps: int) -> float:
-    """Steady-state images/s of Engine epochs of ``steps`` KD steps (after one warm-up epoch)."""
+def bench_step(method: str, teacher: str, student: str, device: torch.device, batch_size: int,
+               steps: int) -> float:
+    """Steady-state images/s of Engine epochs of ``steps`` training steps of ``method`` (with its
+    default hyperparameters) after one warm-up epoch."""
     data = cifar_shaped(batch_size * steps)
     torch.manual_seed(0)
     t = build_model(teacher, num_classes=100)
     s = build_model(student, num_classes=100)
-    engine = Engine(build_distiller("kd", s, t).to(device), data,
+    engine = Engine(build_distiller(method, s, t).to(device), data,
                     Recipe(epochs=3, batch_size=batch_size), device=device)
     engine.train_epoch()  # warm-up: cuDNN autotuning, allocator
     times = [engine.train_epoch()["time/epoch_s"] for _ in range(2)]
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline-images", type=int, default=10000)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the torchvision baseline")
     p.add_argument("--pairs", default="resnet32x4:resnet8x4,vgg13:vgg8")
-    p.add_argument("--steps", type=int, default=None, help="KD steps per timed epoch (default 10 CPU, 200 CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default 10 CPU, 200 CUDA)")
+    p.add_argument("--methods", default="kd", help="methods to time per pair, e.g. kd,ctkd,sakd (KD is the reference)")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-step", action="store_true")
     p.add_argument("--kdas", default=None, metavar="TEACHER:STUDENT",
@@ -178,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline  speed-up                   : {ours / base:12.1f}x")
     if not args.skip_step:
         steps = args.steps or (200 if device.type == "cuda" else 10)
+        methods = list(dict.fromkeys(["kd", *args.methods.split(",")]))
         for pair in args.pairs.split(","):
             teacher, student = pair.split(":")
-            ips = bench_kd_step(teacher, student, device, args.batch_size, steps)
-            print(f"kd step   {teacher}->{student:<10}: {ips:12,.0f} img/s")
+            rates = {m: bench_step(m, teacher, student, device, args.batch_size, steps) for m in methods}
+            for m, ips in rates.items():
+                ratio = "" if m == "kd" else f"  ({rates['kd'] / ips:.2f}x KD's step time)"
+                print(f"{m + ' step':<10}{teacher}->{student:<10}: {ips:12,.0f} img/s{ratio}")
     if args.kdas:
         teacher, student = args.kdas.split(":")
         bench_kdas(teacher, student, device, args.batch_size, args.kdas_images)

@@ -193,6 +193,9 @@ def _validate(values: dict[str, Any], source: str) -> dict[str, Any]:
     needs_teacher = method is not None and METHODS.get(method).needs_teacher
     if cfg["teacher"] is None and needs_teacher:
         problems.append(f"{source}: teacher: method {method!r} needs a teacher, but got null")
+    elif method is not None and needs_teacher and cfg["teacher"] in MODELS and cfg["student"] in MODELS:
+        problems += [f"{source}: {p}" for p in
+                     METHODS.get(method).check_models(cfg["teacher"], cfg["student"], params["method"])]
     if cfg["sampler"] != "none" and method is not None and not needs_teacher:
         problems.append(f"{source}: sampler: {cfg['sampler']!r} selects samples by teacher-student "
                         f"disagreement, so it needs a distillation method, but method is {method!r}")

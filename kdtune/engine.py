@@ -156,7 +156,8 @@ class Engine:
                 logits, losses = self.distiller(x, y, teacher_logits=teacher)
             weights = sampler.weights(teacher, y, epoch) if sampler is not None else None
             if weights is not None:  # per-sample weights scale the distillation terms, never CE
-                losses = {k: v if k == "ce" else v * weights for k, v in losses.items()}
+                keep = self.distiller.unweighted_terms
+                losses = {k: v if k in keep else v * weights for k, v in losses.items()}
             loss = sum(term.mean() for term in losses.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -347,3 +347,23 @@ def test_ctkd_trials_in_a_real_search(tmp_path: Path) -> None:
         assert [m.step for m in lambdas] == [1, 2, 3, 4]
         assert [m.value for m in lambdas] == pytest.approx([lam / 2, lam, lam, lam])
         assert "ctkd/temperature" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_sakd_trials_in_a_real_search(tmp_path: Path) -> None:
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd",
+                                         "epochs": 3},
+                        space={"gumbel_temperature": {"type": "categorical", "choices": [1.0, 5.0]},
+                               "gate_bias": {"type": "float", "low": 0.0, "high": 10.0}},
+                        search__num_samples=2, scheduler={"type": "none"})
+    r = run_search(tmp_path, space)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 2 and (table["status"] == "completed").all()
+    spots = ["sakd/gate_stage1", "sakd/gate_stage2", "sakd/gate_stage3", "sakd/gate_logits"]
+    assert table[spots].notna().all().all() and ((table[spots] >= 0) & (table[spots] <= 1)).all().all()
+    client, runs = child_runs(tmp_path)
+    for run in runs:
+        assert run.data.tags["method"] == "sakd"
+        for name in spots + ["train/loss_route", "train/loss_feat"]:
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [1, 2, 3]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from kdtune.distillers import ctkd, dkd, feature, kd  # noqa: F401  (registration)
+from kdtune.distillers import ctkd, dkd, feature, kd, sakd  # noqa: F401  (registration)
 from kdtune.distillers.base import METHODS, Distiller, Vanilla
 
 __all__ = ["METHODS", "Distiller", "Vanilla", "build_distiller"]

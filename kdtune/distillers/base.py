@@ -30,6 +30,9 @@ class Distiller(nn.Module):
     """
 
     needs_teacher = True
+    # Terms a sample policy (KDAS) leaves unweighted: the label loss, and batch-level terms
+    # that are not a per-sample distillation signal (SAKD's routing loss).
+    unweighted_terms: tuple[str, ...] = ("ce",)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None) -> None:
         super().__init__()
@@ -90,6 +93,11 @@ class Distiller(nn.Module):
     @classmethod
     def check(cls, params: dict[str, Any]) -> list[str]:
         """Problems with hyperparameter values (types are checked by the config loader)."""
+        return []
+
+    @classmethod
+    def check_models(cls, teacher: str, student: str, params: dict[str, Any]) -> list[str]:
+        """Problems with this teacher-student pair (by model name), found before any work starts."""
         return []
 
 
