@@ -132,6 +132,8 @@ _SHOWN = {"kdas/ratio": "ratio", "ctkd/lambda": "lambda", "ctkd/temperature": "T
 def _epoch_line(m: dict[str, float], split: str, epochs: int) -> str:
     terms = "  ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in m.items() if k.startswith("train/loss_"))
     extra = "".join(f"{label} {m[k]:.4g}  " for k, label in _SHOWN.items() if k in m)
+    gates = [v for k, v in m.items() if k.startswith("sakd/gate_")]
+    extra += f"gates {'/'.join(f'{g:.2f}' for g in gates)}  " if gates else ""
     return (f"epoch {m['epoch']:>3}/{epochs}  lr {m['lr']:.4g}  loss {m['train/loss']:.4f} ({terms})  {extra}"
             f"train acc {m['train/acc1']:.2f}  {split} acc {m.get(f'{split}/acc1', float('nan')):.2f}  "
             f"{m['time/epoch_s']:.1f}s")
