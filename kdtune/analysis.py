@@ -1,16 +1,56 @@
-"""Searches as pandas DataFrames: from a search's results table or from its MLflow runs.
+"""Searches as pandas DataFrames: trials, learning curves, and the answers to the usual questions.
 
-Columns use the hyperparameters' own names (``temperature``, ``lr``, ...); a method's
-conditional parameters are empty (NaN) for trials of other methods.
+Two tidy tables, one name per hyperparameter everywhere (the YAML names; a method's or a sampler's
+conditional parameters are empty, NaN, in trials of other methods or samplers):
+
+* trials -- one row per trial: ``search``, ``trial_id``, ``status``, the hyperparameters,
+  ``method`` and ``sampler`` (searched or fixed), ``epochs``, ``final_<metric>``,
+  ``best_<metric>``, ``wall_s``, ``samples_backprop``, ``cpus_per_trial``, ``gpus_per_trial``
+  and the last values of method/sampler metrics (``kdas/ratio``, ...);
+* curves -- one row per trial and epoch: ``search``, ``trial_id``, ``status``, ``epoch``,
+  ``wall_s`` (cumulative) and every metric the engine reported (``val/acc1``, ``train/loss_kd``,
+  ``lr``, ``samples/backprop``, ``kdas/ratio``, ``ctkd/temperature``, ``sakd/gate_<spot>``, ...).
+
+Where the data comes from. A search folder (``<storage-path>/<name>``) is read first: the trials
+from ``results.csv`` (written by the driver when the search ends), the curves from Ray Tune's
+``result.json`` of every trial folder -- plain local files that need no server, hold every
+reported value (even those MLflow refuses) and Tune's own ``time_total_s``. When the trial
+folders are not on this machine (a remote ``--storage-path``), the curves come from the MLflow
+metric histories instead. An MLflow experiment name reads everything from MLflow (params, tags
+and histories of the trial runs under the newest search run), so a search can be analysed from
+the tracking server alone; there ``wall_s`` is the sum of ``time/epoch_s``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 import pandas as pd
 
 from kdtune.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, default_tracking_uri
+
+STATE_FILE = "kdtune_search.json"  # kdtune.search.STATE_FILE (not imported: that pulls in the CLI)
+# Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
+FINISHED = ("completed", "stopped early")
+# Result keys of Ray Tune that are bookkeeping, not metrics of the run.
+_TUNE_KEYS = {"done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
+              "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total",
+              "timesteps_since_restore", "diverged", "epoch", "should_checkpoint", "date", "hostname",
+              "node_ip", "trial_id", "experiment_tag", "config", "checkpoint_dir_name"}
+# Metrics whose last value results.csv keeps per trial (kdtune.search.results_table).
+_LAST_VALUE_PREFIXES = ("kdas/", "ctkd/", "sakd/", "samples/scored")
+# Defaults of the run configuration for the two conditional keys (kdtune.config.RunConfig).
+_DEFAULT_CHOICE = {"method": "kd", "sampler": "none"}
+
+
+# --------------------------------------------------------------------------- kept: the raw loaders
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
@@ -38,7 +78,7 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
     from mlflow import MlflowClient
 
     if parent_run_id is None and storage_path is not None:
-        state = json.loads((Path(storage_path) / experiment / "kdtune_search.json").read_text())
+        state = json.loads((Path(storage_path) / experiment / STATE_FILE).read_text())
         parent_run_id, tracking_uri = state["parent_run_id"], tracking_uri or state["tracking_uri"]
     client = MlflowClient(tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(experiment)
@@ -51,11 +91,599 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
         row = {"trial_id": run.data.tags.get(TRIAL_TAG), "run_id": run.info.run_id,
                "status": run.data.tags.get(STATUS_TAG), "run_status": run.info.status,
                "method": run.data.tags.get("method")}
-        row.update(run.data.params)
         row.update(run.data.metrics)
+        # After the metrics: a hyperparameter named like a metric (``lr``, also the scheduled
+        # learning rate of the last epoch) keeps the trial's value.
+        row.update(run.data.params)
         rows.append(row)
     df = pd.DataFrame(rows)
     params = {k for run in runs for k in run.data.params}
     for name in params:
         df[name] = _numeric(df[name])
     return df.sort_values("trial_id", ignore_index=True) if len(df) else df
+
+
+# --------------------------------------------------------------------------- a search
+
+
+class SearchNotFound(FileNotFoundError):
+    """A results argument that is neither a kdtune search folder nor a known MLflow experiment."""
+
+
+@dataclass
+class Search:
+    """One search: its resolved spec (the YAML mapping after overrides and defaults), where it was
+    read from, and its two tables."""
+
+    name: str  # the spec's name (MLflow experiment, storage folder)
+    label: str  # the value of the ``search`` column (the name, made unique among loaded searches)
+    spec: dict
+    trials: pd.DataFrame
+    curves: pd.DataFrame
+    folder: Path | None = None
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+
+    @property
+    def space(self):
+        from kdtune.space import parse_space
+
+        return parse_space(self.spec["space"])[0]
+
+    @property
+    def metric(self) -> str:
+        return self.spec["search"]["metric"]
+
+    @property
+    def mode(self) -> str:
+        return self.spec["search"]["mode"]
+
+    @property
+    def max_epochs(self) -> int:
+        from kdtune.config import RunConfig
+
+        return int(self.spec["fixed"].get("epochs", RunConfig.epochs))
+
+    @property
+    def log_params(self) -> list[str]:
+        """The hyperparameters searched on a log scale (plotted on one too)."""
+        return [p.name for _, _, p in self.space.entries() if p.log]
+
+    @property
+    def milestones(self) -> list[int]:
+        """The epochs at which ASHA compared trials and stopped the weaker ones (none without ASHA)."""
+        scheduler = self.spec["scheduler"]
+        if scheduler["type"] != "asha":
+            return []
+        return asha_milestones(self.max_epochs, scheduler["grace_period"], scheduler["reduction_factor"])
+
+
+def asha_milestones(max_epochs: int, grace_period: int, reduction_factor: float) -> list[int]:
+    """ASHA's rungs as Ray Tune builds them (``_Bracket``: grace_period * rf**k below max_t);
+    the rung at max_epochs stops nothing, so it is left out."""
+    rungs = int(math.log(max_epochs / grace_period) / math.log(reduction_factor) + 1)
+    points = [grace_period * reduction_factor ** k for k in range(rungs)]
+    return [int(p) for p in points if p < max_epochs]
+
+
+def load_search(source: str | Path, tracking_uri: str | None = None, label: str | None = None) -> Search:
+    """A search from its folder (``<storage-path>/<name>``, holding ``kdtune_search.json``) or
+    from MLflow (the experiment ``source`` at ``tracking_uri``, default ``$MLFLOW_TRACKING_URI``
+    or ``./mlflow.db``; its newest search run).
+
+    Raises:
+        SearchNotFound: naming the path (or experiment) and what was expected there.
+    """
+    path = Path(source)
+    if (path / STATE_FILE).is_file():
+        return _from_folder(path, tracking_uri, label)
+    name_like = os.sep not in str(source)  # a path with a separator is never an experiment name
+    if name_like and _experiment_exists(str(source), tracking_uri):
+        return _from_mlflow(str(source), tracking_uri, label)
+    uri = _tracking_uri(tracking_uri)
+    what = (f"{path} exists but holds no {STATE_FILE}{_searches_below(path)}" if path.exists()
+            else f"{path} does not exist")
+    raise SearchNotFound(
+        f"{source}: not a kdtune search: expected a search folder <storage-path>/<name> holding "
+        f"{STATE_FILE} and results.csv (e.g. ray_results/quickstart-digits), or the name of an "
+        f"MLflow experiment at {uri}; {what}" + (" and there is no such experiment" if name_like else ""))
+
+
+def _searches_below(path: Path) -> str:
+    """A hint for a storage path given in place of a search folder: the searches inside it."""
+    if not path.is_dir():
+        return ""
+    found = sorted(str(p.parent) for p in [*path.glob(f"*/{STATE_FILE}"), *path.glob(f"*/*/{STATE_FILE}")])
+    return f" (searches below it: {', '.join(found[:5])})" if found else ""
+
+
+def load_searches(sources: Iterable[str | Path], tracking_uri: str | None = None) -> list[Search]:
+    """Several searches; their ``search`` labels are made unique (``name``, ``name#2``, ...)."""
+    searches: list[Search] = []
+    for source in sources:
+        search = load_search(source, tracking_uri)
+        taken = {s.label for s in searches}
+        label, n = search.name, 1
+        while label in taken:
+            n += 1
+            label = f"{search.name}#{n}"
+        searches.append(_relabel(search, label))
+    return searches
+
+
+def milestones(searches: list[Search]) -> list[int] | dict[str, list[int]]:
+    """ASHA's rungs for :func:`kdtune.plots.learning_curves`: a list for one search, else per label."""
+    return searches[0].milestones if len(searches) == 1 else {s.label: s.milestones for s in searches}
+
+
+def log_params(searches: Iterable[Search]) -> list[str]:
+    """The hyperparameters searched on a log scale in any of ``searches``."""
+    return sorted({name for s in searches for name in s.log_params})
+
+
+def trials_table(searches: Iterable[Search]) -> pd.DataFrame:
+    """The trials of several searches, one table (a column absent in a search is NaN there)."""
+    return _concat([s.trials for s in searches])
+
+
+def curves_table(searches: Iterable[Search]) -> pd.DataFrame:
+    """The learning curves of several searches, one table."""
+    return _concat([s.curves for s in searches])
+
+
+def load_trials(*sources: str | Path, tracking_uri: str | None = None) -> pd.DataFrame:
+    """One row per trial of every search named (folders or MLflow experiments)."""
+    return trials_table(load_searches(sources, tracking_uri))
+
+
+def load_curves(*sources: str | Path, tracking_uri: str | None = None) -> pd.DataFrame:
+    """One row per trial and epoch of every search named (folders or MLflow experiments)."""
+    return curves_table(load_searches(sources, tracking_uri))
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f.columns)]
+    return pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame()
+
+
+def _relabel(search: Search, label: str) -> Search:
+    search.label = label
+    for table in (search.trials, search.curves):
+        if len(table.columns):
+            table["search"] = label
+    return search
+
+
+# --------------------------------------------------------------------------- reading a folder
+
+
+def _from_folder(folder: Path, tracking_uri: str | None, label: str | None) -> Search:
+    state = json.loads((folder / STATE_FILE).read_text())
+    spec, uri = state["spec"], tracking_uri or state.get("tracking_uri")
+    label = label or spec["name"]
+    if not (folder / "results.csv").is_file():
+        raise SearchNotFound(f"{folder}: no results.csv yet (the driver writes it when the search ends "
+                             f"or is interrupted); analyse a running search from MLflow: "
+                             f"load_search({spec['name']!r}, tracking_uri={uri!r})")
+    try:
+        raw = pd.read_csv(folder / "results.csv")
+    except pd.errors.EmptyDataError:  # a search that ended before its first trial
+        raw = pd.DataFrame(columns=["trial_id", "status"])
+    curves = _curves_from_ray(folder)
+    if curves is None:  # trial folders elsewhere (remote storage): MLflow has the same histories
+        from mlflow import MlflowClient
+
+        runs = load_mlflow(spec["name"], uri, parent_run_id=state["parent_run_id"])
+        curves = _curves_from_mlflow(MlflowClient(uri), runs)
+    trials = _tidy_trials(raw, spec, label)
+    return Search(spec["name"], label, spec, trials, _tidy_curves(curves, trials, label), folder, uri,
+                  state["parent_run_id"])
+
+
+def _curves_from_ray(folder: Path) -> pd.DataFrame | None:
+    """Every trial's ``result.json`` (one JSON line per reported epoch), or None if there is none."""
+    files = sorted(folder.glob("*/result.json"))
+    if not files:
+        return None
+    rows = []
+    for file in files:
+        for line in file.read_text().splitlines():
+            if not line.strip():
+                continue
+            result = json.loads(line)
+            row = {k: v for k, v in result.items() if k not in _TUNE_KEYS and _is_number(v)}
+            row.update(trial_id=result["trial_id"], epoch=int(result["training_iteration"]),
+                       wall_s=result.get("time_total_s", math.nan))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- reading MLflow
+
+
+def _tracking_uri(given: str | None) -> str:
+    """As ``python -m kdtune.search`` picks it: the given URI, $MLFLOW_TRACKING_URI, ./mlflow.db."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _experiment_exists(name: str, tracking_uri: str | None) -> bool:
+    from mlflow import MlflowClient
+
+    uri = _tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False  # MlflowClient would create an empty database just to look
+    try:
+        return MlflowClient(uri).get_experiment_by_name(name) is not None
+    except Exception:  # an unreachable server: not an experiment we can read
+        return False
+
+
+def _from_mlflow(experiment: str, tracking_uri: str | None, label: str | None) -> Search:
+    import yaml
+    from mlflow import MlflowClient
+
+    uri = _tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`kdtune.kind` = 'search'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise SearchNotFound(f"MLflow experiment {experiment!r} at {uri} holds no kdtune search run "
+                             f"(a run tagged kdtune.kind=search)")
+    parent = parents[0].info.run_id
+    with tempfile.TemporaryDirectory() as tmp, _quiet_mlflow_downloads():
+        spec = yaml.safe_load(Path(client.download_artifacts(parent, "spec.yaml", tmp)).read_text())
+    runs = load_mlflow(experiment, uri, parent_run_id=parent)
+    label = label or spec["name"]
+    curves = _curves_from_mlflow(client, runs)
+    trials = _tidy_trials(_trials_from_mlflow(runs, curves, spec), spec, label)
+    return Search(spec["name"], label, spec, trials, _tidy_curves(curves, trials, label), None, uri, parent)
+
+
+@contextlib.contextmanager
+def _quiet_mlflow_downloads():
+    """No progress bar for a one-file download (it would land in every report and notebook)."""
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
+
+
+def _curves_from_mlflow(client, runs: pd.DataFrame) -> pd.DataFrame:
+    """The metric histories (``step`` = epoch) of the trial runs, one row per trial and epoch."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    metric_names = [c for c in runs.columns if "/" in c or c == "lr"]
+    for _, run in runs.iterrows():
+        for name in metric_names:
+            if pd.isna(run.get(name)):
+                continue
+            for point in client.get_metric_history(run["run_id"], name):
+                row = rows.setdefault((run["trial_id"], point.step), {"trial_id": run["trial_id"], "epoch": point.step})
+                row[name] = point.value
+    curves = pd.DataFrame(list(rows.values()))
+    if len(curves) and "time/epoch_s" in curves:
+        curves = curves.sort_values(["trial_id", "epoch"])
+        curves["wall_s"] = curves.groupby("trial_id")["time/epoch_s"].cumsum()
+    return curves
+
+
+def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) -> pd.DataFrame:
+    """The MLflow runs in the shape of ``results.csv``."""
+    from kdtune.space import parse_space
+
+    metric, mode = spec["search"]["metric"], spec["search"]["mode"]
+    params = set(parse_space(spec["space"])[0].names())
+    # last metric values under their metric names: only the method/sampler ones stay, as in results.csv
+    drop = [c for c in runs.columns if c not in params and
+            (("/" in c and not c.startswith(_LAST_VALUE_PREFIXES)) or c in ("lr", "epoch"))]
+    out = runs.copy()
+    last = curves.sort_values("epoch").groupby("trial_id").last() if len(curves) else pd.DataFrame()
+    history = curves.groupby("trial_id")[metric] if metric in curves else None
+    out["epochs"] = out["trial_id"].map(last["epoch"]) if len(last) else 0
+    out[f"final_{metric}"] = out.get(metric, math.nan)
+    best = (history.max() if mode == "max" else history.min()) if history is not None else pd.Series(dtype=float)
+    out[f"best_{metric}"] = out["trial_id"].map(best)
+    out["wall_s"] = out["trial_id"].map(last["wall_s"]) if "wall_s" in last else math.nan
+    out["samples_backprop"] = out.get("samples/backprop", math.nan)
+    return out.drop(columns=drop)
+
+
+# --------------------------------------------------------------------------- tidying
+
+
+def _tidy_trials(raw: pd.DataFrame, spec: dict, label: str) -> pd.DataFrame:
+    """Columns in one order for every source; ``method`` and ``sampler`` present even when fixed."""
+    from kdtune.space import parse_space
+
+    trials = raw.copy()
+    names = parse_space(spec["space"])[0].names()
+    for key, default in _DEFAULT_CHOICE.items():
+        if key not in names or key not in trials:
+            trials[key] = spec["fixed"].get(key, default)
+    trials["search"] = label
+    trials["cpus_per_trial"] = spec["resources"]["cpus_per_trial"]
+    trials["gpus_per_trial"] = spec["resources"]["gpus_per_trial"]
+    metric = spec["search"]["metric"]
+    first = ["search", "trial_id", "status", *names, *[k for k in _DEFAULT_CHOICE if k not in names],
+             "epochs", f"final_{metric}", f"best_{metric}", "wall_s", "samples_backprop",
+             "cpus_per_trial", "gpus_per_trial"]
+    first = [c for c in first if c in trials]
+    return trials[first + [c for c in trials.columns if c not in first]].reset_index(drop=True)
+
+
+def _tidy_curves(curves: pd.DataFrame, trials: pd.DataFrame, label: str) -> pd.DataFrame:
+    from kdtune.trainable import PENALTY
+
+    if curves is None or not len(curves):
+        return pd.DataFrame(columns=["search", "trial_id", "status", "epoch", "wall_s"])
+    # One row per epoch even if a retried trial reported an epoch twice: the later one counts.
+    curves = curves.drop_duplicates(["trial_id", "epoch"], keep="last").copy()
+    metrics = [c for c in curves.columns if c not in ("trial_id", "epoch", "wall_s")]
+    # A diverged trial reports +-PENALTY in place of NaN/inf (searchers need a number); on a
+    # plot it would flatten every other curve, so it is missing again here.
+    curves[metrics] = curves[metrics].mask(curves[metrics].abs() >= PENALTY)
+    curves["search"] = label
+    curves["status"] = curves["trial_id"].map(trials.set_index("trial_id")["status"])
+    first = ["search", "trial_id", "status", "epoch", "wall_s"]
+    first = [c for c in first if c in curves]
+    rest = sorted(c for c in curves.columns if c not in first)
+    return curves[first + rest].sort_values(["trial_id", "epoch"], ignore_index=True)
+
+
+# --------------------------------------------------------------------------- the usual questions
+
+
+def _objective(metric: str) -> str:
+    return f"best_{metric}"
+
+
+def _finished(trials: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Trials that ran normally and have a value: diverged/failed ones carry a penalty, not a score."""
+    return trials[trials["status"].isin(FINISHED)].dropna(subset=[column])
+
+
+def best_trials(trials: pd.DataFrame, n: int = 5, metric: str = "val/acc1", mode: str = "max",
+                by: str | None = None) -> pd.DataFrame:
+    """The ``n`` best finished trials by ``best_<metric>`` (of each ``by`` group, e.g. ``"search"``
+    or ``"sampler"``, when given)."""
+    column = _objective(metric)
+    ranked = _finished(trials, column).sort_values(column, ascending=mode == "min", kind="stable")
+    if by is not None:
+        return ranked.groupby(by, sort=False, dropna=False).head(n).reset_index(drop=True)
+    return ranked.head(n).reset_index(drop=True)
+
+
+# The two reference points a distillation result is read against.
+BASELINES = {
+    "none": "the student alone (method: none)",
+    "kd": "plain KD (method: kd, no sampler, no logit standardization)",
+}
+
+
+def _baseline_trials(trials: pd.DataFrame, name: str) -> pd.DataFrame:
+    method = trials["method"] if "method" in trials else pd.Series("kd", index=trials.index)
+    if name == "none":
+        return trials[method == "none"]
+    plain = method == "kd"
+    if "sampler" in trials:
+        plain &= trials["sampler"].fillna("none") == "none"
+    if "logit_stand" in trials:
+        plain &= ~trials["logit_stand"].fillna(False).astype(bool)
+    return trials[plain]
+
+
+def baseline_gap(trials: pd.DataFrame, baselines: dict[str, float] | None = None, metric: str = "val/acc1",
+                 mode: str = "max") -> pd.DataFrame:
+    """How far each search's best trial is from the baselines (positive: better than the baseline).
+
+    The baselines ``none`` (the student alone) and ``kd`` (plain KD) come from the finished trials
+    of all the searches in ``trials`` when such trials exist; otherwise from ``baselines``
+    (``{"none": 93.1, "kd": 95.4}``), which may also name further references (``{"paper": 96.0}``).
+    One row per search and baseline: search, best_trial, best, baseline, baseline_value,
+    baseline_trial, source, gap.
+    """
+    column = _objective(metric)
+    done = _finished(trials, column)
+    if "search" not in done:
+        done = done.assign(search="search")
+    sign = 1.0 if mode == "max" else -1.0
+    references: dict[str, tuple[float, str | None, str]] = {}
+    for name in BASELINES:
+        found = best_trials(_baseline_trials(done, name), 1, metric, mode)
+        if len(found):
+            row = found.iloc[0]
+            references[name] = (float(row[column]), row["trial_id"], f"trials of {row['search']}")
+    for name, value in (baselines or {}).items():
+        references.setdefault(name, (float(value), None, "given"))
+    rows = []
+    for search, group in done.groupby("search", sort=False):
+        top = best_trials(group, 1, metric, mode).iloc[0]
+        for name, (value, trial_id, source) in references.items():
+            rows.append({"search": search, "best_trial": top["trial_id"], "best": float(top[column]),
+                         "baseline": name, "baseline_value": value, "baseline_trial": trial_id,
+                         "source": source, "gap": sign * (float(top[column]) - value)})
+    columns = ["search", "best_trial", "best", "baseline", "baseline_value", "baseline_trial", "source", "gap"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def group_summary(trials: pd.DataFrame, by: str, metric: str = "val/acc1", mode: str = "max") -> pd.DataFrame:
+    """Trials side by side per ``by`` group (``"search"``, ``"sampler"``, ``"method"``): how many
+    finished, the best and median ``best_<metric>``, and the mean cost of a trial (wall time,
+    epochs, samples back-propagated) -- e.g. what KDAS buys against training on every sample."""
+    column = _objective(metric)
+    rows = []
+    for group, frame in trials.groupby(by, sort=False, dropna=False):
+        done = _finished(frame, column)
+        best = (done[column].max() if mode == "max" else done[column].min()) if len(done) else math.nan
+        rows.append({by: group, "trials": len(frame), "finished": len(done), "best": best,
+                     "median": done[column].median(), "mean_epochs": frame["epochs"].mean(),
+                     "mean_wall_s": frame["wall_s"].mean(), "mean_samples_backprop": frame["samples_backprop"].mean(),
+                     "wall_s_per_epoch": frame["wall_s"].sum() / max(frame["epochs"].sum(), 1),
+                     "samples_backprop_per_epoch": frame["samples_backprop"].sum() / max(frame["epochs"].sum(), 1)})
+    return pd.DataFrame(rows)
+
+
+def cost_totals(trials: pd.DataFrame) -> pd.DataFrame:
+    """What each search cost: trials (and how they ended), epochs, wall/CPU/GPU hours (wall time
+    of every trial times its ``cpus_per_trial`` / ``gpus_per_trial``), samples back-propagated."""
+    if "search" not in trials:
+        trials = trials.assign(search="search")
+    rows = []
+    for search, group in trials.groupby("search", sort=False):
+        wall_h = group["wall_s"].fillna(0) / 3600
+        row = {"search": search, "trials": len(group)}
+        row.update({status: int((group["status"] == status).sum())
+                    for status in ("completed", "stopped early", "diverged", "failed", "interrupted")})
+        row.update({"epochs": int(group["epochs"].fillna(0).sum()), "trial_hours": wall_h.sum(),
+                    "cpu_hours": (wall_h * group.get("cpus_per_trial", 1)).sum(),
+                    "gpu_hours": (wall_h * group.get("gpus_per_trial", 0)).sum(),
+                    "samples_backprop": int(group["samples_backprop"].fillna(0).sum())})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- parameter importance
+
+
+def param_importance(trials: pd.DataFrame, space, metric: str = "val/acc1", mode: str = "max",
+                     evaluator: str | Any = "fanova", target: str | None = None, seed: int = 0) -> pd.DataFrame:
+    """How much each searched hyperparameter explains ``best_<metric>`` (or the ``target`` column),
+    by Optuna's ``get_param_importances`` over the finished trials of one search.
+
+    ``space``: the search's :class:`~kdtune.space.Space`, its YAML mapping, or a :class:`Search`.
+    ``evaluator``: ``"fanova"`` (Optuna's default), ``"ped_anova"`` or an evaluator object.
+    Conditional parameters exist only in some trials, so each is assessed where it exists: scope
+    ``all`` covers the parameters every trial has (``method``/``sampler`` when searched, the shared
+    ones); scope ``sampler=kdas`` (say) adds KDAS's own parameters, over the KDAS trials only.
+    Returns rows of scope, param, importance (summing to 1 within a scope), trials; a scope with
+    fewer than two trials is skipped with a warning.
+    """
+    import optuna
+
+    space = _as_space(space)
+    column = target or _objective(metric)
+    done = _finished(trials, column)
+    direction = "maximize" if mode == "max" else "minimize"
+    rows = []
+    for scope, subset, params in _importance_scopes(space, done):
+        if len(subset) < 2:
+            warnings.warn(f"parameter importance: scope {scope!r} has {len(subset)} finished trial(s); "
+                          f"at least 2 are needed", stacklevel=2)
+            continue
+        study = _study(direction)
+        study.add_trials([_optuna_trial(row, params, row[column]) for _, row in subset.iterrows()])
+        values = optuna.importance.get_param_importances(
+            study, evaluator=_evaluator(evaluator, seed), params=list(params), normalize=True)
+        rows += [{"scope": scope, "param": name, "importance": value, "trials": len(subset)}
+                 for name, value in values.items()]
+    return pd.DataFrame(rows, columns=["scope", "param", "importance", "trials"])
+
+
+def importance_table(searches: Iterable[Search], evaluator: str | Any = "fanova", seed: int = 0) -> pd.DataFrame:
+    """:func:`param_importance` of every search (each over its own space), with a ``search`` column."""
+    frames = []
+    for search in searches:
+        found = param_importance(search.trials, search, search.metric, search.mode, evaluator, seed=seed)
+        frames.append(found.assign(search=search.label)[["search", *found.columns]])
+    return _concat(frames)
+
+
+def _study(direction: str):
+    """An in-memory study, without Optuna's "A new study created" line in every report."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.create_study(direction=direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _as_space(space):
+    from kdtune.space import Space, parse_space
+
+    if isinstance(space, Search):
+        return space.space
+    if isinstance(space, Space):
+        return space
+    parsed, problems = parse_space(space)
+    if problems:
+        raise ValueError("invalid space: " + "; ".join(problems))
+    return parsed
+
+
+def _importance_scopes(space, trials: pd.DataFrame):
+    """(scope, trials, {name: Param or choices}) for the shared parameters and each sub-space."""
+    shared: dict[str, Any] = {key: tuple(choices) for key, choices in space.conditionals.items()}
+    shared.update(space.params)
+    yield "all", trials, shared
+    for key, choices in space.conditionals.items():
+        for choice, sub in choices.items():
+            if sub:
+                mine = trials[trials[key].astype(str) == str(choice)]
+                others = {k: v for k, v in shared.items() if k != key}  # constant within the scope
+                yield f"{key}={choice}", mine, {**others, **sub}
+
+
+def _distribution(param):
+    """The Optuna distribution of a Param (or of a conditional key's choices, a tuple)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(param, tuple):
+        return CategoricalDistribution(list(param))
+    if param.kind == "float":
+        return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+    if param.kind == "int":
+        return IntDistribution(param.low, param.high, log=param.log, step=param.step or 1)
+    return CategoricalDistribution(list(param.choices))
+
+
+def _optuna_trial(row: pd.Series, params: dict[str, Any], value: float):
+    import optuna
+
+    distributions = {name: _distribution(p) for name, p in params.items()}
+    values = {name: _as_optuna_value(row[name], dist) for name, dist in distributions.items()}
+    return optuna.trial.create_trial(params=values, distributions=distributions, value=float(value))
+
+
+def _as_optuna_value(value: Any, distribution) -> Any:
+    """A table value in its distribution: a CSV gives categorical choices back as strings or
+    numbers ("1,2,3,4", 2 for 2), so a choice is matched by its text too."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        for choice in distribution.choices:
+            if choice == value or str(choice) == str(value) or _same_number(choice, value):
+                return choice
+        raise ValueError(f"{value!r} is none of the choices {list(distribution.choices)}")
+    value = float(value) if isinstance(distribution.low, float) else int(value)
+    return min(max(value, distribution.low), distribution.high)  # CSV round-off at a bound
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    try:
+        return not isinstance(a, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _evaluator(evaluator: str | Any, seed: int):
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+    if evaluator == "fanova":
+        return FanovaImportanceEvaluator(seed=seed)
+    if evaluator == "ped_anova":
+        return PedAnovaImportanceEvaluator()
+    if isinstance(evaluator, str):
+        raise ValueError(f"evaluator must be 'fanova', 'ped_anova' or an Optuna evaluator, but got {evaluator!r}")
+    return evaluator
