@@ -13,6 +13,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's digits with a 200-image validation split (shared by a module's tests)."""
+    from kdtune.data import load_dataset
+
+    return load_dataset("digits", val_size=200)
+
+
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"

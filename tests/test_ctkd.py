@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kdtune.config import ConfigError, RunConfig
-from kdtune.data import load_dataset
 from kdtune.distillers import build_distiller
 from kdtune.distillers.ctkd import CURRICULA, curriculum_lambda, gradient_reversal
 from kdtune.distillers.functional import kd_loss
@@ -142,11 +141,6 @@ def test_instance_mode_gives_one_temperature_per_sample() -> None:
     s.requires_grad_(True)
     d.current_temperature(s, t).sum().backward()
     assert s.grad is None or torch.equal(s.grad, torch.zeros_like(s))
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", val_size=200)
 
 
 @pytest.fixture(scope="module")

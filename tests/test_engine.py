@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kdtune.config import RunConfig
-from kdtune.data import load_dataset
 from kdtune.engine import Recipe
 from kdtune.run import build_engine
 
@@ -35,11 +34,6 @@ def _cfg(**kw) -> RunConfig:
                 batch_size=128, val_size=200, device="cpu", seed=0)
     base.update(kw)
     return RunConfig.from_dict(base)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", val_size=200)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdtune.config import ConfigError, RunConfig
-from kdtune.data import load_dataset
 from kdtune.distillers import METHODS, build_distiller
 from kdtune.distillers.connectors import ConvReg, feature_shapes
 from kdtune.distillers.feature import FEATURE_LOSSES, FeatureDistiller, spot_features
@@ -377,11 +376,6 @@ def test_build_distiller_passes_the_input_shape_only_to_builders_that_take_it() 
     assert kd.temperature == 2.0
     fit = build_distiller("fitnet", student, teacher, input_shape=(1, 8, 8))
     assert fit.feat_loss.connectors[0](torch.rand(2, 32, 4, 4)).shape == (2, 32, 4, 4)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", val_size=200)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kdtune.config import ConfigError, RunConfig
-from kdtune.data import load_dataset
 from kdtune.distillers import build_distiller
 from kdtune.distillers.functional import kd_loss
 from kdtune.distillers.sakd import straight_through_gates
@@ -138,11 +137,6 @@ def test_fitnet_spot_is_its_hint_layer() -> None:
     d = _sakd(feature_loss="fitnet")
     assert d.spots == [2] and d.spot_names == ["stage2", "logits"]
     assert d.feat_weight == type(d.feature).sakd_weight
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", val_size=200)
 
 
 @pytest.fixture(scope="module")

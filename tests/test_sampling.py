@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from kdtune.config import ConfigError, RunConfig
-from kdtune.data import load_dataset
 from kdtune.models import build_model
 from kdtune.run import build_engine
 from kdtune.sampling import KDAS, penalty_weights, select, teacher_target_divergence
@@ -64,11 +63,6 @@ def test_teacher_target_divergence_is_the_smoothed_label_cross_entropy() -> None
     smooth = torch.full((6, 5), 1e-6 / 4).scatter(1, y[:, None], 1 - 1e-6)
     expected = (smooth * (smooth.log() - F.log_softmax(t, 1))).sum(1)
     assert torch.allclose(teacher_target_divergence(t, y), expected, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", val_size=200)
 
 
 @pytest.fixture(scope="module")
