@@ -202,3 +202,13 @@ def test_sakd_config_is_validated_before_any_work() -> None:
     cfg = RunConfig.from_dict({"method": "sakd", "teacher": "resnet32x4", "student": "resnet8x4",
                                "feat_weight": 500, "route_gamma": None})
     assert cfg.method_params == {"feat_weight": 500.0, "route_gamma": None}
+
+
+def test_sakd_resumes_exactly(digits, teacher, tmp_path) -> None:
+    full = [m["train/loss"] for m in _engine(digits, teacher, epochs=3).run()]
+    first = _engine(digits, teacher, epochs=3)
+    head = [next(first.run())["train/loss"]]
+    torch.save(first.state_dict(), tmp_path / "s.pth")
+    second = _engine(digits, teacher, epochs=3)
+    second.load_state_dict(torch.load(tmp_path / "s.pth", weights_only=True))
+    assert head + [m["train/loss"] for m in second.run()] == full  # router, gates' RNG and all
