@@ -34,18 +34,11 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from kdtune.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, default_tracking_uri
+from kdtune.records import LAST_VALUE_PREFIXES, RESULTS_FILE, STATE_FILE, resolve_tracking_uri, run_metrics
+from kdtune.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
-STATE_FILE = "kdtune_search.json"  # kdtune.search.STATE_FILE (not imported: that pulls in the CLI)
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
 FINISHED = ("completed", "stopped early")
-# Result keys of Ray Tune that are bookkeeping, not metrics of the run.
-_TUNE_KEYS = {"done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
-              "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total",
-              "timesteps_since_restore", "diverged", "epoch", "should_checkpoint", "date", "hostname",
-              "node_ip", "trial_id", "experiment_tag", "config", "checkpoint_dir_name"}
-# Metrics whose last value results.csv keeps per trial (kdtune.search.results_table).
-_LAST_VALUE_PREFIXES = ("kdas/", "ctkd/", "sakd/", "samples/scored")
 # Defaults of the run configuration for the two conditional keys (kdtune.config.RunConfig).
 _DEFAULT_CHOICE = {"method": "kd", "sampler": "none"}
 
@@ -57,7 +50,7 @@ def load_results(path: str | Path) -> pd.DataFrame:
     """One row per trial, from ``results.csv`` or the search folder that holds it
     (``<storage-path>/<name>``)."""
     path = Path(path)
-    csv = path / "results.csv" if path.is_dir() else path
+    csv = path / RESULTS_FILE if path.is_dir() else path
     if not csv.is_file():
         raise FileNotFoundError(f"{csv}: no results table (written when a search ends)")
     return pd.read_csv(csv)
@@ -80,7 +73,7 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
     if parent_run_id is None and storage_path is not None:
         state = json.loads((Path(storage_path) / experiment / STATE_FILE).read_text())
         parent_run_id, tracking_uri = state["parent_run_id"], tracking_uri or state["tracking_uri"]
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise KeyError(f"no MLflow experiment named {experiment!r} at {client.tracking_uri}")
@@ -180,7 +173,7 @@ def load_search(source: str | Path, tracking_uri: str | None = None, label: str 
     name_like = os.sep not in str(source)  # a path with a separator is never an experiment name
     if name_like and _experiment_exists(str(source), tracking_uri):
         return _from_mlflow(str(source), tracking_uri, label)
-    uri = _tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     what = (f"{path} exists but holds no {STATE_FILE}{_searches_below(path)}" if path.exists()
             else f"{path} does not exist")
     raise SearchNotFound(
@@ -261,12 +254,12 @@ def _from_folder(folder: Path, tracking_uri: str | None, label: str | None) -> S
     state = json.loads((folder / STATE_FILE).read_text())
     spec, uri = state["spec"], tracking_uri or state.get("tracking_uri")
     label = label or spec["name"]
-    if not (folder / "results.csv").is_file():
+    if not (folder / RESULTS_FILE).is_file():
         raise SearchNotFound(f"{folder}: no results.csv yet (the driver writes it when the search ends "
                              f"or is interrupted); analyse a running search from MLflow: "
                              f"load_search({spec['name']!r}, tracking_uri={uri!r})")
     try:
-        raw = pd.read_csv(folder / "results.csv")
+        raw = pd.read_csv(folder / RESULTS_FILE)
     except pd.errors.EmptyDataError:  # a search that ended before its first trial
         raw = pd.DataFrame(columns=["trial_id", "status"])
     curves = _curves_from_ray(folder)
@@ -291,29 +284,20 @@ def _curves_from_ray(folder: Path) -> pd.DataFrame | None:
             if not line.strip():
                 continue
             result = json.loads(line)
-            row = {k: v for k, v in result.items() if k not in _TUNE_KEYS and _is_number(v)}
+            row = run_metrics(result)
             row.update(trial_id=result["trial_id"], epoch=int(result["training_iteration"]),
                        wall_s=result.get("time_total_s", math.nan))
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 # --------------------------------------------------------------------------- reading MLflow
-
-
-def _tracking_uri(given: str | None) -> str:
-    """As ``python -m kdtune.search`` picks it: the given URI, $MLFLOW_TRACKING_URI, ./mlflow.db."""
-    return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def _experiment_exists(name: str, tracking_uri: str | None) -> bool:
     from mlflow import MlflowClient
 
-    uri = _tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return False  # MlflowClient would create an empty database just to look
     try:
@@ -326,7 +310,7 @@ def _from_mlflow(experiment: str, tracking_uri: str | None, label: str | None) -
     import yaml
     from mlflow import MlflowClient
 
-    uri = _tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`kdtune.kind` = 'search'",
@@ -384,7 +368,7 @@ def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) ->
     params = set(parse_space(spec["space"])[0].names())
     # last metric values under their metric names: only the method/sampler ones stay, as in results.csv
     drop = [c for c in runs.columns if c not in params and
-            (("/" in c and not c.startswith(_LAST_VALUE_PREFIXES)) or c in ("lr", "epoch"))]
+            (("/" in c and not c.startswith(LAST_VALUE_PREFIXES)) or c in ("lr", "epoch"))]
     out = runs.copy()
     last = curves.sort_values("epoch").groupby("trial_id").last() if len(curves) else pd.DataFrame()
     history = curves.groupby("trial_id")[metric] if metric in curves else None

@@ -19,12 +19,12 @@ from typing import Any
 import yaml
 
 from kdtune.config import ConfigError
+from kdtune.records import LAST_VALUE_PREFIXES, RESULTS_FILE, STATE_FILE, resolve_tracking_uri
 from kdtune.spec import SearchSpec, load_spec
 
 # Flags that are shorthands for spec overrides.
 FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
                   "gpus_per_trial": "resources.gpus_per_trial", "cpus_per_trial": "resources.cpus_per_trial"}
-STATE_FILE = "kdtune_search.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     storage = resolve_storage(args.storage_path)
-    from kdtune.tracking import default_tracking_uri
-
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
     if args.dry_run:
         print_dry_run(spec, storage, tracking_uri)
         return 0
@@ -226,7 +224,7 @@ def results_table(results, spec: SearchSpec):
                     "samples_backprop": last.get("samples/backprop", math.nan)})
         # method- and sampler-specific values of the last epoch (KDAS's ratio, CTKD's temperature,
         # SAKD's gate rates, samples scored)
-        row.update({k: v for k, v in last.items() if k.startswith(("kdas/", "ctkd/", "sakd/", "samples/scored"))})
+        row.update({k: v for k, v in last.items() if k.startswith(LAST_VALUE_PREFIXES)})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -235,7 +233,7 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
            experiment_path: str, wall: float) -> int:
     from mlflow.entities import Metric, RunTag
 
-    csv = own / "results.csv"
+    csv = own / RESULTS_FILE
     own.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv, index=False)
     client.log_artifact(parent_id, str(csv))

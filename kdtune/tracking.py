@@ -10,26 +10,19 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunStatus
 from ray.tune import Callback
+
+from kdtune.records import run_metrics
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
 STATUS_TAG = "kdtune.status"
 STATUSES = ("completed", "stopped early", "diverged", "failed", "interrupted")
-# Result keys that are Tune bookkeeping, not metrics of the run.
-_NOT_METRICS = {"done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
-                "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total",
-                "timesteps_since_restore", "diverged", "epoch"}
-
-
-def default_tracking_uri(cwd: Path | None = None) -> str:
-    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -131,9 +124,7 @@ class TrialTracker(Callback):
         epoch = int(result["training_iteration"])
         if epoch > self.logged.get(tid, 0):
             ts = int(time.time() * 1000)
-            metrics = [Metric(k, float(v), ts, epoch) for k, v in result.items()
-                       if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and math.isfinite(v)]
+            metrics = [Metric(k, float(v), ts, epoch) for k, v in run_metrics(result, finite=True).items()]
             metrics.append(Metric("epoch", float(epoch), ts, epoch))
             # Asynchronous: the driver goes straight back to scheduling trials.
             self.client.log_batch(run_id, metrics=metrics, synchronous=False)
