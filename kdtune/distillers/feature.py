@@ -43,21 +43,29 @@ SPOTS = ("stages", "hint", "last", "pooled")
 DEFAULT_HINT_LAYER = 2  # mdistiller's FITNET.HINT_LAYER; SA's FitNet spot is also feats[2]
 
 
+def spot_indices(spot: str, num_feats: int, hint_layer: int = DEFAULT_HINT_LAYER) -> list[int]:
+    """The indices into ``features["feats"]`` of a spatial spot (not ``"pooled"``)."""
+    if spot == "stages":
+        return list(range(1, num_feats))
+    if spot == "hint":
+        if not 0 <= hint_layer < num_feats:
+            raise IndexError(f"hint_layer {hint_layer} out of range: the model has {num_feats} "
+                             f"feature maps (0 is the stem)")
+        return [hint_layer]
+    if spot == "last":
+        return [num_feats - 1]
+    raise ValueError(f"no feature-map indices for spot {spot!r}; spatial spots: "
+                     f"{', '.join(s for s in SPOTS if s != 'pooled')}")
+
+
 def spot_features(features: Features, spot: str, hint_layer: int = DEFAULT_HINT_LAYER) -> list[Any]:
     """The entries of ``features`` (tensors, or ``torch.Size`` from ``feature_shapes``) a spot uses."""
-    feats = features["feats"]
-    if spot == "stages":
-        return list(feats[1:])
-    if spot == "hint":
-        if not 0 <= hint_layer < len(feats):
-            raise IndexError(f"hint_layer {hint_layer} out of range: the model has {len(feats)} "
-                             f"feature maps (0 is the stem)")
-        return [feats[hint_layer]]
-    if spot == "last":
-        return [feats[-1]]
     if spot == "pooled":
         return [features["pooled_feat"]]
-    raise ValueError(f"unknown spot {spot!r}; known: {', '.join(SPOTS)}")
+    if spot not in SPOTS:
+        raise ValueError(f"unknown spot {spot!r}; known: {', '.join(SPOTS)}")
+    feats = features["feats"]
+    return [feats[i] for i in spot_indices(spot, len(feats), hint_layer)]
 
 
 def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:

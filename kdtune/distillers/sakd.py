@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kdtune.distillers.base import METHODS, Distiller, check_ranges
 from kdtune.distillers.connectors import ConvReg, feature_shapes
-from kdtune.distillers.feature import FEATURE_LOSSES
+from kdtune.distillers.feature import FEATURE_LOSSES, spot_indices
 from kdtune.distillers.functional import kd_loss
 
 GATES = ("policy", "anti", "random")
@@ -57,17 +57,6 @@ def frozen(model: nn.Module) -> Iterator[None]:
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
-
-
-def spot_stages(spot: str, num_stages: int, hint_layer: int) -> list[int]:
-    """The stage indices whose outputs are a feature distiller's spots."""
-    if spot == "stages":
-        return list(range(1, num_stages))
-    if spot == "hint":
-        return [hint_layer]
-    if spot == "last":
-        return [num_stages - 1]
-    raise ValueError(f"SAKD mixes streams between stages; a {spot!r} spot is not supported")
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +112,8 @@ class SAKD(Distiller):
         if teacher.num_stages != student.num_stages:
             raise ValueError(f"SAKD mixes teacher and student stage by stage, but the teacher has "
                              f"{teacher.num_stages} stages and the student {student.num_stages}")
-        self.spots = spot_stages(loss_cls.spot, student.num_stages, hint_layer)
+        # Stage i outputs feats[i], so a spot's feature indices are the stages to mix after.
+        self.spots = spot_indices(loss_cls.spot, student.num_stages, hint_layer)
         s_shapes, t_shapes = feature_shapes(student, input_shape), feature_shapes(teacher, input_shape)
         s_spot = [s_shapes["feats"][i] for i in self.spots]
         t_spot = [t_shapes["feats"][i] for i in self.spots]
