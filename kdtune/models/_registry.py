@@ -69,6 +69,18 @@ class StagedModel(nn.Module):
         raise NotImplementedError
 
 
+class ConvStemModel(StagedModel):
+    """A staged model whose stem is ``relu(bn1(conv1(x)))`` and whose stage ``i > 0`` is
+    ``layer<i>`` (ResNets and ShuffleNets). As in mdistiller, the stem output doubles as its
+    pre-activation."""
+
+    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            x = F.relu(self.bn1(self.conv1(x)))
+            return x, x
+        return getattr(self, f"layer{i}")(x)
+
+
 class Stage(nn.Sequential):
     """A run of blocks that each return ``(output, pre_activation)``.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import GlobalAvgPool, MODELS, Stage, StagedModel, init_kaiming_fan_out
+from kdtune.models._registry import MODELS, ConvStemModel, GlobalAvgPool, Stage, init_kaiming_fan_out
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -41,7 +41,7 @@ class BasicBlock(nn.Module):
         return F.relu(preact), preact
 
 
-class CifarResNet(StagedModel):
+class CifarResNet(ConvStemModel):
     """ResNet-(6n+2) for 32x32 inputs; ``widths`` = (stem, stage1, stage2, stage3)."""
 
     num_stages = 4  # the stem and three stages
@@ -73,13 +73,6 @@ class CifarResNet(StagedModel):
         blocks = [BasicBlock(cin, cout, stride)]
         blocks += [BasicBlock(cout, cout) for _ in range(n - 1)]
         return Stage(*blocks)
-
-    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        if i == 0:
-            x = F.relu(self.bn1(self.conv1(x)))
-            # The stem output has no separate pre-activation in mdistiller: it is reused.
-            return x, x
-        return (self.layer1, self.layer2, self.layer3)[i - 1](x)
 
     def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pooled = self.avgpool(x).flatten(1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, Stage, StagedModel, init_kaiming_fan_out
+from kdtune.models._registry import MODELS, ConvStemModel, Stage, init_kaiming_fan_out
 
 
 def _projection(cin: int, cout: int, stride: int) -> nn.Module:
@@ -65,7 +65,7 @@ class Bottleneck(nn.Module):
         return F.relu(preact), preact
 
 
-class ResNetV2(StagedModel):
+class ResNetV2(ConvStemModel):
     """Four-stage ResNet; ``num_blocks`` per stage, ``block`` basic or bottleneck."""
 
     num_stages = 5  # the stem and four stages
@@ -95,12 +95,6 @@ class ResNetV2(StagedModel):
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
         init_kaiming_fan_out(self)
-
-    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        if i == 0:
-            x = F.relu(self.bn1(self.conv1(x)))
-            return x, x  # as in mdistiller, the stem output doubles as its pre-activation
-        return (self.layer1, self.layer2, self.layer3, self.layer4)[i - 1](x)
 
     def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pooled = self.avgpool(x).flatten(1)

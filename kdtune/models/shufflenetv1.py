@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, GlobalAvgPool, Stage, StagedModel, channel_shuffle
+from kdtune.models._registry import MODELS, ConvStemModel, GlobalAvgPool, Stage, channel_shuffle
 
 _STEM = 24
 
@@ -47,7 +47,7 @@ class ShuffleUnit(nn.Module):
         return F.relu(preact), preact
 
 
-class ShuffleNetV1(StagedModel):
+class ShuffleNetV1(ConvStemModel):
     """ShuffleNet V1 with stage widths ``widths`` and ``num_blocks`` units per stage."""
 
     num_stages = 4  # the stem and three stages
@@ -75,12 +75,6 @@ class ShuffleNetV1(StagedModel):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = GlobalAvgPool()  # mdistiller: avg_pool2d(4) on the 4x4 map
         self.linear = nn.Linear(widths[-1], num_classes)
-
-    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        if i == 0:
-            x = F.relu(self.bn1(self.conv1(x)))
-            return x, x  # as in mdistiller, the stem output doubles as its pre-activation
-        return (self.layer1, self.layer2, self.layer3)[i - 1](x)
 
     def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pooled = self.avgpool(x).flatten(1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, GlobalAvgPool, Stage, StagedModel, channel_shuffle
+from kdtune.models._registry import MODELS, ConvStemModel, GlobalAvgPool, Stage, channel_shuffle
 
 _STEM = 24
 
@@ -80,7 +80,7 @@ class DownUnit(nn.Module):
         return out, out
 
 
-class ShuffleNetV2(StagedModel):
+class ShuffleNetV2(ConvStemModel):
     """ShuffleNet V2 with stage widths ``widths[:3]``, head width ``widths[3]``."""
 
     num_stages = 4  # the stem and three stages
@@ -106,12 +106,6 @@ class ShuffleNetV2(StagedModel):
         self.bn2 = nn.BatchNorm2d(widths[3])
         self.avgpool = GlobalAvgPool()  # mdistiller: avg_pool2d(4) on the 4x4 map
         self.linear = nn.Linear(widths[3], num_classes)
-
-    def _forward_stage(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        if i == 0:
-            x = F.relu(self.bn1(self.conv1(x)))
-            return x, x  # as in mdistiller, the stem output doubles as its pre-activation
-        return (self.layer1, self.layer2, self.layer3)[i - 1](x)
 
     def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pooled = self.avgpool(F.relu(self.bn2(self.conv2(x)))).flatten(1)
