@@ -39,8 +39,6 @@ from kdtune.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
 FINISHED = ("completed", "stopped early")
-# Defaults of the run configuration for the two conditional keys (kdtune.config.RunConfig).
-_DEFAULT_CHOICE = {"method": "kd", "sampler": "none"}
 
 
 # --------------------------------------------------------------------------- kept: the raw loaders
@@ -386,18 +384,20 @@ def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) ->
 
 def _tidy_trials(raw: pd.DataFrame, spec: dict, label: str) -> pd.DataFrame:
     """Columns in one order for every source; ``method`` and ``sampler`` present even when fixed."""
-    from kdtune.space import parse_space
+    from kdtune.config import RunConfig
+    from kdtune.space import CONDITIONAL_KEYS, parse_space
 
     trials = raw.copy()
     names = parse_space(spec["space"])[0].names()
-    for key, default in _DEFAULT_CHOICE.items():
+    defaults = {key: getattr(RunConfig, key) for key in CONDITIONAL_KEYS}  # "kd", "none"
+    for key, default in defaults.items():
         if key not in names or key not in trials:
             trials[key] = spec["fixed"].get(key, default)
     trials["search"] = label
     trials["cpus_per_trial"] = spec["resources"]["cpus_per_trial"]
     trials["gpus_per_trial"] = spec["resources"]["gpus_per_trial"]
     metric = spec["search"]["metric"]
-    first = ["search", "trial_id", "status", *names, *[k for k in _DEFAULT_CHOICE if k not in names],
+    first = ["search", "trial_id", "status", *names, *[k for k in defaults if k not in names],
              "epochs", f"final_{metric}", f"best_{metric}", "wall_s", "samples_backprop",
              "cpus_per_trial", "gpus_per_trial"]
     first = [c for c in first if c in trials]
