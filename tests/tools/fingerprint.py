@@ -1,0 +1,99 @@
+"""Behaviour fingerprint of kdtune: model outputs and state dicts, every method's loss terms on
+fixed inputs, and the metrics of a fixed-seed digits run for every method.
+
+Refactors must leave it unchanged (``tests/test_fingerprint.py`` compares it with the committed
+``tests/data/fingerprint.json``). Regenerate only for a deliberate change of behaviour, and say
+which entries moved and why in the commit message:
+
+    python tests/tools/fingerprint.py > tests/data/fingerprint.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import torch
+
+# Method hyperparameters for the entries that need more than the defaults on these pairs.
+METHOD_PARAMS: dict[str, dict] = {"sakd": {"feature_loss": "at"}}
+# Methods whose fixed-input losses and digits run use the same-family pair below.
+PAIR = ("resnet20", "resnet8")
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def models() -> dict[str, dict]:
+    from kdtune.models import MODELS, build_model
+
+    out = {}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name in MODELS.names():
+        torch.manual_seed(0)
+        model = build_model(name, num_classes=100).eval()
+        with torch.no_grad():
+            logits, feats = model(x)
+        state = hashlib.sha256()
+        for key, value in sorted(model.state_dict().items()):
+            state.update(key.encode())
+            state.update(tensor_digest(value).encode())
+        out[name] = {"logits": tensor_digest(logits), "logit_sum": round(float(logits.sum()), 4),
+                     "state": state.hexdigest()[:16]}
+    return out
+
+
+def losses() -> dict[str, dict]:
+    from kdtune.distillers import METHODS, build_distiller
+    from kdtune.models import build_model
+
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 100, (8,), generator=g)
+    for method in METHODS.names():
+        torch.manual_seed(0)
+        teacher = build_model(PAIR[0], num_classes=100)
+        student = build_model(PAIR[1], num_classes=100)
+        distiller = build_distiller(method, student, teacher if METHODS.get(method).needs_teacher else None,
+                                    input_shape=(3, 32, 32), **METHOD_PARAMS.get(method, {}))
+        distiller.train()
+        distiller.on_epoch_start(30, 240)
+        torch.manual_seed(2)  # methods that draw (SAKD's Gumbel gates) draw the same numbers
+        _, terms = distiller(x, y)
+        out[method] = {k: round(float(v.detach().float().mean()), 6) for k, v in sorted(terms.items())}
+    return out
+
+
+def digits_runs() -> dict[str, dict]:
+    from kdtune.config import RunConfig
+    from kdtune.data import load_dataset
+    from kdtune.distillers import METHODS
+    from kdtune.models import build_model
+    from kdtune.run import build_engine
+
+    data = load_dataset("digits", val_size=200)
+    out = {}
+    runs = {m: {"method": m, **METHOD_PARAMS.get(m, {})} for m in METHODS.names()}
+    runs["kd+kdas"] = {"method": "kd", "sampler": "kdas", "sampling_period": "1,2"}
+    for name, values in runs.items():
+        cfg = RunConfig.from_dict({"dataset": "digits", "teacher": "resnet8", "student": "resnet8",
+                                   "epochs": 2, "batch_size": 64, "seed": 0, "device": "cpu", **values})
+        torch.manual_seed(123)
+        teacher = build_model("resnet8", num_classes=10, in_channels=1) if METHODS.get(cfg.method).needs_teacher else None
+        engine = build_engine(cfg, data, teacher)
+        metrics = list(engine.run())[-1]
+        out[name] = {k: round(float(v), 5) for k, v in sorted(metrics.items())
+                     if isinstance(v, (int, float)) and "time" not in k and "per_s" not in k}
+    return out
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    json.dump({"models": models(), "losses": losses(), "digits": digits_runs()}, sys.stdout, indent=1, sort_keys=True)
+    print()
+
+
+if __name__ == "__main__":
+    main()
