@@ -1,4 +1,4 @@
-"""kdtune.analysis, kdtune.plots, ``python -m kdtune.report`` and the notebooks in analysis/.
+"""kdtune.analysis (loaders, plots), ``python -m kdtune.report`` and the notebooks in analysis/.
 
 The helpers that only compute on DataFrames are checked on small hand-made tables with known
 answers; the loaders, plots, report and notebooks on one real search (digits, method none or
@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdtune import analysis, plots, report
+from kdtune.analysis import plots, report
+from kdtune import analysis
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "analysis-e2e"
@@ -241,6 +242,16 @@ def test_trials_from_the_folder_and_from_mlflow_agree(search: dict) -> None:
 
     both = analysis.load_trials(search["folder"], search["folder"])
     assert len(both) == 12 and set(both["search"]) == {NAME, f"{NAME}#2"}
+
+
+@pytest.mark.slow
+def test_loading_a_search_folder_starts_neither_ray_nor_mlflow(search: dict) -> None:
+    code = (f"import sys\nfrom kdtune import analysis\nfound = analysis.load_search({str(search['folder'])!r})\n"
+            "assert len(found.trials) == 6 and len(found.curves) > 6\n"
+            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 @pytest.mark.slow

@@ -95,8 +95,8 @@ def test_dry_run_prints_spec_and_space(tmp_path: Path) -> None:
 def test_optuna_is_told_pruned_for_early_stopped_trials() -> None:
     import optuna
 
-    from kdtune.searchers import KDOptunaSearch
-    from kdtune.space import Param, Space
+    from kdtune.search.searchers import KDOptunaSearch
+    from kdtune.search.space import Param, Space
 
     space = Space(params={"x": Param("x", "float", 0.0, 1.0)}, methods=None)
     searcher = KDOptunaSearch(space=space.suggest, metric="val/acc1", mode="max", max_epochs=4,

@@ -13,7 +13,7 @@ from optuna.trial import FixedTrial
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.variant_generator import generate_variants
 
-from kdtune.space import MAX_GRID, Param, Space, parse_param, parse_space
+from kdtune.search.space import MAX_GRID, Param, Space, parse_param, parse_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

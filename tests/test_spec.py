@@ -12,7 +12,7 @@ from optuna.samplers import RandomSampler
 from ray.tune.search.variant_generator import generate_variants
 
 from kdtune.config import ConfigError, RunConfig
-from kdtune.spec import load_spec
+from kdtune.search.spec import load_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import Features
+from kdtune.models.base import Features
 
 
 def _chw(shape: Sequence[int]) -> tuple[int, int, int]:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from kdtune.distillers.base import METHODS, Distiller, check_ranges
 from kdtune.distillers.connectors import ConvReg, feature_shapes
-from kdtune.models._registry import Features
+from kdtune.models.base import Features
 from kdtune.registry import Registry
 
 FEATURE_LOSSES = Registry("feature loss")

@@ -2,7 +2,7 @@
 
 State-dict keys and shapes match mdistiller's definitions, so its published
 teacher checkpoints load strictly. Every model maps an image batch to
-``(logits, features)``; see :class:`kdtune.models._registry.Features`.
+``(logits, features)``; see :class:`kdtune.models.base.Features`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from kdtune.models import (  # noqa: F401
     vgg,
     wrn,
 )
-from kdtune.models._registry import MODELS, Features, StagedModel
+from kdtune.models.base import MODELS, Features, StagedModel
 
 __all__ = ["MODELS", "Features", "StagedModel", "build_model"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdtune.models._registry import GlobalAvgPool, MODELS, StagedModel, init_normal_fan_out
+from kdtune.models.base import GlobalAvgPool, MODELS, StagedModel, init_normal_fan_out
 
 # (expansion, output channels at width 1, repeats, first stride); None = use ``expand``.
 _SETTINGS: list[tuple[int | None, int, int, int]] = [

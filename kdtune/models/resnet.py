@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, ConvStemModel, GlobalAvgPool, Stage, init_kaiming_fan_out
+from kdtune.models.base import MODELS, ConvStemModel, GlobalAvgPool, Stage, init_kaiming_fan_out
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

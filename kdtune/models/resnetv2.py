@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, ConvStemModel, Stage, init_kaiming_fan_out
+from kdtune.models.base import MODELS, ConvStemModel, Stage, init_kaiming_fan_out
 
 
 def _projection(cin: int, cout: int, stride: int) -> nn.Module:

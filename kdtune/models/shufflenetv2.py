@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, ConvStemModel, GlobalAvgPool, Stage, channel_shuffle
+from kdtune.models.base import MODELS, ConvStemModel, GlobalAvgPool, Stage, channel_shuffle
 
 _STEM = 24
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import MODELS, StagedModel, init_normal_fan_out
+from kdtune.models.base import MODELS, StagedModel, init_normal_fan_out
 
 # Conv widths per stage.
 _CONFIGS: dict[str, list[list[int]]] = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.models._registry import (
+from kdtune.models.base import (
     Features,
     GlobalAvgPool,
     MODELS,

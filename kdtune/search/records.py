@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "kdtune_search.json"  # in <storage>/<name>: the parent run id and tracking URI
+# MLflow tags kdtune sets on a search's runs.
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "kdtune.trial_id"
+STATUS_TAG = "kdtune.status"
+# What a diverged trial reports in place of NaN/inf (searchers need a number).
+PENALTY = 1e6
 RESULTS_FILE = "results.csv"  # in <storage>/<name>: one row per trial, written when a search ends
 # Metrics whose last value the results table keeps per trial: a method's or a sampler's own.
 LAST_VALUE_PREFIXES = ("kdas/", "ctkd/", "sakd/", "samples/scored")

@@ -27,15 +27,14 @@ import json
 import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
-from kdtune.records import LAST_VALUE_PREFIXES, RESULTS_FILE, STATE_FILE, resolve_tracking_uri, run_metrics
-from kdtune.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
+from kdtune.search.records import (LAST_VALUE_PREFIXES, PARENT_TAG, PENALTY, RESULTS_FILE, STATE_FILE, STATUS_TAG,
+                                   TRIAL_TAG, resolve_tracking_uri, run_metrics)
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
 FINISHED = ("completed", "stopped early")
@@ -117,7 +116,7 @@ class Search:
 
     @property
     def space(self):
-        from kdtune.space import parse_space
+        from kdtune.search.space import parse_space
 
         return parse_space(self.spec["space"])[0]
 
@@ -203,7 +202,7 @@ def load_searches(sources: Iterable[str | Path], tracking_uri: str | None = None
 
 
 def milestones(searches: list[Search]) -> list[int] | dict[str, list[int]]:
-    """ASHA's rungs for :func:`kdtune.plots.learning_curves`: a list for one search, else per label."""
+    """ASHA's rungs for :func:`kdtune.analysis.plots.learning_curves`: a list for one search, else per label."""
     return searches[0].milestones if len(searches) == 1 else {s.label: s.milestones for s in searches}
 
 
@@ -360,7 +359,7 @@ def _curves_from_mlflow(client, runs: pd.DataFrame) -> pd.DataFrame:
 
 def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) -> pd.DataFrame:
     """The MLflow runs in the shape of ``results.csv``."""
-    from kdtune.space import parse_space
+    from kdtune.search.space import parse_space
 
     metric, mode = spec["search"]["metric"], spec["search"]["mode"]
     params = set(parse_space(spec["space"])[0].names())
@@ -385,7 +384,7 @@ def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) ->
 def _tidy_trials(raw: pd.DataFrame, spec: dict, label: str) -> pd.DataFrame:
     """Columns in one order for every source; ``method`` and ``sampler`` present even when fixed."""
     from kdtune.config import RunConfig
-    from kdtune.space import CONDITIONAL_KEYS, parse_space
+    from kdtune.search.space import CONDITIONAL_KEYS, parse_space
 
     trials = raw.copy()
     names = parse_space(spec["space"])[0].names()
@@ -405,8 +404,6 @@ def _tidy_trials(raw: pd.DataFrame, spec: dict, label: str) -> pd.DataFrame:
 
 
 def _tidy_curves(curves: pd.DataFrame, trials: pd.DataFrame, label: str) -> pd.DataFrame:
-    from kdtune.trainable import PENALTY
-
     if curves is None or not len(curves):
         return pd.DataFrame(columns=["search", "trial_id", "status", "epoch", "wall_s"])
     # One row per epoch even if a retried trial reported an epoch twice: the later one counts.
@@ -533,141 +530,3 @@ def cost_totals(trials: pd.DataFrame) -> pd.DataFrame:
                     "samples_backprop": int(group["samples_backprop"].fillna(0).sum())})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- parameter importance
-
-
-def param_importance(trials: pd.DataFrame, space, metric: str = "val/acc1", mode: str = "max",
-                     evaluator: str | Any = "fanova", target: str | None = None, seed: int = 0) -> pd.DataFrame:
-    """How much each searched hyperparameter explains ``best_<metric>`` (or the ``target`` column),
-    by Optuna's ``get_param_importances`` over the finished trials of one search.
-
-    ``space``: the search's :class:`~kdtune.space.Space`, its YAML mapping, or a :class:`Search`.
-    ``evaluator``: ``"fanova"`` (Optuna's default), ``"ped_anova"`` or an evaluator object.
-    Conditional parameters exist only in some trials, so each is assessed where it exists: scope
-    ``all`` covers the parameters every trial has (``method``/``sampler`` when searched, the shared
-    ones); scope ``sampler=kdas`` (say) adds KDAS's own parameters, over the KDAS trials only.
-    Returns rows of scope, param, importance (summing to 1 within a scope), trials; a scope with
-    fewer than two trials is skipped with a warning.
-    """
-    import optuna
-
-    space = _as_space(space)
-    column = target or _objective(metric)
-    done = _finished(trials, column)
-    direction = "maximize" if mode == "max" else "minimize"
-    rows = []
-    for scope, subset, params in _importance_scopes(space, done):
-        if len(subset) < 2:
-            warnings.warn(f"parameter importance: scope {scope!r} has {len(subset)} finished trial(s); "
-                          f"at least 2 are needed", stacklevel=2)
-            continue
-        study = _study(direction)
-        study.add_trials([_optuna_trial(row, params, row[column]) for _, row in subset.iterrows()])
-        values = optuna.importance.get_param_importances(
-            study, evaluator=_evaluator(evaluator, seed), params=list(params), normalize=True)
-        rows += [{"scope": scope, "param": name, "importance": value, "trials": len(subset)}
-                 for name, value in values.items()]
-    return pd.DataFrame(rows, columns=["scope", "param", "importance", "trials"])
-
-
-def importance_table(searches: Iterable[Search], evaluator: str | Any = "fanova", seed: int = 0) -> pd.DataFrame:
-    """:func:`param_importance` of every search (each over its own space), with a ``search`` column."""
-    frames = []
-    for search in searches:
-        found = param_importance(search.trials, search, search.metric, search.mode, evaluator, seed=seed)
-        frames.append(found.assign(search=search.label)[["search", *found.columns]])
-    return _concat(frames)
-
-
-def _study(direction: str):
-    """An in-memory study, without Optuna's "A new study created" line in every report."""
-    import optuna
-
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.create_study(direction=direction)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
-def _as_space(space):
-    from kdtune.space import Space, parse_space
-
-    if isinstance(space, Search):
-        return space.space
-    if isinstance(space, Space):
-        return space
-    parsed, problems = parse_space(space)
-    if problems:
-        raise ValueError("invalid space: " + "; ".join(problems))
-    return parsed
-
-
-def _importance_scopes(space, trials: pd.DataFrame):
-    """(scope, trials, {name: Param or choices}) for the shared parameters and each sub-space."""
-    shared: dict[str, Any] = {key: tuple(choices) for key, choices in space.conditionals.items()}
-    shared.update(space.params)
-    yield "all", trials, shared
-    for key, choices in space.conditionals.items():
-        for choice, sub in choices.items():
-            if sub:
-                mine = trials[trials[key].astype(str) == str(choice)]
-                others = {k: v for k, v in shared.items() if k != key}  # constant within the scope
-                yield f"{key}={choice}", mine, {**others, **sub}
-
-
-def _distribution(param):
-    """The Optuna distribution of a Param (or of a conditional key's choices, a tuple)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if isinstance(param, tuple):
-        return CategoricalDistribution(list(param))
-    if param.kind == "float":
-        return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
-    if param.kind == "int":
-        return IntDistribution(param.low, param.high, log=param.log, step=param.step or 1)
-    return CategoricalDistribution(list(param.choices))
-
-
-def _optuna_trial(row: pd.Series, params: dict[str, Any], value: float):
-    import optuna
-
-    distributions = {name: _distribution(p) for name, p in params.items()}
-    values = {name: _as_optuna_value(row[name], dist) for name, dist in distributions.items()}
-    return optuna.trial.create_trial(params=values, distributions=distributions, value=float(value))
-
-
-def _as_optuna_value(value: Any, distribution) -> Any:
-    """A table value in its distribution: a CSV gives categorical choices back as strings or
-    numbers ("1,2,3,4", 2 for 2), so a choice is matched by its text too."""
-    from optuna.distributions import CategoricalDistribution
-
-    if isinstance(distribution, CategoricalDistribution):
-        for choice in distribution.choices:
-            if choice == value or str(choice) == str(value) or _same_number(choice, value):
-                return choice
-        raise ValueError(f"{value!r} is none of the choices {list(distribution.choices)}")
-    value = float(value) if isinstance(distribution.low, float) else int(value)
-    return min(max(value, distribution.low), distribution.high)  # CSV round-off at a bound
-
-
-def _same_number(a: Any, b: Any) -> bool:
-    try:
-        return not isinstance(a, bool) and float(a) == float(b)
-    except (TypeError, ValueError):
-        return False
-
-
-def _evaluator(evaluator: str | Any, seed: int):
-    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
-
-    if evaluator == "fanova":
-        return FanovaImportanceEvaluator(seed=seed)
-    if evaluator == "ped_anova":
-        return PedAnovaImportanceEvaluator()
-    if isinstance(evaluator, str):
-        raise ValueError(f"evaluator must be 'fanova', 'ped_anova' or an Optuna evaluator, but got {evaluator!r}")
-    return evaluator

@@ -1,7 +1,7 @@
 """A search specification: one YAML file (plus ``--set dotted.key=value`` overrides), validated in one pass.
 
 The file says what is fixed (a flat :class:`~kdtune.config.RunConfig` mapping), what is searched
-(a :class:`~kdtune.space.Space`), how (algorithm, metric, early stopping) and with what
+(a :class:`~kdtune.search.space.Space`), how (algorithm, metric, early stopping) and with what
 resources. :func:`load_spec` reports every problem at once, each as
 ``<file or --set KEY=VALUE>: <yaml.path>: <rule>, but got <value>``.
 """
@@ -20,7 +20,7 @@ from typing import Any
 from kdtune.config import ConfigError, RunConfig, coerce, load_yaml, parse_override
 from kdtune.distillers import METHODS
 from kdtune.sampling import SAMPLERS
-from kdtune.space import Param, Space, parse_space
+from kdtune.search.space import Param, Space, parse_space
 
 SECTIONS = {  # section -> its keys with their defaults (None: computed)
     "search": {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max", "seed": 0,

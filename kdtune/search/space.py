@@ -19,10 +19,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray import tune
-from ray.tune.search.sample import Domain, Sampler
-from ray.tune.search.variant_generator import RecursiveDependencyError
-
 from kdtune.config import coerce
 
 KINDS = ("float", "int", "categorical")
@@ -63,8 +59,10 @@ class Param:
             return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
         return trial.suggest_categorical(self.name, list(self.choices))
 
-    def to_tune(self) -> Domain:
+    def to_tune(self) -> Any:
         """The Ray Tune domain that samples the same values as :meth:`suggest` with a random sampler."""
+        from ray import tune  # only where a Tune translation is asked for: the analysis layer reads spaces without Ray
+
         if self.kind == "categorical":
             return tune.choice(list(self.choices))
         if self.kind == "float":
@@ -151,16 +149,20 @@ class Space:
             param.suggest(trial)
         return None
 
-    def to_tune(self) -> dict[str, Domain]:
+    def to_tune(self) -> dict[str, Any]:
         """Ray Tune domains (``param_space``) for Tune's BasicVariantGenerator.
 
         Tune configs cannot leave keys out per trial, so a method's (sampler's) parameter is a
         :class:`Conditional` that resolves to None in trials of other methods (samplers); the
         trainable drops keys whose value is None.
         """
-        out: dict[str, Domain] = {key: tune.choice(list(choices)) for key, choices in self.conditionals.items()}
+        from ray import tune
+
+        from kdtune.search.tune_space import Conditional
+
+        out: dict[str, Any] = {key: tune.choice(list(choices)) for key, choices in self.conditionals.items()}
         for key, choices in self.conditionals.items():
-            by_name: dict[str, dict[str, Domain]] = {}
+            by_name: dict[str, dict[str, Any]] = {}
             for choice, sub in choices.items():
                 for name, param in sub.items():
                     by_name.setdefault(name, {})[choice] = param.to_tune()
@@ -216,60 +218,6 @@ class Space:
                 c: {n: p.to_dict() for n, p in sub.items()} for c, sub in choices.items()}}
         out.update({n: p.to_dict() for n, p in self.params.items()})
         return out
-
-
-# --------------------------------------------------------------------------- Tune conditionals
-
-def _trial_choice(config: Any, key: str = "method") -> Any:
-    # Tune's BasicVariantGenerator hands over the whole experiment spec ({"config": ...,
-    # "run": ...}); generate_variants(param_space) the config itself.
-    if key not in config and isinstance(config.get("config"), dict):
-        config = config["config"]
-    choice = config[key]
-    if isinstance(choice, Domain):  # not drawn yet: Tune retries after the other variables
-        raise RecursiveDependencyError(f"{key} is not resolved yet")
-    return choice
-
-
-class _ConditionalSampler(Sampler):
-    def sample(self, domain: Conditional, config: Any = None, size: int = 1, random_state: Any = None) -> Any:
-        configs = config if isinstance(config, list) else [config] * size
-        values = [domain.draw(c, random_state) for c in configs]
-        return values if size > 1 else values[0]
-
-
-class Conditional(Domain):
-    """A method's (or sampler's) hyperparameter in a Tune config: drawn from that method's domain
-    in trials of a method that has it, None in the others. ``parent`` is the key whose drawn
-    choice decides ("method" or "sampler").
-
-    A Domain rather than ``tune.sample_from``: Tune calls sample_from functions without its
-    random state (so a seeded random search would not be reproducible), while a Domain is
-    drawn by the variant generator with the searcher's seeded generator.
-    """
-
-    default_sampler_cls = _ConditionalSampler
-
-    def __init__(self, name: str, domains: dict[str, Domain], parent: str = "method") -> None:
-        self.name = name
-        self.domains = domains
-        self.parent = parent
-
-    def draw(self, config: Any, random_state: Any = None) -> Any:
-        domain = self.domains.get(_trial_choice(config, self.parent))
-        return None if domain is None else domain.sample(random_state=random_state)
-
-    def is_valid(self, value: Any) -> bool:
-        return value is None or any(d.is_valid(value) for d in self.domains.values())
-
-    @property
-    def domain_str(self) -> str:
-        parts = [f"{m}: {type(d).__name__}{d.domain_str} {type(d.get_sampler()).__name__.lstrip('_')}"
-                 for m, d in self.domains.items()]
-        return f"{self.parent} " + "{" + ", ".join(parts) + ", else None}"
-
-    def __repr__(self) -> str:
-        return f"Conditional({self.name}: {self.domain_str})"
 
 
 # --------------------------------------------------------------------------- parsing YAML

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from kdtune.analysis import FINISHED
+from kdtune.analysis.loaders import FINISHED
 
 STATUS_COLOURS = {"completed": "tab:green", "stopped early": "tab:blue", "diverged": "tab:red",
                   "failed": "black", "interrupted": "tab:gray"}

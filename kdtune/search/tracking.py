@@ -17,11 +17,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from ray.tune import Callback
 
-from kdtune.records import run_metrics
+from kdtune.search.records import PARENT_TAG, STATUS_TAG, TRIAL_TAG, run_metrics
 
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "kdtune.trial_id"
-STATUS_TAG = "kdtune.status"
 STATUSES = ("completed", "stopped early", "diverged", "failed", "interrupted")
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from kdtune.config import ConfigError
-from kdtune.records import LAST_VALUE_PREFIXES, RESULTS_FILE, STATE_FILE, resolve_tracking_uri
-from kdtune.spec import SearchSpec, load_spec
+from kdtune.search.records import LAST_VALUE_PREFIXES, RESULTS_FILE, STATE_FILE, resolve_tracking_uri
+from kdtune.search.spec import SearchSpec, load_spec
 
 # Flags that are shorthands for spec overrides.
 FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
@@ -129,8 +129,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     from mlflow import MlflowClient
     from ray import tune
 
-    from kdtune.tracking import TrialTracker, close_dangling_runs, experiment_id
-    from kdtune.trainable import KDTrainable
+    from kdtune.search.tracking import TrialTracker, close_dangling_runs, experiment_id
+    from kdtune.search.trainable import KDTrainable
 
     client = MlflowClient(tracking_uri)
     tags = {k: str(spec.fixed.get(k, "")) for k in ("method", "teacher", "student", "dataset", "seed")}
@@ -178,7 +178,7 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, tracker):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from kdtune.searchers import build_searcher
+    from kdtune.search.searchers import build_searcher
 
     searcher, param_space, num_samples = build_searcher(spec)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
@@ -200,7 +200,7 @@ def results_table(results, spec: SearchSpec):
     """One row per trial: hyperparameters, final/best metric, epochs, status, wall time, samples."""
     import pandas as pd
 
-    from kdtune.tracking import trial_status
+    from kdtune.search.tracking import trial_status
 
     # ResultGrid's public Result has no trial status, and Tune uses one TERMINATED for both
     # "finished" and "stopped by ASHA"; the analysis object behind it has both.
@@ -267,7 +267,7 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
 
 
 def print_dry_run(spec: SearchSpec, storage: str, tracking_uri: str) -> None:
-    from kdtune.searchers import build_searcher
+    from kdtune.search.searchers import build_searcher
 
     print(f"# resolved search spec ({spec.path})")
     print(yaml.safe_dump(spec.resolved, sort_keys=False))

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from kdtune.spec import SearchSpec
+from kdtune.search.spec import SearchSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -2,7 +2,7 @@
 
 Data and teachers are cached per worker process, so with ``reuse_actors`` a worker loads
 them once and every later trial it runs starts in well under a second. The engine itself
-knows nothing of Ray; MLflow logging happens on the driver (kdtune.tracking).
+knows nothing of Ray; MLflow logging happens on the driver (kdtune.search.tracking).
 """
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from ray import tune
 
 from kdtune.config import RunConfig
 from kdtune.run import build_engine, load_data, load_teacher
-from kdtune.spec import SearchSpec
+from kdtune.search.records import PENALTY
+from kdtune.search.spec import SearchSpec
 
 # Per-process caches: (dataset settings) -> ImageData, (teacher settings) -> frozen teacher.
 _DATA: dict[tuple, Any] = {}
 _TEACHERS: dict[tuple, Any] = {}
-# Reported in place of a metric that is not finite, so that searchers can still learn from
-# the trial (Optuna refuses NaN and would leave the trial RUNNING forever).
-PENALTY = 1e6
 
 
 def penalty_value(mode: str) -> float:
+    """Reported in place of a metric that is not finite, so that searchers can still learn from
+    the trial (Optuna refuses NaN and would leave the trial RUNNING forever)."""
     return -PENALTY if mode == "max" else PENALTY
 
 

@@ -1,0 +1,210 @@
+"""``python -m kdtune.report RESULTS [RESULTS ...]``: a short report of one or several searches.
+
+RESULTS is a search folder (``<storage-path>/<name>``, e.g. ``ray_results/quickstart-digits``) or
+the name of an MLflow experiment. Writes the plots (PNG), ``report.md`` and ``report.html`` (the
+same text, the images embedded) into ``--out``: best configuration, gap to the baselines,
+parameter importance, cost. A RESULTS that is neither exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kdtune import analysis
+from kdtune.analysis import plots
+
+# Plot captions, in report order.
+CAPTIONS = {
+    "learning_curves": "Learning curves, coloured by how each trial ended; dotted: ASHA's rungs, where it "
+                       "stopped the weaker trials.",
+    "accuracy_vs_params": "Best validation accuracy of every finished trial against each hyperparameter "
+                          "(stopped-early trials are measured at the epoch ASHA stopped them).",
+    "importance": "Parameter importance (Optuna's fANOVA over the finished trials; a conditional "
+                  "parameter is assessed over the trials that have it).",
+    "accuracy_vs_cost": "Best validation accuracy against what the trial cost: wall time and samples "
+                        "back-propagated (what an adaptive sampler such as KDAS buys).",
+    "ctkd": "CTKD: learned temperature (shaded: the epoch's lowest to highest) and λ per epoch.",
+    "sakd_gates": "SAKD: fraction of samples gated on, per spot.",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kdtune.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="a search folder <storage-path>/<name> (holds kdtune_search.json), or an MLflow experiment name")
+    p.add_argument("--out", help="output folder (default: <folder>/report for one search folder, else ./kdtune_report)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for experiment names (default: $MLFLOW_TRACKING_URI, "
+                                          "else sqlite:///./mlflow.db)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=VALUE",
+                   help="a reference accuracy used when the searches have no such trials, e.g. none=93.1 "
+                        "(the student alone) or kd=95.4 (plain KD); repeatable")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        baselines = _baselines(args.baseline)
+        searches = analysis.load_searches(args.results, args.tracking_uri)
+    except (analysis.SearchNotFound, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else _default_out(searches)
+    written = write_report(searches, out, baselines)
+    print(f"[kdtune] report: {written['html']} ({len(written) - 2} plots; markdown: {written['md']})")
+    return 0
+
+
+def _baselines(texts: list[str]) -> dict[str, float]:
+    out = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--baseline {text}: expected NAME=VALUE with a number, e.g. none=93.1")
+    return out
+
+
+def _default_out(searches: list[analysis.Search]) -> Path:
+    if len(searches) == 1 and searches[0].folder is not None:
+        return searches[0].folder / "report"
+    return Path("kdtune_report")
+
+
+def write_report(searches: list[analysis.Search], out: str | Path,
+                 baselines: dict[str, float] | None = None) -> dict[str, Path]:
+    """Write the plots, ``report.md`` and ``report.html`` into ``out``; returns {name: path}."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a script: never look for a display
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trials, curves = analysis.trials_table(searches), analysis.curves_table(searches)
+    metric, mode = searches[0].metric, searches[0].mode
+    importance = analysis.importance_table(searches)
+    images = plots.plot_all(trials, curves, importance, out, metric, analysis.milestones(searches),
+                            analysis.log_params(searches))
+    blocks = _blocks(searches, trials, importance, images, metric, mode, baselines)
+    (out / "report.md").write_text(_markdown(blocks))
+    (out / "report.html").write_text(_html(blocks, out))
+    return {"md": out / "report.md", "html": out / "report.html", **images}
+
+
+# --------------------------------------------------------------------------- content
+
+
+def _blocks(searches, trials, importance, images, metric, mode, baselines) -> list[tuple]:
+    """The report as (kind, ...) blocks, rendered to markdown and to HTML alike."""
+    names = ", ".join(s.label for s in searches)
+    blocks: list[tuple] = [("h1", f"kdtune report: {names}")]
+    for s in searches:
+        where = s.folder or f"MLflow {s.tracking_uri}"
+        fixed = ", ".join(f"{k}={s.spec['fixed'][k]}" for k in ("dataset", "teacher", "student", "method", "epochs")
+                          if k in s.spec["fixed"])
+        blocks.append(("p", f"{s.label}: {len(s.trials)} trials, {s.spec['search']['algorithm']} on {s.metric} "
+                            f"({s.mode}); {fixed}; read from {where}."))
+
+    blocks.append(("h2", "Best configuration"))
+    best = analysis.best_trials(trials, 1, metric, mode, by="search")
+    params = [c for c in dict.fromkeys(p for s in searches for p in s.space.names()) if c in best]
+    blocks.append(("table", best[["search", "trial_id", *params, "epochs", f"best_{metric}"]]
+                   if len(best) else pd.DataFrame({"": ["no finished trial"]})))
+
+    by = plots.default_hue(trials)
+    if by != "status":  # several searches, or a searched sampler/method: set the groups side by side
+        blocks.append(("h2", f"By {by}"))
+        blocks.append(("table", analysis.group_summary(trials, by, metric, mode)))
+
+    blocks.append(("h2", "Gap to baselines"))
+    gap = analysis.baseline_gap(trials, baselines, metric, mode)
+    if len(gap):
+        blocks.append(("table", gap))
+        blocks.append(("p", "gap = best trial minus baseline (positive: better). Baselines: none = the student "
+                            "alone (method: none), kd = plain KD, from these searches' trials when they have "
+                            "such trials, else from --baseline."))
+    else:
+        blocks.append(("p", "No baseline: these searches have no method: none / plain kd trials; pass "
+                            "--baseline none=ACC --baseline kd=ACC to compare against known numbers."))
+
+    blocks.append(("h2", "Parameter importance"))
+    if len(importance):
+        blocks.append(("table", importance))
+    else:
+        blocks.append(("p", "Not enough finished trials to estimate importance (at least 2 per scope)."))
+
+    blocks.append(("h2", "Cost"))
+    blocks.append(("table", analysis.cost_totals(trials)))
+    blocks.append(("p", "trial/cpu/gpu hours: wall time of every trial, times its cpus_per_trial / "
+                        "gpus_per_trial; samples_backprop: samples that went through a backward pass."))
+
+    blocks.append(("h2", "Plots"))
+    for name, path in images.items():
+        blocks.append(("img", CAPTIONS.get(name, name), path.name))
+    return blocks
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _markdown(blocks: list[tuple]) -> str:
+    lines: list[str] = []
+    for kind, *content in blocks:
+        if kind == "h1":
+            lines += [f"# {content[0]}", ""]
+        elif kind == "h2":
+            lines += [f"## {content[0]}", ""]
+        elif kind == "p":
+            lines += [content[0], ""]
+        elif kind == "table":
+            table = content[0]
+            lines.append("| " + " | ".join(map(str, table.columns)) + " |")
+            lines.append("|" + "---|" * len(table.columns))
+            for row in table.itertuples(index=False):
+                lines.append("| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |")
+            lines.append("")
+        elif kind == "img":
+            caption, file = content
+            lines += [f"![{caption}]({file})", "", f"*{caption}*", ""]
+    return "\n".join(lines)
+
+
+def _html(blocks: list[tuple], folder: Path) -> str:
+    body: list[str] = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "p"):
+            tag = kind
+            body.append(f"<{tag}>{html.escape(content[0])}</{tag}>")
+        elif kind == "table":
+            table = content[0].astype(object).map(_cell)
+            body.append(table.to_html(index=False, escape=True, border=0, classes="data"))
+        elif kind == "img":
+            caption, file = content
+            # Embedded, so the HTML file can be mailed or attached on its own.
+            data = base64.b64encode((folder / file).read_bytes()).decode("ascii")
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+             "table.data{border-collapse:collapse;font-size:90%}"
+             "table.data td,table.data th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+             "img{max-width:100%}figcaption{color:#555;font-size:90%}")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>kdtune report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from kdtune.search.driver import main
+
+sys.exit(main())
