@@ -5,6 +5,7 @@ results table and ``MlflowClient``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -229,26 +230,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def private_ray_cluster(e: dict, num_gpus: int = 0):
+    """A Ray head of this test's own: ``ray start --block`` in a new process group (its GCS, raylet
+    and workers are its descendants), stopped by signalling that group only. ``ray stop`` would stop
+    every Ray instance on the machine, other people's included."""
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="kdt", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command, whatever PATH holds
+    head = subprocess.Popen([*ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             f"--num-gpus={num_gpus}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                             "--node-ip-address=127.0.0.1"],
+                            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "the private Ray head did not come up in 120 s"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                head.wait(timeout=20)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_search_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     e = env()
     e["RAY_AUTH_MODE"] = "disabled"
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="kdt", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
-    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command, whatever PATH holds
-    start = subprocess.run([*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                            f"--temp-dir={temp_dir}"], env=e, capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stderr
-    try:
+    with private_ray_cluster(e) as address:
         space = write_space(tmp_path, search__num_samples=2)
-        r = subprocess.run(search_cmd(tmp_path, space, "--address", f"127.0.0.1:{port}"), cwd=tmp_path, env=e,
+        r = subprocess.run(search_cmd(tmp_path, space, "--address", address), cwd=tmp_path, env=e,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert f"connected to the Ray cluster at 127.0.0.1:{port}" in r.stdout
+        assert f"connected to the Ray cluster at {address}" in r.stdout
         assert len(load_results(tmp_path / "ray" / "e2e")) == 2
-    finally:
-        subprocess.run([*ray_cli, "stop", "--force"], env=e, capture_output=True, timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 FLAKY_PLUGIN = '''
