@@ -138,7 +138,7 @@ def test_importance_handles_conditional_parameters() -> None:
     trials = pd.DataFrame({"trial_id": [f"t{i}" for i in range(n)], "status": "completed", "sampler": sampler,
                            "start_rate": start_rate, "sampling_period": period, "lr": lr,
                            "noise": rng.integers(0, 10, n), "best_val/acc1": value})
-    found = analysis.param_importance(trials, space)
+    found = analysis.param_importance(trials, space, bootstrap=0)
     scopes = {scope: dict(zip(g["param"], g["importance"])) for scope, g in found.groupby("scope")}
     assert set(scopes) == {"all", "sampler=kdas"}
     assert set(scopes["all"]) == {"sampler", "lr", "noise"}
@@ -147,10 +147,58 @@ def test_importance_handles_conditional_parameters() -> None:
     for values in scopes.values():
         assert sum(values.values()) == pytest.approx(1.0)
     assert (found.query("scope == 'sampler=kdas'")["trials"] == n // 2).all()
-    ped = analysis.param_importance(trials, space, evaluator="ped_anova")
+    ped = analysis.param_importance(trials, space, evaluator="ped_anova", bootstrap=0)
     assert set(ped["param"]) == {"sampler", "lr", "noise", "start_rate", "sampling_period"}
     with pytest.raises(ValueError, match="evaluator"):
         analysis.param_importance(trials, space, evaluator="shap")
+
+
+def _asha_like(n: int = 24, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Trials whose value is driven by lr, stopped at rungs 2 and 4 of 8 epochs, as ASHA would."""
+    rng = np.random.default_rng(seed)
+    lr = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), n))
+    noise = rng.integers(0, 10, n)
+    last = np.where(np.arange(n) < 12, 2, np.where(np.arange(n) < 20, 4, 8))
+    trials = pd.DataFrame({"trial_id": [f"t{i:02d}" for i in range(n)], "lr": lr, "noise": noise,
+                           "status": np.where(last == 8, "completed", "stopped early"), "epochs": last})
+    # the value grows with the epoch, so comparing trials across budgets would explain epochs, not lr
+    curves = pd.DataFrame([{"trial_id": f"t{i:02d}", "epoch": e, "val/acc1": 10 * e + 5 * np.log10(lr[i])}
+                           for i in range(n) for e in range(1, last[i] + 1)])
+    trials["best_val/acc1"] = trials["trial_id"].map(curves.groupby("trial_id")["val/acc1"].max())
+    return trials, curves
+
+
+SMALL_SPACE = {"lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True},
+               "noise": {"type": "int", "low": 0, "high": 9}}
+
+
+def test_importance_compares_trials_at_one_budget_with_an_interval() -> None:
+    trials, curves = _asha_like()
+    assert analysis.common_budget(trials, curves, min_trials=8) == 4  # 12 trials reached epoch 4, 4 reached 8
+    assert analysis.common_budget(trials, curves, min_trials=13) == 2
+    found = analysis.param_importance(trials, SMALL_SPACE, curves=curves, min_trials=8, bootstrap=10).set_index("param")
+    assert (found["budget"] == 4).all() and (found["trials"] == 12).all()
+    assert found.loc["lr", "importance"] > 0.8 and found.loc["lr", "low"] > found.loc["noise", "high"]
+    assert (found["low"] <= found["high"]).all()
+    # across budgets (best_ values of trials stopped at 2, 4 and 8 epochs) the epochs dominate: lr explains less
+    mixed = analysis.param_importance(trials, SMALL_SPACE, bootstrap=0).set_index("param")
+    assert mixed["budget"].isna().all() and len(mixed) == 2
+
+
+def test_importance_does_not_depend_on_the_order_of_the_trials() -> None:
+    trials, curves = _asha_like(seed=1)
+    one = analysis.param_importance(trials, SMALL_SPACE, curves=curves, bootstrap=5)
+    shuffled = trials.sample(frac=1.0, random_state=3)
+    other = analysis.param_importance(shuffled, SMALL_SPACE, curves=curves.sample(frac=1.0, random_state=4),
+                                      bootstrap=5)
+    pd.testing.assert_frame_equal(one, other)
+
+
+def test_importance_warns_when_too_few_trials_reach_any_budget() -> None:
+    trials, curves = _asha_like(n=6)
+    with pytest.warns(UserWarning, match="read it as noise"):
+        found = analysis.param_importance(trials, SMALL_SPACE, curves=curves, bootstrap=0)
+    assert (found["budget"] == 2).all() and (found["trials"] == 6).all()
 
 
 def test_plots_skip_cleanly_without_their_data(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ HTML report (``python -m kdtune.report``, :mod:`~kdtune.analysis.report`).
 Loading a search folder imports neither Ray nor MLflow; reading an MLflow experiment imports
 MLflow only then, and importance imports Optuna only then.
 """
-from kdtune.analysis.importance import importance_table, param_importance
+from kdtune.analysis.importance import common_budget, importance_table, param_importance, values_at_budget
 from kdtune.analysis.loaders import (
     BASELINES,
     FINISHED,
@@ -29,8 +29,8 @@ from kdtune.analysis.loaders import (
 )
 
 __all__ = [
-    "BASELINES", "FINISHED", "Search", "SearchNotFound", "asha_milestones", "baseline_gap", "best_trials",
+    "BASELINES", "FINISHED", "Search", "SearchNotFound", "asha_milestones", "baseline_gap", "best_trials", "common_budget",
     "cost_totals", "curves_table", "group_summary", "importance_table", "load_curves", "load_mlflow",
     "load_results", "load_search", "load_searches", "load_trials", "log_params", "milestones",
-    "param_importance", "trials_table",
+    "param_importance", "trials_table", "values_at_budget",
 ]

@@ -1,56 +1,141 @@
 """Which searched hyperparameters explain the objective: Optuna's importance evaluators over the
-finished trials of a search, each conditional parameter assessed where it exists."""
+trials of a search at one common budget, each conditional parameter assessed where it exists, with a
+bootstrap interval.
+
+Why a common budget: under ASHA most trials stop early, and a trial stopped at epoch 2 and one that
+ran 12 epochs are not comparable; an importance fitted across budgets mostly explains which trials
+ran longer. So the trials are compared at one epoch: every completed trial when enough completed,
+else the highest ASHA rung that enough trials reached, each trial's value taken at that epoch.
+Why an interval: fANOVA over a dozen trials is noisy; the interval says how noisy.
+"""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
-from kdtune.analysis.loaders import Search, _concat, _finished, _objective
+from kdtune.analysis.loaders import FINISHED, Search, _concat, _finished, _objective
+
+MIN_TRIALS = 8  # fewer trials than this at the chosen budget: the report warns that importance is noise
+BOOTSTRAP = 30  # resamples behind the interval
+COLUMNS = ["scope", "param", "importance", "low", "high", "trials", "budget"]
 
 
 def param_importance(trials: pd.DataFrame, space, metric: str = "val/acc1", mode: str = "max",
-                     evaluator: str | Any = "fanova", target: str | None = None, seed: int = 0) -> pd.DataFrame:
-    """How much each searched hyperparameter explains ``best_<metric>`` (or the ``target`` column),
-    by Optuna's ``get_param_importances`` over the finished trials of one search.
+                     evaluator: str | Any = "fanova", target: str | None = None, seed: int = 0,
+                     curves: pd.DataFrame | None = None, min_trials: int = MIN_TRIALS,
+                     bootstrap: int = BOOTSTRAP) -> pd.DataFrame:
+    """How much each searched hyperparameter explains the objective, by Optuna's
+    ``get_param_importances``, at one common budget, with a bootstrap interval.
 
-    ``space``: the search's :class:`~kdtune.search.space.Space`, its YAML mapping, or a :class:`Search`.
+    ``space``: the search's :class:`~kdtune.search.space.Space`, its YAML mapping, or a :class:`Search`
+    (whose curves are then used). ``curves`` (one row per trial and epoch, as
+    :func:`~kdtune.analysis.load_curves` gives): each trial's ``metric`` is read at the budget chosen by
+    :func:`common_budget`. Without curves, the ``target`` column (default ``best_<metric>``) of the
+    finished trials is used as it is, and ``budget`` is NaN.
     ``evaluator``: ``"fanova"`` (Optuna's default), ``"ped_anova"`` or an evaluator object.
     Conditional parameters exist only in some trials, so each is assessed where it exists: scope
     ``all`` covers the parameters every trial has (``method``/``sampler`` when searched, the shared
     ones); scope ``sampler=kdas`` (say) adds KDAS's own parameters, over the KDAS trials only.
-    Returns rows of scope, param, importance (summing to 1 within a scope), trials; a scope with
-    fewer than two trials is skipped with a warning.
-    """
-    import optuna
 
+    Returns rows of scope, param, importance (summing to 1 within a scope), low and high (the 5-95 %
+    bootstrap interval over ``bootstrap`` resamples of the trials; NaN with ``bootstrap=0``), trials
+    and budget (the epoch compared). Trials are ordered by ``trial_id`` first, so the result does not
+    depend on the order of the table. A scope with fewer than two trials is skipped, and one with
+    fewer than ``min_trials`` warned about.
+    """
+    if isinstance(space, Search) and curves is None and target is None:
+        curves = space.curves
     space = _as_space(space)
-    column = target or _objective(metric)
-    done = _finished(trials, column)
-    direction = "maximize" if mode == "max" else "minimize"
+    if curves is not None and target is None:
+        done, budget = values_at_budget(trials, curves, metric, min_trials)
+        column = metric
+    else:
+        column = target or _objective(metric)
+        done, budget = _finished(trials, column), math.nan
+    done = done.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    rng = np.random.default_rng(seed)
     rows = []
     for scope, subset, params in _importance_scopes(space, done):
         if len(subset) < 2:
-            warnings.warn(f"parameter importance: scope {scope!r} has {len(subset)} finished trial(s); "
-                          f"at least 2 are needed", stacklevel=2)
+            warnings.warn(f"parameter importance: scope {scope!r} has {len(subset)} trial(s) at the common "
+                          f"budget; at least 2 are needed", stacklevel=2)
             continue
-        study = _study(direction)
-        study.add_trials([_optuna_trial(row, params, row[column]) for _, row in subset.iterrows()])
-        values = optuna.importance.get_param_importances(
-            study, evaluator=_evaluator(evaluator, seed), params=list(params), normalize=True)
-        rows += [{"scope": scope, "param": name, "importance": value, "trials": len(subset)}
-                 for name, value in values.items()]
-    return pd.DataFrame(rows, columns=["scope", "param", "importance", "trials"])
+        if len(subset) < min_trials:
+            warnings.warn(f"parameter importance: scope {scope!r} has only {len(subset)} trials at the common "
+                          f"budget (fewer than {min_trials}): read it as noise", stacklevel=2)
+        point = _importances(subset, params, column, mode, evaluator, seed)
+        resamples = (subset.iloc[rng.integers(0, len(subset), len(subset))] for _ in range(bootstrap))
+        draws = [_importances(r, params, column, mode, evaluator, seed) for r in resamples if _informative(r, column)]
+        for name, value in point.items():
+            spread = [d.get(name, 0.0) for d in draws]
+            low, high = (np.percentile(spread, [5, 95]) if spread else (math.nan, math.nan))
+            rows.append({"scope": scope, "param": name, "importance": value, "low": float(low),
+                         "high": float(high), "trials": len(subset), "budget": budget})
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def importance_table(searches: Iterable[Search], evaluator: str | Any = "fanova", seed: int = 0) -> pd.DataFrame:
-    """:func:`param_importance` of every search (each over its own space), with a ``search`` column."""
+def common_budget(trials: pd.DataFrame, curves: pd.DataFrame, metric: str = "val/acc1",
+                  min_trials: int = MIN_TRIALS) -> int | None:
+    """The epoch at which trials are compared: the last epoch of the completed trials when at least
+    ``min_trials`` completed, else the highest epoch that at least ``min_trials`` finished trials
+    reached (an ASHA rung), else the epoch that most trials reached. None without any value."""
+    finished = set(trials.loc[trials["status"].isin(FINISHED), "trial_id"])
+    rows = curves[curves["trial_id"].isin(finished)].dropna(subset=[metric])
+    if not len(rows):
+        return None
+    completed = set(trials.loc[trials["status"] == "completed", "trial_id"])
+    last = rows[rows["trial_id"].isin(completed)].groupby("trial_id")["epoch"].max()
+    if len(last) >= min_trials and last.nunique() == 1:
+        return int(last.iloc[0])
+    reached = rows.groupby("epoch")["trial_id"].nunique().sort_index()
+    enough = reached[reached >= min_trials]
+    if len(enough):
+        return int(enough.index.max())
+    # too few trials anywhere: the highest of the most populated epochs (the caller warns)
+    return int(reached[reached == reached.max()].index.max())
+
+
+def values_at_budget(trials: pd.DataFrame, curves: pd.DataFrame, metric: str = "val/acc1",
+                     min_trials: int = MIN_TRIALS) -> tuple[pd.DataFrame, int | None]:
+    """The finished trials that reached the common budget, with ``metric`` replaced by its value at
+    that epoch; and the budget."""
+    budget = common_budget(trials, curves, metric, min_trials)
+    if budget is None:
+        return trials.iloc[:0].assign(**{metric: []}), None
+    at = curves[(curves["epoch"] == budget)].dropna(subset=[metric]).drop_duplicates("trial_id", keep="last")
+    values = at.set_index("trial_id")[metric]
+    finished = trials[trials["status"].isin(FINISHED) & trials["trial_id"].isin(values.index)]
+    return finished.assign(**{metric: finished["trial_id"].map(values).to_numpy()}), budget
+
+
+def _importances(subset: pd.DataFrame, params: dict[str, Any], column: str, mode: str, evaluator: str | Any,
+                 seed: int) -> dict[str, float]:
+    import optuna
+
+    study = _study("maximize" if mode == "max" else "minimize")
+    study.add_trials([_optuna_trial(row, params, row[column]) for _, row in subset.iterrows()])
+    return optuna.importance.get_param_importances(
+        study, evaluator=_evaluator(evaluator, seed), params=list(params), normalize=True)
+
+
+def _informative(resample: pd.DataFrame, column: str) -> bool:
+    """A resample whose objective varies: one that repeats a single value has nothing to explain."""
+    return resample[column].nunique() > 1
+
+
+def importance_table(searches: Iterable[Search], evaluator: str | Any = "fanova", seed: int = 0,
+                     bootstrap: int = BOOTSTRAP) -> pd.DataFrame:
+    """:func:`param_importance` of every search (each over its own space and budget), with a ``search`` column."""
     frames = []
     for search in searches:
-        found = param_importance(search.trials, search, search.metric, search.mode, evaluator, seed=seed)
+        found = param_importance(search.trials, search, search.metric, search.mode, evaluator, seed=seed,
+                                 bootstrap=bootstrap)
         frames.append(found.assign(search=search.label)[["search", *found.columns]])
-    return _concat(frames)
+    return _concat(frames) if frames else pd.DataFrame(columns=["search", *COLUMNS])
 
 
 def _study(direction: str):

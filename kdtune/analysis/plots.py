@@ -177,8 +177,13 @@ def importance_bars(importance: pd.DataFrame, path: str | Path | None = None) ->
     fig, axes = _figure(len(scopes), width=4.6, height=0.6 + 0.45 * scope.value_counts().max())
     for ax, name in zip(axes, scopes):
         rows = importance[scope == name].sort_values("importance")
-        ax.barh(rows["param"], rows["importance"], color="tab:blue")
-        ax.set(xlim=(0, 1), xlabel="importance", title=f"{name} ({int(rows['trials'].iloc[0])} trials)")
+        interval = None
+        if {"low", "high"} <= set(rows) and rows[["low", "high"]].notna().all().all():
+            interval = [(rows["importance"] - rows["low"]).clip(lower=0), (rows["high"] - rows["importance"]).clip(lower=0)]
+        ax.barh(rows["param"], rows["importance"], xerr=interval, color="tab:blue", ecolor="0.3", capsize=3)
+        budget = rows["budget"].iloc[0] if "budget" in rows else None
+        at = f", epoch {int(budget)}" if budget is not None and pd.notna(budget) else ""
+        ax.set(xlim=(0, 1), xlabel="importance", title=f"{name} ({int(rows['trials'].iloc[0])} trials{at})")
         ax.grid(alpha=0.3, axis="x")
     return _finish(fig, path)
 

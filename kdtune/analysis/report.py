@@ -19,6 +19,7 @@ import pandas as pd
 
 from kdtune import analysis
 from kdtune.analysis import plots
+from kdtune.analysis.importance import MIN_TRIALS
 
 # Plot captions, in report order.
 CAPTIONS = {
@@ -26,8 +27,8 @@ CAPTIONS = {
                        "stopped the weaker trials.",
     "accuracy_vs_params": "Best validation accuracy of every finished trial against each hyperparameter "
                           "(stopped-early trials are measured at the epoch ASHA stopped them).",
-    "importance": "Parameter importance (Optuna's fANOVA over the finished trials; a conditional "
-                  "parameter is assessed over the trials that have it).",
+    "importance": "Parameter importance (Optuna's fANOVA over the trials at one common budget; bars: the "
+                  "5-95 % bootstrap interval; a conditional parameter is assessed over the trials that have it).",
     "accuracy_vs_cost": "Best validation accuracy against what the trial cost: wall time and samples "
                         "back-propagated (what an adaptive sampler such as KDAS buys).",
     "ctkd": "CTKD: learned temperature (shaded: the epoch's lowest to highest) and λ per epoch.",
@@ -139,6 +140,15 @@ def _blocks(searches, trials, importance, images, metric, mode, baselines) -> li
     blocks.append(("h2", "Parameter importance"))
     if len(importance):
         blocks.append(("table", importance))
+        blocks.append(("p", "Trials are compared at one budget (the `budget` column: the epoch of the completed "
+                            "trials, else the highest ASHA rung that enough trials reached), since trials stopped "
+                            "at different epochs are not comparable; low and high bound the 5-95 % bootstrap "
+                            "interval over resampled trials."))
+        few = importance[importance["trials"] < MIN_TRIALS]
+        if len(few):
+            scopes = ", ".join(dict.fromkeys(few["scope"]))
+            blocks.append(("p", f"Warning: fewer than {MIN_TRIALS} trials reached the common budget in {scopes}; "
+                                f"read these importances as noise."))
     else:
         blocks.append(("p", "Not enough finished trials to estimate importance (at least 2 per scope)."))
 
