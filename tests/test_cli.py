@@ -1,0 +1,32 @@
+"""The ``kdtune`` command dispatches to the same programs as ``python -m kdtune.X``, and its overview
+imports nothing heavy (torch takes seconds to import; ``kdtune --help`` must not wait for it)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def kdtune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdtune.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_overview_lists_every_command_without_importing_torch() -> None:
+    code = "import sys\nfrom kdtune import cli\ncli.main(['--help'])\nprint('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for command in ("search", "train", "report", "bench"):
+        assert f"  {command} " in r.stdout
+    assert r.stdout.strip().endswith("False")
+
+
+def test_unknown_command_exits_2_with_a_hint() -> None:
+    r = kdtune("serch")
+    assert r.returncode == 2 and "unknown command 'serch'; did you mean 'search'?" in r.stderr
+    assert kdtune().returncode == 2
+
+
+def test_commands_run_their_programs() -> None:
+    r = kdtune("report", "--help")
+    assert r.returncode == 0 and "RESULTS" in r.stdout
+    r = kdtune("search", "no-such-space.yaml")
+    assert r.returncode == 2 and "no-such-space.yaml" in r.stderr
