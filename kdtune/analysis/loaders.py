@@ -38,6 +38,8 @@ from kdtune.search.records import (LAST_VALUE_PREFIXES, PARENT_TAG, PENALTY, RES
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
 FINISHED = ("completed", "stopped early")
+# The run settings a published accuracy belongs to (besides the method).
+PAIR_KEYS = ("dataset", "teacher", "student")
 
 
 # --------------------------------------------------------------------------- kept: the raw loaders
@@ -392,6 +394,9 @@ def _tidy_trials(raw: pd.DataFrame, spec: dict, label: str) -> pd.DataFrame:
     for key, default in defaults.items():
         if key not in names or key not in trials:
             trials[key] = spec["fixed"].get(key, default)
+    for key in PAIR_KEYS:  # what a published number is looked up by (kdtune.analysis.published)
+        if key not in trials:
+            trials[key] = spec["fixed"].get(key, getattr(RunConfig, key))
     trials["search"] = label
     trials["cpus_per_trial"] = spec["resources"]["cpus_per_trial"]
     trials["gpus_per_trial"] = spec["resources"]["gpus_per_trial"]
@@ -463,12 +468,16 @@ def _baseline_trials(trials: pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def baseline_gap(trials: pd.DataFrame, baselines: dict[str, float] | None = None, metric: str = "val/acc1",
-                 mode: str = "max") -> pd.DataFrame:
+                 mode: str = "max", published: bool = True) -> pd.DataFrame:
     """How far each search's best trial is from the baselines (positive: better than the baseline).
 
     The baselines ``none`` (the student alone) and ``kd`` (plain KD) come from the finished trials
     of all the searches in ``trials`` when such trials exist; otherwise from ``baselines``
     (``{"none": 93.1, "kd": 95.4}``), which may also name further references (``{"paper": 96.0}``).
+    With ``published`` and a top-1 metric, the numbers the references publish for the best trial's
+    pair (``dataset``, ``teacher``, ``student`` columns) are added too: for its own method, for KD
+    and for the student alone (baseline ``published <method>``, source naming the publication).
+    Those are test-set accuracies; a search's are not (see :mod:`kdtune.analysis.published`).
     One row per search and baseline: search, best_trial, best, baseline, baseline_value,
     baseline_trial, source, gap.
     """
@@ -492,8 +501,27 @@ def baseline_gap(trials: pd.DataFrame, baselines: dict[str, float] | None = None
             rows.append({"search": search, "best_trial": top["trial_id"], "best": float(top[column]),
                          "baseline": name, "baseline_value": value, "baseline_trial": trial_id,
                          "source": source, "gap": sign * (float(top[column]) - value)})
+        if published and metric.endswith("acc1"):
+            for name, value, source in _published_baselines(top):
+                rows.append({"search": search, "best_trial": top["trial_id"], "best": float(top[column]),
+                             "baseline": f"published {name}", "baseline_value": value, "baseline_trial": None,
+                             "source": source, "gap": sign * (float(top[column]) - value)})
     columns = ["search", "best_trial", "best", "baseline", "baseline_value", "baseline_trial", "source", "gap"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _published_baselines(top: pd.Series) -> list[tuple[str, float, str]]:
+    """(method, accuracy, source) published for the best trial's pair: its own method, KD, the student alone."""
+    from kdtune.analysis.published import published_for, variant
+
+    if any(key not in top or not isinstance(top[key], str) for key in ("dataset", "student")):
+        return []
+    own = variant(top.get("method", "kd"), top.get("logit_stand"), top.get("sampler", "none"))
+    found = []
+    for name in dict.fromkeys((own, "kd", "none")):
+        for row in published_for(top.get("teacher"), top["student"], name, top["dataset"]).itertuples():
+            found.append((name, row.acc1, f"{row.name}, test set"))
+    return found
 
 
 def group_summary(trials: pd.DataFrame, by: str, metric: str = "val/acc1", mode: str = "max") -> pd.DataFrame:

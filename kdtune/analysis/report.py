@@ -132,7 +132,9 @@ def _blocks(searches, trials, importance, images, metric, mode, baselines) -> li
         blocks.append(("table", gap))
         blocks.append(("p", "gap = best trial minus baseline (positive: better). Baselines: none = the student "
                             "alone (method: none), kd = plain KD, from these searches' trials when they have "
-                            "such trials, else from --baseline."))
+                            "such trials, else from --baseline; published X = what the reference publishes "
+                            "for the best trial's pair and method X (kdtune/published.yaml)."))
+        blocks += _published_notes(gap, metric)
     else:
         blocks.append(("p", "No baseline: these searches have no method: none / plain kd trials; pass "
                             "--baseline none=ACC --baseline kd=ACC to compare against known numbers."))
@@ -161,6 +163,32 @@ def _blocks(searches, trials, importance, images, metric, mode, baselines) -> li
     for name, path in images.items():
         blocks.append(("img", CAPTIONS.get(name, name), path.name))
     return blocks
+
+
+def _published_notes(gap: pd.DataFrame, metric: str) -> list[tuple]:
+    """A sentence per search naming the published numbers it is compared with, and on which split
+    each side was measured."""
+    from kdtune.analysis.published import label
+
+    rows = gap[gap["baseline"].str.startswith("published ")]
+    if not len(rows):
+        return []
+    split = metric.partition("/")[0]
+    lines = []
+    for search, group in rows.groupby("search", sort=False):
+        numbers = [f"{label(name.removeprefix('published '))} {value:.2f} "
+                   f"({'; '.join(s.removesuffix(', test set') for s in found['source'])})"
+                   for (name, value), found in group.groupby(["baseline", "baseline_value"], sort=False)]
+        lines.append(f"{search}: published {', '.join(numbers)}; this search's best "
+                     f"{group['best'].iloc[0]:.2f} on {split}.")
+    notes = [("p", " ".join(lines))]
+    if split != "test":
+        notes.append(("p", f"Published numbers are test-set accuracies (the best of 240 epochs trained on all "
+                           f"50,000 training images, usually the mean of several runs); this search's {metric} "
+                           f"is measured on the validation split it held out of the training set, so the two "
+                           f"are not measured on the same images. For a test-set number, run the best "
+                           f"configuration with python -m kdtune.train CONFIG --final."))
+    return notes
 
 
 def _cell(value: Any) -> str:
