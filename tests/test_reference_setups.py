@@ -8,6 +8,7 @@ Nothing is trained.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -135,6 +136,14 @@ def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path,
             build_once(cfg)
             built.add(cfg.method)
     assert built == set(spec.space.methods or [spec.fixed["method"]])
+
+
+def test_readme_names_existing_files() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Coming from KDAS, CTKD, SAKD or mdistiller"):]
+    section = section[:section.index("\n## ")]
+    named = set(re.findall(r"search_spaces/reference/[\w./-]+\.yaml", section))
+    assert len(named) >= 8 and all((ROOT / path).is_file() for path in named), named
 
 
 def test_a_missing_teacher_file_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
