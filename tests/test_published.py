@@ -97,6 +97,7 @@ def test_trials_carry_the_pair_from_the_spec() -> None:
     assert list(tidy.columns[:4]) == ["search", "trial_id", "status", "temperature"]
 
 
+@pytest.mark.filterwarnings("ignore:parameter importance")  # two trials: expected
 def test_report_says_published_numbers_are_test_set(tmp_path: Path) -> None:
     spec = {"name": "ctkd-vgg", "space": {"temperature_lr_scale": {"type": "categorical", "choices": [0.1, 1.0]}},
             "fixed": {"dataset": "cifar100", "teacher": "vgg13", "student": "vgg8", "method": "ctkd", "epochs": 240},
@@ -105,8 +106,9 @@ def test_report_says_published_numbers_are_test_set(tmp_path: Path) -> None:
     raw = pd.DataFrame({"trial_id": ["a", "b"], "status": ["completed"] * 2, "temperature_lr_scale": [0.1, 1.0],
                         "best_val/acc1": [73.4, 72.0], "final_val/acc1": [73.0, 71.5], "epochs": [240, 240],
                         "wall_s": [3600.0, 3600.0], "samples_backprop": [1e7, 1e7]})
-    search = analysis.Search("ctkd-vgg", "ctkd-vgg", spec, loaders._tidy_trials(raw, spec, "ctkd-vgg"),
-                             pd.DataFrame(columns=["search", "trial_id", "status", "epoch", "wall_s"]))
+    curves = pd.DataFrame({"search": "ctkd-vgg", "trial_id": ["a", "a", "b", "b"], "status": "completed",
+                           "epoch": [1, 240] * 2, "wall_s": [15.0, 3600.0] * 2, "val/acc1": [10.0, 73.0, 9.0, 71.5]})
+    search = analysis.Search("ctkd-vgg", "ctkd-vgg", spec, loaders._tidy_trials(raw, spec, "ctkd-vgg"), curves)
     written = report.write_report([search], tmp_path)
     md = written["md"].read_text()
     assert ("ctkd-vgg: published KD + CTKD 73.52 (CTKD README; LS README), KD 72.98 (mdistiller README; CTKD README; "
