@@ -130,12 +130,56 @@ def load_dataset(
 # --------------------------------------------------------------------------- datasets
 
 
+# The only globals a CIFAR pickle refers to: numpy's array and scalar reconstructors (under
+# their numpy 1 and numpy 2 module names; the official files are Python 2 pickles of numpy 1
+# arrays) and ``_codecs.encode``, with which protocols 0-2 spell bytes. Everything else a pickle
+# can name (os.system, builtins.eval, ...) is refused before it is called.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+}
+
+
+class UnsafePickleError(DataError):
+    """A data file whose pickle names something other than plain data."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise UnsafePickleError(
+                f"{self.path}: refused: the pickle names {module}.{name}, which a CIFAR data file never "
+                f"holds (only dicts, lists, bytes, str, ints and numpy arrays); it was not loaded")
+        import numpy
+
+        # numpy 2 moved numpy.core to numpy._core; import it by its current name (no warning)
+        if module.startswith("numpy.core.") and hasattr(numpy, "_core"):
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(f"{self.path}: refused: the pickle uses persistent ids, which a CIFAR "
+                                f"data file never holds")
+
+
 def _unpickle(path: Path) -> dict:
+    """A CIFAR batch file, read with an unpickler that builds only plain data and numpy arrays."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, path).load()
+    except UnsafePickleError:
+        raise
     except Exception as e:  # truncated or foreign file
-        raise DataError(f"{path}: cannot be read as a CIFAR pickle ({type(e).__name__}: {e})") from e
+        raise DataError(f"{path}: cannot be read as a CIFAR pickle ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from e
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: expected a CIFAR pickle holding a dict, found {type(d).__name__}")
+    return d
 
 
 def _cifar(root: str | Path | None, download: bool, *, folder: str, train_files: list[str],
@@ -167,9 +211,16 @@ def _cifar(root: str | Path | None, download: bool, *, folder: str, train_files:
         for path in files:
             d = _unpickle(path)
             if b"data" not in d or label_key not in d:
-                raise DataError(f"{path}: expected keys b'data' and {label_key!r}, found {sorted(d)}")
-            images.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-            labels.append(torch.as_tensor(d[label_key], dtype=torch.int64))
+                found = ", ".join(sorted(map(repr, d))[:10])
+                raise DataError(f"{path}: expected keys b'data' and {label_key!r}, found {found[:200]}")
+            try:
+                images.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+                labels.append(torch.as_tensor(d[label_key], dtype=torch.int64))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise DataError(f"{path}: b'data' must be N x 3072 uint8 pixels and {label_key!r} a list of "
+                                f"N integers ({type(e).__name__}: {str(e)[:200]})") from e
+            if len(images[-1]) != len(labels[-1]):
+                raise DataError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
         return Split(torch.cat(images), torch.cat(labels))
 
     return _Raw(read(expected[:-1]), read(expected[-1:]), num_classes, mean, std,
