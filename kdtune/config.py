@@ -29,6 +29,8 @@ class ConfigError(ValueError):
     """Every problem found in a configuration, one per line."""
 
     def __init__(self, problems: list[str]) -> None:
+        # Problems quote the values they are about; a huge value must not make a huge message.
+        problems = [p if len(p) <= 1000 else f"{p[:800]}... [{len(p)} characters] ...{p[-100:]}" for p in problems]
         self.problems = problems
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -253,22 +255,72 @@ def _unknown_key(key: str, owners: list, source: str) -> str:
     return f"{source}: {key}: unknown key{hint}" + (f" ({takes})" if takes else "")
 
 
+# A config or search file is a few kB; these caps stop a hostile or mistaken file (a
+# "billion laughs" alias bomb, a huge or binary file) from exhausting memory or time.
+MAX_YAML_BYTES = 1024 * 1024
+MAX_YAML_NODES = 100_000  # values after expanding aliases
+MAX_YAML_CHARS = 2_000_000  # characters of scalars after expanding aliases
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping (data only: ``safe_load``); errors name the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError([f"{path}: {size} bytes; a config file is at most {MAX_YAML_BYTES} bytes"])
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError([f"{path}: cannot be read ({e.strerror})"]) from e
     try:
-        values = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not a text (UTF-8) file: undecodable byte at offset {e.start}"]) from e
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _check_expanded_size(node, path)
+            values = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+        raise ConfigError([f"{path}: not valid YAML: {str(e)[:500]}"]) from e
+    except RecursionError as e:
+        raise ConfigError([f"{path}: nested too deeply"]) from e
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ConfigError([f"{path}: expected a mapping of keys to values, but got {type(values).__name__}"])
     return values
+
+
+def _check_expanded_size(root: yaml.Node, path: Path) -> None:
+    """Refuse a document whose aliases expand it beyond the caps (counted without expanding it)."""
+    sizes: dict[int, tuple[int, int] | None] = {}  # id(node) -> (values, characters); None: being counted
+
+    def size(node: yaml.Node) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            if sizes[key] is None:
+                raise ConfigError([f"{path}: an alias refers to a value that contains it (recursive)"])
+            return sizes[key]
+        sizes[key] = None
+        if isinstance(node, yaml.ScalarNode):
+            total = (1, len(node.value))
+        else:
+            children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+            counted = [size(c) for c in children]
+            total = (1 + sum(n for n, _ in counted), sum(c for _, c in counted))
+        sizes[key] = total
+        return total
+
+    nodes, chars = size(root)
+    if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
+        raise ConfigError([f"{path}: its aliases (*name) expand to {nodes} values and {chars} characters; "
+                           f"a config file may hold at most {MAX_YAML_NODES} values and {MAX_YAML_CHARS} "
+                           f"characters"])
 
 
 def parse_override(text: str) -> tuple[str, Any]:
