@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 
 import torch
 
+from kdtune.checks import device_problem
 from kdtune.data import ImageData, Split, TrainLoader, load_dataset
-from kdtune.distillers import build_distiller
+from kdtune.distillers import METHODS, build_distiller
 from kdtune.engine import Engine, Recipe, resolve_device
 from kdtune.models import build_model
 
@@ -153,21 +155,62 @@ def bench_kdas(teacher: str, student: str, device: torch.device, batch_size: int
           f"work (MACs: teacher {tm / 1e6:.0f}M, student {sm / 1e6:.0f}M per image) {work:.3f}x KD")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
+
+
+def _pair(text: str, flag: str) -> tuple[str, str]:
+    """``TEACHER:STUDENT`` with both models known, else a one-line error naming the flag."""
+    from kdtune.models import MODELS
+
+    teacher, sep, student = text.partition(":")
+    if not sep or not teacher or not student:
+        raise ValueError(f"{flag} {text!r}: expected TEACHER:STUDENT, e.g. resnet32x4:resnet8x4")
+    for role, name in (("teacher", teacher), ("student", student)):
+        if name not in MODELS:
+            raise ValueError(f"{flag} {text!r}: {role}: {MODELS.unknown_message(name)}")
+    return teacher, student
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kdtune.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--pipeline-images", type=int, default=10000)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the torchvision baseline")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--pipeline-images", type=_positive, default=10000)
+    p.add_argument("--workers", type=_nonnegative, default=2, help="DataLoader workers for the torchvision baseline")
     p.add_argument("--pairs", default="resnet32x4:resnet8x4,vgg13:vgg8")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default 10 CPU, 200 CUDA)")
+    p.add_argument("--steps", type=_positive, default=None, help="steps per timed epoch (default 10 CPU, 200 CUDA)")
     p.add_argument("--methods", default="kd", help="methods to time per pair, e.g. kd,ctkd,sakd (KD is the reference)")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-step", action="store_true")
     p.add_argument("--kdas", default=None, metavar="TEACHER:STUDENT",
                    help="also time KDAS against KD epochs for this pair (e.g. resnet32:resnet8)")
-    p.add_argument("--kdas-images", type=int, default=2048)
+    p.add_argument("--kdas-images", type=_positive, default=2048)
     args = p.parse_args(argv)
+    # Every name is checked before the first benchmark runs (minutes on a CPU).
+    try:
+        pairs = [_pair(pair, "--pairs") for pair in args.pairs.split(",")] if not args.skip_step else []
+        kdas = _pair(args.kdas, "--kdas") if args.kdas else None
+        methods = list(dict.fromkeys(["kd", *args.methods.split(",")]))
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"--methods: {METHODS.unknown_message(unknown[0])}")
+        problem = device_problem(args.device)
+        if problem:
+            raise ValueError(f"--{problem}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -181,15 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline  speed-up                   : {ours / base:12.1f}x")
     if not args.skip_step:
         steps = args.steps or (200 if device.type == "cuda" else 10)
-        methods = list(dict.fromkeys(["kd", *args.methods.split(",")]))
-        for pair in args.pairs.split(","):
-            teacher, student = pair.split(":")
+        for teacher, student in pairs:
             rates = {m: bench_step(m, teacher, student, device, args.batch_size, steps) for m in methods}
             for m, ips in rates.items():
                 ratio = "" if m == "kd" else f"  ({rates['kd'] / ips:.2f}x KD's step time)"
                 print(f"{m + ' step':<10}{teacher}->{student:<10}: {ips:12,.0f} img/s{ratio}")
-    if args.kdas:
-        teacher, student = args.kdas.split(":")
+    if kdas:
+        teacher, student = kdas
         bench_kdas(teacher, student, device, args.batch_size, args.kdas_images)
     return 0
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from kdtune.checks import device_problem, writable_dir_problem
 from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override
 from kdtune.data import DataError
 from kdtune.run import build_engine, load_data, load_teacher
@@ -67,10 +68,30 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     return cfg, Path(args.output_dir or default).resolve()
 
 
+def check_run(cfg: RunConfig, out: Path, resume: bool) -> None:
+    """What can be checked before data and teacher are loaded (minutes, for a CIFAR teacher):
+    the device, the output folder, and on --resume that the checkpoint can be read."""
+    problems = [p for p in (device_problem(cfg.device), writable_dir_problem(out, "--output-dir")) if p]
+    if problems:
+        raise ConfigError(problems)
+    if resume:
+        _read_checkpoint(out / "checkpoint.pth", "cpu")
+
+
+def _read_checkpoint(path: Path, device: torch.device | str) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, foreign, or holding more than tensors and plain data
+        raise ConfigError([f"--resume: {path}: not a readable kdtune checkpoint ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); start the run afresh "
+                           f"without --resume"]) from e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, out = resolve_config(args)
+        check_run(cfg, out, args.resume)
         data = load_data(cfg)
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -83,8 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(cfg, data, teacher)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume:
-        engine.load_state_dict(torch.load(out / "checkpoint.pth", map_location=engine.device,
-                                          weights_only=True))
+        try:
+            engine.load_state_dict(_read_checkpoint(out / "checkpoint.pth", engine.device))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (KeyError, ValueError, RuntimeError) as e:  # readable, but not this run's state
+            print(f"error: --resume: {out / 'checkpoint.pth'} does not fit the run in {out / 'config.yaml'} "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})", file=sys.stderr)
+            return 2
         print(f"resumed {out} after epoch {engine.epoch}")
     else:
         (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.flat()), sort_keys=False))

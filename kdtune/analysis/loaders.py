@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
     from mlflow import MlflowClient
 
     if parent_run_id is None and storage_path is not None:
-        state = json.loads((Path(storage_path) / experiment / STATE_FILE).read_text())
+        state = _read_state(Path(storage_path) / experiment / STATE_FILE)
         parent_run_id, tracking_uri = state["parent_run_id"], tracking_uri or state["tracking_uri"]
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     exp = client.get_experiment_by_name(experiment)
@@ -249,8 +250,19 @@ def _relabel(search: Search, label: str) -> Search:
 # --------------------------------------------------------------------------- reading a folder
 
 
+def _read_state(path: Path) -> dict:
+    """A search's ``kdtune_search.json``; a damaged one raises SearchNotFound naming the file."""
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not {"spec", "parent_run_id"} <= set(state):
+            raise ValueError("expected an object with spec and parent_run_id")
+        return state
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SearchNotFound(f"{path}: not a readable kdtune search record ({str(e)[:200]})") from e
+
+
 def _from_folder(folder: Path, tracking_uri: str | None, label: str | None) -> Search:
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = _read_state(folder / STATE_FILE)
     spec, uri = state["spec"], tracking_uri or state.get("tracking_uri")
     label = label or spec["name"]
     if not (folder / RESULTS_FILE).is_file():
@@ -279,10 +291,14 @@ def _curves_from_ray(folder: Path) -> pd.DataFrame | None:
         return None
     rows = []
     for file in files:
-        for line in file.read_text().splitlines():
+        for number, line in enumerate(file.read_text(errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
-            result = json.loads(line)
+            try:
+                result = json.loads(line)
+            except ValueError:  # e.g. the last line of a trial killed mid-write
+                print(f"[kdtune] {file}: line {number} is not JSON; skipped", file=sys.stderr)
+                continue
             row = run_metrics(result)
             row.update(trial_id=result["trial_id"], epoch=int(result["training_iteration"]),
                        wall_s=result.get("time_total_s", math.nan))
