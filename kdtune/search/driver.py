@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from kdtune.config import ConfigError
+from kdtune.search import preflight
+from kdtune.search.preflight import PreflightError
 from kdtune.search.records import LAST_VALUE_PREFIXES, RESULTS_FILE, STATE_FILE, resolve_tracking_uri
 from kdtune.search.spec import SearchSpec, load_spec
 
@@ -69,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     own = local_dir(storage, spec.name)
     state_path = own / STATE_FILE
+    try:
+        preflight.check_storage(storage, own)
+        # Held until the process exits: makes the existence checks below and the creation of
+        # the search atomic (a second search of this name stops here, before MLflow).
+        lock = preflight.SearchLock(own, spec.name)  # noqa: F841
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.resume and not state_path.is_file():
         print(f"error: --resume: no search named {spec.name!r} to resume under {storage}", file=sys.stderr)
         return 2
@@ -76,16 +86,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a search named {spec.name!r} already exists under {storage}: continue it with "
               f"--resume, or start a new one with --set name=<new name>", file=sys.stderr)
         return 2
-    if args.resume and json.loads(state_path.read_text())["spec"] != spec.resolved:
+    try:
+        stored = preflight.read_state(state_path) if args.resume else None
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if stored is not None and stored["spec"] != spec.resolved:
         print(f"error: --resume: {spec.path} (with its overrides) differs from the search stored in {own}; "
               f"resume with the same file and --set values", file=sys.stderr)
         return 2
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    try:
+        preflight.check_device(spec)
+        preflight.check_tracking(tracking_uri)
+        if address:
+            init_ray(address)  # cheap on a running cluster, and the only way to see its resources
+            preflight.check_cluster_resources(spec, address)
+        else:
+            preflight.check_local_resources(spec)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         teacher = prepare_teacher(spec)
+        if teacher is None:
+            preflight.check_data(spec)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # DataError, CheckpointError: the message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_search(spec, storage, tracking_uri, args.address, args.resume, own, teacher)
+    try:
+        return run_search(spec, storage, tracking_uri, args.address, args.resume, own, teacher)
+    except KeyboardInterrupt:
+        preflight.close_parent("KILLED")
+        print(f"\n[kdtune] interrupted; continue with: python -m kdtune.search {spec.path} --resume "
+              f"--storage-path {storage}", file=sys.stderr)
+        return 130
+    except BaseException:
+        preflight.close_parent("FAILED")  # never leave the search's run RUNNING
+        raise
 
 
 def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
@@ -107,6 +148,9 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
 def init_ray(address: str | None) -> None:
     import ray
 
+    if ray.is_initialized():  # connected early, to check a cluster's resources
+        return
+
     # A CPU-only trial on a GPU host would otherwise see every GPU (Ray leaves
     # CUDA_VISIBLE_DEVICES unset for zero-GPU trials).
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
@@ -119,7 +163,16 @@ def init_ray(address: str | None) -> None:
         print(f"[kdtune] connected to the Ray cluster at {address}", flush=True)
     else:
         # "local" never attaches to a cluster that happens to be running (or a stale one).
-        ray.init(address="local", include_dashboard=False, object_store_memory=256 * 1024**2)
+        # Loopback only: with the node IP 127.0.0.1 Ray 2.60 binds its GCS, raylet, object manager
+        # and worker servers to loopback (otherwise to every interface, "::"); Ray turns a
+        # _node_ip_address of 127.0.0.1 into the host's address unless clustering is switched off.
+        # The environment variable reaches the processes Ray starts.
+        import ray._private.ray_constants as ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(address="local", include_dashboard=False, object_store_memory=256 * 1024**2,
+                 _node_ip_address="127.0.0.1")
         print("[kdtune] started a private local Ray instance", flush=True)
 
 
@@ -135,13 +188,15 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     client = MlflowClient(tracking_uri)
     tags = {k: str(spec.fixed.get(k, "")) for k in ("method", "teacher", "student", "dataset", "seed")}
     if resume:
-        parent_id = json.loads((own / STATE_FILE).read_text())["parent_run_id"]
+        parent_id = preflight.read_state(own / STATE_FILE)["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
+        preflight.opened_parent(client, parent_id)
     else:
         exp = experiment_id(client, spec.name)
         parent = client.create_run(exp, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={**tags, "kdtune.kind": "search", "kdtune.algorithm": spec.algorithm})
         parent_id = parent.info.run_id
+        preflight.opened_parent(client, parent_id)  # marked FAILED/KILLED if anything below fails
         client.log_artifact(parent_id, spec.path)
         client.log_dict(parent_id, spec.resolved, "spec.yaml")
         if teacher is not None:

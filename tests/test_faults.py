@@ -1,0 +1,583 @@
+"""Bad input and faults, met as a user or a careless operator meets them.
+
+Every case runs in its own tmp folder with its own ``RAY_TMPDIR`` and MLflow store, and checks
+the exit status, the time taken, the one-line message, that no traceback was printed, that no
+process it started is left (found by a marker in their environment, which every child of the
+command inherits), and that no MLflow run is left RUNNING. The commands run as users run them,
+in a subprocess of their own session; train, bench and report cases that start nothing run
+in-process (``main(argv)``), which is much cheaper. Cases that start Ray are marked slow.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import write_cifar
+
+SPACE = {
+    "name": "faults",
+    "fixed": {"dataset": "digits", "teacher": "resnet8", "teacher_epochs": 1, "student": "resnet8",
+              "method": "kd", "epochs": 2, "batch_size": 256, "seed": 0},
+    "space": {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
+    "search": {"algorithm": "random", "num_samples": 2, "max_concurrent": 1},
+    "scheduler": {"type": "none"},
+    "resources": {"cpus_per_trial": 1},
+}
+# Starting Python, torch and MLflow takes a few seconds; on a loaded 2-core box, much more.
+# The limits are for "fails at once instead of hanging or working for minutes".
+QUICK_S = 90
+
+
+@dataclass
+class Outcome:
+    rc: int
+    out: str
+    err: str
+    seconds: float
+    leftovers: list[str]
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+class Pwned:
+    """A pickle that runs a command when loaded: touches ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def write_space(folder: Path, **changes) -> Path:
+    space = json.loads(json.dumps(SPACE))
+    for key, value in changes.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            space[section][leaf] = value
+        else:
+            space[section] = value
+    space["fixed"]["cache_dir"] = str(folder / "cache")
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _marked(marker: str) -> list[int]:
+    """PIDs of processes whose environment holds ``KDTUNE_FAULT_TEST=<marker>`` (ours only)."""
+    found = []
+    needle = f"KDTUNE_FAULT_TEST={marker}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _describe(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
+        return f"{pid} {cmdline.decode(errors='replace')}"
+    except OSError:
+        return str(pid)
+
+
+def _wait_gone(marker: str, seconds: float = 20) -> list[str]:
+    """Processes of the case still alive after ``seconds``; they are killed, and reported."""
+    deadline = time.monotonic() + seconds
+    while (pids := _marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [_describe(p) for p in pids]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
+
+
+def case_env(folder: Path, marker: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    ray_tmp = tempfile.mkdtemp(prefix="kdf", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+    (folder / "ray_tmpdir").write_text(ray_tmp)
+    env.update(RAY_TMPDIR=ray_tmp, KDTUNE_FAULT_TEST=marker, PYTHONUNBUFFERED="1",
+               MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}")
+    return env
+
+
+def run_cli(folder: Path, module: str, *args: str, timeout: float = 300, prefix: tuple[str, ...] = (),
+            env_extra: dict[str, str] | None = None) -> Outcome:
+    marker = uuid.uuid4().hex
+    env = case_env(folder, marker)
+    env.update(env_extra or {})
+    start = time.perf_counter()
+    try:
+        r = subprocess.run([*prefix, sys.executable, "-m", module, *args], cwd=folder, env=env,
+                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
+        rc, out, err = r.returncode, r.stdout, r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = -1, str(e.stdout or ""), f"TIMEOUT after {timeout}s\n{e.stderr or ''}"
+    seconds = time.perf_counter() - start
+    leftovers = _wait_gone(marker)
+    shutil.rmtree((folder / "ray_tmpdir").read_text(), ignore_errors=True)
+    return Outcome(rc, out, err, seconds, leftovers)
+
+
+def running_runs(folder: Path) -> list[str]:
+    """MLflow runs left RUNNING in the case's own store (read with sqlite: no MLflow import)."""
+    db = folder / "mlflow.db"
+    if not db.exists():
+        return []
+    con = sqlite3.connect(db)
+    try:
+        return [r[0] for r in con.execute("select run_uuid from runs where status = 'RUNNING'")]
+    except sqlite3.OperationalError:  # no runs table: nothing was ever recorded
+        return []
+    finally:
+        con.close()
+
+
+def mlflow_runs(folder: Path) -> int:
+    db = folder / "mlflow.db"
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("select count(*) from runs").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
+def assert_clean_failure(o: Outcome, folder: Path, pattern: str, limit_s: float = QUICK_S) -> None:
+    detail = f"rc {o.rc} in {o.seconds:.1f}s\nstdout: {o.out[-2000:]}\nstderr: {o.err[-3000:]}"
+    assert o.rc == 2, detail
+    assert "Traceback" not in o.text, detail
+    assert re.search(pattern, o.err), f"expected {pattern!r} in stderr\n{detail}"
+    error_lines = [line for line in o.err.splitlines() if line.startswith("error:")]
+    assert error_lines and all(len(line) < 1000 for line in o.err.splitlines()), detail
+    assert o.seconds < limit_s, detail
+    assert not o.leftovers, f"processes left: {o.leftovers}"
+    assert not running_runs(folder), "an MLflow run was left RUNNING"
+
+
+def search(folder: Path, space: Path | str, *args: str, **kw) -> Outcome:
+    return run_cli(folder, "kdtune.search", str(space), "--storage-path", str(folder / "rr"), *args, **kw)
+
+
+def search_here(capsys, folder: Path, space: Path | str, *args: str) -> Outcome:
+    """The search command in this process: for cases that fail before Ray starts (and start no
+    process), at a fraction of a subprocess's cost."""
+    from kdtune.search.driver import main
+
+    if "--tracking-uri" not in args:
+        args = (*args, "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}")
+    before = set(_children())
+    start = time.perf_counter()
+    try:
+        rc = main([str(space), "--storage-path", str(folder / "rr"), *args])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    seconds = time.perf_counter() - start
+    captured = capsys.readouterr()
+    return Outcome(rc, captured.out, captured.err, seconds, [_describe(p) for p in set(_children()) - before])
+
+
+def _children() -> list[int]:
+    """This process's live child processes."""
+    me = str(os.getpid())
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[1] == me:
+                found.append(int(entry))
+    return found
+
+
+# ---------------------------------------------------------------------------- data files never run code
+
+
+def test_cifar_reader_refuses_code_and_reads_every_pickle_protocol(tmp_path: Path) -> None:
+    from kdtune.data import DataError, load_dataset
+
+    folder = tmp_path / "cifar-100-python"
+    write_cifar(tmp_path, "cifar100", n_train=40, n_test=10)
+    blob = {b"data": np.arange(4 * 3072).astype(np.uint8).reshape(4, 3072), b"fine_labels": np.array([1, 2, 3, 4]),
+            b"coarse_labels": [np.int64(1)] * 4, b"filenames": [b"a.png"] * 4, b"batch_label": "train"}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        (folder / "train").write_bytes(pickle.dumps(blob, protocol=protocol))
+        data = load_dataset("cifar100", root=tmp_path, val_size=1)
+        assert len(data.train) + len(data.val) == 4
+    # the official files are Python 2 pickles naming numpy.core (numpy 1's module name)
+    py2 = pickle.dumps(blob, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    (folder / "train").write_bytes(py2)
+    assert torch.equal(load_dataset("cifar100", root=tmp_path, val_size=0).train.images.flatten()[:5],
+                       torch.arange(5, dtype=torch.uint8))
+
+    victim = tmp_path / "pwned"
+    (folder / "train").write_bytes(pickle.dumps({b"data": Pwned(victim), b"fine_labels": [1]}))
+    with pytest.raises(DataError, match=r"cifar-100-python/train: refused: the pickle names posix\.system"):
+        load_dataset("cifar100", root=tmp_path)
+    assert not victim.exists()
+
+
+def test_train_refuses_a_cifar_file_that_would_run_code(tmp_path: Path, capsys) -> None:
+    from kdtune.train import main
+
+    write_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    victim = tmp_path / "pwned"
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(
+        pickle.dumps({b"data": Pwned(victim), b"labels": [1]}))
+    start = time.perf_counter()
+    rc = main(["--dataset", "cifar10", "--data-root", str(tmp_path), "--method", "none",
+               "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data_batch_3: refused" in err and "Traceback" not in err
+    assert time.perf_counter() - start < QUICK_S
+    assert not victim.exists()
+
+
+def test_search_refuses_a_cifar_file_that_would_run_code(tmp_path: Path, capsys) -> None:
+    write_cifar(tmp_path, "cifar100", n_train=40, n_test=10)
+    victim = tmp_path / "pwned"
+    (tmp_path / "cifar-100-python" / "test").write_bytes(pickle.dumps({b"data": Pwned(victim), b"fine_labels": [1]}))
+    fixed = {**SPACE["fixed"], "dataset": "cifar100", "data_root": str(tmp_path), "method": "none"}
+    o = search_here(capsys, tmp_path, write_space(tmp_path, fixed=fixed))
+    assert_clean_failure(o, tmp_path, r"cifar-100-python/test: refused: the pickle names posix\.system")
+    assert not victim.exists()
+    assert mlflow_runs(tmp_path) == 0
+
+
+def test_malicious_teacher_checkpoint_refused_while_two_searches_create_one_store(tmp_path: Path) -> None:
+    """Two searches (different names) start at once on a new mlflow.db: neither may crash in the
+    store's creation; both reach the teacher, whose pickle would run code, and refuse it."""
+    victim = tmp_path / "pwned"
+    torch.save({"model": Pwned(victim)}, tmp_path / "teacher.pth")
+    outcomes: dict[str, Outcome] = {}
+
+    def one(name: str) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        fixed = {**SPACE["fixed"], "teacher_checkpoint": str(tmp_path / "teacher.pth")}
+        space = write_space(folder, fixed=fixed, name=name)
+        outcomes[name] = search(folder, space, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, o in outcomes.items():
+        assert_clean_failure(o, tmp_path, r"teacher\.pth: not a readable PyTorch checkpoint", limit_s=2 * QUICK_S)
+    assert not victim.exists()
+    assert mlflow_runs(tmp_path) == 0
+
+
+# ---------------------------------------------------------------------------- search: one clear line
+
+
+def test_search_bad_flag_and_bad_key_and_python_tag(tmp_path: Path, capsys) -> None:
+    space = write_space(tmp_path)
+    o = search_here(capsys, tmp_path, space, "--num-samples", "many")
+    assert o.rc == 2 and "--num-samples: invalid int value" in o.err and "Traceback" not in o.text
+
+    bad = write_space(tmp_path, space={"temprature": {"type": "float", "low": 1, "high": 8}})
+    o = search_here(capsys, tmp_path, bad)
+    assert_clean_failure(o, tmp_path, r"temprature.*temperature")
+
+    victim = tmp_path / "pwned"
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text(space.read_text() + f"extra: !!python/object/apply:os.system ['touch {victim}']\n")
+    o = search_here(capsys, tmp_path, tagged)
+    assert_clean_failure(o, tmp_path, r"tagged\.yaml: not valid YAML")
+    assert not victim.exists() and not (tmp_path / "rr").exists()
+
+
+def test_space_files_that_are_binary_huge_or_alias_bombs(tmp_path: Path, capsys) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("name: x\nfixed:\n  note: " + "x" * (2 * 1024 * 1024) + "\n")
+    levels = "".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 8))
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+                    + levels + "name: x\nfixed:\n  epochs: *a7\n")
+    assert bomb.stat().st_size < 1500
+    for path, pattern in [(binary, r"binary\.yaml: not a text \(UTF-8\) file"),
+                          (huge, r"huge\.yaml: \d+ bytes; a config file is at most"),
+                          (bomb, r"bomb\.yaml: its aliases \(\*name\) expand to \d+ values")]:
+        o = search_here(capsys, tmp_path, path)
+        assert_clean_failure(o, tmp_path, pattern)
+        assert len(o.err) < 2000
+
+
+def test_huge_values_are_shortened_in_messages(tmp_path: Path) -> None:
+    from kdtune.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict({"epochs": "9" * 5000 + "x"})
+    assert "epochs" in str(e.value) and len(str(e.value)) < 1100
+
+
+def test_unknown_tracking_scheme(tmp_path: Path, capsys) -> None:
+    o = search_here(capsys, tmp_path, write_space(tmp_path), "--tracking-uri", "foobar://x")
+    assert_clean_failure(o, tmp_path, r"--tracking-uri 'foobar://x': tracking store not usable")
+    assert not (tmp_path / "rr" / "faults" / "kdtune_search.json").exists()
+
+
+def test_unreachable_tracking_server_fails_fast_naming_it(tmp_path: Path, capsys) -> None:
+    """A server that accepts connections and never answers (the worst case: no refusal)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        o = search_here(capsys, tmp_path, write_space(tmp_path), "--tracking-uri", uri)
+    finally:
+        silent.close()
+    assert_clean_failure(o, tmp_path, re.escape(f"--tracking-uri '{uri}': tracking store not usable"))
+    assert o.seconds < 15  # 10 s of request timeout, then the answer
+
+
+def test_read_only_tracking_store(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    sqlite3.connect(db).execute("create table t (x)").connection.commit()
+    db.chmod(0o444)
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:  # root writes read-only files; drop the capabilities that allow it
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: a read-only file is writable")
+        prefix = ("setpriv", "--bounding-set=-dac_override,-fowner", "--")
+    o = search(tmp_path, write_space(tmp_path), prefix=prefix)
+    assert_clean_failure(o, tmp_path, r"--tracking-uri 'sqlite:///.*mlflow\.db': cannot write .*readonly")
+
+
+def test_storage_path_below_a_file(tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("")
+    from kdtune.search.driver import main
+
+    start = time.perf_counter()
+    rc = main([str(write_space(tmp_path)), "--storage-path", str(tmp_path / "afile" / "rr"),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    captured = capsys.readouterr()
+    o = Outcome(rc, captured.out, captured.err, time.perf_counter() - start, [])
+    assert_clean_failure(o, tmp_path, r"--storage-path .*afile/rr: cannot be created or written: Not a directory")
+    assert mlflow_runs(tmp_path) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_more_gpus_per_trial_than_the_machine_has(tmp_path: Path, capsys) -> None:
+    o = search_here(capsys, tmp_path, write_space(tmp_path), "--gpus-per-trial", "1")
+    assert_clean_failure(o, tmp_path, r"resources\.gpus_per_trial: 1 asked for, but this machine .* has 0 GPUs")
+    assert mlflow_runs(tmp_path) == 0
+
+    o = search_here(capsys, tmp_path, write_space(tmp_path, fixed={**SPACE["fixed"], "device": "cuda"}))
+    assert_clean_failure(o, tmp_path, r"fixed\.device: 'cuda' asked for, but CUDA is not available")
+
+
+def test_second_search_of_a_name_while_one_runs(tmp_path: Path, capsys) -> None:
+    """The running one is stood in for by this test holding the search's lock."""
+    own = tmp_path / "rr" / "faults"
+    own.mkdir(parents=True)
+    with open(own / ".kdtune_search.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(json.dumps({"pid": os.getpid(), "host": "here", "started": "now"}))
+        lock.flush()
+        o = search_here(capsys, tmp_path, write_space(tmp_path))
+    assert_clean_failure(o, tmp_path, rf"a search named 'faults' is already running \(pid {os.getpid()} on here")
+    assert not (tmp_path / "mlflow.db").exists() and not (own / "kdtune_search.json").exists()
+
+
+def test_resume_with_a_corrupt_search_record(tmp_path: Path, capsys) -> None:
+    own = tmp_path / "rr" / "faults"
+    own.mkdir(parents=True)
+    (own / "kdtune_search.json").write_text('{"parent_run_id": ')
+    o = search_here(capsys, tmp_path, write_space(tmp_path), "--resume")
+    assert_clean_failure(o, tmp_path, r"faults/kdtune_search\.json: not a readable kdtune search record")
+
+
+# ---------------------------------------------------------------------------- train, bench, report
+
+
+def _in_process(capsys, main, argv: list[str]) -> tuple[int, str, float]:
+    start = time.perf_counter()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err, time.perf_counter() - start
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_cuda_without_cuda(tmp_path: Path, capsys) -> None:
+    from kdtune.train import main
+
+    rc, err, seconds = _in_process(capsys, main, ["--device", "cuda", "--output-dir", str(tmp_path / "out")])
+    assert rc == 2 and "device: 'cuda' asked for, but CUDA is not available" in err and seconds < QUICK_S
+
+
+def test_train_output_dir_below_a_file_fails_before_loading_anything(tmp_path: Path, capsys) -> None:
+    from kdtune.train import main
+
+    (tmp_path / "afile").write_text("")
+    # CIFAR files that do not exist: had the data been loaded first, the message would be about them
+    rc, err, seconds = _in_process(capsys, main, ["--dataset", "cifar100", "--data-root", str(tmp_path / "none"),
+                                                  "--output-dir", str(tmp_path / "afile" / "out")])
+    assert rc == 2 and "--output-dir" in err and "afile/out: cannot be created" in err and "CIFAR" not in err
+
+
+def test_train_resume_with_a_truncated_checkpoint(tmp_path: Path, capsys) -> None:
+    from kdtune.train import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("dataset: digits\nstudent: resnet8\nmethod: none\nepochs: 2\n")
+    torch.save({"model": {"w": torch.zeros(1000)}, "epoch": 1}, out / "full.pth")
+    (out / "checkpoint.pth").write_bytes((out / "full.pth").read_bytes()[:700])
+    rc, err, seconds = _in_process(capsys, main, ["--resume", "--output-dir", str(out)])
+    assert rc == 2 and re.search(r"--resume: .*out/checkpoint\.pth: not a readable kdtune checkpoint", err), err
+
+
+def test_train_refuses_a_teacher_checkpoint_that_would_run_code(tmp_path: Path, capsys) -> None:
+    from kdtune.train import main
+
+    victim = tmp_path / "pwned"
+    torch.save({"model": Pwned(victim)}, tmp_path / "teacher.pth")
+    rc, err, seconds = _in_process(capsys, main, ["--teacher-checkpoint", str(tmp_path / "teacher.pth"),
+                                                  "--epochs", "1", "--output-dir", str(tmp_path / "out")])
+    assert rc == 2 and "teacher.pth: not a readable PyTorch checkpoint" in err and not victim.exists()
+
+
+def test_bench_unknown_model_and_zero_steps(capsys) -> None:
+    from kdtune.bench import main
+
+    rc, err, _ = _in_process(capsys, main, ["--skip-pipeline", "--pairs", "nosuchnet:resnet8"])
+    assert rc == 2 and "--pairs 'nosuchnet:resnet8': teacher: unknown model 'nosuchnet'" in err
+    rc, err, _ = _in_process(capsys, main, ["--skip-pipeline", "--steps", "0"])
+    assert rc == 2 and "--steps: expected a positive integer, but got 0" in err
+    rc, err, _ = _in_process(capsys, main, ["--skip-pipeline", "--methods", "kd,nope"])
+    assert rc == 2 and "--methods: unknown method 'nope'" in err
+
+
+def test_report_names_a_corrupt_search_record(tmp_path: Path, capsys) -> None:
+    from kdtune.analysis.report import main
+
+    folder = tmp_path / "rr" / "faults"
+    folder.mkdir(parents=True)
+    (folder / "kdtune_search.json").write_text("{parent_run_id: 1}")
+    rc, err, _ = _in_process(capsys, main, [str(folder)])
+    assert rc == 2 and f"{folder / 'kdtune_search.json'}: not a readable kdtune search record" in err
+
+
+# ---------------------------------------------------------------------------- slow: a real search
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket in LISTEN state that one of ``pids`` holds,
+    read from /proc/net/tcp{,6} and the processes' own file descriptors."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            pass
+    found = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((inodes[inode], socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+@pytest.mark.slow
+def test_search_listens_on_loopback_only_and_holds_its_name(tmp_path: Path) -> None:
+    fixed = {**SPACE["fixed"], "method": "none", "epochs": 200}
+    space = write_space(tmp_path, fixed=fixed)
+    marker = uuid.uuid4().hex
+    env = case_env(tmp_path, marker)
+    ray_tmp = (tmp_path / "ray_tmpdir").read_text()
+    proc = subprocess.Popen([sys.executable, "-m", "kdtune.search", str(space), "--storage-path", str(tmp_path / "rr")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        trial = []
+        while not trial and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            trial = [p for p in _marked(marker) if b"KDTrainable" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert trial, f"no trial started: {proc.poll()}"
+        time.sleep(2)  # let the trial's worker open its servers
+        sockets = listening_sockets(_marked(marker))
+        owners = {pid for pid, _, _ in sockets}
+        assert len(owners) >= 3 and trial[0] in owners, sockets  # GCS, raylet, the trial's worker, ...
+        exposed = [(_describe(pid), address, port) for pid, address, port in sockets if address not in LOOPBACK]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+
+        # A second search of the same name while this one runs: refused, nothing recorded.
+        runs_before = mlflow_runs(tmp_path)
+        second = search(tmp_path, space)
+        assert_clean_failure(second, tmp_path / "elsewhere", rf"a search named 'faults' is already running \(pid {proc.pid} ")
+        assert mlflow_runs(tmp_path) == runs_before
+    finally:
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: the search stops its trials and records them
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        leftovers = _wait_gone(marker, 30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    # (0 or 130: Tune may record trials stopped by Ctrl-C as finished; the search layer decides)
+    assert proc.returncode in (0, 130), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert not leftovers, f"processes left: {leftovers}"
+    assert mlflow_runs(tmp_path) >= 2 and not running_runs(tmp_path)
