@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     state_path = own / STATE_FILE
     try:
         preflight.check_storage(storage, own)
-        # Held until the process exits: makes the existence checks below and the creation of
+        # Held until main() returns: makes the existence checks below and the creation of
         # the search atomic (a second search of this name stops here, before MLflow).
         lock = preflight.SearchLock(own, spec.name)  # noqa: F841
     except PreflightError as e:

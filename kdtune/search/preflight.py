@@ -34,7 +34,7 @@ class PreflightError(RuntimeError):
 
 
 class SearchLock:
-    """Held for the life of the driver process: ``flock`` on ``<own>/.kdtune_search.lock``."""
+    """``flock`` on ``<own>/.kdtune_search.lock``, held until released or garbage-collected."""
 
     def __init__(self, own: Path, name: str) -> None:
         self.path = own / LOCK_FILE
