@@ -35,11 +35,14 @@ def parse_periods(value: int | str | list | tuple) -> tuple[int, ...]:
 
 def select(scores: Tensor, batch_size: int, exclusion: float) -> Tensor:
     """Positions kept from one enlarged batch: skip the ceil(n * exclusion) highest scores as
-    outliers, keep the next ``batch_size``; a batch no larger than ``batch_size`` is kept whole."""
+    outliers, keep the next ``batch_size``. As in the released trainer (``N < effective_bs``),
+    only a batch smaller than ``batch_size`` is kept whole: one of exactly ``batch_size``
+    (sampling ratio 1, or a last enlarged batch of that size) still loses its outliers and
+    trains on the ``n - skip`` others."""
     n = scores.shape[0]
-    if n <= batch_size:
-        return torch.arange(n, device=scores.device)
-    skip = math.ceil(n * exclusion)
+    skip = math.ceil(n * exclusion) if n >= batch_size else 0
+    if skip == 0 and n <= batch_size:
+        return torch.arange(n, device=scores.device)  # nothing to drop: every sample, in order
     return scores.argsort(descending=True)[skip:skip + batch_size]
 
 

@@ -45,6 +45,9 @@ def test_selection_skips_the_top_share_and_keeps_the_next_batch() -> None:
     keep = select(scores, batch_size=4, exclusion=0.2)  # skip ceil(10 * 0.2) = 2: 9.0 and 8.0
     assert sorted(keep.tolist()) == [3, 4, 6, 7]
     assert select(scores[:3], batch_size=4, exclusion=0.5).tolist() == [0, 1, 2]  # short batch: all
+    # exactly batch_size samples (ratio 1): the release (N < effective_bs keeps all) still skips
+    assert sorted(select(scores[:4], batch_size=4, exclusion=0.25).tolist()) == [0, 2, 3]  # 9.0 out
+    assert select(scores[:4], batch_size=4, exclusion=0.0).tolist() == [0, 1, 2, 3]
 
 
 def test_penalty_weights_on_known_inputs() -> None:
@@ -99,6 +102,15 @@ def test_scoring_epoch_trains_on_the_selected_samples_with_the_scoring_teacher_l
     assert total == full * 64 + min(rest, 64)
     assert sampler.cache.shape[0] == total and sampler.samples_scored == n
     assert sampler.cache.unique().shape[0] == total
+
+
+def test_ratio_one_with_exclusion_still_drops_the_outliers_of_each_full_batch(digits, teacher) -> None:
+    engine = _engine(digits, teacher, start_rate=1.0, end_rate=1.0, exclusion_rate=0.25)
+    engine.distiller.train()
+    sizes = [x.shape[0] for x, *_ in engine.sampler.batches(1, engine)]
+    full, rest = divmod(len(digits.train), 64)  # enlarged batches of ceil(64 / 1.0) = 64
+    assert sizes == [64 - 16] * full + ([rest] if rest else [])  # ceil(64 * 0.25) = 16 skipped; short batch whole
+    assert engine.sampler.cache.shape[0] == sum(sizes)
 
 
 def test_samples_backpropagated_follow_the_ratio_and_the_cache(digits, teacher) -> None:
