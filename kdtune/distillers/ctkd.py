@@ -215,8 +215,13 @@ class CTDKD(_CurriculumTemperatureMixin, DKD):
     """DKD with a curriculum temperature (the reference passes the learned T into DKD).
 
     DKD's own defaults (alpha 1, beta 8, warm-up 20, CE 1) and CTKD's as in ``ctkd``. The
-    reference reports that DKD + CTKD can go NaN in the first iterations; kdtune's DKD takes
-    log(1 - p_gt) with a logsumexp, which removes the underflow behind it.
+    reference reports that DKD + CTKD can go NaN in the first iterations. The cause is
+    NCKD's ``kl_div`` once T is learned: the teacher target ``softmax(t/T - 1000 * gt_mask)``
+    now needs a gradient, and it is exactly 0 at the masked class, where ``kl_div``'s gradient
+    with respect to its target is 0 x log 0 = NaN. So the temperature's gradient is NaN at
+    every T, from the first step (measured on the released ``DKDloss``; TCKD's part stays
+    finite, and detaching that target removes the NaN). kdtune's per-sample KL takes no log of
+    a target probability, so the gradient through the teacher's side is finite.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, alpha: float = 1.0,

