@@ -2,7 +2,9 @@
 and the router, the variants, and whole runs (homogeneous, heterogeneous, under KDAS)."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import torch
 from kdtune.config import ConfigError, RunConfig
 from kdtune.distillers import build_distiller
 from kdtune.distillers.functional import kd_loss
-from kdtune.distillers.sakd import straight_through_gates
+from kdtune.distillers.connectors import feature_shapes
+from kdtune.distillers.sakd import homogeneous, straight_through_gates
 from kdtune.models import build_model
 from kdtune.run import build_engine
 
@@ -127,10 +130,88 @@ def test_routing_loss_reshaping_and_half_batch_hinge() -> None:
 def test_initial_gate_bias_follows_the_pair() -> None:
     homo = _sakd()
     hetero = _sakd(teacher="wrn_16_2")
+    wider = _sakd(teacher="resnet8x4")  # same family, other widths: heterogeneous, as in the release
     assert torch.allclose(homo.router.policy.bias.view(4, 2)[:, 0] - homo.router.policy.bias.view(4, 2)[:, 1],
                           torch.full((4,), 10.0), atol=0.5)
-    assert hetero.router.policy.bias.abs().max() < 1.0
+    assert hetero.router.policy.bias.abs().max() < 1.0 and wider.router.policy.bias.abs().max() < 1.0
     assert _sakd(gate_bias=3.0).router.policy.bias.view(4, 2)[:, 0].min() > 2.0
+
+
+def test_homogeneous_rule_reproduces_the_released_homo_flags_of_all_ten_pairs() -> None:
+    released = json.loads((Path(__file__).parent / "data" / "sakd_released_pairs.json").read_text())
+    assert len(released["pairs"]) == 10
+    got, want = {}, {}
+    for pair in released["pairs"]:
+        names = [released["kdtune_names"].get(pair[k], pair[k]) for k in ("teacher", "student")]
+        with torch.device("meta"):  # shapes only: no weights allocated or initialised
+            teacher, student = (build_model(n, num_classes=100) for n in names)
+            shapes = [feature_shapes(m, (3, 32, 32)) for m in (teacher, student)]
+        got[tuple(names)], want[tuple(names)] = homogeneous(*shapes, teacher, student), pair["homo"]
+    assert got == want
+    assert want[("resnet32x4", "resnet32")] is False  # the pair a same-family rule got wrong
+
+
+def _record_gates(d) -> list:
+    drawn = []
+    sample = d._sample_gates
+
+    def recording(*args):
+        drawn.append(sample(*args))
+        return drawn[-1]
+    d._sample_gates = recording
+    return drawn
+
+
+@pytest.mark.parametrize("feature_loss,shared", [("at", True), ("nst", True), ("vid", True), ("fitnet", False)])
+def test_random_gates_share_the_logit_gate_with_the_last_stage_as_released(feature_loss: str, shared: bool) -> None:
+    x, y = torch.randn(512, *SHAPE), torch.randint(0, 10, (512,))
+    for option in ("shared", "own"):
+        d = _sakd(feature_loss=feature_loss, gates="random", random_logit_gate=option)
+        drawn = _record_gates(d)
+        d.train()
+        d(x, y)
+        g = drawn[0]
+        assert set(g.unique().tolist()) == {0.0, 1.0} and (0.4 < g.mean(0)).all() and (g.mean(0) < 0.6).all()
+        agree = (g[:, -1] == g[:, -2]).float().mean().item()
+        if option == "shared" and shared:  # the release draws one gate per stage, none for the logits
+            assert agree == 1.0
+        else:  # FitNet's two spots, or the "own" option: independent draws
+            assert 0.4 < agree < 0.6
+
+
+def test_random_gates_student_loss_is_the_released_train_random_loss() -> None:
+    # train_random.py for AT: gamma * CE + beta * sum_k AT_k(gated subset) * |subset| / B
+    # + alpha * T^2 KL(gated subset) * |subset| / B, the logit subset being the last stage's.
+    x, y = torch.randn(32, *SHAPE), torch.randint(0, 10, (32,))
+    d = _sakd(gates="random", random_ce_gamma=True)
+    drawn = _record_gates(d)
+    d.train()
+    torch.manual_seed(3)
+    _, losses = d(x, y)
+    assert "route" not in losses
+    total = sum(v.mean() for v in losses.values())
+    g = drawn[0].bool()
+    logits, s_feat = d.student(x)
+    t_logits, t_feat = d.teacher(x)
+    feat = 0.0
+    for k, i in enumerate(d.spots):
+        sel = g[:, k]
+        feat = feat + d.feature([s_feat["feats"][j][sel] for j in d.spots],
+                                [t_feat["feats"][j][sel] for j in d.spots])[k].mean() * sel.sum() / 32
+    sel = g[:, k]  # the last stage's gate
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits[sel] / 4, 1), torch.softmax(t_logits[sel] / 4, 1),
+                                    reduction="batchmean") * 16 * sel.sum() / 32
+    gamma = d.route_gamma
+    assert gamma == 2.0  # AT's classify_weight
+    release = gamma * torch.nn.functional.cross_entropy(logits, y) + d.feat_weight * feat + kl
+    assert total.item() == pytest.approx(release.item(), rel=1e-5)
+    # the default keeps CE at ce_weight (the release's doubling is taken as a bug, see SAKD's docstring)
+    default = _sakd(gates="random")
+    default.load_state_dict(d.state_dict())
+    default.train()
+    _, plain = default(x, y)
+    assert torch.allclose(plain["ce"], losses["ce"] / gamma)
+    assert _sakd(random_ce_gamma=True).ce_weight == 1.0  # only random gates take the release's CE weight
 
 
 def test_fitnet_spot_is_its_hint_layer() -> None:
@@ -197,6 +278,8 @@ def test_sakd_config_is_validated_before_any_work() -> None:
     text = str(e.value)
     assert "teacher 'vgg13' has 5 stages and student 'resnet8' has 4" in text
     assert "gates: must be one of policy, anti, random" in text
+    with pytest.raises(ConfigError, match="random_logit_gate: must be one of shared, own, but got 'both'"):
+        RunConfig.from_dict({"method": "sakd", "gates": "random", "random_logit_gate": "both"})
     assert "gumbel_temperature: must be > 0" in text
     assert "did you mean 'at'" in text
     cfg = RunConfig.from_dict({"method": "sakd", "teacher": "resnet32x4", "student": "resnet8x4",

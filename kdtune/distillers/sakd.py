@@ -29,6 +29,16 @@ from kdtune.distillers.feature import FEATURE_LOSSES, spot_indices
 from kdtune.distillers.functional import kd_loss
 
 GATES = ("policy", "anti", "random")
+RANDOM_LOGIT_GATES = ("shared", "own")
+
+
+def homogeneous(teacher_shapes: dict, student_shapes: dict, teacher: nn.Module, student: nn.Module) -> bool:
+    """The released configs' ``homo`` flag as a rule: the same architecture family (model class)
+    *and* the same width at every stage (channels of each ``feats`` entry, from
+    :func:`~kdtune.distillers.connectors.feature_shapes`). resnet110 -> resnet32 is homogeneous;
+    resnet32x4 -> resnet32 (32-256 vs 16-64 channels) is not, as in the release."""
+    widths = [[tuple(f)[-3] for f in shapes["feats"]] for shapes in (teacher_shapes, student_shapes)]
+    return type(teacher) is type(student) and widths[0] == widths[1]
 
 
 def straight_through_gates(logits: Tensor, temperature: float) -> Tensor:
@@ -86,10 +96,25 @@ class SAKD(Distiller):
 
     Defaults: the reference's. ``feat_weight`` and ``route_gamma`` default to the values the
     reference uses for the chosen feature loss (AT: 1000 and 2); ``gate_bias`` (added to
-    every "distil" logit of the policy at init) to +10 for a homogeneous pair (same
-    architecture family), 0 otherwise. ``gates``: ``policy`` (SAKD), ``anti`` (distil where
-    the policy says *not* to, the paper's anti-SAKD ablation, same policy training) or
-    ``random`` (per-sample Bernoulli(0.5) gates, no policy).
+    every "distil" logit of the policy at init) to +10 for a homogeneous pair, 0 otherwise.
+    Homogeneous follows the released configs' ``homo`` flags: same architecture family *and*
+    same stage widths (:func:`homogeneous`; resnet32x4 -> resnet32 starts at 0). ``gates``:
+    ``policy`` (SAKD), ``anti`` (distil where the policy says *not* to, the paper's anti-SAKD
+    ablation, same policy training) or ``random`` (per-sample Bernoulli(0.5) gates, no
+    policy: the released ``train_random.py``).
+
+    Under ``gates: random``:
+      * ``random_logit_gate``: ``shared`` (default, the release) reuses the last feature
+        spot's gate as the logit spot's gate for the every-stage losses (AT, NST, VID: the
+        release draws one gate per stage and none for the logits); ``own`` draws the logit
+        gate on its own (kdtune before; FitNet always has its own, as in the release).
+      * ``random_ce_gamma``: false (default) keeps the student's CE at ``ce_weight``; true
+        multiplies it by ``route_gamma`` as the release does (``train_random.py`` applies
+        ``classify_weight``, 2 for AT, RKD and VID, to the CE). Taken as a bug there:
+        ``classify_weight`` is the routing loss's γ in the SAKD trainer (``train.py``),
+        whose student CE has weight 1, as in ``train_reverse.py`` and
+        ``train_baseline.py``; random gates have no routing loss, and the doubled CE for
+        just those three losses confounds the ablation against SAKD.
     """
 
     unweighted_terms = ("ce", "route")  # the routing loss is batch-level: KDAS must not reweight it
@@ -102,7 +127,7 @@ class SAKD(Distiller):
                  gumbel_temperature: float = 5.0, gate_bias: float | None = None,
                  route_gamma: float | None = None, hinge_weight: float = 1.0,
                  policy_lr_scale: float = 0.5, policy_weight_decay: float = 1e-3,
-                 hint_layer: int = 2) -> None:
+                 hint_layer: int = 2, random_logit_gate: str = "shared", random_ce_gamma: bool = False) -> None:
         super().__init__(student, teacher)
         loss_cls = FEATURE_LOSSES.get(feature_loss)
         for name, model in (("student", student), ("teacher", teacher)):
@@ -120,9 +145,12 @@ class SAKD(Distiller):
         self.feature = loss_cls(s_spot, t_spot)
         self.feat_weight = loss_cls.sakd_weight if feat_weight is None else feat_weight
         self.route_gamma = loss_cls.sakd_gamma if route_gamma is None else route_gamma
-        self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
+        self.ce_weight = ce_weight * (self.route_gamma if gates == "random" and random_ce_gamma else 1.0)
+        self.kd_weight, self.temperature = kd_weight, temperature
         self.gates, self.gumbel_temperature, self.hinge_weight = gates, gumbel_temperature, hinge_weight
         self.policy_lr_scale, self.policy_weight_decay = policy_lr_scale, policy_weight_decay
+        # The release's random gates share the logit gate only where it draws one gate per stage.
+        self.share_logit_gate = gates == "random" and random_logit_gate == "shared" and loss_cls.spot == "stages"
         self.spot_names = [f"stage{i}" for i in self.spots] + ["logits"]
         k = len(self.spot_names)
 
@@ -130,8 +158,8 @@ class SAKD(Distiller):
         self.router = nn.Module()
         pooled = t_shapes["pooled_feat"][0] + s_shapes["pooled_feat"][0]
         self.router.policy = nn.Linear(pooled, 2 * k)
-        homogeneous = type(teacher) is type(student)
-        bias = (10.0 if homogeneous else 0.0) if gate_bias is None else gate_bias
+        homo = homogeneous(t_shapes, s_shapes, teacher, student)
+        bias = (10.0 if homo else 0.0) if gate_bias is None else gate_bias
         with torch.no_grad():
             self.router.policy.bias.view(k, 2)[:, 0] += bias
         self.router.to_teacher = nn.ModuleList(ConvReg(s, t) for s, t in zip(s_spot, t_spot))
@@ -166,7 +194,8 @@ class SAKD(Distiller):
     def _sample_gates(self, s_pooled: Tensor, t_pooled: Tensor, batch: int) -> Tensor:
         k = len(self.spot_names)
         if self.gates == "random":
-            return (torch.rand(batch, k, device=s_pooled.device) < 0.5).float()
+            gates = (torch.rand(batch, k, device=s_pooled.device) < 0.5).float()
+            return torch.cat([gates[:, :-1], gates[:, -2:-1]], 1) if self.share_logit_gate else gates
         policy_in = torch.cat([t_pooled, s_pooled], dim=1).detach()
         return straight_through_gates(self.router.policy(policy_in).view(batch, k, 2), self.gumbel_temperature)
 
@@ -245,6 +274,9 @@ class SAKD(Distiller):
                 problems.append(f"{key}: must be > 0 (or null for the reference's value), but got {params[key]!r}")
         if params.get("gates", "policy") not in GATES:
             problems.append(f"gates: must be one of {', '.join(GATES)}, but got {params['gates']!r}")
+        if params.get("random_logit_gate", "shared") not in RANDOM_LOGIT_GATES:
+            problems.append(f"random_logit_gate: must be one of {', '.join(RANDOM_LOGIT_GATES)}, "
+                            f"but got {params['random_logit_gate']!r}")
         name = params.get("feature_loss", "at")
         if name not in FEATURE_LOSSES:
             problems.append(f"feature_loss: {FEATURE_LOSSES.unknown_message(name)}")
