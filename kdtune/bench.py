@@ -183,6 +183,12 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    if "--search" in (sys.argv[1:] if argv is None else argv):
+        # Search strategies need Ray and Optuna: the search layer's benchmark, loaded only here.
+        from kdtune.search.bench_search import main as bench_search
+        return bench_search(argv)
     p = argparse.ArgumentParser(prog="python -m kdtune.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=_positive, default=64)

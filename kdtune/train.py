@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train on the full training set (train+val) and report test accuracy")
     p.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<student>-<method>-seed<seed>")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    g = p.add_argument_group("from a search", "re-run a search's trial (default: its best) from its run.yaml")
+    g.add_argument("--from-search", metavar="FOLDER", help="a search's folder, e.g. ray_results/NAME")
+    g.add_argument("--trial", metavar="ID", help="the trial to re-run (default: the best, from best.json)")
+    g.add_argument("--seeds", type=int, default=1, help="run this many seeds (seed, seed+1, ...); "
+                                                         "prints mean ± std (default 1)")
     return p.parse_args(argv)
 
 
@@ -89,6 +94,20 @@ def _read_checkpoint(path: Path, device: torch.device | str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_search is not None:
+        if args.config or args.resume or any(getattr(args, k) is not None for k in FLAG_KEYS):
+            print("error: --from-search takes its configuration from the search's trial; give no config "
+                  "file, --resume or setting flags with it (--set, --final, --seeds, --output-dir are fine)",
+                  file=sys.stderr)
+            return 2
+        # The one place the core calls up into the search layer, lazily: it needs MLflow to log the
+        # re-runs, and a plain ``train`` run must not load it.
+        from kdtune.search.final import main as from_search
+        return from_search(args.from_search, args.trial, bool(args.final), args.seeds, args.output_dir,
+                           args.overrides)
+    if args.trial is not None or args.seeds != 1:
+        print("error: --trial and --seeds go with --from-search", file=sys.stderr)
+        return 2
     try:
         cfg, out = resolve_config(args)
         check_run(cfg, out, args.resume)

@@ -65,7 +65,7 @@ def trials_frame() -> pd.DataFrame:
         ("b", "t6", "failed", "kd", "none", False, math.nan, 1, 10.0, 50, 1, 0.0),
         ("b", "t7", "completed", "kd", "none", False, 91.0, 10, 3600.0, 1000, 1, 0.0),
     ]
-    columns = ["search", "trial_id", "status", "method", "sampler", "logit_stand", "best_val/acc1", "epochs",
+    columns = ["search", "trial_id", "status", "method", "sampler", "logit_stand", "final_val/acc1", "epochs",
                "wall_s", "samples_backprop", "cpus_per_trial", "gpus_per_trial"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -91,7 +91,7 @@ def test_baseline_gap_from_trials_then_given_numbers() -> None:
     assert given.loc["paper", "gap"] == pytest.approx(-1.0)
     assert len(analysis.baseline_gap(kd_only.assign(method="dkd"))) == 0  # nothing to compare with
 
-    losses = trials_frame().assign(**{"best_val/loss": [0.5, 0.4, 0.1, 0.9, 0.3, math.nan, 0.6]})
+    losses = trials_frame().assign(**{"final_val/loss": [0.5, 0.4, 0.1, 0.9, 0.3, math.nan, 0.6]})
     lower = analysis.baseline_gap(losses, metric="val/loss", mode="min").set_index(["search", "baseline"])
     assert lower.loc[("a", "none"), "gap"] == pytest.approx(0.5)  # 0.9 -> 0.4: positive means better
 
@@ -137,7 +137,7 @@ def test_importance_handles_conditional_parameters() -> None:
     value = 100 * np.log10(lr) + np.nan_to_num(50 * start_rate)  # lr drives it, then start_rate
     trials = pd.DataFrame({"trial_id": [f"t{i}" for i in range(n)], "status": "completed", "sampler": sampler,
                            "start_rate": start_rate, "sampling_period": period, "lr": lr,
-                           "noise": rng.integers(0, 10, n), "best_val/acc1": value})
+                           "noise": rng.integers(0, 10, n), "final_val/acc1": value})
     found = analysis.param_importance(trials, space, bootstrap=0)
     scopes = {scope: dict(zip(g["param"], g["importance"])) for scope, g in found.groupby("scope")}
     assert set(scopes) == {"all", "sampler=kdas"}
@@ -165,6 +165,7 @@ def _asha_like(n: int = 24, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     curves = pd.DataFrame([{"trial_id": f"t{i:02d}", "epoch": e, "val/acc1": 10 * e + 5 * np.log10(lr[i])}
                            for i in range(n) for e in range(1, last[i] + 1)])
     trials["best_val/acc1"] = trials["trial_id"].map(curves.groupby("trial_id")["val/acc1"].max())
+    trials["final_val/acc1"] = trials["trial_id"].map(curves.groupby("trial_id")["val/acc1"].last())  # the objective
     return trials, curves
 
 
@@ -180,7 +181,7 @@ def test_importance_compares_trials_at_one_budget_with_an_interval() -> None:
     assert (found["budget"] == 4).all() and (found["trials"] == 12).all()
     assert found.loc["lr", "importance"] > 0.8 and found.loc["lr", "low"] > found.loc["noise", "high"]
     assert (found["low"] <= found["high"]).all()
-    # across budgets (best_ values of trials stopped at 2, 4 and 8 epochs) the epochs dominate: lr explains less
+    # across budgets (objectives of trials stopped at 2, 4 and 8 epochs) the epochs dominate: lr explains less
     mixed = analysis.param_importance(trials, SMALL_SPACE, bootstrap=0).set_index("param")
     assert mixed["budget"].isna().all() and len(mixed) == 2
 
@@ -311,7 +312,7 @@ def test_curves_one_row_per_trial_and_epoch(search: dict) -> None:
         assert list(trial["epoch"]) == list(range(1, trials.loc[tid, "epochs"] + 1))
         assert trial["wall_s"].is_monotonic_increasing
         assert (trial["status"] == trials.loc[tid, "status"]).all()
-    for column in ("val/acc1", "val/loss", "train/loss", "train/loss_ce", "lr", "samples/backprop", "time/epoch_s"):
+    for column in ("val/acc1", "val/loss", "train/loss", "train/loss_ce", "train/lr", "samples/backprop", "time/epoch_s"):
         assert curves[column].notna().all(), column
     assert curves.loc[curves["trial_id"].map(trials["method"]) == "kd", "train/loss_kd"].notna().all()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ import yaml
 from mlflow import MlflowClient
 
 from kdtune.analysis import load_mlflow, load_results
+from kdtune.search.spec import load_spec
 
 SPACE = {
     "name": "e2e",
@@ -93,46 +95,136 @@ def test_dry_run_prints_spec_and_space(tmp_path: Path) -> None:
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_optuna_is_told_pruned_for_early_stopped_trials() -> None:
+def test_optuna_is_told_every_epoch_and_the_right_final_state(tmp_path: Path) -> None:
     import optuna
 
-    from kdtune.search.searchers import KDOptunaSearch
+    from kdtune.search.searchers import KDOptunaSearch, optuna_storage
     from kdtune.search.space import Param, Space
 
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = Space(params={"x": Param("x", "float", 0.0, 1.0)}, methods=None)
-    searcher = KDOptunaSearch(space=space.suggest, metric="val/acc1", mode="max", max_epochs=4,
-                              sampler=optuna.samplers.RandomSampler(seed=0))
-    for tid in ("stopped", "full", "diverged"):
+    searcher = KDOptunaSearch(space=space.suggest, metric="val/acc1", mode="max", max_epochs=4, study_name="s",
+                              sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(url))
+    for tid in ("stopped", "full", "diverged", "crashed"):
         searcher.suggest(tid)
-    for epoch in (1, 2):
-        searcher.on_trial_result("stopped", {"val/acc1": 50.0 + epoch, "training_iteration": epoch})
+    searcher.on_trial_result("stopped", {"val/acc1": 51.0, "training_iteration": 1})
+    # Tune hands the result that stops a trial to on_trial_complete only
     searcher.on_trial_complete("stopped", {"val/acc1": 52.0, "training_iteration": 2})
+    for epoch in (1, 2, 3):
+        searcher.on_trial_result("full", {"val/acc1": 70.0 + epoch, "training_iteration": epoch})
     searcher.on_trial_complete("full", {"val/acc1": 80.0, "training_iteration": 4})
-    searcher.on_trial_complete("diverged", {"val/acc1": 1.0, "training_iteration": 1, "diverged": 1.0})
-    states = {t.number: t.state for t in searcher._ot_study.trials}
-    values = {t.number: t.value for t in searcher._ot_study.trials}
-    assert states == {0: optuna.trial.TrialState.PRUNED, 1: optuna.trial.TrialState.COMPLETE,
-                      2: optuna.trial.TrialState.COMPLETE}
-    assert values == {0: 52.0, 1: 80.0, 2: 1.0}  # a pruned trial carries its last value
-    assert searcher._ot_study.trials[0].intermediate_values == {1: 51.0, 2: 52.0}
+    searcher.on_trial_complete("diverged", {"val/acc1": -1e6, "training_iteration": 1, "diverged": 1.0})
+    searcher.on_trial_result("crashed", {"val/acc1": 10.0, "training_iteration": 1})
+    # Tune's searcher checkpoint (pickled) reconnects to the same storage after a restore
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = KDOptunaSearch(space=space.suggest, metric="val/acc1", mode="max", max_epochs=4)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("crashed", None, error=True)
+
+    trials = {t.user_attrs["ray_trial_id"]: t for t in optuna.load_study(study_name="s", storage=url).trials}
+    S = optuna.trial.TrialState
+    assert {k: t.state for k, t in trials.items()} == {"stopped": S.PRUNED, "full": S.COMPLETE,
+                                                      "diverged": S.FAIL, "crashed": S.FAIL}
+    assert trials["stopped"].intermediate_values == {1: 51.0, 2: 52.0}  # the stopping epoch included
+    assert trials["stopped"].value == 52.0 and trials["full"].value == 80.0  # the objective: last epoch
+    assert trials["full"].intermediate_values == {1: 71.0, 2: 72.0, 3: 73.0, 4: 80.0}
+    assert trials["diverged"].intermediate_values == {}  # a penalty is no measurement
+    assert {k: t.user_attrs["kdtune_status"] for k, t in trials.items()} == {
+        "stopped": "stopped early", "full": "completed", "diverged": "diverged", "crashed": "failed"}
+
+
+class _Trial:
+    def __init__(self, trial_id: str, status: str, config: dict, last: dict | None) -> None:
+        self.trial_id, self.status, self.config, self.last_result = trial_id, status, config, last
+
+
+def test_progress_lines_count_trials_and_round_floats() -> None:
+    import io
+
+    from kdtune.search.progress import Progress
+
+    out = io.StringIO()
+    progress = Progress(total=5, max_epochs=4, metric="val/acc1", mode="max", every_s=0.0, stream=out)
+    done = _Trial("aaa", "TERMINATED", {"lr": 0.04619905512862269, "temperature": None},
+                  {"val/acc1": 91.25, "training_iteration": 4})
+    stopped = _Trial("bbb", "TERMINATED", {"lr": 0.2}, {"val/acc1": 40.0, "training_iteration": 1})
+    diverged = _Trial("ccc", "TERMINATED", {"lr": 9.0}, {"val/acc1": -1e6, "training_iteration": 1, "diverged": 1.0})
+    running = _Trial("ddd", "RUNNING", {"lr": 0.01}, {"val/acc1": 77.123456, "training_iteration": 2})
+    trials = [done, stopped, diverged, running]
+    progress.on_trial_start(0, trials, running)
+    progress.on_trial_complete(0, trials, stopped)
+    progress.on_step_end(0, trials)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[kdtune] trial ddd started (1 of 5): lr 0.01"
+    assert lines[1] == ("[kdtune] trial bbb stopped early after epoch 1: val/acc1 40.00 | "
+                        "best 91.25 (trial aaa: lr 0.0462)")
+    status = lines[2]
+    assert status.startswith("[kdtune] status ") and "\x1b" not in status and "\r" not in status
+    assert "1 running, 1 completed, 1 stopped, 0 failed, 1 diverged of 5" in status
+    assert "best 91.25 (trial aaa: lr 0.0462)" in status and "ddd epoch 2 77.12" in status
+    assert "ETA" in status and "0.04619905" not in status
 
 
 # ---------------------------------------------------------------------------- slow: real searches
 
 
+NOISE = ("Token authentication", "SearchGenerator", "TensorBoard", "Creating initial MLflow database tables",
+         "Started a local Ray instance", "Wrote the latest version", "Trainable.setup took")
+
+
+def optuna_trials(tmp_path: Path, name: str = "e2e") -> dict:
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'ray' / name / 'optuna.db'}")
+    return {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real search (6 TPE trials, ASHA, 4 epochs) that several slow tests read."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    return tmp_path, run_search(tmp_path, write_space(tmp_path), "--status-every", "2")
+
+
 @pytest.mark.slow
-def test_search_end_to_end_tracks_every_trial(tmp_path: Path) -> None:
-    r = run_search(tmp_path, write_space(tmp_path))
+def test_search_end_to_end_tracks_every_trial(searched) -> None:
+    tmp_path, r = searched
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "best configuration" in r.stdout and "results table" in r.stdout
-
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 6 and table["trial_id"].is_unique
+
+    # progress people can watch, and none of Ray's or MLflow's own lines
+    for tid in table["trial_id"]:
+        assert f"[kdtune] trial {tid} started" in r.stdout
+    assert "[kdtune] status " in r.stdout and " of 6 | best " in r.stdout
+    assert "MLflow runs table: http://127.0.0.1:5000/#/experiments/" in r.stdout
+    for noise in NOISE:
+        assert noise not in r.stdout + r.stderr, noise
+    best_line = next(line for line in r.stdout.splitlines() if "best configuration" in line)
+    assert not re.search(r"\d\.\d{6,}", best_line), best_line  # floats rounded
+
     assert set(table["status"]) <= {"completed", "stopped early"}
     assert (table["status"] == "stopped early").any(), "ASHA stopped no trial"
     assert (table["status"] == "completed").any()
     assert (table.loc[table.status == "completed", "epochs"] == 4).all()
     assert table[["temperature", "lr"]].notna().all().all()
+
+    # one objective (the metric at the last epoch trained) in Optuna, the table, MLflow and best.json
+    objective = table.set_index("trial_id")["final_val/acc1"]
+    studied = optuna_trials(tmp_path)
+    assert set(studied) == set(table["trial_id"])
+    for row in table.itertuples():
+        t = studied[row.trial_id]
+        assert t.state.name == {"completed": "COMPLETE", "stopped early": "PRUNED"}[row.status]
+        assert max(t.intermediate_values) == row.epochs  # the stopping epoch was told too
+        assert t.intermediate_values[row.epochs] == pytest.approx(objective[row.trial_id])
+        assert t.value == pytest.approx(objective[row.trial_id])
+    best = json.loads((tmp_path / "ray" / "e2e" / "best.json").read_text())
+    assert best["trial_id"] == objective.idxmax() and best["objective"]["value"] == pytest.approx(objective.max())
+    trial_dir = next((tmp_path / "ray" / "e2e").glob(f"*_{best['trial_id']}_*"))
+    assert best["config"] == yaml.safe_load((trial_dir / "run.yaml").read_text())  # the full configuration
+    assert best["config"]["epochs"] == 4 and best["config"]["lr"] == pytest.approx(best["params"]["lr"])
 
     client, runs = child_runs(tmp_path)
     assert len(runs) == 6
@@ -140,24 +232,93 @@ def test_search_end_to_end_tracks_every_trial(tmp_path: Path) -> None:
     assert len(parent_ids) == 1
     parent = client.get_run(parent_ids.pop())
     assert parent.info.status == "FINISHED" and "best.temperature" in parent.data.tags
+    assert parent.data.params == {k: str(v) for k, v in load_spec(tmp_path / "space.yaml").fixed.items()}
+    assert parent.data.metrics["objective"] == pytest.approx(objective.max())
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "spec.yaml", "results.csv", "best.json"} <= artifacts
     by_trial = {run.data.tags["kdtune.trial_id"]: run for run in runs}
     for row in table.itertuples():
         run = by_trial[row.trial_id]
         assert set(run.data.params) == {"temperature", "lr"}  # the hyperparameters and nothing else
+        assert not set(run.data.params) & set(run.data.metrics)  # no name is both
+        assert "epoch" not in run.data.metrics  # the step says it
+        assert run.data.metrics["objective"] == pytest.approx(objective[row.trial_id])
         assert float(run.data.params["lr"]) == pytest.approx(row.lr)
         assert run.data.tags["kdtune.status"] == row.status
         assert run.info.status == "FINISHED"
-        for tag in ("method", "teacher", "student", "dataset", "seed"):
+        for tag in ("method", "teacher", "student", "dataset", "seed", "kdtune.version",
+                    "mlflow.source.git.commit"):
             assert run.data.tags[tag]
         history = client.get_metric_history(run.info.run_id, "val/acc1")
         assert sorted(m.step for m in history) == list(range(1, row.epochs + 1))
-        assert client.get_metric_history(run.info.run_id, "lr")
+        assert client.get_metric_history(run.info.run_id, "train/lr")
+        assert "run.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     df = load_mlflow("e2e", storage_path=tmp_path / "ray")
     assert len(df) == 6 and set(df["status"]) == set(table["status"])
     assert pd.api.types.is_float_dtype(df["temperature"])
+
+
+@pytest.mark.slow
+def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(searched) -> None:
+    tmp_path, r = searched
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    folder = tmp_path / "ray" / "e2e"
+    table = load_results(folder).set_index("trial_id")
+    trial = table.index[table["status"] == "completed"][0]
+    run_yaml = yaml.safe_load(next(folder.glob(f"*_{trial}_*/run.yaml")).read_text())
+
+    # the chosen trial again, as train runs it: the same configuration, the same values
+    train = [sys.executable, "-m", "kdtune.train", "--from-search", str(folder)]
+    again = subprocess.run([*train, "--trial", trial, "--output-dir", str(tmp_path / "again")], cwd=tmp_path,
+                           env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "again" / "seed0" / "config.yaml").read_text()) == run_yaml
+    rerun = json.loads((tmp_path / "again" / "seed0" / "final.json").read_text())
+    assert rerun["val/acc1"] == pytest.approx(table.loc[trial, "final_val/acc1"])
+
+    # the best trial on train+val, tested, two seeds, logged under the search's experiment
+    final = subprocess.run([*train, "--final", "--seeds", "2", "--output-dir", str(tmp_path / "final")],
+                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    best = json.loads((folder / "best.json").read_text())
+    assert f"trial {best['trial_id']}: test/acc1" in final.stdout and "±" in final.stdout
+    for seed in (0, 1):
+        cfg = yaml.safe_load((tmp_path / "final" / f"seed{seed}" / "config.yaml").read_text())
+        assert cfg == {**best["config"], "final": True, "seed": seed}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    finals = client.search_runs([exp.experiment_id], filter_string="tags.`kdtune.kind` = 'final'")
+    assert len(finals) == 2 and {r.data.tags["kdtune.final_of"] for r in finals} == {best["trial_id"]}
+    assert all("test/acc1" in r.data.metrics and r.info.status == "FINISHED" for r in finals)
+    assert len(load_mlflow("e2e", storage_path=tmp_path / "ray")) == 6  # final runs are not trials
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_file_starts_a_new_search(searched) -> None:
+    tmp_path, first = searched
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = run_search(tmp_path, tmp_path / "space.yaml", "--num-samples", "1")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "starting a new search 'e2e-2'" in second.stdout
+    assert len(load_results(tmp_path / "ray" / "e2e-2")) == 1
+    assert len(load_results(tmp_path / "ray" / "e2e")) == 6  # the first one untouched
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_experiment_by_name("e2e-2") is not None
+    assert len(optuna_trials(tmp_path, "e2e-2")) == 1 and len(optuna_trials(tmp_path)) == 6
+
+
+def test_resume_picks_the_latest_search_of_a_name(tmp_path: Path) -> None:
+    from kdtune.search.driver import existing_names
+
+    storage = str(tmp_path)
+    assert existing_names(storage, "e2e") == []
+    for name in ("e2e", "e2e-2", "e2e-10", "e2e-x", "e2e-3"):
+        (tmp_path / name).mkdir()
+        if name != "e2e-3":  # a folder without a search's state file is no search
+            (tmp_path / name / "kdtune_search.json").write_text("{}")
+    assert existing_names(storage, "e2e") == ["e2e", "e2e-2", "e2e-10"]  # oldest first: --resume takes the last
+    assert existing_names(storage, "e2e-2") == ["e2e-2"]
 
 
 @pytest.mark.slow
@@ -219,7 +380,16 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path)
         tid = run.data.tags["kdtune.trial_id"]
         if tid in ended:
             assert len(steps) == ended[tid]  # finished trials were not re-run
-    assert len(load_results(tmp_path / "ray" / "e2e")) == 8
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 8
+    # the Optuna study lives in its storage and went on across the restart: one trial per Tune trial
+    studied = optuna_trials(tmp_path)
+    assert set(studied) == set(table["trial_id"])
+    for trial_id, status, epochs, value in zip(table["trial_id"], table["status"], table["epochs"],
+                                               table["final_val/acc1"]):
+        t = studied[trial_id]
+        assert t.state.name == {"completed": "COMPLETE", "stopped early": "PRUNED"}[status]
+        assert t.intermediate_values[epochs] == pytest.approx(value) == t.value
     parents = {run.data.tags["mlflow.parentRunId"] for run in after}
     assert len(parents) == 1 and client.get_run(parents.pop()).info.status == "FINISHED"
 

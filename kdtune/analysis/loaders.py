@@ -34,8 +34,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from kdtune.search.records import (LAST_VALUE_PREFIXES, PARENT_TAG, PENALTY, RESULTS_FILE, STATE_FILE, STATUS_TAG,
-                                   TRIAL_TAG, resolve_tracking_uri, run_metrics)
+from kdtune.search.records import (LAST_VALUE_PREFIXES, OBJECTIVE_METRIC, PARENT_TAG, PENALTY, RESULTS_FILE,
+                                   STATE_FILE, STATUS_TAG, TRIAL_TAG, objective_column, resolve_tracking_uri,
+                                   run_metrics)
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
 FINISHED = ("completed", "stopped early")
@@ -383,7 +384,7 @@ def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) ->
     params = set(parse_space(spec["space"])[0].names())
     # last metric values under their metric names: only the method/sampler ones stay, as in results.csv
     drop = [c for c in runs.columns if c not in params and
-            (("/" in c and not c.startswith(LAST_VALUE_PREFIXES)) or c in ("lr", "epoch"))]
+            (("/" in c and not c.startswith(LAST_VALUE_PREFIXES)) or c in ("lr", "epoch", OBJECTIVE_METRIC))]
     out = runs.copy()
     last = curves.sort_values("epoch").groupby("trial_id").last() if len(curves) else pd.DataFrame()
     history = curves.groupby("trial_id")[metric] if metric in curves else None
@@ -445,7 +446,8 @@ def _tidy_curves(curves: pd.DataFrame, trials: pd.DataFrame, label: str) -> pd.D
 
 
 def _objective(metric: str) -> str:
-    return f"best_{metric}"
+    """The column every ranking uses: the search's one objective (records.OBJECTIVE)."""
+    return objective_column(metric)
 
 
 def _finished(trials: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -455,7 +457,7 @@ def _finished(trials: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def best_trials(trials: pd.DataFrame, n: int = 5, metric: str = "val/acc1", mode: str = "max",
                 by: str | None = None) -> pd.DataFrame:
-    """The ``n`` best finished trials by ``best_<metric>`` (of each ``by`` group, e.g. ``"search"``
+    """The ``n`` best finished trials by the objective, ``final_<metric>`` (of each ``by`` group, e.g. ``"search"``
     or ``"sampler"``, when given)."""
     column = _objective(metric)
     ranked = _finished(trials, column).sort_values(column, ascending=mode == "min", kind="stable")

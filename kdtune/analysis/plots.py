@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from kdtune.analysis.loaders import FINISHED
+from kdtune.analysis.loaders import FINISHED, _objective
 
 STATUS_COLOURS = {"completed": "tab:green", "stopped early": "tab:blue", "diverged": "tab:red",
                   "failed": "black", "interrupted": "tab:gray"}
@@ -117,12 +117,12 @@ def learning_curves(curves: pd.DataFrame, metric: str = "val/acc1", milestones: 
 def accuracy_vs_params(trials: pd.DataFrame, params: list[str] | None = None, metric: str = "val/acc1",
                        hue: str | None = None, log: list[str] | None = None,
                        path: str | Path | None = None) -> Figure | None:
-    """``best_<metric>`` of every trial against each hyperparameter (``params``; default: the
+    """The objective (``final_<metric>``) of every trial against each hyperparameter (``params``; default: the
     columns between ``status`` and ``epochs``, i.e. the searched ones), a panel per parameter.
     Numbers on a log axis when listed in ``log`` (default: when they span more than 20x);
     choices as jittered columns. Diverged and failed trials are left out (their values are
     penalties). Colour: ``hue`` (default :func:`default_hue`)."""
-    value = f"best_{metric}"
+    value = _objective(metric)
     if value not in trials:
         return None
     params = [p for p in (params or searched_params(trials)) if p in trials and trials[p].notna().any()]
@@ -193,10 +193,10 @@ def importance_bars(importance: pd.DataFrame, path: str | Path | None = None) ->
 
 def accuracy_vs_cost(trials: pd.DataFrame, metric: str = "val/acc1", hue: str | None = None,
                      path: str | Path | None = None) -> Figure | None:
-    """``best_<metric>`` against the trial's wall time and against the samples it back-propagated:
+    """The objective (``final_<metric>``) against the trial's wall time and against the samples it back-propagated:
     what an adaptive sampler such as KDAS buys (colour by ``hue``; default :func:`default_hue`,
     the sampler in a KD-vs-KDAS search)."""
-    value = f"best_{metric}"
+    value = _objective(metric)
     axes_of = [(c, label) for c, label in (("wall_s", "trial wall time (min)"),
                                            ("samples_backprop", "samples back-propagated"))
                if c in trials and trials[c].notna().any()]

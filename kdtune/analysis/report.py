@@ -25,12 +25,13 @@ from kdtune.analysis.importance import MIN_TRIALS
 CAPTIONS = {
     "learning_curves": "Learning curves, coloured by how each trial ended; dotted: ASHA's rungs, where it "
                        "stopped the weaker trials.",
-    "accuracy_vs_params": "Best validation accuracy of every finished trial against each hyperparameter "
-                          "(stopped-early trials are measured at the epoch ASHA stopped them).",
+    "accuracy_vs_params": "The objective (validation accuracy at the last epoch trained) of every finished "
+                          "trial against each hyperparameter (stopped-early trials: at the epoch ASHA stopped them).",
     "importance": "Parameter importance (Optuna's fANOVA over the trials at one common budget; bars: the "
                   "5-95 % bootstrap interval; a conditional parameter is assessed over the trials that have it).",
-    "accuracy_vs_cost": "Best validation accuracy against what the trial cost: wall time and samples "
-                        "back-propagated (what an adaptive sampler such as KDAS buys).",
+    "accuracy_vs_cost": "The objective (validation accuracy at the last epoch trained) against what the "
+                        "trial cost: wall time and samples back-propagated (what an adaptive sampler such as "
+                        "KDAS buys).",
     "ctkd": "CTKD: learned temperature (shaded: the epoch's lowest to highest) and λ per epoch.",
     "sakd_gates": "SAKD: fraction of samples gated on, per spot.",
 }
@@ -118,7 +119,7 @@ def _blocks(searches, trials, importance, images, metric, mode, baselines) -> li
     blocks.append(("h2", "Best configuration"))
     best = analysis.best_trials(trials, 1, metric, mode, by="search")
     params = [c for c in dict.fromkeys(p for s in searches for p in s.space.names()) if c in best]
-    blocks.append(("table", best[["search", "trial_id", *params, "epochs", f"best_{metric}"]]
+    blocks.append(("table", best[["search", "trial_id", *params, "epochs", analysis.loaders._objective(metric)]]
                    if len(best) else pd.DataFrame({"": ["no finished trial"]})))
 
     by = plots.default_hue(trials)

@@ -4,11 +4,17 @@ Ray Tune runs the trials (one engine epoch per step, several small trials per GP
 fractional ``--gpus-per-trial``), Optuna's TPE proposes configurations, ASHA stops weak trials
 early, and every trial becomes an MLflow run nested under one run for the search. The file is
 validated before anything starts (exit status 2 on any problem).
+
+Every place ranks trials by one objective, the metric at the last epoch a trial trained
+(:data:`kdtune.search.records.OBJECTIVE`). Running a file whose search already exists starts a
+new search NAME-2 (then -3, ...); ``--resume`` continues the latest one.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -21,7 +27,9 @@ import yaml
 from kdtune.config import ConfigError
 from kdtune.search import preflight
 from kdtune.search.preflight import PreflightError
-from kdtune.search.records import LAST_VALUE_PREFIXES, RESULTS_FILE, STATE_FILE, resolve_tracking_uri
+from kdtune.search.records import (BEST_FILE, LAST_VALUE_PREFIXES, OBJECTIVE, OBJECTIVE_METRIC, OPTUNA_FILE,
+                                   RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, objective_column, objective_value,
+                                   resolve_tracking_uri)
 from kdtune.search.spec import SearchSpec, load_spec
 
 # Flags that are shorthands for spec overrides.
@@ -41,7 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a private local one)")
     p.add_argument("--storage-path", default="ray_results", help="absolute path or URI (relative paths are made absolute)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search from --storage-path")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search from --storage-path (the latest of its name: NAME, NAME-2, ...)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna storage URL for the study (default: sqlite:///<storage>/<name>/optuna.db); "
+                        "e.g. a shared PostgreSQL/MySQL database for a cluster")
+    p.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
+                   help="print a status line this often (default 30)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's own logging")
     p.add_argument("--dry-run", action="store_true", help="print the resolved spec and translated space, then stop")
     return p.parse_args(argv)
 
@@ -69,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_dry_run(spec, storage, tracking_uri)
         return 0
+    quiet_libraries(args.verbose)
+    spec = search_to_run(spec, storage, args.resume)
+    if spec is None:
+        return 2
     own = local_dir(storage, spec.name)
     state_path = own / STATE_FILE
     try:
@@ -95,12 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --resume: {spec.path} (with its overrides) differs from the search stored in {own}; "
               f"resume with the same file and --set values", file=sys.stderr)
         return 2
+    # the Optuna study: where the search put it (on --resume), else --optuna-storage or beside the results
+    optuna_url = (stored or {}).get("optuna_storage") or args.optuna_storage or f"sqlite:///{own / OPTUNA_FILE}"
+    if not args.resume and spec.algorithm == "tpe" and args.optuna_storage and study_exists(optuna_url, spec.name):
+        print(f"error: --optuna-storage {args.optuna_storage}: a study named {spec.name!r} exists there already; "
+              f"start this search under another name (--set name=...)", file=sys.stderr)
+        return 2
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
         preflight.check_device(spec)
         preflight.check_tracking(tracking_uri)
         if address:
-            init_ray(address)  # cheap on a running cluster, and the only way to see its resources
+            init_ray(address, args.verbose)  # cheap on a running cluster, and the only way to see its resources
             preflight.check_cluster_resources(spec, address)
         else:
             preflight.check_local_resources(spec)
@@ -118,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return run_search(spec, storage, tracking_uri, args.address, args.resume, own, teacher)
+        return run_search(spec, storage, tracking_uri, args.address, args.resume, own, teacher,
+                          optuna_url if spec.algorithm == "tpe" else None, args.verbose, args.status_every)
     except KeyboardInterrupt:
         preflight.close_parent("KILLED")
         print(f"\n[kdtune] interrupted; continue with: python -m kdtune.search {spec.path} --resume "
@@ -127,6 +153,89 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         preflight.close_parent("FAILED")  # never leave the search's run RUNNING
         raise
+
+
+def search_to_run(spec: SearchSpec, storage: str, resume: bool) -> SearchSpec | None:
+    """The spec under the name this run uses: with ``--resume`` the latest search started from
+    the file's name; else the name itself, or NAME-<n> when a finished or interrupted search of
+    that name exists (what Ray Tune and W&B users expect of running a file again; one still
+    running keeps its name, so its lock refuses this run). None (after saying why): nothing to
+    resume."""
+    taken = existing_names(storage, spec.name)
+    if resume and not taken:
+        print(f"error: --resume: no search named {spec.name!r} to resume under {storage}", file=sys.stderr)
+        return None
+    if resume:
+        return renamed(spec, taken[-1])
+    if not taken:
+        return spec
+    if is_running(storage, taken[-1]):
+        return renamed(spec, taken[-1])  # still running: refused by its lock, with its holder named
+    number = max(1 if n == spec.name else int(n.rsplit("-", 1)[1]) for n in taken) + 1
+    new = f"{spec.name}-{number}"
+    while local_dir(storage, new).exists():  # a folder that is not a search (no state file) is not reused
+        new += "-new"
+    print(f"[kdtune] a search named {spec.name!r} exists under {storage}; starting a new search {new!r} "
+          f"(continue the last one with --resume)", flush=True)
+    return renamed(spec, new)
+
+
+def is_running(storage: str, name: str) -> bool:
+    """Whether a search of this name holds its lock now (see preflight.SearchLock)."""
+    import fcntl
+
+    path = local_dir(storage, name) / preflight.LOCK_FILE
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops the probe's own lock
+
+
+def existing_names(storage: str, name: str) -> list[str]:
+    """The searches started from ``name`` under ``storage``, oldest first: NAME, NAME-2, NAME-3, ..."""
+    found = [(1, name)] if (local_dir(storage, name) / STATE_FILE).is_file() else []
+    parent = local_dir(storage, name).parent
+    if parent.is_dir():
+        for d in parent.glob(f"{name}-*"):
+            suffix = d.name[len(name) + 1:]
+            if suffix.isdigit() and (d / STATE_FILE).is_file():
+                found.append((int(suffix), d.name))
+    return [n for _, n in sorted(found)]
+
+
+def renamed(spec: SearchSpec, name: str) -> SearchSpec:
+    return dataclasses.replace(spec, name=name, resolved={**spec.resolved, "name": name})
+
+
+def study_exists(url: str, name: str) -> bool:
+    import optuna
+
+    try:
+        return any(s.study_name == name for s in optuna.study.get_all_study_summaries(url))
+    except Exception:  # unreachable or empty database: creating the study will say what is wrong
+        return False
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Ray's and MLflow's own lines (token-auth notice, Ray banner, experiment box, TensorBoard
+    pointer, MLflow table creation, Tune's timing line) say nothing a kdtune user acts on; they
+    come back with --verbose. Warnings and errors still show."""
+    if verbose:
+        os.environ["KDTUNE_VERBOSE"] = "1"  # read by the trainable in Ray's workers
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output: silent at verbose=0
+    import mlflow  # noqa: F401  (its import sets its loggers' levels: set ours after it)
+
+    for name in ("mlflow", "alembic", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # a notice about Ray's default, logged as a warning at every start
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
@@ -145,7 +254,7 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
     return info.__dict__
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, verbose: bool = False) -> None:
     import ray
 
     if ray.is_initialized():  # connected early, to check a cluster's resources
@@ -158,8 +267,9 @@ def init_ray(address: str | None) -> None:
     # take milliseconds on a local disk, so Tune's warning about them is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {} if verbose else {"logging_level": logging.WARNING}  # no banner ("Started a local Ray instance")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         print(f"[kdtune] connected to the Ray cluster at {address}", flush=True)
     else:
         # "local" never attaches to a cluster that happens to be running (or a stale one).
@@ -172,90 +282,102 @@ def init_ray(address: str | None) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address="local", include_dashboard=False, object_store_memory=256 * 1024**2,
-                 _node_ip_address="127.0.0.1")
+                 _node_ip_address="127.0.0.1", **quiet)
         print("[kdtune] started a private local Ray instance", flush=True)
 
 
 def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str | None, resume: bool,
-               own: Path, teacher: dict[str, Any] | None) -> int:
+               own: Path, teacher: dict[str, Any] | None, optuna_url: str | None = None, verbose: bool = False,
+               status_every: float = 30.0) -> int:
+    import functools
+
     import ray
     from mlflow import MlflowClient
     from ray import tune
 
-    from kdtune.search.tracking import TrialTracker, close_dangling_runs, experiment_id
+    from kdtune.search.final import flat_run_config
+    from kdtune.search.progress import Progress
+    from kdtune.search.tracking import (TrialTracker, close_dangling_runs, runs_table_url,
+                                        start_parent_run, version_tags)
     from kdtune.search.trainable import KDTrainable
 
     client = MlflowClient(tracking_uri)
     tags = {k: str(spec.fixed.get(k, "")) for k in ("method", "teacher", "student", "dataset", "seed")}
+    tags.update(version_tags())
     if resume:
         parent_id = preflight.read_state(own / STATE_FILE)["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
         preflight.opened_parent(client, parent_id)
     else:
-        exp = experiment_id(client, spec.name)
-        parent = client.create_run(exp, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
-                                   tags={**tags, "kdtune.kind": "search", "kdtune.algorithm": spec.algorithm})
-        parent_id = parent.info.run_id
-        preflight.opened_parent(client, parent_id)  # marked FAILED/KILLED if anything below fails
-        client.log_artifact(parent_id, spec.path)
-        client.log_dict(parent_id, spec.resolved, "spec.yaml")
-        if teacher is not None:
-            client.log_dict(parent_id, teacher, "teacher.json")
+        parent_id = start_parent_run(client, spec, tags, teacher, opened=preflight.opened_parent)
         own.mkdir(parents=True, exist_ok=True)
         (own / STATE_FILE).write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": tracking_uri,
-                                                  "spec": spec.resolved}, indent=2))
+                                                  "optuna_storage": optuna_url, "spec": spec.resolved}, indent=2))
+    print(f"[kdtune] search {spec.name}: objective {spec.metric} ({spec.mode}), {OBJECTIVE}", flush=True)
+    print(f"[kdtune] MLflow runs table: {runs_table_url(client, spec.name)} (after: mlflow ui --backend-store-uri "
+          f"{tracking_uri})", flush=True)
+    if optuna_url:
+        print(f"[kdtune] Optuna study {spec.name!r}: optuna-dashboard {optuna_url}", flush=True)
 
     trainable = tune.with_resources(tune.with_parameters(KDTrainable, spec=spec),
                                     {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
-    # On --resume the tracker, searcher and scheduler come back from the experiment state.
-    tracker = None if resume else TrialTracker(tracking_uri, spec.name, parent_id, tags, spec.max_epochs,
-                                               spec.metric, spec.mode)
-    init_ray(address)
+    # On --resume the tracker, progress, searcher and scheduler come back from the experiment state.
+    callbacks = None if resume else [
+        TrialTracker(tracking_uri, spec.name, parent_id, tags, spec.max_epochs, spec.metric, spec.mode,
+                     run_config=functools.partial(flat_run_config, spec)),
+        Progress(spec.num_samples, spec.max_epochs, spec.metric, spec.mode, every_s=status_every)]
+    tracker = None if resume else callbacks[0]
+    init_ray(address, verbose)
     start = time.perf_counter()
     try:
         tuner = (tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-                 if resume else new_tuner(spec, storage, trainable, tracker))
+                 if resume else new_tuner(spec, storage, trainable, callbacks, optuna_url))
         results = tuner.fit()
         table = results_table(results, spec)
         expected = len(spec.space.grid()) if spec.algorithm == "grid" else spec.num_samples
     finally:
         ray.shutdown()
         close_dangling_runs(client, spec.name, parent_id)
+    if optuna_url and len(table) >= expected and not (table["status"] == "interrupted").any():
+        from kdtune.search.searchers import close_stale_trials
+
+        close_stale_trials(optuna_url, spec.name)
     wall = time.perf_counter() - start
-    if tracker is not None and tracker.results_logged:
+    if verbose and tracker is not None and tracker.results_logged:
         print(f"[kdtune] MLflow logging on the driver: {1000 * tracker.log_seconds / tracker.results_logged:.1f} ms "
               f"per reported epoch ({tracker.results_logged} results)")
     return report(spec, table, expected, client, parent_id, own, tracking_uri, experiment_path, wall)
 
 
-def new_tuner(spec: SearchSpec, storage: str, trainable, tracker):
+def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: str | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from kdtune.search.searchers import build_searcher
+    from kdtune.search.searchers import build_searcher, concurrency
 
-    searcher, param_space, num_samples = build_searcher(spec)
+    searcher, param_space, num_samples = build_searcher(spec, optuna_url)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
                                grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
                  if spec.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=num_samples, max_concurrent_trials=spec.max_concurrent,
+                                    num_samples=num_samples, max_concurrent_trials=concurrency(searcher, spec),
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage, callbacks=[tracker], verbose=0,
+            name=spec.name, storage_path=storage, callbacks=callbacks, verbose=0,
             # a checkpoint every epoch: crashed trials retry from it and --resume continues from it
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
 
 
 def results_table(results, spec: SearchSpec):
-    """One row per trial: hyperparameters, final/best metric, epochs, status, wall time, samples."""
+    """One row per trial: hyperparameters, the objective (``final_<metric>``: the metric at the last
+    epoch trained), the best epoch's value (for reference only), epochs, status, wall time, samples."""
     import pandas as pd
 
-    from kdtune.search.tracking import trial_status
+    from kdtune.search.records import trial_status
 
     # ResultGrid's public Result has no trial status, and Tune uses one TERMINATED for both
     # "finished" and "stopped by ASHA"; the analysis object behind it has both.
@@ -274,7 +396,9 @@ def results_table(results, spec: SearchSpec):
         row.update({n: trial.config.get(n) for n in names})
         best = (series.max() if spec.mode == "max" else series.min()) if len(series) else math.nan
         row.update({"status": status, "epochs": last.get("training_iteration", 0),
-                    f"final_{spec.metric}": last.get(spec.metric, math.nan), f"best_{spec.metric}": best,
+                    objective_column(spec.metric): objective_value(list(series)) if len(series)
+                    else last.get(spec.metric, math.nan),
+                    f"best_{spec.metric}": best,
                     "wall_s": last.get("time_total_s", math.nan),
                     "samples_backprop": last.get("samples/backprop", math.nan)})
         # method- and sampler-specific values of the last epoch (KDAS's ratio, CTKD's temperature,
@@ -288,28 +412,41 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
            experiment_path: str, wall: float) -> int:
     from mlflow.entities import Metric, RunTag
 
+    from kdtune.search.final import flat_run_config, trial_folder
+
     csv = own / RESULTS_FILE
     own.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv, index=False)
     client.log_artifact(parent_id, str(csv))
     interrupted = len(table) < expected or (table["status"] == "interrupted").any()
-    best_col = f"best_{spec.metric}"
-    ranked = table[~table["status"].isin(["diverged", "failed"])].dropna(subset=[best_col]) if len(table) else table
+    column = objective_column(spec.metric)
+    ranked = table[~table["status"].isin(["diverged", "failed"])].dropna(subset=[column]) if len(table) else table
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items()) if len(table) else "no trials"
     print(f"\n[kdtune] search {spec.name}: {len(table)} trials ({counts}) in {wall:.0f}s")
     if len(ranked):
-        best = ranked.sort_values(best_col, ascending=spec.mode == "min").iloc[0]
-        config = {n: best[n] for n in spec.space.names() if n in best and not _missing(best[n])}
-        print(f"[kdtune] best trial {best['trial_id']}: {spec.metric} {best[best_col]:.2f} "
-              f"(after {int(best['epochs'])} epochs)")
-        print(f"[kdtune] best configuration: {json.dumps(_plain(config))}")
+        best = ranked.sort_values(column, ascending=spec.mode == "min", kind="stable").iloc[0]
+        config = _plain({n: best[n] for n in spec.space.names() if n in best and not _missing(best[n])})
+        value = float(best[column])
+        print(f"[kdtune] best trial {best['trial_id']}: {spec.metric} {value:.2f} at its last epoch "
+              f"({int(best['epochs'])} of {spec.max_epochs})")
+        print(f"[kdtune] best configuration: {fmt_config(config)}")
+        folder = trial_folder(own, best["trial_id"])
+        # the trial's own run.yaml (written when it started) is the exact configuration
+        full = (yaml.safe_load((folder / RUN_FILE).read_text()) if folder is not None and (folder / RUN_FILE).is_file()
+                else flat_run_config(spec, config))
+        record = {"trial_id": best["trial_id"], "objective": {"metric": spec.metric, "mode": spec.mode,
+                                                              "definition": OBJECTIVE, "value": value},
+                  spec.metric: value, "epochs": int(best["epochs"]), "status": best["status"],
+                  "params": config, "config": full}
+        (own / BEST_FILE).write_text(json.dumps(record, indent=2))
         ts = int(time.time() * 1000)
         # Tags, not params: MLflow params are immutable, and a resumed search may find a better trial.
-        client.log_batch(parent_id, metrics=[Metric(f"best_{spec.metric}", float(best[best_col]), ts, 0)],
+        client.log_batch(parent_id, metrics=[Metric(OBJECTIVE_METRIC, value, ts, 0)],
                          tags=[RunTag(f"best.{k}", str(v)) for k, v in config.items()]
                          + [RunTag("kdtune.best_trial", str(best["trial_id"]))])
-        client.log_dict(parent_id, {"trial_id": best["trial_id"], spec.metric: float(best[best_col]),
-                                    "config": _plain(config)}, "best.json")
+        client.log_artifact(parent_id, str(own / BEST_FILE))
+        if folder is not None:
+            print(f"[kdtune] final model: python -m kdtune.train --from-search {own} --final --seeds 3")
     client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
     print(f"[kdtune] results table: {csv}")
     print(f"[kdtune] MLflow: experiment {spec.name!r} at {tracking_uri} "

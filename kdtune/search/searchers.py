@@ -18,39 +18,101 @@ from kdtune.search.spec import SearchSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+RAY_TRIAL_ATTR = "ray_trial_id"  # Optuna user attribute: the Tune trial (and results-table row) of a trial
+STATUS_ATTR = "kdtune_status"  # Optuna user attribute: kdtune's status of the trial (completed, stopped early, ...)
+
 
 class KDOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about early-stopped trials.
+    """OptunaSearch that tells Optuna what happened to each trial.
 
-    Ray's wrapper reports a trial that ASHA stopped after a few epochs as COMPLETE with its
-    low-fidelity value, so TPE would compare 2-epoch accuracies with 240-epoch ones. Here such
-    a trial is told as PRUNED (Optuna then ranks it by its reported per-epoch values); a
-    diverged trial is told as COMPLETE with its (finite, penalised) value so TPE learns the
-    region is bad.
+    * Every epoch's value is reported, including the one that stopped the trial: Tune hands the
+      result that ends a trial to ``on_trial_complete`` only, never to ``on_trial_result``, and
+      Ray's wrapper drops its value for an early-stopped trial.
+    * Final states: a trial ASHA stopped is PRUNED (Optuna then takes its last reported value,
+      the stopping epoch's, as its value, which is kdtune's objective), a trial that ran its
+      epochs COMPLETE with the last epoch's value, a crashed or diverged one FAIL (Optuna's
+      own convention for a trial whose objective is not a number; the user attribute
+      ``kdtune_status`` says which).
+    * Each Optuna trial carries the Tune trial id (user attribute ``ray_trial_id``), so the
+      study opened in optuna-dashboard can be matched with the results table and MLflow.
     """
 
     def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        stopped_early = (result is not None and not error and not result.get("diverged")
-                         and result.get("training_iteration", 0) < self.max_epochs)
-        if not stopped_early or trial_id in self._completed_trials:
-            return super().on_trial_complete(trial_id, result, error)
-        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        return config
+
+    def _stored(self, trial_id: str):
+        ot_trial = self._ot_trials[trial_id]
+        return ot_trial.storage.get_trial(ot_trial._trial_id)
+
+    def _finished(self, trial_id: str) -> bool:
+        """Told already, here or (the searcher's pickled state being older than the study, after a
+        restore that re-runs a trial) in the study's storage."""
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return True
+        if self._stored(trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)
+            return True
+        return False
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        value, step = result.get(self.metric), result.get("training_iteration")
+        if value is None or step is None or not math.isfinite(value) or result.get("diverged"):
+            return  # a penalised value is no measurement; Optuna would also refuse NaN
+        # After a restore Tune reports an epoch again; the first value stays.
+        if int(step) not in self._stored(trial_id).intermediate_values:
+            self._ot_trials[trial_id].report(float(value), int(step))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        value = result.get(self.metric)
-        if value is not None and not math.isfinite(value):
-            return  # penalised values are finite; anything else would make Optuna refuse the trial
-        # (An epoch re-run after a restore reports its step again: Optuna keeps the first value.)
-        super().on_trial_result(trial_id, result)
+        if not self._finished(trial_id):
+            self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._finished(trial_id):
+            return
+        ot_trial = self._ot_trials[trial_id]
+        result = result or {}
+        self._report(trial_id, result)  # the stopping (or last) epoch
+        diverged = bool(result.get("diverged"))
+        epochs = int(result.get("training_iteration", 0) or 0)
+        if error or diverged or self.metric not in result:
+            state, value, status = TrialState.FAIL, None, "diverged" if diverged else "failed"
+        elif epochs < self.max_epochs:
+            state, value, status = TrialState.PRUNED, None, "stopped early"
+        else:
+            state, value, status = TrialState.COMPLETE, float(result[self.metric]), "completed"
+        ot_trial.set_user_attr(STATUS_ATTR, status)
+        self._ot_study.tell(ot_trial, value, state=state)
+        self._completed_trials.add(trial_id)
 
 
-def build_searcher(spec: SearchSpec) -> tuple[Searcher | None, dict[str, Any], int]:
-    """``(search_alg, param_space, num_samples)`` for ``tune.Tuner``."""
+def close_stale_trials(url: str, study_name: str) -> int:
+    """Trials still RUNNING in the study once the search has finished (suggested, then lost when
+    a search was interrupted before Tune recorded them) become FAIL; returns how many."""
+    study = optuna.load_study(study_name=study_name, storage=optuna_storage(url))
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, STATUS_ATTR, "interrupted")
+        study.tell(t.number, state=TrialState.FAIL)
+    return len(stale)
+
+
+def optuna_storage(url: str):
+    """An Optuna RDB storage (SQLite file or a shared database); picklable, so Tune can keep the
+    searcher in its experiment state and ``--resume`` reconnects to the same study."""
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}}
+                                      if url.startswith("sqlite") else None)
+
+
+def build_searcher(spec: SearchSpec, storage_url: str | None = None) -> tuple[Searcher | None, dict[str, Any], int]:
+    """``(search_alg, param_space, num_samples)`` for ``tune.Tuner``; ``storage_url`` keeps the
+    Optuna study in that database (else in memory)."""
     space = spec.space
     if spec.algorithm == "tpe":
         sampler = optuna.samplers.TPESampler(
@@ -58,11 +120,22 @@ def build_searcher(spec: SearchSpec) -> tuple[Searcher | None, dict[str, Any], i
             # group=True lets multivariate TPE model conditional (per-method/sampler) sub-spaces jointly.
             group=bool(space.conditionals))
         searcher = KDOptunaSearch(space=space.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler,
-                                  study_name=spec.name, max_epochs=spec.max_epochs)
+                                  study_name=spec.name, max_epochs=spec.max_epochs,
+                                  storage=optuna_storage(storage_url) if storage_url else None)
         return searcher, {}, spec.num_samples
+    # Tune's max_concurrent_trials only limits a Searcher (it warns and ignores it for a variant
+    # generator), so random and grid searches get the limit here.
+    limit = spec.max_concurrent or 0
     if spec.algorithm == "random":
-        return BasicVariantGenerator(random_state=spec.seed), space.to_tune(), spec.num_samples
+        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=limit), space.to_tune(), spec.num_samples
     points = space.grid()
     # Tune only accepts preset points for keys of param_space; None marks "not set" (a
     # conditional parameter of another method), which the trainable and tracker drop.
-    return BasicVariantGenerator(points_to_evaluate=points), {n: None for n in space.names()}, len(points)
+    return (BasicVariantGenerator(points_to_evaluate=points, max_concurrent=limit), {n: None for n in space.names()},
+            len(points))
+
+
+def concurrency(searcher, spec: SearchSpec) -> int | None:
+    """``TuneConfig.max_concurrent_trials``: the spec's limit for a Searcher (Optuna); None for a
+    variant generator, which enforces it itself."""
+    return None if isinstance(searcher, BasicVariantGenerator) else spec.max_concurrent

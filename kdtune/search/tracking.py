@@ -1,8 +1,10 @@
 """MLflow tracking of a search, done on the driver: a parent run per search, a child run per trial.
 
 Child runs carry the trial's hyperparameters as params (under their own names, nothing else),
-one metric point per epoch (``step`` = epoch), tags for the pair, the method and the final
-status. A trial's run is found again by its ``kdtune.trial_id`` tag, so a resumed search
+one metric point per epoch (``step`` = epoch; no metric takes a param's name, so the scheduled
+learning rate is ``train/lr``), the trial's full run configuration as ``run.yaml``, tags for the
+pair, the method and the final status, and when the trial ends its objective as the metric
+``objective`` (see :data:`kdtune.search.records.OBJECTIVE`), the one number to sort runs by. A trial's run is found again by its ``kdtune.trial_id`` tag, so a resumed search
 continues each trial's own run instead of opening a duplicate, and epochs already logged are
 not logged twice.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -17,24 +20,77 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from ray.tune import Callback
 
-from kdtune.search.records import PARENT_TAG, STATUS_TAG, TRIAL_TAG, run_metrics
+from kdtune.search.records import (OBJECTIVE_METRIC, PARENT_TAG, RUN_FILE, STATUS_TAG, STATUSES, TRIAL_TAG,
+                                   is_better, run_metrics, trial_status)
 
-STATUSES = ("completed", "stopped early", "diverged", "failed", "interrupted")
+
+# MLflow 3 opens an experiment without this tag on its GenAI view; a search is model development.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name, tags=EXPERIMENT_KIND)
 
 
-def trial_status(last: dict[str, Any] | None, max_epochs: int, error: bool = False) -> str:
-    if error:
-        return "failed"
-    if last and last.get("diverged"):
-        return "diverged"
-    if last and last.get("training_iteration", 0) >= max_epochs:
-        return "completed"
-    return "stopped early"
+def runs_table_url(client: MlflowClient, experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in the MLflow UI (``mlflow ui`` serves on port 5000 by default;
+    a tracking server's own address when the tracking URI is one)."""
+    uri = client.tracking_uri
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui
+    return f"{base}/#/experiments/{experiment_id(client, experiment)}/runs"
+
+
+def version_tags() -> dict[str, str]:
+    """kdtune's version and, from a git checkout, its commit (MLflow's own tag name for it)."""
+    import subprocess
+    from importlib import metadata
+
+    import kdtune
+
+    tags = {}
+    try:
+        tags["kdtune.version"] = metadata.version("kdtune")
+    except metadata.PackageNotFoundError:
+        tags["kdtune.version"] = "unknown"
+    root = Path(kdtune.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            tags["kdtune.git_dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def start_parent_run(client: MlflowClient, spec, tags: dict[str, str], teacher: dict | None,
+                     opened=None) -> str:
+    """The search's parent run: tags, the fixed configuration as params (the children's params are
+    the searched ones), the spec file and the resolved spec, the teacher. ``opened(client, run_id)``
+    is called as soon as the run exists (the driver then closes it if anything later fails)."""
+    exp = experiment_id(client, spec.name)
+    parent = client.create_run(exp, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={**tags, "kdtune.kind": "search", "kdtune.algorithm": spec.algorithm,
+                                     "kdtune.objective": f"{spec.metric} ({spec.mode}) at the last epoch trained",
+                                     "mlflow.note.content": OBJECTIVE_NOTE.format(metric=spec.metric)})
+    parent_id = parent.info.run_id
+    if opened is not None:
+        opened(client, parent_id)
+    client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in spec.fixed.items()])
+    client.log_artifact(parent_id, spec.path)
+    client.log_dict(parent_id, spec.resolved, "spec.yaml")
+    if teacher is not None:
+        client.log_dict(parent_id, teacher, "teacher.json")
+    return parent_id
+
+
+OBJECTIVE_NOTE = ("kdtune search. Objective of every trial: {metric} at the last epoch it trained; each child "
+                  "run's `objective` metric holds it (sort the runs table by it). Params here are the fixed "
+                  "configuration, the children's params the searched hyperparameters.")
 
 
 def run_status(status: str) -> str:
@@ -46,13 +102,14 @@ class TrialTracker(Callback):
     """Tune callback that mirrors every trial into an MLflow child run of ``parent_run_id``."""
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, tags: dict[str, str],
-                 max_epochs: int, metric: str, mode: str) -> None:
+                 max_epochs: int, metric: str, mode: str, run_config=None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.tags = tags
         self.max_epochs = max_epochs
         self.metric, self.mode = metric, mode
+        self.run_config = run_config  # trial config -> its full resolved run settings (a flat dict)
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.logged: dict[str, int] = {}  # trial id -> last epoch logged
         self.counts = {s: 0 for s in STATUSES}
@@ -92,8 +149,8 @@ class TrialTracker(Callback):
             filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{tid}'")
         if found:
             run_id = found[0].info.run_id
-            epoch = found[0].data.metrics.get("epoch")
-            self.logged[tid] = int(epoch) if epoch is not None else 0
+            steps = [m.step for m in self.client.get_metric_history(run_id, "train/loss")]
+            self.logged[tid] = max(steps, default=0)
         else:
             params = {k: v for k, v in trial.config.items() if v is not None}
             method = str(params.get("method", self.tags.get("method", "")))
@@ -103,9 +160,24 @@ class TrialTracker(Callback):
                                          run_name=f"{trial.trial_id}-{method}", tags=tags)
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            self.save_run_config(run_id, trial)
             self.logged[tid] = 0
         self.runs[tid] = run_id
         return run_id
+
+    def save_run_config(self, run_id: str, trial) -> None:
+        """The trial's full run configuration, in its MLflow run and its folder (``run.yaml``):
+        what ``python -m kdtune.train --from-search`` re-runs."""
+        if self.run_config is None:
+            return
+        import yaml
+
+        flat = self.run_config({k: v for k, v in trial.config.items() if v is not None})
+        self.client.log_dict(run_id, flat, RUN_FILE)
+        path = getattr(trial, "path", None)
+        if path and "://" not in str(path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / RUN_FILE).write_text(yaml.safe_dump(flat, sort_keys=False))
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self.run_for(trial)
@@ -122,14 +194,12 @@ class TrialTracker(Callback):
         if epoch > self.logged.get(tid, 0):
             ts = int(time.time() * 1000)
             metrics = [Metric(k, float(v), ts, epoch) for k, v in run_metrics(result, finite=True).items()]
-            metrics.append(Metric("epoch", float(epoch), ts, epoch))
             # Asynchronous: the driver goes straight back to scheduling trials.
             self.client.log_batch(run_id, metrics=metrics, synchronous=False)
             self.logged[tid] = epoch
         value = result.get(self.metric)
         if value is not None and math.isfinite(value) and not result.get("diverged"):
-            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-            if better:
+            if is_better(value, None if self.best is None else self.best[0], self.mode):
                 self.best = (float(value), tid)
         self.log_seconds += time.perf_counter() - start
         self.results_logged += 1
@@ -137,15 +207,16 @@ class TrialTracker(Callback):
     def _finish(self, trials: list, trial, status: str) -> None:
         run_id = self.run_for(trial)
         self.client.set_tag(run_id, STATUS_TAG, status)
+        last = trial.last_result or {}
+        value = last.get(self.metric)
+        if status not in ("failed", "diverged") and value is not None and math.isfinite(value):
+            # the objective: the metric at the last epoch trained (records.OBJECTIVE)
+            epochs = int(last.get("training_iteration", 0))
+            self.client.log_batch(run_id, metrics=[Metric(OBJECTIVE_METRIC, float(value), int(time.time() * 1000),
+                                                          epochs)], synchronous=False)
         mlflow.flush_async_logging()  # the epoch metrics must land before the run is closed
         self.client.set_terminated(run_id, status=run_status(status))
         self.counts[status] += 1
-        last = trial.last_result or {}
-        best = f"{self.best[0]:.2f} (trial {self.best[1]})" if self.best else "-"
-        running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)
-        print(f"[kdtune] trial {trial.trial_id} {status} after epoch {last.get('training_iteration', 0)}: "
-              f"{self.metric} {last.get(self.metric, float('nan')):.2f} | running {running}, "
-              + ", ".join(f"{k} {v}" for k, v in self.counts.items() if v) + f" | best {best}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._finish(trials, trial, trial_status(trial.last_result, self.max_epochs))

@@ -51,6 +51,10 @@ class KDTrainable(tune.Trainable):
     def setup(self, config: dict[str, Any], spec: SearchSpec) -> None:
         self.spec = spec
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
+        if not os.environ.get("KDTUNE_VERBOSE"):
+            # "Trainable.setup took 15 s ... consider reuse_actors=True": it is on; the time is the
+            # first import of torch in a fresh worker.
+            logging.getLogger("ray.tune.trainable.trainable").setLevel(logging.ERROR)
         cpus = int(max(1, self.trial_resources.required_resources.get("CPU", 1))) if self.trial_resources else 1
         torch.set_num_threads(cpus)
         gpus = self.trial_resources.required_resources.get("GPU", 0) if self.trial_resources else 0
