@@ -108,8 +108,9 @@ def count_macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     model.eval()
+    device = next(model.parameters()).device  # the input goes where the model is (a GPU, in bench --kdas)
     with torch.no_grad():
-        model(torch.zeros(1, *shape))
+        model(torch.zeros(1, *shape, device=device))
     for h in handles:
         h.remove()
     return total

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kdtune.data import ImageData, TrainLoader, eval_batches
+from kdtune.devices import cpu_rng_state
 from kdtune.distillers import Distiller
 
 SCHEDULES = ("step", "cosine", "constant")
@@ -87,7 +88,7 @@ class Engine:
         distiller: a :class:`Distiller` already on ``device``.
         data: the dataset; ``final=True`` trains on train+val and evaluates on test.
         seed: seeds the batch order and augmentation (model init is seeded by the caller).
-        amp: bf16 autocast; default on for CUDA, off on CPU.
+        amp: bf16 autocast for training; default on for CUDA, off on CPU (evaluation is fp32).
         channels_last: NHWC activations; default on for CUDA, where cuDNN's NHWC kernels
             are what bf16 tensor cores prefer.
         sampler: optional :class:`SamplePolicy` choosing each epoch's samples.
@@ -195,7 +196,9 @@ class Engine:
         """Student top-1/top-5 and CE on the selection split (val; test in final runs)."""
         if not self.eval_set:
             return {}
-        result = evaluate_model(self.distiller.student, self.eval_set, amp=self.amp,
+        # fp32 even when training runs in bf16: top-1 on bf16 logits (spacing 0.0625 near 10)
+        # ties often, ties go to the lower class index, and the search ranks on this number.
+        result = evaluate_model(self.distiller.student, self.eval_set, amp=False,
                                 memory_format=self.memory_format)
         return {f"{self.eval_name}/{k}": v for k, v in result.items()}
 
@@ -222,22 +225,40 @@ class Engine:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        loader_rng = self._loader_rng(state["loader"])  # checked before anything is changed
         self.epoch = state["epoch"]
         self.samples_backprop = state["samples_backprop"]
         self.distiller.load_trainable_state_dict(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
+        # RNG states go back as CPU ByteTensors whatever the checkpoint was mapped to (a state
+        # loaded with map_location=<cuda device> would otherwise fail here with a TypeError).
+        self.loader.load_state_dict({**state["loader"], "generator": loader_rng})
+        torch.set_rng_state(cpu_rng_state(state["torch_rng"]))
         if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            torch.cuda.set_rng_state(cpu_rng_state(state["cuda_rng"]), self.device)
         if self.sampler is not None and "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
+
+    def _loader_rng(self, loader_state: dict[str, Any]) -> Tensor:
+        """The saved loader generator state, checked against this engine's kind of device:
+        CPU and CUDA generators keep states of different sizes and draw different streams."""
+        saved = cpu_rng_state(loader_state["generator"])
+        if saved.numel() != self.loader.generator.get_state().numel():
+            raise ValueError(f"checkpoint: its batch-order state was saved on a different kind of device "
+                             f"({saved.numel()} bytes; a {self.device.type} generator keeps "
+                             f"{self.loader.generator.get_state().numel()}); resume on the kind of device "
+                             f"(cpu or cuda) that wrote it")
+        return saved
 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], *, amp: bool = False,
                    memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
-    """``loss`` (CE), ``acc1`` and ``acc5`` of ``model`` in eval mode over ``batches``."""
+    """``loss`` (CE), ``acc1`` and ``acc5`` of ``model`` in eval mode over ``batches``.
+
+    ``amp`` runs the forward under bf16 autocast; kdtune's own callers leave it off, so every
+    accuracy it reports or ranks on comes from fp32 logits.
+    """
     was_training = model.training
     model.eval()
     device = batches[0][1].device

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from kdtune.checks import device_problem, writable_dir_problem
 from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override
 from kdtune.data import DataError
+from kdtune.devices import read_engine_state
 from kdtune.run import build_engine, load_data, load_teacher
 from kdtune.teachers import CheckpointError, save_atomic
 
@@ -83,9 +83,9 @@ def check_run(cfg: RunConfig, out: Path, resume: bool) -> None:
         _read_checkpoint(out / "checkpoint.pth", "cpu")
 
 
-def _read_checkpoint(path: Path, device: torch.device | str) -> dict:
+def _read_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return read_engine_state(path)  # to the CPU: RNG states must stay CPU ByteTensors (CUDA resume)
     except Exception as e:  # truncated, foreign, or holding more than tensors and plain data
         raise ConfigError([f"--resume: {path}: not a readable kdtune checkpoint ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); start the run afresh "
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.resume:
         try:
-            engine.load_state_dict(_read_checkpoint(out / "checkpoint.pth", engine.device))
+            engine.load_state_dict(_read_checkpoint(out / "checkpoint.pth"))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

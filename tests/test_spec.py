@@ -114,8 +114,11 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
      "--set search.num_samples=abc: search.num_samples: expected an integer, but got 'abc'"),
     (["fixed.epochs=10"], "space.yaml: scheduler.grace_period: must be <= fixed.epochs (10), but got 12"),
     (["resources.gpus_per_trial=1.5"],
-     "--set resources.gpus_per_trial=1.5: resources.gpus_per_trial: must be >= 0, and <= 1 (a share of one GPU) "
-     "or a whole number of GPUs, but got 1.5"),
+     "--set resources.gpus_per_trial=1.5: resources.gpus_per_trial: must be between 0 and 1 (a share of one "
+     "GPU: a trial trains on one GPU), but got 1.5"),
+    (["resources.gpus_per_trial=2"],
+     "--set resources.gpus_per_trial=2: resources.gpus_per_trial: must be between 0 and 1 (a share of one "
+     "GPU: a trial trains on one GPU), but got 2.0"),
     (["resources.cpus_per_trial=0"], "--set resources.cpus_per_trial=0: resources.cpus_per_trial: must be > 0, "
                                      "but got 0.0"),
     (["search.metric=val/acc"], "--set search.metric=val/acc: search.metric: must be one of val/acc1, val/acc5, "
@@ -267,7 +270,7 @@ def test_dotted_overrides(tmp_path: Path) -> None:
     assert spec.scheduler == "none" and spec.max_concurrent == 2
     assert spec.fixed["momentum"] == 0.8 and isinstance(spec.fixed["momentum"], float)
     assert spec.resolved["fixed"]["epochs"] == 20 and "resources" not in yaml.safe_load(path.read_text())
-    assert load_spec(path, ["resources.gpus_per_trial=2"]).gpus_per_trial == 2.0
+    assert load_spec(path, ["resources.gpus_per_trial=1"]).gpus_per_trial == 1.0
 
 
 def test_numbers_written_as_strings(tmp_path: Path) -> None:

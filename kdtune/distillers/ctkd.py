@@ -105,7 +105,10 @@ class CurriculumTemperature(nn.Module):
             theta = self.theta
         else:
             inputs = torch.cat([teacher_logits, student_logits], dim=1).detach().float()
-            theta = self.mlp(inputs).squeeze(1).float()
+            # fp32 under bf16 autocast too: a learned control signal, cheap, and bf16's 8-bit
+            # mantissa would quantise the temperatures it sets.
+            with torch.autocast(inputs.device.type, enabled=False):
+                theta = self.mlp(inputs).squeeze(1)
         temperature = self.t_start + self.t_end * torch.sigmoid(gradient_reversal(theta, self.lambda_))
         self._accumulate(temperature.detach())
         return temperature

@@ -196,8 +196,10 @@ class SAKD(Distiller):
         if self.gates == "random":
             gates = (torch.rand(batch, k, device=s_pooled.device) < 0.5).float()
             return torch.cat([gates[:, :-1], gates[:, -2:-1]], 1) if self.share_logit_gate else gates
-        policy_in = torch.cat([t_pooled, s_pooled], dim=1).detach()
-        return straight_through_gates(self.router.policy(policy_in).view(batch, k, 2), self.gumbel_temperature)
+        policy_in = torch.cat([t_pooled, s_pooled], dim=1).detach().float()
+        # The gate policy stays fp32 under bf16 autocast: its logits pick each sample's route.
+        with torch.autocast(policy_in.device.type, enabled=False):
+            return straight_through_gates(self.router.policy(policy_in).view(batch, k, 2), self.gumbel_temperature)
 
     def _routing_loss(self, x: Tensor, y: Tensor, gates: Tensor, student_ce: Tensor,
                       teacher_feats: list[Tensor]) -> Tensor:

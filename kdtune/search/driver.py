@@ -240,16 +240,16 @@ def quiet_libraries(verbose: bool) -> None:
 
 def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
     """Resolve (train and cache, if needed) the teacher once, before any trial starts."""
+    from kdtune.devices import resolve_teacher_info
     from kdtune.distillers import METHODS
-    from kdtune.run import load_data, load_teacher
 
     methods = list(spec.space.methods) if spec.space.methods else [spec.fixed.get("method", "kd")]
     needing = [m for m in methods if METHODS.get(m).needs_teacher]
     if not needing:
         return None
     cfg = spec.run_config({"method": needing[0]} if spec.space.methods else {})
-    data = load_data(cfg)
-    _, info = load_teacher(cfg, data)
+    # On a GPU this runs in a child process, so the driver keeps no CUDA memory during the search.
+    info = resolve_teacher_info(cfg)
     print(f"[kdtune] teacher {info.model} ({info.source}: {info.path}) val acc {info.val_acc:.2f}", flush=True)
     return info.__dict__
 

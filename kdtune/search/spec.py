@@ -260,10 +260,10 @@ def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
     if cpus is not None and not cpus > 0:
         problems.add("resources.cpus_per_trial", f"must be > 0, but got {cpus!r}")
     gpus = _number(values, "gpus_per_trial", 0, "resources.gpus_per_trial", problems)
-    if gpus is not None and (gpus < 0 or (gpus > 1 and not gpus.is_integer())):
-        # Ray places a fraction on one GPU; more than one GPU must be a whole number of them.
-        problems.add("resources.gpus_per_trial", f"must be >= 0, and <= 1 (a share of one GPU) or a whole "
-                                                 f"number of GPUs, but got {gpus!r}")
+    if gpus is not None and not 0 <= gpus <= 1:
+        # A trial's engine trains on one device: more than 1 would reserve GPUs it never uses.
+        problems.add("resources.gpus_per_trial", f"must be between 0 and 1 (a share of one GPU: a trial "
+                                                 f"trains on one GPU), but got {gpus!r}")
     return {"cpus_per_trial": cpus, "gpus_per_trial": gpus}
 
 

@@ -15,6 +15,7 @@ import torch
 from ray import tune
 
 from kdtune.config import RunConfig
+from kdtune.devices import hide_gpus_from_cpu_trial, limit_trial_memory, read_engine_state
 from kdtune.run import build_engine, load_data, load_teacher
 from kdtune.search.records import PENALTY
 from kdtune.search.spec import SearchSpec
@@ -55,12 +56,13 @@ class KDTrainable(tune.Trainable):
             # "Trainable.setup took 15 s ... consider reuse_actors=True": it is on; the time is the
             # first import of torch in a fresh worker.
             logging.getLogger("ray.tune.trainable.trainable").setLevel(logging.ERROR)
+        gpus = self.trial_resources.required_resources.get("GPU", 0) if self.trial_resources else 0
+        hide_gpus_from_cpu_trial(gpus)  # before anything touches CUDA
         cpus = int(max(1, self.trial_resources.required_resources.get("CPU", 1))) if self.trial_resources else 1
         torch.set_num_threads(cpus)
-        gpus = self.trial_resources.required_resources.get("GPU", 0) if self.trial_resources else 0
-        if 0 < gpus < 1 and torch.cuda.is_available():
-            # Ray packs fractional trials onto one GPU but enforces no memory limit: cap our share.
-            torch.cuda.set_per_process_memory_fraction(gpus)
+        # Ray packs fractional trials onto one GPU but enforces no memory limit: cap our share
+        # (less this process's own CUDA context, which the cap does not count).
+        limit_trial_memory(gpus)
         self._build(config)
 
     def _build(self, config: dict[str, Any]) -> None:
@@ -85,9 +87,7 @@ class KDTrainable(tune.Trainable):
         torch.save(self.engine.state_dict(), os.path.join(checkpoint_dir, "engine.pth"))
 
     def load_checkpoint(self, checkpoint: str) -> None:
-        state = torch.load(os.path.join(checkpoint, "engine.pth"), map_location=self.engine.device,
-                           weights_only=True)
-        self.engine.load_state_dict(state)
+        self.engine.load_state_dict(read_engine_state(os.path.join(checkpoint, "engine.pth")))
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self._build(new_config)
