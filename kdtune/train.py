@@ -80,7 +80,7 @@ def check_run(cfg: RunConfig, out: Path, resume: bool) -> None:
     if problems:
         raise ConfigError(problems)
     if resume:
-        _read_checkpoint(out / "checkpoint.pth", "cpu")
+        _read_checkpoint(out / "checkpoint.pth")
 
 
 def _read_checkpoint(path: Path) -> dict:
