@@ -321,8 +321,10 @@ class Configurable:
         # A base's drops apply here too: a mixin (CTKD's learned temperature) drops a name that
         # the distiller it is mixed into (KD) brings.
         drops = {*cls.__dict__.get("drop_hparams", ()), *(d for b in cls.__bases__ for d in getattr(b, "drop_hparams", ()))}
-        cls.hparams = merged.without(*drops) | own
-        _refuse_hidden_parameters(cls)
+        merged = merged.without(*drops) | own
+        # A constructor that spells hyperparameters in its signature declares them there.
+        init = cls.__dict__.get("__init__")
+        cls.hparams = merged | signature_hparams(init, merged) if init is not None else merged
 
     def set_hparams(self, values: dict[str, Any]) -> None:
         for name, value in type(self).hparams.resolve(values, type(self).__name__).items():
@@ -364,37 +366,29 @@ def as_problems(found: list[Problem | str]) -> list[Problem]:
 _STRUCTURAL = {"self", "student", "teacher", "input_shape", "args", "kwargs"}
 
 
-def _refuse_hidden_parameters(cls: type) -> None:
-    """A constructor parameter that is no declared hyperparameter would never be set from a
-    config (and used to vanish silently): refuse it when the class is defined."""
-    init = cls.__dict__.get("__init__")
-    if init is None:
-        return
+def signature_hparams(init: Any, known: Schema | None = None) -> Schema:
+    """Hyperparameters a constructor (or a builder function) takes in its signature but no
+    schema declares: every parameter with a default, positional or keyword (so none vanishes),
+    typed by its default. A parameter without a default that is not structural (student,
+    teacher, input shapes) cannot be set from a config: refused here, where it is written."""
+    entries = {}
     for p in inspect.signature(init).parameters.values():
-        required_positional = p.default is p.empty and p.kind != p.KEYWORD_ONLY  # student, shapes, ...
-        if (p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or required_positional or p.name in _STRUCTURAL
-                or p.name in cls.hparams):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in _STRUCTURAL or (known and p.name in known):
             continue
-        raise TypeError(f"{cls.__name__}.__init__ takes {p.name!r}, which is not a declared "
-                        f"hyperparameter: declare it in {cls.__name__}.hparams = Schema({p.name}=hp(...)) "
-                        f"and read it as self.{p.name} (constructors take **hparams)")
+        if p.default is p.empty:
+            if p.kind == p.KEYWORD_ONLY:
+                raise TypeError(f"{getattr(init, '__qualname__', init)}: hyperparameter {p.name!r} has no "
+                                f"default; give it one, or declare it with hp(default, help=...)")
+            continue  # a required positional: something structural (shapes, a model)
+        entries[p.name] = hp(p.default, help="", type=object if p.default is None else None)
+    return Schema(**entries)
 
 
 def schema_of(builder: Any) -> Schema:
     """A builder's hyperparameters: its ``hparams``, or for a plain function registered as a
     builder, its parameters after the structural ones (types from their defaults)."""
     declared = getattr(builder, "hparams", None)
-    if isinstance(declared, Schema):
-        return declared
-    entries = {}
-    for p in inspect.signature(builder).parameters.values():
-        if p.name in _STRUCTURAL or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if p.default is p.empty:
-            raise TypeError(f"{getattr(builder, '__name__', builder)}: hyperparameter {p.name!r} has no "
-                            f"default; give it one (or declare hparams = Schema(...))")
-        entries[p.name] = hp(p.default, help="", type=object if p.default is None else None)
-    return Schema(**entries)
+    return declared if isinstance(declared, Schema) else signature_hparams(builder)
 
 
 def table(rows: list[tuple[str, Schema]]) -> str:
@@ -404,6 +398,7 @@ def table(rows: list[tuple[str, Schema]]) -> str:
         for name, e in schema.items():
             default = "null" if e.default is None else str(e.default).lower() if isinstance(e.default, bool) \
                 else _num(e.default) if isinstance(e.default, float) else str(e.default)
-            lines.append(f"| {owner} | `{name}` | {e.type} | {default} | {e.rule() or 'any'} | {e.help} |")
+            cells = [owner, f"`{name}`", e.type, default, e.rule() or "—", e.help]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
             owner = ""
     return "\n".join(lines)
