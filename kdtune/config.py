@@ -16,7 +16,7 @@ import yaml
 from kdtune.data import DATASETS
 from kdtune.distillers import METHODS
 from kdtune.engine import SCHEDULES, Recipe
-from kdtune.hparams import Problem, Schema, as_problems, coerce, did_you_mean, render, type_name
+from kdtune.hparams import HP, Problem, Schema, as_problems, coerce, did_you_mean, hp, render, type_name
 from kdtune.models import MODELS
 from kdtune.plugins import load_plugins
 from kdtune.registry import Registry
@@ -35,6 +35,16 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def run_field(default: Any, *, help: str, **rule: Any) -> Any:  # noqa: A002
+    """A RunConfig field with its rule (:func:`kdtune.hparams.hp`), checked by :func:`validate`."""
+    return field(default=default, metadata={"hp": hp(default, help=help, **rule)})
+
+
+def _milestones(value: Any) -> None:
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in value):
+        raise ValueError(f"must be a list of positive integers, but got {value!r}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one distillation run needs. Method and sampler hyperparameters live in
@@ -44,29 +54,31 @@ class RunConfig:
     dataset: str = "digits"
     data_root: str | None = None
     download: bool = False
-    val_size: int | None = None
+    val_size: int | None = run_field(None, type=int, ge=0, null_means="the dataset's default",
+                                     help="training images moved to the validation split")
     split_seed: int = 0
     dataset_options: dict = field(default_factory=dict)
     teacher: str | None = "resnet20"
     teacher_checkpoint: str | None = None
-    teacher_epochs: int = 240  # recipe length when kdtune trains the teacher itself
+    teacher_epochs: int = run_field(240, ge=1, help="recipe length when kdtune trains the teacher itself")
     student: str = "resnet8"
     method: str = "kd"
     method_params: dict = field(default_factory=dict)
     sampler: str = "none"  # which samples each epoch trains on: none (all) or kdas
     sampler_params: dict = field(default_factory=dict)
     # the recipe: kdtune.engine.Recipe's fields, flat, with its defaults
-    epochs: int = Recipe.epochs
-    batch_size: int = Recipe.batch_size
-    lr: float = Recipe.lr
-    momentum: float = Recipe.momentum
-    weight_decay: float = Recipe.weight_decay
+    epochs: int = run_field(Recipe.epochs, ge=1, help="training epochs")
+    batch_size: int = run_field(Recipe.batch_size, ge=1, help="images per SGD step")
+    lr: float = run_field(Recipe.lr, gt=0, help="base learning rate")
+    momentum: float = run_field(Recipe.momentum, ge=0, lt=1, help="SGD momentum")
+    weight_decay: float = run_field(Recipe.weight_decay, ge=0, help="SGD weight decay")
     nesterov: bool = Recipe.nesterov
-    schedule: str = Recipe.schedule
-    lr_decay_epochs: tuple = Recipe.lr_decay_epochs
-    lr_decay_rate: float = Recipe.lr_decay_rate
-    lr_min: float = Recipe.lr_min
-    warmup_epochs: int = Recipe.warmup_epochs
+    schedule: str = run_field(Recipe.schedule, choices=SCHEDULES, help="learning-rate schedule")
+    lr_decay_epochs: tuple = run_field(Recipe.lr_decay_epochs, type=(list, tuple), parse=_milestones,
+                                       help="step-schedule milestones, given for 240 epochs")
+    lr_decay_rate: float = run_field(Recipe.lr_decay_rate, gt=0, le=1, help="step-schedule factor")
+    lr_min: float = run_field(Recipe.lr_min, ge=0, help="cosine floor (must also be < lr)")
+    warmup_epochs: int = run_field(Recipe.warmup_epochs, ge=0, help="linear warm-up epochs (must be < epochs)")
     # how it runs
     seed: int = 0
     device: str = "auto"
@@ -96,6 +108,9 @@ class RunConfig:
         return cls(**out)
 
 
+# Each field's rule where it declares one (run_field), else its type from the annotation.
+_FIELD_RULES: dict[str, HP] = {f.name: dataclasses.replace(f.metadata["hp"], name=f.name)
+                               for f in fields(RunConfig) if "hp" in f.metadata}
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {}
 for _f in fields(RunConfig):
     _FIELD_TYPES[_f.name] = {
@@ -139,6 +154,12 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
     for nested in ("method_params", "sampler_params"):
         items += list((values.get(nested) or {}).items())
     for key, value in items:
+        if key in _FIELD_RULES:
+            out[key], found = _FIELD_RULES[key].validate(value)
+            problems += found
+            if found and found[0].rule.startswith("expected "):
+                del out[key]  # the default stands in for the cross-field rules below
+            continue
         if key in _FIELD_TYPES:
             coerced, ok = coerce(value, _FIELD_TYPES[key])
             if ok:
@@ -186,24 +207,16 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
 
 
 def _check_ranges(cfg: dict[str, Any]) -> list[Problem]:
-    rules = [
-        ("epochs", cfg["epochs"] >= 1, ">= 1"),
-        ("teacher_epochs", cfg["teacher_epochs"] >= 1, ">= 1"),
-        ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
-        ("lr", cfg["lr"] > 0, "> 0"),
-        ("momentum", 0 <= cfg["momentum"] < 1, "in [0, 1)"),
-        ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
-        ("lr_decay_rate", 0 < cfg["lr_decay_rate"] <= 1, "in (0, 1]"),
-        ("lr_min", 0 <= cfg["lr_min"] and (cfg["lr"] <= 0 or cfg["lr_min"] < cfg["lr"]), "in [0, lr)"),
-        ("warmup_epochs", 0 <= cfg["warmup_epochs"] < cfg["epochs"], "in [0, epochs)"),
-        ("schedule", cfg["schedule"] in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-        ("val_size", cfg["val_size"] is None or cfg["val_size"] >= 0, ">= 0 or null"),
-        ("lr_decay_epochs", all(isinstance(m, int) and m >= 1 for m in cfg["lr_decay_epochs"]),
-         "a list of positive integers"),
-    ]
+    """The rules across run settings (each setting's own rule is its field's)."""
+    problems = []
+    if cfg["lr_min"] >= cfg["lr"] > 0:
+        problems.append(Problem("lr_min", "must be in [0, lr)", cfg["lr_min"]))
+    if cfg["warmup_epochs"] >= cfg["epochs"] >= 1:
+        problems.append(Problem("warmup_epochs", "must be in [0, epochs)", cfg["warmup_epochs"]))
     if cfg["nesterov"] and cfg["momentum"] == 0:
-        rules.append(("nesterov", False, "false when momentum is 0 (SGD requires momentum > 0)"))
-    return [Problem(key, f"must be {rule}", cfg[key]) for key, ok, rule in rules if not ok]
+        problems.append(Problem("nesterov", "must be false when momentum is 0 (SGD requires momentum > 0)",
+                                cfg["nesterov"]))
+    return problems
 
 
 def hparam_owners(key: str) -> list[str]:
