@@ -8,7 +8,8 @@ hyperparameters in a :class:`Schema` of :func:`hp` entries::
         drop_hparams = ("temperature",)   # inherited from KD, but not a knob here
 
 A subclass inherits its parents' entries (``hparams`` adds to them, ``drop_hparams`` removes
-some), so nothing is written twice. Everything else reads the schema: the constructors (each
+some), so nothing is written twice. Parameters with a default that a constructor spells out in
+its signature, positional or keyword, count as declared too (typed by their default). Everything else reads the schema: the constructors (each
 hyperparameter becomes an attribute of the same name), ``RunConfig`` and search-spec
 validation, ``--list``, the README table, MLflow params and the results table.
 
