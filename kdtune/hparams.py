@@ -289,12 +289,6 @@ class Schema:
             raise ValueError(f"{owner}: " + "; ".join(str(p) for p in problems))
         return {**self.defaults(), **given}
 
-    def record(self, name: str = "HParams") -> type:
-        """A frozen dataclass with these fields and defaults (for type checkers and ``repr``)."""
-        return dataclasses.make_dataclass(
-            name, [(n, Any, dataclasses.field(default=e.default)) for n, e in self._entries.items()],
-            frozen=True)
-
 
 # --------------------------------------------------------------------------- the mixin
 
