@@ -7,7 +7,6 @@ hyperparameters (``temperature``, ``beta``, ...) sit beside the recipe's.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,22 +16,33 @@ import yaml
 from kdtune.data import DATASETS
 from kdtune.distillers import METHODS
 from kdtune.engine import SCHEDULES, Recipe
+from kdtune.hparams import HP, Problem, Schema, as_problems, coerce, did_you_mean, hp, render, type_name
 from kdtune.models import MODELS
 from kdtune.plugins import load_plugins
 from kdtune.registry import Registry
 from kdtune.sampling import SAMPLERS
 
-load_plugins()
+__all__ = ["ConfigError", "RunConfig", "coerce", "load_yaml", "parse_override", "validate"]
 
 
 class ConfigError(ValueError):
-    """Every problem found in a configuration, one per line."""
+    """Every problem found in a configuration, one per line (``problems``: the lines)."""
 
     def __init__(self, problems: list[str]) -> None:
         # Problems quote the values they are about; a huge value must not make a huge message.
         problems = [p if len(p) <= 1000 else f"{p[:800]}... [{len(p)} characters] ...{p[-100:]}" for p in problems]
         self.problems = problems
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def run_field(default: Any, *, help: str, **rule: Any) -> Any:  # noqa: A002
+    """A RunConfig field with its rule (:func:`kdtune.hparams.hp`), checked by :func:`validate`."""
+    return field(default=default, metadata={"hp": hp(default, help=help, **rule)})
+
+
+def _milestones(value: Any) -> None:
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in value):
+        raise ValueError(f"must be a list of positive integers, but got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -44,29 +54,31 @@ class RunConfig:
     dataset: str = "digits"
     data_root: str | None = None
     download: bool = False
-    val_size: int | None = None
+    val_size: int | None = run_field(None, type=int, ge=0, null_means="the dataset's default",
+                                     help="training images moved to the validation split")
     split_seed: int = 0
     dataset_options: dict = field(default_factory=dict)
     teacher: str | None = "resnet20"
     teacher_checkpoint: str | None = None
-    teacher_epochs: int = 240  # recipe length when kdtune trains the teacher itself
+    teacher_epochs: int = run_field(240, ge=1, help="recipe length when kdtune trains the teacher itself")
     student: str = "resnet8"
     method: str = "kd"
     method_params: dict = field(default_factory=dict)
     sampler: str = "none"  # which samples each epoch trains on: none (all) or kdas
     sampler_params: dict = field(default_factory=dict)
     # the recipe: kdtune.engine.Recipe's fields, flat, with its defaults
-    epochs: int = Recipe.epochs
-    batch_size: int = Recipe.batch_size
-    lr: float = Recipe.lr
-    momentum: float = Recipe.momentum
-    weight_decay: float = Recipe.weight_decay
+    epochs: int = run_field(Recipe.epochs, ge=1, help="training epochs")
+    batch_size: int = run_field(Recipe.batch_size, ge=1, help="images per SGD step")
+    lr: float = run_field(Recipe.lr, gt=0, help="base learning rate")
+    momentum: float = run_field(Recipe.momentum, ge=0, lt=1, help="SGD momentum")
+    weight_decay: float = run_field(Recipe.weight_decay, ge=0, help="SGD weight decay")
     nesterov: bool = Recipe.nesterov
-    schedule: str = Recipe.schedule
-    lr_decay_epochs: tuple = Recipe.lr_decay_epochs
-    lr_decay_rate: float = Recipe.lr_decay_rate
-    lr_min: float = Recipe.lr_min
-    warmup_epochs: int = Recipe.warmup_epochs
+    schedule: str = run_field(Recipe.schedule, choices=SCHEDULES, help="learning-rate schedule")
+    lr_decay_epochs: tuple = run_field(Recipe.lr_decay_epochs, type=(list, tuple), parse=_milestones,
+                                       help="step-schedule milestones, given for 240 epochs")
+    lr_decay_rate: float = run_field(Recipe.lr_decay_rate, gt=0, le=1, help="step-schedule factor")
+    lr_min: float = run_field(Recipe.lr_min, ge=0, help="cosine floor (must also be < lr)")
+    warmup_epochs: int = run_field(Recipe.warmup_epochs, ge=0, help="linear warm-up epochs (must be < epochs)")
     # how it runs
     seed: int = 0
     device: str = "auto"
@@ -90,9 +102,15 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
         """Validate a flat mapping; raise :class:`ConfigError` listing every problem."""
-        return cls(**_validate(values, source))
+        out, problems = validate(values)
+        if problems:
+            raise ConfigError(render(problems, source))
+        return cls(**out)
 
 
+# Each field's rule where it declares one (run_field), else its type from the annotation.
+_FIELD_RULES: dict[str, HP] = {f.name: dataclasses.replace(f.metadata["hp"], name=f.name)
+                               for f in fields(RunConfig) if "hp" in f.metadata}
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {}
 for _f in fields(RunConfig):
     _FIELD_TYPES[_f.name] = {
@@ -101,158 +119,126 @@ for _f in fields(RunConfig):
         "dict": (dict,), "tuple": (list, tuple),
     }[str(_f.type)]
 
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+OWNERS = {"method": METHODS, "sampler": SAMPLERS}  # the fields whose choice brings hyperparameters
 
 
-def coerce(value: Any, types: tuple[type, ...]) -> tuple[Any, bool]:
-    """``value`` converted to one of ``types`` where that is lossless; ``(value, ok)``.
-
-    Accepts ints for floats and numbers written as strings such as ``1e-4``, which PyYAML
-    reads as strings. bool is never taken for a number, nor a number for a bool.
-    """
-    if isinstance(value, bool):
-        return value, bool in types
-    if float in types and isinstance(value, int):
-        return float(value), True
-    if isinstance(value, str) and _FLOAT.match(value.strip()) and (float in types or int in types):
-        number = float(value)
-        if float in types:
-            return number, True
-        return (int(number), True) if number.is_integer() else (value, False)
-    if int in types and isinstance(value, float) and value.is_integer() and float not in types:
-        return value, False  # 3.0 for an epoch count is most likely a mistake; say so
-    return value, isinstance(value, types)
-
-
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             dict: "a mapping", list: "a list", tuple: "a list", type(None): "null"}
-    return " or ".join(dict.fromkeys(names[t] for t in types))
-
-
-def _known(registry: Registry, key: str, value: Any, source: str, problems: list[str]) -> bool:
+def _known(registry: Registry, key: str, value: Any, problems: list[Problem]) -> bool:
     if value in registry:
         return True
-    problems.append(f"{source}: {key}: {registry.unknown_message(value)}")
+    problems.append(Problem(key, registry.unknown_message(value)))
     return False
 
 
-def param_types(registry: Registry, name: str) -> dict[str, tuple[type, ...]]:
-    """The hyperparameters entry ``name`` of ``registry`` takes, with the types their defaults imply."""
-    overrides = getattr(registry.get(name), "param_types", {})  # e.g. an int or a list
-    return {p: overrides.get(p, (type(param.default),)) for p, param in registry.parameters(name).items()}
-
-
-def method_param_types(method: str) -> dict[str, tuple[type, ...]]:
-    return param_types(METHODS, method)
-
-
-def _owners(values: dict[str, Any], source: str, problems: list[str]) -> list[tuple[str, Registry, str, dict]]:
-    """The registries whose chosen entry takes flat hyperparameters: (field, registry, name, types)."""
-    owners = []
-    for field_name, registry in (("method", METHODS), ("sampler", SAMPLERS)):
+def _owners(values: dict[str, Any], problems: list[Problem]) -> dict[str, tuple[str | None, Schema]]:
+    """Per owner field (method, sampler): the chosen name (None when unknown) and its schema."""
+    owners = {}
+    for field_name, registry in OWNERS.items():
         name = values.get(field_name, getattr(RunConfig, field_name))
-        ok = isinstance(name, str) and _known(registry, field_name, name, source, problems)
-        owners.append((field_name, registry, name if ok else None, param_types(registry, name) if ok else {}))
+        ok = isinstance(name, str) and _known(registry, field_name, name, problems)
+        owners[field_name] = (name, registry.hparams(name)) if ok else (None, Schema())
     return owners
 
 
-def _validate(values: dict[str, Any], source: str) -> dict[str, Any]:
-    problems: list[str] = []
+def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
+    """RunConfig's keyword arguments from a flat mapping, and every problem with it (paths:
+    the keys). The problems are the caller's to render with their source."""
+    load_plugins()  # here, not at import: a plugin may import kdtune.config itself
+    problems: list[Problem] = []
     if not isinstance(values, dict):
-        raise ConfigError([f"{source}: expected a mapping of keys to values, but got {values!r}"])
+        return {}, [Problem("", "expected a mapping of keys to values", values)]
     out: dict[str, Any] = {}
-    owners = _owners(values, source, problems)
-    params: dict[str, dict[str, Any]] = {field_name: {} for field_name, *_ in owners}
+    owners = _owners(values, problems)
+    given: dict[str, dict[str, Any]] = {field_name: {} for field_name in owners}
     # Flat keys, plus nested method_params / sampler_params mappings (same rules).
     items = [(k, v) for k, v in values.items() if k not in ("method_params", "sampler_params")]
     for nested in ("method_params", "sampler_params"):
         items += list((values.get(nested) or {}).items())
     for key, value in items:
-        if key in _FIELD_TYPES:
-            target, types = out, _FIELD_TYPES[key]
-        else:
-            owner = next(((f, t) for f, _, name, t in owners if key in t), None)
-            if owner is None:
-                if all(name is not None for *_, name, _ in owners) or key not in _all_params():
-                    problems.append(_unknown_key(key, owners, source))
-                continue
-            target, types = params[owner[0]], owner[1][key]
-        coerced, ok = coerce(value, types)
-        if not ok:
-            problems.append(f"{source}: {key}: expected {_type_name(types)}, but got {value!r}")
+        if key in _FIELD_RULES:
+            out[key], found = _FIELD_RULES[key].validate(value)
+            problems += found
+            if found and found[0].rule.startswith("expected "):
+                del out[key]  # the default stands in for the cross-field rules below
             continue
-        target[key] = coerced
-    for field_name, registry, name, _ in owners:
+        if key in _FIELD_TYPES:
+            coerced, ok = coerce(value, _FIELD_TYPES[key])
+            if ok:
+                out[key] = coerced
+            else:
+                problems.append(Problem(key, f"expected {type_name(_FIELD_TYPES[key])}", value))
+            continue
+        owner = next((f for f, (_, schema) in owners.items() if key in schema), None)
+        if owner is None:
+            if all(name is not None for name, _ in owners.values()) or not _elsewhere(key):
+                problems.append(_unknown_key(key, owners))
+            continue
+        given[owner][key] = value
+    params: dict[str, dict[str, Any]] = {}
+    for field_name, (name, _) in owners.items():
+        params[field_name] = given[field_name]
         if name is not None:
-            problems += [f"{source}: {p}" for p in registry.get(name).check(params[field_name])]
+            params[field_name], found = OWNERS[field_name].get(name).problems(given[field_name])
+            problems += found
 
     cfg = {**{f.name: getattr(RunConfig(), f.name) for f in fields(RunConfig)}, **out}
     for key in ("teacher", "student"):
         if cfg[key] is not None:
-            _known(MODELS, key, cfg[key], source, problems)
-    method = owners[0][2]
+            _known(MODELS, key, cfg[key], problems)
+    method = owners["method"][0]
     needs_teacher = method is not None and METHODS.get(method).needs_teacher
     if cfg["teacher"] is None and needs_teacher:
-        problems.append(f"{source}: teacher: method {method!r} needs a teacher, but got null")
+        problems.append(Problem("teacher", f"method {method!r} needs a teacher, but got null"))
     elif method is not None and needs_teacher and cfg["teacher"] in MODELS and cfg["student"] in MODELS:
-        problems += [f"{source}: {p}" for p in
-                     METHODS.get(method).check_models(cfg["teacher"], cfg["student"], params["method"])]
+        cls = METHODS.get(method)
+        full = {**cls.hparams.defaults(), **params["method"]}
+        problems += as_problems(cls.check_models(cfg["teacher"], cfg["student"], full))
     if cfg["sampler"] != "none" and method is not None and not needs_teacher:
-        problems.append(f"{source}: sampler: {cfg['sampler']!r} selects samples by teacher-student "
-                        f"disagreement, so it needs a distillation method, but method is {method!r}")
-    _known(DATASETS, "dataset", cfg["dataset"], source, problems)
-    problems += [f"{source}: {p}" for p in _check_ranges(cfg)]
+        problems.append(Problem("sampler", f"{cfg['sampler']!r} selects samples by teacher-student "
+                                           f"disagreement, so it needs a distillation method, but method is {method!r}"))
+    _known(DATASETS, "dataset", cfg["dataset"], problems)
+    problems += _check_ranges(cfg)
     ckpt = cfg["teacher_checkpoint"]
     if ckpt is not None and not Path(ckpt).expanduser().is_file():
-        problems.append(f"{source}: teacher_checkpoint: file not found: {ckpt!r}")
-    if problems:
-        raise ConfigError(problems)
+        problems.append(Problem("teacher_checkpoint", f"file not found: {ckpt!r}"))
     out["method_params"], out["sampler_params"] = params["method"], params["sampler"]
     if "lr_decay_epochs" in out:
         out["lr_decay_epochs"] = tuple(out["lr_decay_epochs"])
-    return out
+    return out, list(dict.fromkeys(problems))
 
 
-def _check_ranges(cfg: dict[str, Any]) -> list[str]:
-    rules = [
-        ("epochs", cfg["epochs"] >= 1, ">= 1"),
-        ("teacher_epochs", cfg["teacher_epochs"] >= 1, ">= 1"),
-        ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
-        ("lr", cfg["lr"] > 0, "> 0"),
-        ("momentum", 0 <= cfg["momentum"] < 1, "in [0, 1)"),
-        ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
-        ("lr_decay_rate", 0 < cfg["lr_decay_rate"] <= 1, "in (0, 1]"),
-        ("lr_min", 0 <= cfg["lr_min"] and (cfg["lr"] <= 0 or cfg["lr_min"] < cfg["lr"]), "in [0, lr)"),
-        ("warmup_epochs", 0 <= cfg["warmup_epochs"] < cfg["epochs"], "in [0, epochs)"),
-        ("schedule", cfg["schedule"] in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-        ("val_size", cfg["val_size"] is None or cfg["val_size"] >= 0, ">= 0 or null"),
-        ("lr_decay_epochs", all(isinstance(m, int) and m >= 1 for m in cfg["lr_decay_epochs"]),
-         "a list of positive integers"),
-    ]
+def _check_ranges(cfg: dict[str, Any]) -> list[Problem]:
+    """The rules across run settings (each setting's own rule is its field's)."""
+    problems = []
+    if cfg["lr_min"] >= cfg["lr"] > 0:
+        problems.append(Problem("lr_min", "must be in [0, lr)", cfg["lr_min"]))
+    if cfg["warmup_epochs"] >= cfg["epochs"] >= 1:
+        problems.append(Problem("warmup_epochs", "must be in [0, epochs)", cfg["warmup_epochs"]))
     if cfg["nesterov"] and cfg["momentum"] == 0:
-        rules.append(("nesterov", False, "false when momentum is 0 (SGD requires momentum > 0)"))
-    return [f"{key}: must be {rule}, but got {cfg[key]!r}" for key, ok, rule in rules if not ok]
+        problems.append(Problem("nesterov", "must be false when momentum is 0 (SGD requires momentum > 0)",
+                                cfg["nesterov"]))
+    return problems
 
 
-def _all_params() -> set[str]:
-    return {p for reg in (METHODS, SAMPLERS) for m in reg.names() for p in reg.parameters(m)}
+def hparam_owners(key: str) -> list[str]:
+    """``"method 'kd'"``, ``"sampler 'kdas'"``, ...: every method and sampler that takes ``key``."""
+    return [f"{field_name} {name!r}" for field_name, registry in OWNERS.items()
+            for name in registry.names() if key in registry.hparams(name)]
 
 
-def _unknown_key(key: str, owners: list, source: str) -> str:
-    import difflib
+def _elsewhere(key: str) -> bool:
+    return bool(hparam_owners(key))
 
-    known = set(_FIELD_TYPES) | {p for *_, types in owners for p in types}
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    takes = "; ".join(f"{field_name} {name!r} takes: {', '.join(types) or 'nothing'}"
-                      for field_name, _, name, types in owners if name is not None
+
+def _unknown_key(key: str, owners: dict[str, tuple[str | None, Schema]]) -> Problem:
+    known = set(_FIELD_TYPES) | {p for _, schema in owners.values() for p in schema}
+    hint = did_you_mean(key, sorted(known))
+    takes = "; ".join(f"{field_name} {name!r} takes: {', '.join(schema) or 'nothing'}"
+                      for field_name, (name, schema) in owners.items() if name is not None
                       and (field_name == "method" or name != "none"))
-    elsewhere = [f"{field} {name!r}" for field, reg in (("method", METHODS), ("sampler", SAMPLERS))
-                 for name in reg.names() if key in reg.parameters(name)]
+    elsewhere = hparam_owners(key)
     if elsewhere:
         hint += f"; it is a hyperparameter of {' and '.join(elsewhere)}"
-    return f"{source}: {key}: unknown key{hint}" + (f" ({takes})" if takes else "")
+    return Problem(key, f"unknown key{hint}" + (f" ({takes})" if takes else ""))
 
 
 # A config or search file is a few kB; these caps stop a hostile or mistaken file (a

@@ -7,6 +7,7 @@ transforms, no worker processes and no host synchronisation per batch.
 """
 from __future__ import annotations
 
+import inspect
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from kdtune.plugins import load_plugins
 from kdtune.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -73,8 +75,10 @@ class ImageData:
 
 
 @dataclass(frozen=True)
-class _Raw:
-    """What a dataset builder returns before the validation split is carved."""
+class RawData:
+    """What a dataset builder returns before the validation split is carved (a plugin's
+    builder returns one too: ``train`` and ``test`` splits of uint8 NCHW images and int64
+    labels; ``mean``/``std`` None to compute them from the training images)."""
 
     train: Split
     test: Split
@@ -84,6 +88,9 @@ class _Raw:
     crop_padding: int
     flip: bool
     default_val_size: int
+
+
+_Raw = RawData  # the former private name
 
 
 def load_dataset(
@@ -106,11 +113,14 @@ def load_dataset(
         download: fetch missing CIFAR files (needs network access).
         options: extra keyword arguments of the dataset builder (``synthetic`` only).
     """
+    load_plugins()
     builder = DATASETS.get(name)
     kwargs = dict(options or {})
-    if name.startswith("cifar"):
-        kwargs.update(root=root, download=download)
-    raw: _Raw = builder(**kwargs)
+    # A builder that declares ``root`` (and ``download``) gets the run's data_root (download):
+    # CIFAR's, and a plugin's that reads files.
+    takes = inspect.signature(builder).parameters
+    kwargs.update({k: v for k, v in (("root", root), ("download", download)) if k in takes})
+    raw: RawData = builder(**kwargs)
     n = len(raw.train)
     val_size = raw.default_val_size if val_size is None else val_size
     if not 0 <= val_size < n:
@@ -184,7 +194,7 @@ def _unpickle(path: Path) -> dict:
 
 def _cifar(root: str | Path | None, download: bool, *, folder: str, train_files: list[str],
            test_file: str, label_key: bytes, num_classes: int, tv_name: str,
-           mean: tuple[float, ...], std: tuple[float, ...]) -> _Raw:
+           mean: tuple[float, ...], std: tuple[float, ...]) -> RawData:
     if root is None:
         raise DataError(f"{tv_name} needs a data root (data_root / --data-root): the directory "
                         f"that holds {folder}/")
@@ -223,12 +233,12 @@ def _cifar(root: str | Path | None, download: bool, *, folder: str, train_files:
                 raise DataError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
         return Split(torch.cat(images), torch.cat(labels))
 
-    return _Raw(read(expected[:-1]), read(expected[-1:]), num_classes, mean, std,
+    return RawData(read(expected[:-1]), read(expected[-1:]), num_classes, mean, std,
                 crop_padding=4, flip=True, default_val_size=5000)
 
 
 @DATASETS.register("cifar100")
-def cifar100(*, root: str | Path | None = None, download: bool = False) -> _Raw:
+def cifar100(*, root: str | Path | None = None, download: bool = False) -> RawData:
     """CIFAR-100 in torchvision's on-disk format (``<root>/cifar-100-python/{train,test}``)."""
     return _cifar(root, download, folder="cifar-100-python", train_files=["train"],
                   test_file="test", label_key=b"fine_labels", num_classes=100, tv_name="CIFAR100",
@@ -236,7 +246,7 @@ def cifar100(*, root: str | Path | None = None, download: bool = False) -> _Raw:
 
 
 @DATASETS.register("cifar10")
-def cifar10(*, root: str | Path | None = None, download: bool = False) -> _Raw:
+def cifar10(*, root: str | Path | None = None, download: bool = False) -> RawData:
     """CIFAR-10 in torchvision's on-disk format (``<root>/cifar-10-batches-py/``)."""
     return _cifar(root, download, folder="cifar-10-batches-py",
                   train_files=[f"data_batch_{i}" for i in range(1, 6)], test_file="test_batch",
@@ -245,7 +255,7 @@ def cifar10(*, root: str | Path | None = None, download: bool = False) -> _Raw:
 
 
 @DATASETS.register("digits")
-def digits(*, test_fraction: float = 0.2) -> _Raw:
+def digits(*, test_fraction: float = 0.2) -> RawData:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, no download).
 
     A fixed 20% becomes the test split (seed 0, independent of ``split_seed``). Images are
@@ -259,14 +269,14 @@ def digits(*, test_fraction: float = 0.2) -> _Raw:
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_test = int(round(test_fraction * len(labels)))
     test_idx, train_idx = perm[:n_test].sort().values, perm[n_test:].sort().values
-    return _Raw(Split(images[train_idx], labels[train_idx]), Split(images[test_idx], labels[test_idx]),
+    return RawData(Split(images[train_idx], labels[train_idx]), Split(images[test_idx], labels[test_idx]),
                 10, None, None, crop_padding=1, flip=False, default_val_size=300)
 
 
 @DATASETS.register("synthetic")
 def synthetic(*, num_classes: int = 10, image_size: int = 32, channels: int = 3,
               train_size: int = 5000, test_size: int = 1000, noise: float = 0.5,
-              seed: int = 0) -> _Raw:
+              seed: int = 0) -> RawData:
     """Random but learnable images: one random prototype per class plus per-image noise.
 
     For benchmarks and tests: any shape and class count, deterministic given ``seed``.
@@ -279,7 +289,7 @@ def synthetic(*, num_classes: int = 10, image_size: int = 32, channels: int = 3,
         x = (1 - noise) * protos[labels] + noise * torch.rand(n, channels, image_size, image_size, generator=g)
         return Split(x.mul(255).round().to(torch.uint8), labels)
 
-    return _Raw(make(train_size), make(test_size), num_classes, None, None, crop_padding=4,
+    return RawData(make(train_size), make(test_size), num_classes, None, None, crop_padding=4,
                 flip=True, default_val_size=train_size // 10)
 
 

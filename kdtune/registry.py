@@ -1,9 +1,10 @@
-"""One generic name -> builder registry, shared by models, datasets and methods."""
+"""One generic name -> builder registry, shared by models, datasets, methods and samplers."""
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Callable, Iterator
+
+from kdtune.hparams import Schema, did_you_mean, schema_of
 
 
 class UnknownNameError(KeyError):
@@ -18,6 +19,9 @@ class Registry:
 
     ``@MODELS.register()`` registers under the function's own name;
     ``@METHODS.register("kd")`` under an explicit one. Registering a name twice is an error.
+    The ``$KDTUNE_PLUGINS`` modules are imported by the entry points (config validation,
+    ``build_model``, ``build_distiller``, ``load_dataset``), after kdtune itself, so a plugin
+    may import any kdtune module without a circular import.
     """
 
     def __init__(self, kind: str) -> None:
@@ -44,7 +48,7 @@ class Registry:
         return iter(self.names())
 
     def get(self, name: str) -> Callable[..., Any]:
-        if name not in self._builders:
+        if name not in self:
             raise UnknownNameError(self.unknown_message(name))
         return self._builders[name]
 
@@ -52,15 +56,13 @@ class Registry:
         return self.get(name)(*args, **kwargs)
 
     def unknown_message(self, name: object) -> str:
-        close = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} known: {', '.join(self.names())}"
+        return f"unknown {self.kind} {name!r}{did_you_mean(name, self.names(), 0.5)} known: {', '.join(self.names())}"
+
+    def hparams(self, name: str) -> Schema:
+        """The hyperparameters entry ``name`` declares (see :mod:`kdtune.hparams`)."""
+        return schema_of(self.get(name))
 
     def parameters(self, name: str) -> dict[str, inspect.Parameter]:
-        """The keyword hyperparameters a builder takes (its signature minus positionals)."""
+        """The keyword parameters a builder takes (models' ``num_classes``, ``in_channels``)."""
         sig = inspect.signature(self.get(name))
-        return {
-            p.name: p
-            for p in sig.parameters.values()
-            if p.kind == inspect.Parameter.KEYWORD_ONLY
-        }
+        return {p.name: p for p in sig.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY}

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from kdtune.devices import cudnn_autotune
 from kdtune.distillers.functional import kl_per_sample
+from kdtune.hparams import Configurable, Problem, Schema, hp
 from kdtune.registry import Registry
 
 SAMPLERS = Registry("sampler")
@@ -64,17 +65,47 @@ def penalty_weights(kl_tg: Tensor, threshold: float, strength: float, floor: flo
     return (1 - strength * outside).clamp(floor, 1.0)
 
 
-@SAMPLERS.register("none")
-class AllSamples:
-    """No policy: every sample once per epoch, weight 1 (the engine's default path)."""
+class Sampler(Configurable):
+    """Base of the sample policies: hyperparameters declared in ``hparams`` (see
+    :mod:`kdtune.hparams`), taken as keywords by the constructor.
 
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return []
+    The engine calls ``batches(epoch, engine)`` (the epoch's batches: images, labels, indices,
+    teacher logits or None), ``needs_teacher_logits(epoch)``, ``weights(teacher_logits,
+    target, epoch)`` (per-sample weights [B] of the distillation terms, or None),
+    ``epoch_metrics()``, ``state_dict()`` and ``load_state_dict()``.
+    """
+
+    def __init__(self, **hparams: Any) -> None:
+        self.set_hparams(hparams)
+
+    # Defaults: every sample once per epoch, weight 1, nothing to log or save.
+    def batches(self, epoch: int, engine: Any) -> Iterator[Batch]:
+        for x, y, idx in engine.loader.batches():
+            yield x, y, idx, None
+
+    def needs_teacher_logits(self, epoch: int) -> bool:
+        return False
+
+    def weights(self, teacher_logits: Tensor | None, target: Tensor, epoch: int) -> Tensor | None:
+        return None
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@SAMPLERS.register("none")
+class AllSamples(Sampler):
+    """No policy: every sample once per epoch, weight 1 (the engine's default path)."""
 
 
 @SAMPLERS.register("kdas")
-class KDAS:
+class KDAS(Sampler):
     """Adaptive sampling (knowledge quantity) plus the teacher-target penalty (knowledge quality).
 
     After ``kdas_warmup`` full-data epochs, the sampling ratio follows a cosine from ``start_rate``
@@ -99,17 +130,23 @@ class KDAS:
     re-tuning every convolution per size. Batches, samples and weights are unchanged.
     """
 
-    param_types = {"sampling_period": (str, int, list, tuple)}
+    hparams = Schema(
+        start_rate=hp(0.6, gt=0, le=1, help="share of the data trained on right after the warm-up"),
+        end_rate=hp(0.4, gt=0, le=1, help="share at the last epoch (a cosine from start_rate)"),
+        sampling_period=hp("1,3,5,10", type=(str, int, list, tuple), parse=parse_periods,
+                           help="epochs between scoring epochs; a list splits the run into segments"),
+        exclusion_rate=hp(0.0, ge=0, le=1, help="share of the highest-scored samples skipped as outliers"),
+        penalty_factor=hp(0.5, ge=0, le=1, help="floor of the knowledge-quality weights"),
+        penalty_lambda=hp(1000.0, ge=0, help="fall of the weights per nat outside the band"),
+        penalty_warmup=hp(0, ge=0, help="epochs over which the penalty strength ramps up"),
+        kdas_warmup=hp(0, ge=0, help="full-data epochs before sampling starts"),
+        threshold=hp(0.2, ge=0, le=0.5, help="the band is the in-batch [q_t, q_(1-t)] of the teacher-target KL"),
+    )
 
-    def __init__(self, *, start_rate: float = 0.6, end_rate: float = 0.4, sampling_period: str = "1,3,5,10",
-                 exclusion_rate: float = 0.0, penalty_factor: float = 0.5, penalty_lambda: float = 1000.0,
-                 penalty_warmup: int = 0, kdas_warmup: int = 0, threshold: float = 0.2) -> None:
-        self.start_rate, self.end_rate = start_rate, end_rate
-        self.periods = parse_periods(sampling_period)
-        self.exclusion_rate = exclusion_rate
-        self.penalty_factor, self.penalty_lambda, self.penalty_warmup = penalty_factor, penalty_lambda, penalty_warmup
-        self.warmup = kdas_warmup
-        self.threshold = threshold
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        self.periods = parse_periods(self.sampling_period)
+        self.warmup = self.kdas_warmup
         self.cache: Tensor | None = None  # train-split indices selected in the last scoring epoch
         self.samples_scored = 0
         self.ratio = 1.0
@@ -118,26 +155,11 @@ class KDAS:
         self._weight_count = 0
 
     @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        problems = []
-        for key in ("start_rate", "end_rate"):
-            if key in params and not 0 < params[key] <= 1:
-                problems.append(f"{key}: must be in (0, 1], but got {params[key]!r}")
-        if params.get("end_rate", 0.4) > params.get("start_rate", 0.6):
-            problems.append(f"end_rate: must be <= start_rate, but got end_rate={params.get('end_rate', 0.4)!r}, "
-                            f"start_rate={params.get('start_rate', 0.6)!r}")
-        for key, lo, hi in (("exclusion_rate", 0, 1), ("penalty_factor", 0, 1), ("threshold", 0, 0.5)):
-            if key in params and not lo <= params[key] <= hi:
-                problems.append(f"{key}: must be in [{lo}, {hi}], but got {params[key]!r}")
-        for key in ("penalty_lambda", "penalty_warmup", "kdas_warmup"):
-            if key in params and params[key] < 0:
-                problems.append(f"{key}: must be >= 0, but got {params[key]!r}")
-        if "sampling_period" in params:
-            try:
-                parse_periods(params["sampling_period"])
-            except (ValueError, TypeError) as e:
-                problems.append(f"sampling_period: {e}")
-        return problems
+    def check(cls, params: dict[str, Any]) -> list[Problem]:
+        if params["end_rate"] > params["start_rate"]:
+            return [Problem("end_rate", f"must be <= start_rate, but got end_rate={params['end_rate']!r}, "
+                                        f"start_rate={params['start_rate']!r}")]
+        return []
 
     # ------------------------------------------------------------------ schedule
 

@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in FLAG_KEYS:
         p.add_argument("--" + key.replace("_", "-"), dest=key, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any config key or method hyperparameter (repeatable)")
+                   help="set any config key or method hyperparameter (repeatable; see --list)")
+    p.add_argument("--list", nargs="*", metavar="NAME", default=None,
+                   help="print every method's and sampler's hyperparameters (or those of NAME ...) and exit")
     p.add_argument("--download", action="store_true", default=None, help="download CIFAR if missing")
     p.add_argument("--final", action="store_true", default=None,
                    help="train on the full training set (train+val) and report test accuracy")
@@ -94,6 +96,11 @@ def _read_checkpoint(path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list is not None:
+        from kdtune.listing import text
+
+        print(text(args.list))
+        return 0
     if args.from_search is not None:
         if args.config or args.resume or any(getattr(args, k) is not None for k in FLAG_KEYS):
             print("error: --from-search takes its configuration from the search's trial; give no config "

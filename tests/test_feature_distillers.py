@@ -45,7 +45,7 @@ def test_every_loss_declares_its_spot_weights_and_kind() -> None:
         assert cls.sakd_weight == SAKD_WEIGHTS[name]
         assert cls.sakd_gamma == (2.0 if name in ("at", "rkd", "vid") else 1.0)
         assert cls.per_sample == (name in ("at", "fitnet", "nst", "vid"))
-        assert METHODS.parameters(name)["feat_weight"].default == cls.weight
+        assert METHODS.hparams(name)["feat_weight"].default == cls.weight
 
 
 # --- ConvReg and the shape probe -----------------------------------------------------------
@@ -357,7 +357,7 @@ def test_flat_keys_route_to_the_feature_methods() -> None:
     assert RunConfig.from_dict({"method": "fitnet", "hint_layer": 1}).method_params == {"hint_layer": 1}
     assert RunConfig.from_dict({"method": "rkd", "angle_weight": 0}).method_params == {"angle_weight": 0.0}
     for name in FEATURE_METHODS:
-        params = METHODS.parameters(name)
+        params = METHODS.hparams(name)
         assert {"ce_weight", "feat_weight"} <= set(params) and "input_shape" not in params
     with pytest.raises(ConfigError) as e:
         RunConfig.from_dict({"method": "fitnet", "feat_weight": -1, "hint_layer": -1, "temperature": 4})

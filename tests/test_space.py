@@ -245,7 +245,7 @@ def test_param_problems_name_the_yaml_path_and_the_value(raw: Any, expected: lis
     assert param is None
     assert len(problems) == len(expected)
     for problem, text in zip(problems, expected):
-        assert problem.startswith(text), problem
+        assert str(problem).startswith(text), problem
 
 
 def test_numbers_written_as_strings_are_numbers() -> None:
@@ -284,7 +284,7 @@ def test_param_validates_when_built_directly() -> None:
 ])
 def test_conditional_space_problems(method: dict, expected: str) -> None:
     _, problems = parse_space({"method": method, "lr": {"type": "float", "low": 0.01, "high": 0.1}})
-    assert any(p.startswith(expected) for p in problems), problems
+    assert any(str(p).startswith(expected) for p in problems), problems
 
 
 def test_methods_may_be_listed_without_sub_spaces_and_round_trip() -> None:
@@ -426,4 +426,4 @@ def test_conditional_sampler_space_problems(sampler: dict, expected: str) -> Non
     _, problems = parse_space({"method": {"type": "categorical", "choices": {
         "kd": {"temperature": {"type": "float", "low": 1, "high": 8}}}},
         "sampler": sampler, "lr": {"type": "float", "low": 0.01, "high": 0.1}})
-    assert any(p.startswith(expected) for p in problems), problems
+    assert any(str(p).startswith(expected) for p in problems), problems

@@ -34,8 +34,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from kdtune.search.records import (LAST_VALUE_PREFIXES, OBJECTIVE_METRIC, PARENT_TAG, PENALTY, RESULTS_FILE,
-                                   STATE_FILE, STATUS_TAG, TRIAL_TAG, objective_column, resolve_tracking_uri,
+from kdtune.search.records import (OBJECTIVE_METRIC, PARENT_TAG, PENALTY, RESULTS_FILE,
+                                   STATE_FILE, STATUS_TAG, TRIAL_TAG, is_own_metric, objective_column, resolve_tracking_uri,
                                    run_metrics)
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
@@ -384,7 +384,7 @@ def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) ->
     params = set(parse_space(spec["space"])[0].names())
     # last metric values under their metric names: only the method/sampler ones stay, as in results.csv
     drop = [c for c in runs.columns if c not in params and
-            (("/" in c and not c.startswith(LAST_VALUE_PREFIXES)) or c in ("lr", "epoch", OBJECTIVE_METRIC))]
+            (("/" in c and not is_own_metric(c)) or c in ("lr", "epoch", OBJECTIVE_METRIC))]
     out = runs.copy()
     last = curves.sort_values("epoch").groupby("trial_id").last() if len(curves) else pd.DataFrame()
     history = curves.groupby("trial_id")[metric] if metric in curves else None

@@ -7,12 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdtune.hparams import Configurable, Problem, hp
 from kdtune.registry import Registry
 
 METHODS = Registry("method")
+# The label loss's weight, which most methods take (each with its reference's default).
+CE_WEIGHT = hp(1.0, ge=0, help="weight of the cross-entropy label loss")
 
 
-class Distiller(nn.Module):
+class Distiller(Configurable, nn.Module):
     """Base class of every method.
 
     ``forward(x, y, teacher_logits=None)`` returns ``(student_logits, losses)`` where ``losses`` maps a term name
@@ -27,6 +30,10 @@ class Distiller(nn.Module):
         a policy net) are registered as submodules/parameters; the optimizer takes every
         parameter with ``requires_grad`` -- the teacher's are frozen here;
       * :meth:`param_groups` for parameters that need their own optimizer settings.
+
+    Hyperparameters are declared once, in ``hparams`` (a :class:`~kdtune.hparams.Schema`;
+    subclasses inherit and extend it); the constructor takes them as keywords
+    (``**hparams``) and sets one attribute per hyperparameter.
     """
 
     needs_teacher = True
@@ -34,8 +41,15 @@ class Distiller(nn.Module):
     # that are not a per-sample distillation signal (SAKD's routing loss).
     unweighted_terms: tuple[str, ...] = ("ce",)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        clashes = [n for n in cls.hparams if hasattr(nn.Module, n)]
+        if clashes:
+            raise TypeError(f"{cls.__name__}: hyperparameter {clashes[0]!r} would hide nn.Module.{clashes[0]}")
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, **hparams: Any) -> None:
         super().__init__()
+        self.set_hparams(hparams)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -91,13 +105,9 @@ class Distiller(nn.Module):
         return F.cross_entropy(logits.float(), target, reduction="none")
 
     @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        """Problems with hyperparameter values (types are checked by the config loader)."""
-        return []
-
-    @classmethod
-    def check_models(cls, teacher: str, student: str, params: dict[str, Any]) -> list[str]:
-        """Problems with this teacher-student pair (by model name), found before any work starts."""
+    def check_models(cls, teacher: str, student: str, params: dict[str, Any]) -> list[Problem | str]:
+        """Problems with this teacher-student pair (by model name), found before any work starts;
+        ``params`` holds every hyperparameter (defaults filled in)."""
         return []
 
 
@@ -115,14 +125,3 @@ class Vanilla(Distiller):
         logits = self.student(x)[0]
         return logits, {"ce": self.ce(logits, y)}
 
-
-def check_ranges(params: dict[str, Any], positive: tuple[str, ...] = (),
-                 non_negative: tuple[str, ...] = ()) -> list[str]:
-    problems = []
-    for k in positive:
-        if k in params and not params[k] > 0:
-            problems.append(f"{k}: must be > 0, but got {params[k]!r}")
-    for k in non_negative:
-        if k in params and not params[k] >= 0:
-            problems.append(f"{k}: must be >= 0, but got {params[k]!r}")
-    return problems

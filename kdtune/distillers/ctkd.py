@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdtune.distillers.base import METHODS, check_ranges
+from kdtune.distillers.base import METHODS
 from kdtune.distillers.dkd import DKD
 from kdtune.distillers.kd import KD
+from kdtune.hparams import Configurable, Schema, hp
 
 CURRICULA = ("cosine", "linear", "constant", "linear_released")
 TEMPERATURE_MODES = ("global", "instance")
@@ -141,20 +142,31 @@ def _num_classes(model: nn.Module) -> int:
     return linears[-1].out_features
 
 
-class _CurriculumTemperatureMixin:
+class _CurriculumTemperatureMixin(Configurable):
     """What CTKD adds to a logit distiller: the module, its curriculum, its optimizer group
-    and its metrics. The distiller asks :meth:`current_temperature` for each batch."""
+    and its metrics. The distiller asks :meth:`current_temperature` for each batch; the fixed
+    ``temperature`` of the distiller below is no hyperparameter here."""
 
-    def _setup_ctkd(self, temperature_mode: str, t_start: float, t_end: float, theta_init: float,
-                    curriculum: str, curriculum_epochs: int, lambda_max: float,
-                    temperature_lr_scale: float, temperature_hidden: int) -> None:
-        self.curriculum = curriculum
-        self.curriculum_epochs = curriculum_epochs
-        self.lambda_max = lambda_max
-        self.temperature_lr_scale = temperature_lr_scale
-        num_classes = _num_classes(self.student) if temperature_mode == "instance" else 0
-        self.ctkd = CurriculumTemperature(temperature_mode, num_classes, t_start=t_start,
-                                          t_end=t_end, theta_init=theta_init, hidden=temperature_hidden)
+    hparams = Schema(
+        temperature_mode=hp("global", choices=TEMPERATURE_MODES,
+                            help="one learned temperature, or one per sample from a small MLP"),
+        t_start=hp(1.0, gt=0, help="lower bound of the learned temperature"),
+        t_end=hp(20.0, gt=0, help="width of its range: T = t_start + t_end * sigmoid(theta)"),
+        theta_init=hp(1.0, help="initial theta (global), or the MLP's initial output (instance)"),
+        curriculum=hp("cosine", choices=CURRICULA, help="shape of the reversal strength's ramp"),
+        curriculum_epochs=hp(10, gt=0, help="epochs until the reversal strength reaches lambda_max"),
+        lambda_max=hp(1.0, ge=0, help="final strength of the gradient reversal"),
+        temperature_lr_scale=hp(1.0, ge=0, help="the temperature's learning rate relative to the student's"),
+        temperature_hidden=hp(128, gt=0, help="hidden width of the instance-mode MLP"),
+    )
+    drop_hparams = ("temperature",)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, **hparams: Any) -> None:
+        super().__init__(student, teacher, **hparams)
+        num_classes = _num_classes(self.student) if self.temperature_mode == "instance" else 0
+        self.ctkd = CurriculumTemperature(self.temperature_mode, num_classes, t_start=self.t_start,
+                                          t_end=self.t_end, theta_init=self.theta_init,
+                                          hidden=self.temperature_hidden)
 
     def current_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return self.ctkd(student_logits, teacher_logits)
@@ -176,17 +188,6 @@ class _CurriculumTemperatureMixin:
         return metrics
 
 
-def _check_ctkd(params: dict[str, Any]) -> list[str]:
-    problems = check_ranges(params, positive=("t_start", "t_end", "curriculum_epochs", "temperature_hidden"),
-                            non_negative=("lambda_max", "temperature_lr_scale"))
-    if params.get("curriculum", "cosine") not in CURRICULA:
-        problems.append(f"curriculum: must be one of {', '.join(CURRICULA)}, but got {params['curriculum']!r}")
-    if params.get("temperature_mode", "global") not in TEMPERATURE_MODES:
-        problems.append(f"temperature_mode: must be one of {', '.join(TEMPERATURE_MODES)}, "
-                        f"but got {params['temperature_mode']!r}")
-    return problems
-
-
 @METHODS.register("ctkd")
 class CTKD(_CurriculumTemperatureMixin, KD):
     """KD with a curriculum temperature: ``ce_weight * CE + kd_weight * T^2 * KL`` with learned T.
@@ -196,21 +197,6 @@ class CTKD(_CurriculumTemperatureMixin, KD):
     standardized logits (the LS repository's CTKD). ``temperature_lr_scale`` scales the
     temperature's learning rate relative to the student's (1: the reference's shared SGD).
     """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, ce_weight: float = 0.1,
-                 kd_weight: float = 0.9, logit_stand: bool = False, reverse_kl: bool = False,
-                 temperature_mode: str = "global", t_start: float = 1.0, t_end: float = 20.0,
-                 theta_init: float = 1.0, curriculum: str = "cosine", curriculum_epochs: int = 10,
-                 lambda_max: float = 1.0, temperature_lr_scale: float = 1.0,
-                 temperature_hidden: int = 128) -> None:
-        super().__init__(student, teacher, ce_weight=ce_weight, kd_weight=kd_weight,
-                         logit_stand=logit_stand, reverse_kl=reverse_kl)
-        self._setup_ctkd(temperature_mode, t_start, t_end, theta_init, curriculum,
-                         curriculum_epochs, lambda_max, temperature_lr_scale, temperature_hidden)
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return check_ranges(params, non_negative=("ce_weight", "kd_weight")) + _check_ctkd(params)
 
 
 @METHODS.register("ctkd_dkd")
@@ -226,19 +212,3 @@ class CTDKD(_CurriculumTemperatureMixin, DKD):
     finite, and detaching that target removes the NaN). kdtune's per-sample KL takes no log of
     a target probability, so the gradient through the teacher's side is finite.
     """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, alpha: float = 1.0,
-                 beta: float = 8.0, warmup: int = 20, ce_weight: float = 1.0, kd_weight: float = 1.0,
-                 logit_stand: bool = False, temperature_mode: str = "global", t_start: float = 1.0,
-                 t_end: float = 20.0, theta_init: float = 1.0, curriculum: str = "cosine",
-                 curriculum_epochs: int = 10, lambda_max: float = 1.0,
-                 temperature_lr_scale: float = 1.0, temperature_hidden: int = 128) -> None:
-        super().__init__(student, teacher, alpha=alpha, beta=beta, warmup=warmup,
-                         ce_weight=ce_weight, kd_weight=kd_weight, logit_stand=logit_stand)
-        self._setup_ctkd(temperature_mode, t_start, t_end, theta_init, curriculum,
-                         curriculum_epochs, lambda_max, temperature_lr_scale, temperature_hidden)
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return (check_ranges(params, non_negative=("alpha", "beta", "warmup", "ce_weight", "kd_weight"))
-                + _check_ctkd(params))

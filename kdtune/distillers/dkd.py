@@ -1,12 +1,11 @@
 """DKD: Decoupled Knowledge Distillation (Zhao et al., CVPR'22)."""
 from __future__ import annotations
 
-from typing import Any
+from torch import Tensor
 
-from torch import Tensor, nn
-
-from kdtune.distillers.base import METHODS, Distiller, check_ranges
+from kdtune.distillers.base import CE_WEIGHT, METHODS, Distiller
 from kdtune.distillers.functional import dkd_loss
+from kdtune.hparams import Schema, hp
 
 
 @METHODS.register("dkd")
@@ -20,16 +19,15 @@ class DKD(Distiller):
     and ``temperature`` is the base temperature.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, alpha: float = 1.0,
-                 beta: float = 8.0, temperature: float = 4.0, warmup: int = 20,
-                 ce_weight: float = 1.0, kd_weight: float = 1.0, logit_stand: bool = False) -> None:
-        super().__init__(student, teacher)
-        self.alpha, self.beta = alpha, beta
-        self.temperature = temperature
-        self.warmup = warmup
-        self.ce_weight = ce_weight
-        self.kd_weight = kd_weight
-        self.logit_stand = logit_stand
+    hparams = Schema(
+        alpha=hp(1.0, ge=0, help="weight of TCKD, the target-class term"),
+        beta=hp(8.0, ge=0, help="weight of NCKD, the non-target term (pair-specific: 2, 6 or 8)"),
+        temperature=hp(4.0, gt=0, help="softmax temperature T (the base temperature with logit_stand)"),
+        warmup=hp(20, ge=0, help="epochs of the linear ramp of the distillation terms"),
+        ce_weight=CE_WEIGHT,
+        kd_weight=hp(1.0, ge=0, help="multiplies alpha and beta together (LS's --kd-weight)"),
+        logit_stand=hp(False, help="z-score both logits per sample first (logit standardization)"),
+    )
 
     def warmup_factor(self) -> float:
         # The reference ramps linearly from 1/warmup in epoch 1 to 1 at epoch ``warmup``.
@@ -48,8 +46,3 @@ class DKD(Distiller):
     def current_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> float | Tensor:
         """The batch's temperature: fixed here, learned by CTKD (``kdtune.distillers.ctkd``)."""
         return self.temperature
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return check_ranges(params, positive=("temperature",),
-                            non_negative=("alpha", "beta", "warmup", "ce_weight", "kd_weight"))

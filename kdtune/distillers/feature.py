@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.distillers.base import METHODS, Distiller, check_ranges
+from kdtune.distillers.base import CE_WEIGHT, METHODS, Distiller
 from kdtune.distillers.connectors import ConvReg, feature_shapes
+from kdtune.hparams import Configurable, Schema, hp
 from kdtune.models.base import Features
 from kdtune.registry import Registry
 
@@ -85,8 +86,9 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class FeatureLoss(nn.Module):
-    """Base of the feature losses (see the module docstring for the contract)."""
+class FeatureLoss(Configurable, nn.Module):
+    """Base of the feature losses (see the module docstring for the contract). A loss's own
+    options are hyperparameters (``hparams``) of its standalone method."""
 
     spot: ClassVar[str]
     weight: ClassVar[float]
@@ -95,8 +97,9 @@ class FeatureLoss(nn.Module):
     per_sample: ClassVar[bool] = True
     hint_layer: int = DEFAULT_HINT_LAYER
 
-    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size]) -> None:
+    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], **options: Any) -> None:
         super().__init__()
+        self.set_hparams(options)
         self.num_spots = min(len(s_shapes), len(t_shapes))
         if self.num_spots == 0:
             raise ValueError(f"{type(self).__name__}: no feature maps to distil at spot {self.spot!r}")
@@ -150,10 +153,7 @@ class ATLoss(FeatureLoss):
     sakd_weight = 1000.0
     sakd_gamma = 2.0
 
-    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], *,
-                 p: float = 2.0) -> None:
-        super().__init__(s_shapes, t_shapes)
-        self.p = p
+    hparams = Schema(p=hp(2.0, gt=0, help="exponent of the attention map mean_c |f|^p"))
 
     def attention(self, f: Tensor) -> Tensor:
         return F.normalize(f.pow(self.p).mean(1).flatten(1), dim=1)
@@ -172,10 +172,10 @@ class FitNetLoss(FeatureLoss):
     weight = 100.0
     sakd_weight = 1.0
 
-    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], *,
-                 hint_layer: int = DEFAULT_HINT_LAYER) -> None:
-        super().__init__(s_shapes, t_shapes)
-        self.hint_layer = hint_layer
+    hparams = Schema(hint_layer=hp(DEFAULT_HINT_LAYER, ge=0, help="feature map distilled: 0 is the stem, i the i-th stage"))
+
+    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], **options: Any) -> None:
+        super().__init__(s_shapes, t_shapes, **options)
         self.connectors = nn.ModuleList(ConvReg(s, t) for s, t in zip(s_shapes, t_shapes))
 
     def spot_loss(self, i: int, f_s: Tensor, f_t: Tensor) -> Tensor:
@@ -227,11 +227,12 @@ class VIDLoss(FeatureLoss):
     sakd_weight = 1.0
     sakd_gamma = 2.0
 
-    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], *,
-                 init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
-        super().__init__(s_shapes, t_shapes)
-        self.eps = eps
-        self.heads = nn.ModuleList(_VIDHead(s[0], t[0], init_pred_var, eps)
+    eps = 1e-5
+    hparams = Schema(init_pred_var=hp(5.0, gt=1e-4, help="initial variance of the Gaussian the teacher map is scored under"))
+
+    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], **options: Any) -> None:
+        super().__init__(s_shapes, t_shapes, **options)
+        self.heads = nn.ModuleList(_VIDHead(s[0], t[0], self.init_pred_var, self.eps)
                                    for s, t in zip(s_shapes, t_shapes))
 
     def spot_loss(self, i: int, f_s: Tensor, f_t: Tensor) -> Tensor:
@@ -295,11 +296,8 @@ class RKDLoss(RelationalLoss):
     sakd_gamma = 2.0
     pdist_eps = 1e-12
 
-    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], *,
-                 distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
-        super().__init__(s_shapes, t_shapes)
-        self.distance_weight = distance_weight
-        self.angle_weight = angle_weight
+    hparams = Schema(distance_weight=hp(25.0, ge=0, help="weight of the distance term"),
+                     angle_weight=hp(50.0, ge=0, help="weight of the angle term"))
 
     def _distances(self, e: Tensor) -> Tensor:
         sq = e.pow(2).sum(1)
@@ -331,11 +329,12 @@ class CCLoss(RelationalLoss):
     weight = 0.02
     sakd_weight = 0.02
 
-    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], *,
-                 feat_dim: int = 128) -> None:
-        super().__init__(s_shapes, t_shapes)
-        self.embed_s = nn.ModuleList(nn.Linear(math.prod(s), feat_dim) for s in s_shapes[: self.num_spots])
-        self.embed_t = nn.ModuleList(nn.Linear(math.prod(t), feat_dim) for t in t_shapes[: self.num_spots])
+    hparams = Schema(feat_dim=hp(128, gt=0, help="width of the embeddings the correlations are taken in"))
+
+    def __init__(self, s_shapes: Sequence[torch.Size], t_shapes: Sequence[torch.Size], **options: Any) -> None:
+        super().__init__(s_shapes, t_shapes, **options)
+        self.embed_s = nn.ModuleList(nn.Linear(math.prod(s), self.feat_dim) for s in s_shapes[: self.num_spots])
+        self.embed_t = nn.ModuleList(nn.Linear(math.prod(t), self.feat_dim) for t in t_shapes[: self.num_spots])
 
     def batch_loss(self, i: int, f_s: Tensor, f_t: Tensor) -> Tensor:
         delta = (self.embed_s[i](f_s.flatten(1)) - self.embed_t[i](f_t.flatten(1))).abs()
@@ -358,21 +357,23 @@ def build_feature_loss(name: str, s_features: Features, t_features: Features, **
 class FeatureDistiller(Distiller):
     """``ce_weight * CE + feat_weight * (sum over spots of the feature loss)``, per sample.
 
-    ``input_shape`` (C, H, W) sizes the connectors; it is positional-or-keyword on purpose,
-    so that it is not a hyperparameter (``build_distiller`` passes the data's shape). The teacher
-    runs once per batch, under ``no_grad``, for its features; teacher logits a sample policy
-    passes in are not needed. Connectors and other trainable parts live in ``feat_loss``, so the
-    optimizer takes them with the run's settings.
+    One subclass per registered feature loss (below): its hyperparameters are ``ce_weight``,
+    ``feat_weight`` (default: the loss's ``weight``) and the loss's own ``hparams``.
+    ``input_shape`` (C, H, W) sizes the connectors; it is no hyperparameter
+    (``build_distiller`` passes the data's shape). The teacher runs once per batch, under
+    ``no_grad``, for its features; teacher logits a sample policy passes in are not needed.
+    Connectors and other trainable parts live in ``feat_loss``, so the optimizer takes them
+    with the run's settings.
     """
 
     loss_name: ClassVar[str]
+    hparams = Schema(ce_weight=CE_WEIGHT,
+                     feat_weight=hp(1.0, ge=0, help="weight of the feature loss (summed over its spots)"))
 
     def __init__(self, student: nn.Module, teacher: nn.Module,
-                 input_shape: Sequence[int] = (3, 32, 32), *, ce_weight: float = 1.0,
-                 feat_weight: float = 1.0, **options: Any) -> None:
-        super().__init__(student, teacher)
-        self.ce_weight = ce_weight
-        self.feat_weight = feat_weight
+                 input_shape: Sequence[int] = (3, 32, 32), **hparams: Any) -> None:
+        super().__init__(student, teacher, **hparams)
+        options = {name: getattr(self, name) for name in FEATURE_LOSSES.get(self.loss_name).hparams}
         self.feat_loss = build_feature_loss(self.loss_name, feature_shapes(student, input_shape),
                                             feature_shapes(teacher, input_shape), **options)
 
@@ -385,124 +386,23 @@ class FeatureDistiller(Distiller):
         feat = torch.stack(spots).sum(0)
         return logits, {"ce": self.ce_weight * self.ce(logits, y), "feat": self.feat_weight * feat}
 
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return check_ranges(params, non_negative=("ce_weight", "feat_weight"))
+
+def _standalone(name: str, class_name: str) -> type[FeatureDistiller]:
+    """The method ``name``: :class:`FeatureDistiller` over feature loss ``name``."""
+    loss = FEATURE_LOSSES.get(name)
+    doc = (loss.__doc__ or "").strip().split("\n\n")[0]
+    cls = type(class_name, (FeatureDistiller,), {
+        "__doc__": f"Standalone ``{name}``: ce_weight * CE + feat_weight * ({doc})",
+        "__module__": __name__, "__qualname__": class_name, "loss_name": name,
+        "hparams": FeatureDistiller.hparams.with_defaults(feat_weight=loss.weight) | loss.hparams})
+    return METHODS.register(name)(cls)
 
 
-@METHODS.register("at")
-class AT(FeatureDistiller):
-    """Attention transfer at every stage (``ATLoss``); mdistiller's defaults."""
-
-    loss_name = "at"
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-                 *, ce_weight: float = 1.0, feat_weight: float = ATLoss.weight, p: float = 2.0) -> None:
-        super().__init__(student, teacher, input_shape, ce_weight=ce_weight, feat_weight=feat_weight, p=p)
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return super().check(params) + check_ranges(params, positive=("p",))
-
-
-@METHODS.register("fitnet")
-class FitNet(FeatureDistiller):
-    """FitNet hint at ``feats[hint_layer]`` (0 is the stem) through a ``ConvReg`` (``FitNetLoss``)."""
-
-    loss_name = "fitnet"
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-                 *, ce_weight: float = 1.0, feat_weight: float = FitNetLoss.weight,
-                 hint_layer: int = DEFAULT_HINT_LAYER) -> None:
-        super().__init__(student, teacher, input_shape, ce_weight=ce_weight, feat_weight=feat_weight,
-                         hint_layer=hint_layer)
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return super().check(params) + check_ranges(params, non_negative=("hint_layer",))
-
-
-@METHODS.register("nst")
-class NST(FeatureDistiller):
-    """Neuron selectivity transfer at every stage (``NSTLoss``)."""
-
-    loss_name = "nst"
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-                 *, ce_weight: float = 1.0, feat_weight: float = NSTLoss.weight) -> None:
-        super().__init__(student, teacher, input_shape, ce_weight=ce_weight, feat_weight=feat_weight)
-
-
-@METHODS.register("vid")
-class VID(FeatureDistiller):
-    """Variational information distillation at every stage (``VIDLoss``)."""
-
-    loss_name = "vid"
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-                 *, ce_weight: float = 1.0, feat_weight: float = VIDLoss.weight,
-                 init_pred_var: float = 5.0) -> None:
-        super().__init__(student, teacher, input_shape, ce_weight=ce_weight, feat_weight=feat_weight,
-                         init_pred_var=init_pred_var)
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        problems = super().check(params)
-        if "init_pred_var" in params and not params["init_pred_var"] > 1e-4:
-            problems.append(f"init_pred_var: must be > 1e-4, but got {params['init_pred_var']!r}")
-        return problems
-
-
-@METHODS.register("sp")
-class SP(FeatureDistiller):
-    """Similarity preserving on the last stage (``SPLoss``)."""
-
-    loss_name = "sp"
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-                 *, ce_weight: float = 1.0, feat_weight: float = SPLoss.weight) -> None:
-        super().__init__(student, teacher, input_shape, ce_weight=ce_weight, feat_weight=feat_weight)
-
-
-@METHODS.register("pkt")
-class PKT(FeatureDistiller):
-    """Probabilistic knowledge transfer on the pooled features (``PKTLoss``)."""
-
-    loss_name = "pkt"
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-                 *, ce_weight: float = 1.0, feat_weight: float = PKTLoss.weight) -> None:
-        super().__init__(student, teacher, input_shape, ce_weight=ce_weight, feat_weight=feat_weight)
-
-
-@METHODS.register("rkd")
-class RKD(FeatureDistiller):
-    """Relational KD on the pooled features (``RKDLoss``); mdistiller's defaults."""
-
-    loss_name = "rkd"
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-                 *, ce_weight: float = 1.0, feat_weight: float = RKDLoss.weight,
-                 distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
-        super().__init__(student, teacher, input_shape, ce_weight=ce_weight, feat_weight=feat_weight,
-                         distance_weight=distance_weight, angle_weight=angle_weight)
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return super().check(params) + check_ranges(params, non_negative=("distance_weight", "angle_weight"))
-
-
-@METHODS.register("cc")
-class CC(FeatureDistiller):
-    """Correlation congruence on embedded pooled features (``CCLoss``); CRD's/SA's settings."""
-
-    loss_name = "cc"
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-                 *, ce_weight: float = 1.0, feat_weight: float = CCLoss.weight, feat_dim: int = 128) -> None:
-        super().__init__(student, teacher, input_shape, ce_weight=ce_weight, feat_weight=feat_weight,
-                         feat_dim=feat_dim)
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return super().check(params) + check_ranges(params, positive=("feat_dim",))
+AT = _standalone("at", "AT")
+FitNet = _standalone("fitnet", "FitNet")
+NST = _standalone("nst", "NST")
+VID = _standalone("vid", "VID")
+SP = _standalone("sp", "SP")
+PKT = _standalone("pkt", "PKT")
+RKD = _standalone("rkd", "RKD")
+CC = _standalone("cc", "CC")

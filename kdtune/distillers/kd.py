@@ -1,12 +1,11 @@
 """KD (Hinton et al., 2015), with logit standardization (Sun et al., CVPR'24) as a switch."""
 from __future__ import annotations
 
-from typing import Any
+from torch import Tensor
 
-from torch import Tensor, nn
-
-from kdtune.distillers.base import METHODS, Distiller, check_ranges
+from kdtune.distillers.base import CE_WEIGHT, METHODS, Distiller
 from kdtune.distillers.functional import kd_loss
+from kdtune.hparams import Schema, hp
 
 
 @METHODS.register("kd")
@@ -20,15 +19,13 @@ class KD(Distiller):
     and kdtune by default, use the forward KL).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, temperature: float = 4.0,
-                 ce_weight: float = 0.1, kd_weight: float = 0.9, logit_stand: bool = False,
-                 reverse_kl: bool = False) -> None:
-        super().__init__(student, teacher)
-        self.reverse_kl = reverse_kl
-        self.temperature = temperature
-        self.ce_weight = ce_weight
-        self.kd_weight = kd_weight
-        self.logit_stand = logit_stand
+    hparams = Schema(
+        temperature=hp(4.0, gt=0, help="softmax temperature T (the base temperature with logit_stand)"),
+        ce_weight=CE_WEIGHT.but(0.1),
+        kd_weight=hp(0.9, ge=0, help="weight of the distillation term"),
+        logit_stand=hp(False, help="z-score both logits per sample first (logit standardization)"),
+        reverse_kl=hp(False, help="KL(p_s || p_t), the released KDAS code's form (a bug there)"),
+    )
 
     def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -41,7 +38,3 @@ class KD(Distiller):
     def current_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> float | Tensor:
         """The batch's temperature: fixed here, learned by CTKD (``kdtune.distillers.ctkd``)."""
         return self.temperature
-
-    @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        return check_ranges(params, positive=("temperature",), non_negative=("ce_weight", "kd_weight"))

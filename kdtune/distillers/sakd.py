@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.distillers.base import METHODS, Distiller, check_ranges
+from kdtune.distillers.base import CE_WEIGHT, METHODS, Distiller
 from kdtune.distillers.connectors import ConvReg, feature_shapes
 from kdtune.distillers.feature import FEATURE_LOSSES, spot_indices
 from kdtune.distillers.functional import kd_loss
+from kdtune.hparams import Problem, Schema, hp
 
 GATES = ("policy", "anti", "random")
 RANDOM_LOGIT_GATES = ("shared", "own")
@@ -118,18 +119,32 @@ class SAKD(Distiller):
     """
 
     unweighted_terms = ("ce", "route")  # the routing loss is batch-level: KDAS must not reweight it
-    param_types = {"feat_weight": (float, type(None)), "route_gamma": (float, type(None)),
-                   "gate_bias": (float, type(None))}
+    hparams = Schema(
+        feature_loss=hp("at", help="the feature loss gated per spot (a per-sample, spatial one: at, fitnet, nst, vid)"),
+        feat_weight=hp(None, type=float, gt=0, null_means="the reference's value for the feature loss",
+                       help="weight of the gated feature loss"),
+        ce_weight=CE_WEIGHT,
+        kd_weight=hp(1.0, ge=0, help="weight of the gated logit (KD) spot"),
+        temperature=hp(4.0, gt=0, help="softmax temperature of the logit spot"),
+        gates=hp("policy", choices=GATES, help="policy (SAKD), anti (the paper's ablation) or random"),
+        gumbel_temperature=hp(5.0, gt=0, help="temperature of the policy's Gumbel-softmax"),
+        gate_bias=hp(None, type=float, null_means="+10 for a homogeneous pair, else 0",
+                     help="added to every 'distil' logit of the policy at init"),
+        route_gamma=hp(None, type=float, gt=0, null_means="the reference's value for the feature loss",
+                       help="sharpens (or softens) the routing loss against the student's CE"),
+        hinge_weight=hp(1.0, ge=0, help="push to route at least half the batch through the teacher's logits"),
+        policy_lr_scale=hp(0.5, ge=0, help="learning rate of the policy and adapters relative to the student's"),
+        policy_weight_decay=hp(1e-3, ge=0, help="weight decay of the policy and adapters"),
+        hint_layer=hp(2, ge=0, help="the FitNet spot's feature map (feature_loss fitnet)"),
+        random_logit_gate=hp("shared", choices=RANDOM_LOGIT_GATES,
+                             help="random gates: the logit spot shares the last stage's gate (the release's) or draws its own"),
+        random_ce_gamma=hp(False, help="random gates: CE times route_gamma, the release's bug (off: CE weight as given)"),
+    )
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
-                 feature_loss: str = "at", feat_weight: float | None = None, ce_weight: float = 1.0,
-                 kd_weight: float = 1.0, temperature: float = 4.0, gates: str = "policy",
-                 gumbel_temperature: float = 5.0, gate_bias: float | None = None,
-                 route_gamma: float | None = None, hinge_weight: float = 1.0,
-                 policy_lr_scale: float = 0.5, policy_weight_decay: float = 1e-3,
-                 hint_layer: int = 2, random_logit_gate: str = "shared", random_ce_gamma: bool = False) -> None:
-        super().__init__(student, teacher)
-        loss_cls = FEATURE_LOSSES.get(feature_loss)
+    def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32),
+                 **hparams: Any) -> None:
+        super().__init__(student, teacher, **hparams)
+        loss_cls = FEATURE_LOSSES.get(self.feature_loss)
         for name, model in (("student", student), ("teacher", teacher)):
             if not hasattr(model, "forward_stage"):
                 raise ValueError(f"SAKD runs models stage by stage; the {name} "
@@ -138,19 +153,20 @@ class SAKD(Distiller):
             raise ValueError(f"SAKD mixes teacher and student stage by stage, but the teacher has "
                              f"{teacher.num_stages} stages and the student {student.num_stages}")
         # Stage i outputs feats[i], so a spot's feature indices are the stages to mix after.
-        self.spots = spot_indices(loss_cls.spot, student.num_stages, hint_layer)
+        self.spots = spot_indices(loss_cls.spot, student.num_stages, self.hint_layer)
         s_shapes, t_shapes = feature_shapes(student, input_shape), feature_shapes(teacher, input_shape)
         s_spot = [s_shapes["feats"][i] for i in self.spots]
         t_spot = [t_shapes["feats"][i] for i in self.spots]
         self.feature = loss_cls(s_spot, t_spot)
-        self.feat_weight = loss_cls.sakd_weight if feat_weight is None else feat_weight
-        self.route_gamma = loss_cls.sakd_gamma if route_gamma is None else route_gamma
-        self.ce_weight = ce_weight * (self.route_gamma if gates == "random" and random_ce_gamma else 1.0)
-        self.kd_weight, self.temperature = kd_weight, temperature
-        self.gates, self.gumbel_temperature, self.hinge_weight = gates, gumbel_temperature, hinge_weight
-        self.policy_lr_scale, self.policy_weight_decay = policy_lr_scale, policy_weight_decay
+        if self.feat_weight is None:
+            self.feat_weight = loss_cls.sakd_weight
+        if self.route_gamma is None:
+            self.route_gamma = loss_cls.sakd_gamma
+        if self.gates == "random" and self.random_ce_gamma:
+            self.ce_weight = self.ce_weight * self.route_gamma
         # The release's random gates share the logit gate only where it draws one gate per stage.
-        self.share_logit_gate = gates == "random" and random_logit_gate == "shared" and loss_cls.spot == "stages"
+        self.share_logit_gate = (self.gates == "random" and self.random_logit_gate == "shared"
+                                 and loss_cls.spot == "stages")
         self.spot_names = [f"stage{i}" for i in self.spots] + ["logits"]
         k = len(self.spot_names)
 
@@ -159,7 +175,7 @@ class SAKD(Distiller):
         pooled = t_shapes["pooled_feat"][0] + s_shapes["pooled_feat"][0]
         self.router.policy = nn.Linear(pooled, 2 * k)
         homo = homogeneous(t_shapes, s_shapes, teacher, student)
-        bias = (10.0 if homo else 0.0) if gate_bias is None else gate_bias
+        bias = (10.0 if homo else 0.0) if self.gate_bias is None else self.gate_bias
         with torch.no_grad():
             self.router.policy.bias.view(k, 2)[:, 0] += bias
         self.router.to_teacher = nn.ModuleList(ConvReg(s, t) for s, t in zip(s_spot, t_spot))
@@ -259,35 +275,22 @@ class SAKD(Distiller):
             problems.append(f"method: 'sakd' mixes teacher and student stage by stage, but teacher "
                             f"{teacher!r} has {stages[teacher]} stages and student {student!r} has "
                             f"{stages[student]}; pick a pair with the same number of stages")
-        hint = params.get("hint_layer", 2)
-        name = params.get("feature_loss", "at")
+        hint, name = params["hint_layer"], params["feature_loss"]
         if name in FEATURE_LOSSES and FEATURE_LOSSES.get(name).spot == "hint" and not 0 < hint < stages[student]:
             problems.append(f"hint_layer: must be in [1, {stages[student] - 1}] for student {student!r}, "
                             f"but got {hint!r}")
         return problems
 
     @classmethod
-    def check(cls, params: dict[str, Any]) -> list[str]:
-        problems = check_ranges(params, positive=("temperature", "gumbel_temperature"),
-                                non_negative=("ce_weight", "kd_weight", "hinge_weight", "policy_lr_scale",
-                                              "policy_weight_decay", "hint_layer"))
-        for key in ("feat_weight", "route_gamma"):
-            if params.get(key) is not None and not params[key] > 0:
-                problems.append(f"{key}: must be > 0 (or null for the reference's value), but got {params[key]!r}")
-        if params.get("gates", "policy") not in GATES:
-            problems.append(f"gates: must be one of {', '.join(GATES)}, but got {params['gates']!r}")
-        if params.get("random_logit_gate", "shared") not in RANDOM_LOGIT_GATES:
-            problems.append(f"random_logit_gate: must be one of {', '.join(RANDOM_LOGIT_GATES)}, "
-                            f"but got {params['random_logit_gate']!r}")
-        name = params.get("feature_loss", "at")
+    def check(cls, params: dict[str, Any]) -> list[Problem]:
+        name = params["feature_loss"]
         if name not in FEATURE_LOSSES:
-            problems.append(f"feature_loss: {FEATURE_LOSSES.unknown_message(name)}")
-        else:
-            loss_cls = FEATURE_LOSSES.get(name)
-            if not loss_cls.per_sample or loss_cls.spot == "pooled":
-                supported = [n for n in FEATURE_LOSSES.names()
-                             if FEATURE_LOSSES.get(n).per_sample and FEATURE_LOSSES.get(n).spot != "pooled"]
-                problems.append(f"feature_loss: SAKD gates each sample's loss at layers between stages; "
-                                f"{name!r} is not per-sample or sits on the pooled embedding "
-                                f"(supported: {', '.join(supported)})")
-        return problems
+            return [Problem("feature_loss", FEATURE_LOSSES.unknown_message(name))]
+        loss_cls = FEATURE_LOSSES.get(name)
+        if not loss_cls.per_sample or loss_cls.spot == "pooled":
+            supported = [n for n in FEATURE_LOSSES.names()
+                         if FEATURE_LOSSES.get(n).per_sample and FEATURE_LOSSES.get(n).spot != "pooled"]
+            return [Problem("feature_loss", f"SAKD gates each sample's loss at layers between stages; "
+                                            f"{name!r} is not per-sample or sits on the pooled embedding "
+                                            f"(supported: {', '.join(supported)})")]
+        return []

@@ -25,4 +25,7 @@ __all__ = ["MODELS", "Features", "StagedModel", "build_model"]
 
 def build_model(name: str, *, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
     """Build a registered model; unknown names raise ``kdtune.registry.UnknownNameError``."""
+    from kdtune.plugins import load_plugins
+
+    load_plugins()
     return MODELS.build(name, num_classes=num_classes, in_channels=in_channels)

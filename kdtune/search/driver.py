@@ -27,8 +27,8 @@ import yaml
 from kdtune.config import ConfigError
 from kdtune.search import preflight
 from kdtune.search.preflight import PreflightError
-from kdtune.search.records import (BEST_FILE, LAST_VALUE_PREFIXES, OBJECTIVE, OBJECTIVE_METRIC, OPTUNA_FILE,
-                                   RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, objective_column, objective_value,
+from kdtune.search.records import (BEST_FILE, OBJECTIVE, OBJECTIVE_METRIC, OPTUNA_FILE,
+                                   RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, is_own_metric, objective_column, objective_value,
                                    resolve_tracking_uri)
 from kdtune.search.spec import SearchSpec, load_spec
 
@@ -402,8 +402,9 @@ def results_table(results, spec: SearchSpec):
                     "wall_s": last.get("time_total_s", math.nan),
                     "samples_backprop": last.get("samples/backprop", math.nan)})
         # method- and sampler-specific values of the last epoch (KDAS's ratio, CTKD's temperature,
-        # SAKD's gate rates, samples scored)
-        row.update({k: v for k, v in last.items() if k.startswith(LAST_VALUE_PREFIXES)})
+        # SAKD's gate rates, samples scored, a plugin's own metrics)
+        row.update({k: v for k, v in last.items() if is_own_metric(k) and k not in row
+                    and isinstance(v, (int, float)) and not isinstance(v, bool)})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -49,8 +49,11 @@ def is_better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
 
-# Metrics whose last value the results table keeps per trial: a method's or a sampler's own.
-LAST_VALUE_PREFIXES = ("kdas/", "ctkd/", "sakd/", "samples/scored")
+# The engine's own per-epoch metrics (kdtune.engine); every other metric an epoch reports is a
+# method's or a sampler's own (their ``epoch_metrics()``: KDAS's ratio, CTKD's temperature,
+# SAKD's gate rates, a plugin's), whose last value the results table keeps per trial.
+ENGINE_METRIC_PREFIXES = ("train/", "val/", "test/", "time/")
+ENGINE_METRICS = {"lr", "samples/epoch", "samples/backprop", OBJECTIVE_METRIC}
 # Result keys that are Ray Tune bookkeeping, not metrics of the run.
 NOT_METRICS = {"done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
                "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total",
@@ -84,6 +87,11 @@ def fmt(value: Any) -> str:
 
 def fmt_config(config: dict[str, Any]) -> str:
     return ", ".join(f"{k} {fmt(v)}" for k, v in config.items() if v is not None)
+
+
+def is_own_metric(key: str) -> bool:
+    """Whether a result key is a method's or a sampler's own metric (not the engine's, not Tune's)."""
+    return not (key.startswith(ENGINE_METRIC_PREFIXES) or key in ENGINE_METRICS or key in NOT_METRICS)
 
 
 def run_metrics(result: dict[str, Any], finite: bool = False) -> dict[str, float]:

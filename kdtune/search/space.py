@@ -13,13 +13,12 @@ Integer bounds are inclusive in all three.
 """
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdtune.config import coerce
+from kdtune.hparams import Problem, coerce, did_you_mean
 
 KINDS = ("float", "int", "categorical")
 # The keys each kind of parameter takes in YAML.
@@ -49,7 +48,7 @@ class Param:
         object.__setattr__(self, "choices", tuple(self.choices))
         problems = _param_problems(self)
         if problems:
-            raise ValueError(f"invalid parameter {self.name!r}: " + "; ".join(problems))
+            raise ValueError(f"invalid parameter {self.name!r}: " + "; ".join(str(p) for p in problems))
 
     def suggest(self, trial: Any) -> Any:
         """Draw this parameter from an Optuna trial (``Trial``, ``FixedTrial``, ...)."""
@@ -222,12 +221,12 @@ class Space:
 
 # --------------------------------------------------------------------------- parsing YAML
 
-def parse_param(name: str, raw: Any, path: str) -> tuple[Param | None, list[str]]:
-    """A Param from its YAML mapping, or None and every problem (``"<path>.<key>: message"``)."""
-    problems: list[str] = []
+def parse_param(name: str, raw: Any, path: str) -> tuple[Param | None, list[Problem]]:
+    """A Param from its YAML mapping, or None and every problem (at ``<path>.<key>``)."""
+    problems: list[Problem] = []
 
     def bad(key: str | None, message: str) -> None:
-        problems.append(f"{path}.{key}: {message}" if key else f"{path}: {message}")
+        problems.append(Problem(f"{path}.{key}" if key else path, message))
 
     if not isinstance(raw, dict):
         bad(None, f"expected a mapping such as {{type: float, low: 0.1, high: 1.0}}, but got {raw!r} "
@@ -240,7 +239,7 @@ def parse_param(name: str, raw: Any, path: str) -> tuple[Param | None, list[str]
         return None, problems
     for key in raw:
         if key not in PARAM_KEYS[kind]:
-            bad(str(key), f"unknown key{_hint(str(key), PARAM_KEYS[kind])} "
+            bad(str(key), f"unknown key{did_you_mean(str(key), PARAM_KEYS[kind])} "
                           f"(type {kind} takes: {', '.join(PARAM_KEYS[kind])})")
     if kind == "categorical":
         choices = _parse_choices(raw.get("choices"), bad)
@@ -253,18 +252,18 @@ def parse_param(name: str, raw: Any, path: str) -> tuple[Param | None, list[str]
             bad("log", f"expected true or false, but got {values['log']!r}")
     if problems:
         return None, problems
-    problems = [f"{path}.{p}" for p in _range_problems(kind, values.get("low"), values.get("high"),
+    problems = [p.under(path) for p in _range_problems(kind, values.get("low"), values.get("high"),
                                                           values.get("log", False), values.get("step"))]
     if problems:
         return None, problems
     return Param(name, kind, **values), []
 
 
-def parse_space(raw: Any, path: str = "space") -> tuple[Space, list[str]]:
+def parse_space(raw: Any, path: str = "space") -> tuple[Space, list[Problem]]:
     """A Space from the YAML ``space`` mapping, and every problem found (empty when valid)."""
-    problems: list[str] = []
+    problems: list[Problem] = []
     if not isinstance(raw, dict) or not raw:
-        problems.append(f"{path}: expected a mapping of hyperparameter names to ranges, but got {raw!r}")
+        problems.append(Problem(f"{path}", f"expected a mapping of hyperparameter names to ranges, but got {raw!r}"))
         return Space(), problems
     params: dict[str, Param] = {}
     conditionals: dict[str, dict[str, dict[str, Param]]] = {}
@@ -281,34 +280,34 @@ def parse_space(raw: Any, path: str = "space") -> tuple[Space, list[str]]:
     return Space(params, conditionals.get("method"), conditionals.get("sampler")), problems
 
 
-def _parse_named(name: Any, spec: Any, path: str, problems: list[str]) -> Param | None:
+def _parse_named(name: Any, spec: Any, path: str, problems: list[Problem]) -> Param | None:
     if not isinstance(name, str) or not name:
-        problems.append(f"{path}.{name}: a hyperparameter name must be a non-empty string, but got {name!r}")
+        problems.append(Problem(f"{path}.{name}", f"a hyperparameter name must be a non-empty string, but got {name!r}"))
         return None
     param, found = parse_param(name, spec, f"{path}.{name}")
     problems += found
     return param
 
 
-def _parse_conditional(key: str, raw: Any, path: str, problems: list[str]) -> dict[str, dict[str, Param]] | None:
+def _parse_conditional(key: str, raw: Any, path: str, problems: list[Problem]) -> dict[str, dict[str, Param]] | None:
     """``<key>: {type: categorical, choices: {<choice>: {...sub-space...}, ...}}`` (or a list of
     names), for key "method" (``{kd: {...}, none: {}}``) or "sampler" (``{kdas: {...}, none: {}}``)."""
     if not isinstance(raw, dict) or raw.get("type") != "categorical":
         got = raw.get("type") if isinstance(raw, dict) else raw
-        problems.append(f"{path}: the {key} is searched as {{type: categorical, choices: {{<{key}>: "
-                        f"<its sub-space>, ...}}}}, but got {got!r}")
+        problems.append(Problem(f"{path}", f"the {key} is searched as {{type: categorical, choices: {{<{key}>: "
+                        f"<its sub-space>, ...}}}}, but got {got!r}"))
         return None
     for k in raw:
         if k not in ("type", "choices"):
-            problems.append(f"{path}.{k}: unknown key{_hint(str(k), ('type', 'choices'))} "
-                            f"(the {key} takes: type, choices)")
+            problems.append(Problem(f"{path}.{k}", f"unknown key{did_you_mean(str(k), ('type', 'choices'))} "
+                            f"(the {key} takes: type, choices)"))
     choices = raw.get("choices")
     names = choices if isinstance(choices, list) and all(isinstance(c, str) for c in choices) else None
     if names and len(set(names)) == len(names):
         choices = {c: {} for c in names}  # choices searched without sub-spaces of their own
     if not isinstance(choices, dict) or not choices:
-        problems.append(f"{path}.choices: expected a mapping of {key} names to their sub-spaces "
-                        f"(each possibly {{}}), but got {choices!r}")
+        problems.append(Problem(f"{path}.choices", f"expected a mapping of {key} names to their sub-spaces "
+                        f"(each possibly {{}}), but got {choices!r}"))
         return None
     out: dict[str, dict[str, Param]] = {}
     for choice, sub in choices.items():
@@ -316,14 +315,14 @@ def _parse_conditional(key: str, raw: Any, path: str, problems: list[str]) -> di
         if sub is None:
             sub = {}
         if not isinstance(choice, str) or not isinstance(sub, dict):
-            problems.append(f"{sub_path}: expected a {key} name mapped to a sub-space (a mapping, "
-                            f"possibly {{}}), but got {choice!r}: {sub!r}")
+            problems.append(Problem(f"{sub_path}", f"expected a {key} name mapped to a sub-space (a mapping, "
+                            f"possibly {{}}), but got {choice!r}: {sub!r}"))
             continue
         out[choice] = {}
         for name, spec in sub.items():
             if name in CONDITIONAL_KEYS:
                 where = "" if name == key else f"; search it at {path.rpartition('.')[0]}.{name}"
-                problems.append(f"{sub_path}.{name}: a {key}'s sub-space cannot search the {name}{where}")
+                problems.append(Problem(f"{sub_path}.{name}", f"a {key}'s sub-space cannot search the {name}{where}"))
                 continue
             param = _parse_named(name, spec, sub_path, problems)
             if param is not None:
@@ -332,7 +331,7 @@ def _parse_conditional(key: str, raw: Any, path: str, problems: list[str]) -> di
 
 
 def _conditional_problems(conditionals: dict[str, dict[str, dict[str, Param]]], params: dict[str, Param],
-                          path: str) -> list[str]:
+                          path: str) -> list[Problem]:
     """Optuna keeps one distribution per name in a study: a name shared by several methods
     (samplers) must keep its kind and log scale (and its choices, if categorical). A name
     belongs to one place: every trial, the method sub-spaces or the sampler sub-spaces."""
@@ -344,17 +343,17 @@ def _conditional_problems(conditionals: dict[str, dict[str, dict[str, Param]]], 
             for name, param in sub.items():
                 where = f"{path}.{key}.choices.{choice}.{name}"
                 if name in params:
-                    problems.append(f"{where}: also searched for every {key} at {path}.{name}; keep one of them")
+                    problems.append(Problem(f"{where}", f"also searched for every {key} at {path}.{name}; keep one of them"))
                 elif owner.get(name, key) != key:
-                    problems.append(f"{where}: also searched under {path}.{owner[name]}.choices; "
-                                    f"keep one of them")
+                    problems.append(Problem(f"{where}", f"also searched under {path}.{owner[name]}.choices; "
+                                    f"keep one of them"))
                 elif name not in first:
                     first[name] = (choice, param)
                     owner[name] = key
                 elif _signature(param) != _signature(first[name][1]):
                     other, ref = first[name]
-                    problems.append(f"{where}: Optuna keeps one distribution per name, so it must be "
-                                    f"{_describe(ref)} as under {other!r}, but got {_describe(param)}")
+                    problems.append(Problem(f"{where}", f"Optuna keeps one distribution per name, so it must be "
+                                    f"{_describe(ref)} as under {other!r}, but got {_describe(param)}"))
     return problems
 
 
@@ -399,48 +398,43 @@ def _number(raw: dict, key: str, types: tuple[type, ...], bad: Any) -> Any:
     return value
 
 
-def _range_problems(kind: str, low: Any, high: Any, log: bool, step: Any) -> list[str]:
-    """Problems of a range as ``"<key>: message"`` (rule, then the value found)."""
+def _range_problems(kind: str, low: Any, high: Any, log: bool, step: Any) -> list[Problem]:
+    """Problems of a range (paths: low, high, step)."""
     if kind == "categorical":
         return []
     problems = []
     if low > high:
-        problems.append(f"low: must be <= high, but got low={low!r}, high={high!r}")
+        problems.append(Problem("low", f"must be <= high, but got low={low!r}, high={high!r}"))
     if log and low <= 0:
-        problems.append(f"low: must be > 0 when log is true, but got {low!r}")
+        problems.append(Problem("low", f"must be > 0 when log is true, but got {low!r}"))
     if step is not None:
         minimum = "> 0" if kind == "float" else ">= 1"
         if step <= 0:
-            problems.append(f"step: must be {minimum}, but got {step!r}")
+            problems.append(Problem("step", f"must be {minimum}, but got {step!r}"))
         elif log and (kind == "float" or step != 1):
-            problems.append(f"step: cannot be combined with log: true (Optuna has no stepped log scale), "
-                            f"but got step={step!r}")
+            problems.append(Problem("step", f"cannot be combined with log: true (Optuna has no stepped log "
+                                            f"scale), but got step={step!r}"))
         elif low <= high and not _is_multiple(high - low, step):
-            problems.append(f"step: high - low must be a multiple of step, but got low={low!r}, "
-                            f"high={high!r}, step={step!r}")
+            problems.append(Problem("step", f"high - low must be a multiple of step, but got low={low!r}, "
+                            f"high={high!r}, step={step!r}"))
     return problems
 
 
-def _param_problems(p: Param) -> list[str]:
+def _param_problems(p: Param) -> list[Problem]:
     if p.kind not in KINDS:
-        return [f"kind: must be one of {', '.join(KINDS)}, but got {p.kind!r}"]
+        return [Problem("kind", f"must be one of {', '.join(KINDS)}", p.kind)]
     if p.kind == "categorical":
         if not p.choices:
-            return ["choices: must be a non-empty list, but got ()"]
+            return [Problem("choices", "must be a non-empty list", ())]
         return []
     number = (int, float) if p.kind == "float" else (int,)
     for key in ("low", "high"):
         value = getattr(p, key)
         if isinstance(value, bool) or not isinstance(value, number):
-            return [f"{key}: expected {'a number' if p.kind == 'float' else 'an integer'}, but got {value!r}"]
+            return [Problem(key, f"expected {'a number' if p.kind == 'float' else 'an integer'}", value)]
     return _range_problems(p.kind, p.low, p.high, p.log, p.step)
 
 
 def _is_multiple(span: float, step: float) -> bool:
     ratio = span / step
     return abs(ratio - round(ratio)) <= 1e-9 * max(1.0, abs(ratio))
-
-
-def _hint(key: str, known: Any) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""

@@ -8,7 +8,6 @@ resources. :func:`load_spec` reports every problem at once, each as
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import math
 import os
@@ -17,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdtune.config import ConfigError, RunConfig, coerce, load_yaml, parse_override
+from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override, validate
 from kdtune.distillers import METHODS
+from kdtune.hparams import Problem, coerce, did_you_mean
+from kdtune.plugins import load_plugins
 from kdtune.sampling import SAMPLERS
 from kdtune.search.space import Param, Space, parse_space
 
@@ -42,12 +43,14 @@ NOT_SEARCHABLE = {
     "sampler_params": "sampler hyperparameters are searched by their own flat names",
 }
 RUN_KEYS = tuple(k for k in RunConfig.__dataclass_fields__ if k not in ("method_params", "sampler_params"))
-# Sampler hyperparameters (KDAS's start_rate, ...) are taken by any method; whether the fixed
-# sampler takes them is checked by RunConfig when the bounds are probed.
-SAMPLER_KEYS = tuple(p for name in SAMPLERS.names() for p in SAMPLERS.parameters(name))
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_PROBE = "\x00probe"  # source name of RunConfig checks whose messages are re-prefixed here
 _MISSING = object()
+
+
+def sampler_keys() -> set[str]:
+    """Sampler hyperparameters (KDAS's start_rate, ...): taken by any method; whether the fixed
+    sampler takes them is checked by RunConfig when the bounds are probed."""
+    return {p for name in SAMPLERS.names() for p in SAMPLERS.hparams(name)}
 
 
 @dataclass(frozen=True)
@@ -93,11 +96,12 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     Raises:
         ConfigError: listing every problem, each naming its source, YAML path and value.
     """
+    load_plugins()
     problems = _Problems(str(path))
     raw = _apply_overrides(copy.deepcopy(load_yaml(path)), list(overrides), problems)
     for key in raw:
         if key not in TOP_KEYS:
-            problems.add(str(key), f"unknown key{_hint(key, TOP_KEYS)} "
+            problems.add(str(key), f"unknown key{did_you_mean(key, TOP_KEYS)} "
                                    f"(a search file takes: {', '.join(TOP_KEYS)})")
     name = _name(raw, problems)
     space, found = parse_space(raw["space"]) if "space" in raw else (Space(), [])
@@ -125,26 +129,24 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 # --------------------------------------------------------------------------- problems
 
 class _Problems:
-    """Problems as (yaml path, message), rendered with the file -- or the ``--set`` that put the
-    value there -- as their source."""
+    """Problems as :class:`~kdtune.hparams.Problem` records (YAML paths), rendered once, each
+    with the file -- or the ``--set`` that put the value there -- as its source."""
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.items: dict[tuple[str, str], None] = {}  # ordered, without repeats
-        self.lines: list[str] = []  # problems of the overrides themselves, already complete
+        self.items: dict[Problem, None] = {}  # ordered, without repeats
         self.overridden: dict[str, str] = {}  # dotted path -> the override that set it
 
-    def add(self, path: str, message: str) -> None:
-        self.items[(path, message)] = None
+    def add(self, path: str, message: str, source: str | None = None) -> None:
+        self.items[Problem(path, message, source=source)] = None
 
-    def extend(self, texts: list[str], prefix: str = "") -> None:
-        """Add ``"<path>: message"`` strings (from parse_space, RunConfig), their paths under ``prefix``."""
-        for text in texts:
-            path, _, message = text.partition(": ")
-            self.add(prefix + path, message)
+    def extend(self, found: list[Problem], prefix: str = "") -> None:
+        """Add problems found one level down (in parse_space, RunConfig), under ``prefix``."""
+        for problem in found:
+            self.items[problem.under(prefix) if prefix else problem] = None
 
     def render(self) -> list[str]:
-        return self.lines + [f"{self._source(path)}: {path}: {message}" for path, message in self.items]
+        return [p.text(self._source(p.path)) for p in self.items]
 
     def _source(self, path: str) -> str:
         for dotted, text in self.overridden.items():
@@ -153,16 +155,15 @@ class _Problems:
         return self.source
 
     def __bool__(self) -> bool:
-        return bool(self.items or self.lines)
+        return bool(self.items)
 
 
 def _apply_overrides(raw: dict, overrides: list[str], problems: _Problems) -> dict:
     for text in overrides:
-        try:
-            key, value = parse_override(text)
-        except ConfigError as e:
-            problems.lines += e.problems  # each already names its --set
+        if "=" not in text or not text.partition("=")[0].strip():
+            problems.add("", "expected key=value", source=f"--set {text!r}")
             continue
+        key, value = parse_override(text)
         parts = key.split(".")
         node: Any = raw
         for depth, part in enumerate(parts[:-1]):
@@ -171,11 +172,11 @@ def _apply_overrides(raw: dict, overrides: list[str], problems: _Problems) -> di
             if part not in node:
                 where = ".".join(parts[:depth]) or "the top level"
                 known = [*node, *(SECTIONS if depth == 0 else ())]
-                problems.lines.append(f"--set {text}: {where} has no key {part!r}{_hint(part, known)}")
+                problems.add("", f"{where} has no key {part!r}{did_you_mean(part, known)}", source=f"--set {text}")
                 break
             if not isinstance(node[part], dict):
-                problems.lines.append(f"--set {text}: {'.'.join(parts[:depth + 1])} is not a mapping, "
-                                      f"but {node[part]!r}")
+                problems.add("", f"{'.'.join(parts[:depth + 1])} is not a mapping, but {node[part]!r}",
+                             source=f"--set {text}")
                 break
             node = node[part]
         else:
@@ -206,7 +207,7 @@ def _section(raw: dict, section: str, problems: _Problems) -> dict[str, Any]:
     known = SECTIONS[section]
     for key in values:
         if key not in known:
-            problems.add(f"{section}.{key}", f"unknown key{_hint(key, known)} "
+            problems.add(f"{section}.{key}", f"unknown key{did_you_mean(key, known)} "
                                              f"({section} takes: {', '.join(known)})")
     return values
 
@@ -323,13 +324,12 @@ def _check_fixed(raw: Any, space: Space, problems: _Problems) -> tuple[dict[str,
     coerced: dict[str, Any] = {}
     for combo in _combos(space, fixed):
         found = _run_problems({**fixed, **combo})
-        for text in found:
-            key = text.partition(": ")[0]
-            if key in combo:  # a pairing of searched choices that cannot run (kdas without a teacher's method)
+        for problem in found:
+            if problem.path in combo:  # a pairing of searched choices that cannot run (kdas without a teacher's method)
                 pairing = " with ".join(f"{k} {v!r}" for k, v in combo.items())
-                problems.add(f"space.{key}", f"{text.partition(': ')[2]} (in trials of {pairing})")
+                problems.add(f"space.{problem.path}", f"{problem.message} (in trials of {pairing})")
             else:
-                problems.extend([text], prefix="fixed.")
+                problems.extend([problem], prefix="fixed")
         if not found and not coerced:
             flat = RunConfig.from_dict({**fixed, **combo}).flat()
             coerced = {k: list(flat[k]) if isinstance(flat[k], tuple) else flat[k] for k in fixed}
@@ -359,7 +359,7 @@ def _check_space(space: Space, fixed: dict[str, Any], problems: _Problems) -> No
             if _known("sampler", parent[1]) and not _sampler_takes(parent[1], param.name):
                 problems.add(path, _unknown_sampler_param(param.name, parent[1]))
                 continue
-        elif parent is None and space.samplers is not None and param.name in SAMPLER_KEYS:
+        elif parent is None and space.samplers is not None and param.name in sampler_keys():
             lacking = [c for c in space.samplers if _known("sampler", c) and not _sampler_takes(c, param.name)]
             if lacking:
                 problems.add(path, f"searched for every sampler, but sampler{'s' if len(lacking) > 1 else ''} "
@@ -377,8 +377,9 @@ def _check_space(space: Space, fixed: dict[str, Any], problems: _Problems) -> No
         for combo in mine:
             for label, value in _probes(param):
                 found = _run_problems({**fixed, **combo, param.name: value})
-                problems.extend([f"{label}: {p}" for p in found if p not in base[_frozen(combo)]],
-                                prefix=f"{path}.")
+                for p in found:
+                    if p not in base[_frozen(combo)]:
+                        problems.add(f"{path}.{label}", str(p))
 
 
 def _combos(space: Space, fixed: dict[str, Any]) -> list[dict[str, Any]]:
@@ -408,19 +409,19 @@ def _known_method(method: Any) -> bool:
 
 
 def _takes(method: Any, name: str) -> bool:
-    if name in RUN_KEYS or name in SAMPLER_KEYS:
+    if name in RUN_KEYS or name in sampler_keys():
         return True
-    return _known_method(method) and name in METHODS.parameters(method)
+    return _known_method(method) and name in METHODS.hparams(method)
 
 
 def _sampler_takes(sampler: str, name: str) -> bool:
-    return name in RUN_KEYS or name in SAMPLERS.parameters(sampler)
+    return name in RUN_KEYS or name in SAMPLERS.hparams(sampler)
 
 
 def _unknown_sampler_param(name: str, sampler: str) -> str:
-    takes = list(SAMPLERS.parameters(sampler))
-    hint = _hint(name, [*RUN_KEYS, *takes])
-    elsewhere = [m for m in METHODS.names() if name in METHODS.parameters(m)]
+    takes = list(SAMPLERS.hparams(sampler))
+    hint = did_you_mean(name, [*RUN_KEYS, *takes])
+    elsewhere = [m for m in METHODS.names() if name in METHODS.hparams(m)]
     where = (f"; it is a hyperparameter of method{'s' if len(elsewhere) > 1 else ''} "
              f"{', '.join(repr(m) for m in elsewhere)}: search it at space.{name} or under space.method.choices"
              if elsewhere and not hint else "")
@@ -429,8 +430,8 @@ def _unknown_sampler_param(name: str, sampler: str) -> str:
 
 
 def _unknown_param(name: str, methods: list[str], shared: bool) -> str:
-    takes = {m: list(METHODS.parameters(m)) for m in methods}
-    hint = _hint(name, [*RUN_KEYS, *(n for names in takes.values() for n in names)])
+    takes = {m: list(METHODS.hparams(m)) for m in methods}
+    hint = did_you_mean(name, [*RUN_KEYS, *(n for names in takes.values() for n in names)])
     lists = "; ".join(f"{m} takes: {', '.join(names) or 'nothing'}" for m, names in takes.items())
     where = ("; search it under space.method.choices.<method> for the methods that take it"
              if shared and not hint else "")
@@ -445,13 +446,9 @@ def _probes(param: Param) -> list[tuple[str, Any]]:
     return [("low", param.low), ("high", param.high)]
 
 
-def _run_problems(values: dict[str, Any]) -> list[str]:
-    """RunConfig's problems with ``values`` as ``"<key>: message"``."""
-    try:
-        RunConfig.from_dict(values, source=_PROBE)
-    except ConfigError as e:
-        return [p.removeprefix(f"{_PROBE}: ") for p in e.problems]
-    return []
+def _run_problems(values: dict[str, Any]) -> list[Problem]:
+    """RunConfig's problems with ``values`` (paths: the keys)."""
+    return validate(values)[1]
 
 
 def _absolute(value: Any) -> Any:
@@ -459,8 +456,3 @@ def _absolute(value: Any) -> Any:
     if isinstance(value, str) and value and not value.startswith("~") and "://" not in value:
         return os.path.abspath(value)
     return value
-
-
-def _hint(key: Any, known: Any) -> str:
-    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
