@@ -143,10 +143,6 @@ def param_types(registry: Registry, name: str) -> dict[str, tuple[type, ...]]:
     return {p: overrides.get(p, (type(param.default),)) for p, param in registry.parameters(name).items()}
 
 
-def method_param_types(method: str) -> dict[str, tuple[type, ...]]:
-    return param_types(METHODS, method)
-
-
 def _owners(values: dict[str, Any], source: str, problems: list[str]) -> list[tuple[str, Registry, str, dict]]:
     """The registries whose chosen entry takes flat hyperparameters: (field, registry, name, types)."""
     owners = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 
 class UnknownNameError(KeyError):
@@ -39,9 +39,6 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._builders
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
 
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._builders:
