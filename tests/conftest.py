@@ -42,3 +42,16 @@ def write_cifar(root: Path, kind: str, n_train: int = 60, n_test: int = 20) -> N
                 key: rng.integers(0, classes, n).tolist()}
         with open(folder / name, "wb") as f:
             pickle.dump(blob, f)
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One Ray instance (own process group, temp dir and ports on 127.0.0.1, 2 CPUs) that the
+    searches of the whole session connect to with --address, instead of each starting its own."""
+    from ray_instance import RayInstance
+
+    instance = RayInstance.start(num_cpus=2)
+    try:
+        yield instance
+    finally:
+        instance.stop()
