@@ -17,6 +17,7 @@ from kdtune.analysis.loaders import (
     cost_totals,
     curves_table,
     group_summary,
+    load_curves,
     load_mlflow,
     load_results,
     load_search,
@@ -30,7 +31,7 @@ from kdtune.analysis.published import published_for, published_results
 
 __all__ = [
     "BASELINES", "FINISHED", "Search", "SearchNotFound", "asha_milestones", "baseline_gap", "best_trials", "common_budget",
-    "cost_totals", "curves_table", "group_summary", "importance_table", "load_mlflow",
+    "cost_totals", "curves_table", "group_summary", "importance_table", "load_curves", "load_mlflow",
     "load_results", "load_search", "load_searches", "load_trials", "log_params", "milestones",
     "param_importance", "published_for", "published_results", "trials_table", "values_at_budget",
 ]

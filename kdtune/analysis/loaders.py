@@ -230,6 +230,11 @@ def load_trials(*sources: str | Path, tracking_uri: str | None = None) -> pd.Dat
     return trials_table(load_searches(sources, tracking_uri))
 
 
+def load_curves(*sources: str | Path, tracking_uri: str | None = None) -> pd.DataFrame:
+    """One row per trial and epoch of every search named (folders or MLflow experiments)."""
+    return curves_table(load_searches(sources, tracking_uri))
+
+
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     frames = [f for f in frames if len(f.columns)]
     return pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame()
