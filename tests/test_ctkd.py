@@ -168,8 +168,8 @@ def _engine(digits, teacher, **kw):
     {"sampler": "kdas", "sampling_period": 2},
     {"temperature_mode": "instance", "temperature_hidden": 32, "method": "ctkd_dkd"},
 ])
-def test_ctkd_composes_with_dkd_logit_standardization_and_kdas(digits, teacher, params) -> None:
-    engine = _engine(digits, teacher, **params)
+def test_ctkd_composes_with_dkd_logit_standardization_and_kdas(digits, trained_resnet8, params) -> None:
+    engine = _engine(digits, trained_resnet8, **params)
     metrics = list(engine.run())
     assert_learns(metrics, loss="train/loss_ce", label=params)
     low = params.get("t_start", 1.0)

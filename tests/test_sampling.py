@@ -136,8 +136,8 @@ def test_samples_backpropagated_follow_the_ratio_and_the_cache(digits, teacher) 
 
 @pytest.mark.parametrize("method,params", [("dkd", {}), ("kd", {"logit_stand": True}), ("dkd", {"logit_stand": True}),
                                            ("kd", {"reverse_kl": True})])
-def test_kdas_runs_with_any_logit_method(digits, teacher, method, params) -> None:
-    metrics = list(_engine(digits, teacher, method=method, epochs=3, **params).run())
+def test_kdas_runs_with_any_logit_method(digits, trained_resnet8, method, params) -> None:
+    metrics = list(_engine(digits, trained_resnet8, method=method, epochs=3, **params).run())
     assert_learns(metrics, loss="train/loss_ce", label=(method, params))
     assert metrics[0]["kdas/mean_weight"] < 1.0  # the penalty is applied to the DKD/LS terms too
 
