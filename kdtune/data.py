@@ -346,10 +346,6 @@ class TrainLoader:
         self.normalize = _Normalizer(data.mean, data.std, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
-    def num_batches(self, num_samples: int | None = None) -> int:
-        n = self.num_samples if num_samples is None else num_samples
-        return -(-n // self.batch_size)
-
     def batches(self, indices: Tensor | None = None,
                 batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """One epoch over ``indices`` (default: the whole split) in a fresh random order.

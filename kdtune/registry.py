@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from kdtune.hparams import Schema, did_you_mean, schema_of
 
@@ -43,9 +43,6 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._builders
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
 
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self:

@@ -44,13 +44,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--final", action="store_true", default=None,
                    help="train on the full training set (train+val) and report test accuracy")
     p.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<student>-<method>-seed<seed>")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir with its saved config.yaml; takes no other "
+                        "settings (edit that file to change the run)")
     g = p.add_argument_group("from a search", "re-run a search's trial (default: its best) from its run.yaml")
     g.add_argument("--from-search", metavar="FOLDER", help="a search's folder, e.g. ray_results/NAME")
     g.add_argument("--trial", metavar="ID", help="the trial to re-run (default: the best, from best.json)")
     g.add_argument("--seeds", type=int, default=1, help="run this many seeds (seed, seed+1, ...); "
                                                          "prints mean ± std (default 1)")
     return p.parse_args(argv)
+
+
+def resume_conflicts(args: argparse.Namespace) -> list[str]:
+    """The settings given beside --resume. A resumed run is the saved one: merging new values
+    into it silently (or ignoring them, as before) would leave a run whose config.yaml does not
+    say what it trained with, so they are refused."""
+    given = [f"config file {args.config}"] if args.config else []
+    given += ["--" + key.replace("_", "-") for key in FLAG_KEYS if getattr(args, key) is not None]
+    given += [flag for flag, value in (("--set", args.overrides), ("--download", args.download),
+                                       ("--final", args.final)) if value]
+    return given
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
@@ -114,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                            args.overrides)
     if args.trial is not None or args.seeds != 1:
         print("error: --trial and --seeds go with --from-search", file=sys.stderr)
+        return 2
+    if args.resume and (given := resume_conflicts(args)):
+        print(f"error: --resume continues the saved run and takes no other settings, but got {', '.join(given)}; "
+              f"to change the run, edit config.yaml in its --output-dir", file=sys.stderr)
         return 2
     try:
         cfg, out = resolve_config(args)

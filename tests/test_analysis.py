@@ -235,15 +235,17 @@ def test_bad_results_path_is_named_and_exits_2(tmp_path: Path, capsys) -> None:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory) -> dict:
-    """Runs the search once: {"dir": tmp folder, "folder": search folder, "uri": MLflow URI}."""
+def search(tmp_path_factory, shared_ray) -> dict:
+    """Runs the search once (on the session's Ray instance): {"dir": tmp folder, "folder": search
+    folder, "uri": MLflow URI}."""
     tmp = tmp_path_factory.mktemp("analysis")
     space = json.loads(json.dumps(SPACE))
-    space["fixed"]["cache_dir"] = str(tmp / "cache")
+    space["fixed"]["cache_dir"] = str(tmp.parent / "teacher-cache")  # shared with test_search's searches
     (tmp / "space.yaml").write_text(yaml.safe_dump(space))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     r = subprocess.run([sys.executable, "-m", "kdtune.search", str(tmp / "space.yaml"), "--storage-path",
-                        str(tmp / "ray"), "--tracking-uri", uri], cwd=tmp, env=env(), capture_output=True,
+                        str(tmp / "ray"), "--tracking-uri", uri, "--address", shared_ray.address], cwd=tmp,
+                       env={**shared_ray.env, **env()}, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {"dir": tmp, "folder": tmp / "ray" / NAME, "uri": uri}
@@ -343,7 +345,7 @@ def test_every_plot_writes_a_png(search: dict, tmp_path: Path) -> None:
     # CTKD and SAKD metrics are not in this search: add some, the way the engine names them
     extra = curves.assign(**{"ctkd/temperature": curves["epoch"] + 1.0, "ctkd/temperature_min": 1.0,
                              "ctkd/temperature_max": curves["epoch"] + 3.0, "ctkd/lambda": curves["epoch"] / 4,
-                             "sakd/gate_logits": 0.5, "sakd/gate_layer3": curves["epoch"] / 8})
+                             "sakd/gate_logits": 0.5, "sakd/gate_stage3": curves["epoch"] / 8})
     importance = analysis.param_importance(trials, found)
     made = {
         "learning_curves": plots.learning_curves(curves, found.metric, found.milestones, tmp_path / "lc.png"),
@@ -354,6 +356,8 @@ def test_every_plot_writes_a_png(search: dict, tmp_path: Path) -> None:
         "sakd": plots.sakd_gates(extra, tmp_path / "sa.png"),
     }
     assert all(fig is not None for fig in made.values()), made
+    # a panel per spot the engine reports, titled by the spot
+    assert [ax.get_title() for ax in made["sakd"].axes if ax.get_title()] == ["logits", "stage3"]
     for name in ("lc", "ap", "im", "ac", "ct", "sa"):
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name

@@ -13,12 +13,9 @@ from kdtune.distillers.connectors import ConvReg, feature_shapes
 from kdtune.distillers.feature import FEATURE_LOSSES, FeatureDistiller, spot_features
 from kdtune.models import build_model
 from kdtune.run import build_engine
+from learning import assert_learns
 
 FEATURE_METHODS = ["at", "fitnet", "nst", "vid", "sp", "pkt", "rkd", "cc"]
-STANDALONE_WEIGHTS = {"at": 1000.0, "fitnet": 100.0, "nst": 50.0, "vid": 1.0, "sp": 3000.0,
-                      "pkt": 30000.0, "rkd": 1.0, "cc": 0.02}
-SAKD_WEIGHTS = {"at": 1000.0, "fitnet": 1.0, "nst": 50.0, "vid": 1.0, "sp": 3000.0,
-                "pkt": 30000.0, "rkd": 1.0, "cc": 0.02}
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -36,14 +33,12 @@ def _loss(name: str, f_s: torch.Tensor, f_t: torch.Tensor, **options):
 # --- the registry and class attributes -----------------------------------------------------
 
 
-def test_every_loss_declares_its_spot_weights_and_kind() -> None:
+def test_every_loss_declares_its_spot_and_kind() -> None:
+    # the weights are compared with mdistiller's and SA's configs in test_reference.py
     assert FEATURE_LOSSES.names() == sorted(FEATURE_METHODS)
     for name in FEATURE_METHODS:
         cls = FEATURE_LOSSES.get(name)
         assert cls.spot in ("stages", "hint", "last", "pooled")
-        assert cls.weight == STANDALONE_WEIGHTS[name]
-        assert cls.sakd_weight == SAKD_WEIGHTS[name]
-        assert cls.sakd_gamma == (2.0 if name in ("at", "rkd", "vid") else 1.0)
         assert cls.per_sample == (name in ("at", "fitnet", "nst", "vid"))
         assert METHODS.hparams(name)["feat_weight"].default == cls.weight
 
@@ -392,17 +387,21 @@ def _cfg(**kw) -> RunConfig:
 
 
 @pytest.mark.parametrize("name", FEATURE_METHODS)
-def test_each_method_trains_on_digits_without_nan(digits, digits_teacher, name) -> None:
-    engine = build_engine(_cfg(method=name), digits, digits_teacher)
+def test_each_method_learns_on_digits(digits, digits_teacher, name) -> None:
+    engine = build_engine(_cfg(method=name, epochs=3), digits, digits_teacher)
     metrics = list(engine.run())
-    assert len(metrics) == 2
+    assert len(metrics) == 3
+    assert_learns(metrics, loss="train/loss_ce", label=name)
     for m in metrics:
-        for key in ("train/loss", "train/loss_ce", "train/loss_feat", "val/acc1"):
-            assert math.isfinite(m[key]), (name, key, m[key])
         assert math.isclose(m["train/loss"], m["train/loss_ce"] + m["train/loss_feat"], rel_tol=1e-5)
+        assert m["train/loss_feat"] != 0, (name, m)  # the feature term is live
 
 
-def test_bf16_autocast_run_stays_finite(digits, digits_teacher) -> None:
-    engine = build_engine(_cfg(method="fitnet", amp=True, epochs=1), digits, digits_teacher)
-    m = next(engine.run())
-    assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/loss_feat"])
+def test_bf16_autocast_run_follows_the_float32_run(digits, digits_teacher) -> None:
+    torch.manual_seed(0)
+    m16 = next(build_engine(_cfg(method="fitnet", amp=True, epochs=1), digits, digits_teacher).run())
+    torch.manual_seed(0)
+    m32 = next(build_engine(_cfg(method="fitnet", epochs=1), digits, digits_teacher).run())
+    # same seed, same batches: bfloat16's ~3 significant digits move the losses by a few percent
+    for key in ("train/loss", "train/loss_feat", "train/loss_ce"):
+        assert m16[key] == pytest.approx(m32[key], rel=0.05), (key, m16[key], m32[key])

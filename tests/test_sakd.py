@@ -3,7 +3,6 @@ and the router, the variants, and whole runs (homogeneous, heterogeneous, under 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from kdtune.distillers.connectors import feature_shapes
 from kdtune.distillers.sakd import homogeneous, straight_through_gates
 from kdtune.models import build_model
 from kdtune.run import build_engine
+from learning import assert_learns
 
 SHAPE = (1, 8, 8)
 
@@ -217,7 +217,8 @@ def test_random_gates_student_loss_is_the_released_train_random_loss() -> None:
 def test_fitnet_spot_is_its_hint_layer() -> None:
     d = _sakd(feature_loss="fitnet")
     assert d.spots == [2] and d.spot_names == ["stage2", "logits"]
-    assert d.feat_weight == type(d.feature).sakd_weight
+    # the SA reference's FitNet configs: loss_weights.other_kd = 1 (not mdistiller's standalone 100)
+    assert d.feat_weight == 1.0 and d.route_gamma == 1.0  # test_reference.py reads them from SA's configs
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +238,16 @@ def _engine(digits, teacher_model, **kw):
     return build_engine(RunConfig.from_dict(cfg), digits, model)
 
 
+@pytest.fixture(scope="module")
+def trained_teacher(digits, tmp_path_factory):
+    """resnet14 trained for 2 epochs on digits (~73 % val acc): a teacher worth distilling."""
+    from kdtune.teachers import resolve_teacher
+
+    model, _ = resolve_teacher("resnet14", digits, checkpoint=None, cache_dir=tmp_path_factory.mktemp("cache"),
+                               epochs=2, log=lambda *_: None)
+    return model
+
+
 @pytest.mark.parametrize("params", [
     {},
     {"feature_loss": "fitnet"},
@@ -245,19 +256,20 @@ def _engine(digits, teacher_model, **kw):
     {"teacher": "wrn_16_2"},
     {"sampler": "kdas", "sampling_period": 2},
 ])
-def test_sakd_trains_and_reports_gate_rates(digits, teacher, params) -> None:
-    engine = _engine(digits, teacher, **params)
+def test_sakd_learns_and_reports_gate_rates(digits, trained_teacher, params) -> None:
+    # AT's CIFAR weight (1000) swamps CE on digits' 8x8 maps (sakd_quickstart.yaml says so too):
+    # a digits-sized weight, as that search space uses
+    engine = _engine(digits, trained_teacher, epochs=3, **{"feat_weight": 30.0, **params})
     metrics = list(engine.run())
+    assert_learns(metrics, loss="train/loss_ce", label=params)
     spots = engine.distiller.spot_names
+    rates = [[m[f"sakd/gate_{s}"] for s in spots] for m in metrics]
     for m in metrics:
-        assert math.isfinite(m["train/loss"])
-        rates = [m[f"sakd/gate_{s}"] for s in spots]
-        assert all(0.0 <= r <= 1.0 for r in rates)
         assert ("train/loss_route" in m) == (params.get("gates") != "random")
-    if not params:  # homogeneous pair: the +10 bias starts (almost) every spot on
-        assert min(metrics[0][f"sakd/gate_{s}"] for s in spots) > 0.8
-    if params.get("gates") == "random":
-        assert all(0.35 < metrics[-1][f"sakd/gate_{s}"] < 0.65 for s in spots)
+    if params.get("gates") == "random":  # Bernoulli(0.5) per sample and spot, ~1138 samples an epoch
+        assert all(0.44 < r < 0.56 for epoch in rates for r in epoch), rates
+    elif "teacher" not in params:  # homogeneous pair: the +10 bias starts (almost) every spot on
+        assert min(rates[0]) > 0.8, rates
 
 
 def test_policy_has_its_own_learning_rate_and_weight_decay(digits, teacher) -> None:

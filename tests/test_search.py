@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 
 from kdtune.analysis import load_mlflow, load_results
 from kdtune.search.spec import load_spec
+from ray_instance import group_pids, pids_using, short_tmpdir
 
 SPACE = {
     "name": "e2e",
@@ -47,7 +48,9 @@ def write_space(tmp_path: Path, **changes) -> Path:
             space[section][leaf] = value
         else:
             space[section] = value
-    space["fixed"]["cache_dir"] = str(tmp_path / "cache")
+    # one teacher cache for the session's searches (pytest's base temp dir): a teacher is trained
+    # once per recipe, as the cache is meant to work
+    space["fixed"]["cache_dir"] = str(tmp_path.parent / "teacher-cache")
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
@@ -65,9 +68,13 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_search(tmp_path: Path, space: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(search_cmd(tmp_path, space, *extra), cwd=tmp_path, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_search(tmp_path: Path, space: Path, *extra: str, ray=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The search as a user runs it; on the session's shared Ray instance when ``ray`` is given
+    (the ``shared_ray`` fixture), else on a private local one that the search starts."""
+    if ray is not None:
+        extra = (*extra, "--address", ray.address)
+    return subprocess.run(search_cmd(tmp_path, space, *extra), cwd=tmp_path, env=ray.env if ray else env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
@@ -322,11 +329,11 @@ def test_resume_picks_the_latest_search_of_a_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_diverging_trial_ends_clearly_and_search_goes_on(tmp_path: Path) -> None:
+def test_diverging_trial_ends_clearly_and_search_goes_on(tmp_path: Path, shared_ray) -> None:
     space = write_space(tmp_path, space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
                         search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
                         scheduler={"type": "none"})
-    r = run_search(tmp_path, space)
+    r = run_search(tmp_path, space, ray=shared_ray)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = load_results(tmp_path / "ray" / "e2e").set_index("lr")
     assert table.loc[1e12, "status"] == "diverged" and table.loc[1e12, "epochs"] < 4
@@ -338,10 +345,13 @@ def test_diverging_trial_ends_clearly_and_search_goes_on(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path) -> None:
-    space = write_space(tmp_path, search__num_samples=8, fixed={**SPACE["fixed"], "epochs": 6})
-    proc = subprocess.Popen(search_cmd(tmp_path, space), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path, shared_ray) -> None:
+    space = write_space(tmp_path, search__num_samples=6)
+    # its own process group and RAY_TMPDIR: the checks below look at this search's processes only
+    ray_tmp = short_tmpdir()
+    e = {**env(), "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen(search_cmd(tmp_path, space), cwd=tmp_path, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     deadline = time.time() + 400
     # wait until two trials have ended, then press Ctrl-C
@@ -355,12 +365,14 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path)
     lines.append(out)
     assert proc.returncode != 0, "".join(lines)[-3000:]
     assert "--resume" in out  # the hint
-    for _ in range(20):  # Ctrl-C leaves no Ray processes behind
-        if subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True).returncode != 0:
+    for _ in range(40):  # Ctrl-C leaves none of this search's Ray processes behind
+        left = set(group_pids(proc.pid)) | set(pids_using(ray_tmp))
+        if not left:
             break
         time.sleep(0.5)
     else:
-        pytest.fail("Ray processes are still running after Ctrl-C")
+        pytest.fail(f"Ray processes of the search are still running after Ctrl-C: {sorted(left)}")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     _, before = child_runs(tmp_path)
     assert all(run.info.status != "RUNNING" for run in before)  # nothing left dangling
     ended = {run.data.tags["kdtune.trial_id"]: len(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -368,11 +380,11 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path)
              for run in before if run.data.tags["kdtune.status"] in ("completed", "stopped early")}
     assert len(ended) >= 2
 
-    r = run_search(tmp_path, space, "--resume")
+    r = run_search(tmp_path, space, "--resume", ray=shared_ray)  # resuming on another cluster works too
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client, after = child_runs(tmp_path)
     trial_ids = [run.data.tags["kdtune.trial_id"] for run in after]
-    assert len(trial_ids) == len(set(trial_ids)) == 8  # no duplicate runs
+    assert len(trial_ids) == len(set(trial_ids)) == 6  # no duplicate runs
     assert all(run.info.status == "FINISHED" for run in after)
     for run in after:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")]
@@ -381,7 +393,7 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path)
         if tid in ended:
             assert len(steps) == ended[tid]  # finished trials were not re-run
     table = load_results(tmp_path / "ray" / "e2e")
-    assert len(table) == 8
+    assert len(table) == 6
     # the Optuna study lives in its storage and went on across the restart: one trial per Tune trial
     studied = optuna_trials(tmp_path)
     assert set(studied) == set(table["trial_id"])
@@ -501,12 +513,12 @@ def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_kdas_trials_in_a_real_search(tmp_path: Path) -> None:
+def test_kdas_trials_in_a_real_search(tmp_path: Path, shared_ray) -> None:
     space = write_space(tmp_path, fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
                         space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
                                "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
                         search__num_samples=3, scheduler={"type": "none"})
-    r = run_search(tmp_path, space)
+    r = run_search(tmp_path, space, ray=shared_ray)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
@@ -521,12 +533,12 @@ def test_kdas_trials_in_a_real_search(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ctkd_trials_in_a_real_search(tmp_path: Path) -> None:
+def test_ctkd_trials_in_a_real_search(tmp_path: Path, shared_ray) -> None:
     space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
                         space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
                                "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
                         search__num_samples=3, scheduler={"type": "none"})
-    r = run_search(tmp_path, space)
+    r = run_search(tmp_path, space, ray=shared_ray)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
@@ -543,20 +555,29 @@ def test_ctkd_trials_in_a_real_search(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sakd_trials_in_a_real_search(tmp_path: Path) -> None:
+def test_sakd_trials_in_a_real_search(tmp_path: Path, shared_ray) -> None:
     space = write_space(tmp_path, fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd",
                                          "epochs": 3},
-                        space={"gumbel_temperature": {"type": "categorical", "choices": [1.0, 5.0]},
-                               "gate_bias": {"type": "float", "low": 0.0, "high": 10.0}},
-                        search__num_samples=2, scheduler={"type": "none"})
-    r = run_search(tmp_path, space)
+                        space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
+                        search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                        scheduler={"type": "none"})
+    r = run_search(tmp_path, space, ray=shared_ray)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 2 and (table["status"] == "completed").all()
-    spots = ["sakd/gate_stage1", "sakd/gate_stage2", "sakd/gate_stage3", "sakd/gate_logits"]
-    assert table[spots].notna().all().all() and ((table[spots] >= 0) & (table[spots] <= 1)).all().all()
+    stages = ["sakd/gate_stage1", "sakd/gate_stage2", "sakd/gate_stage3"]
+    spots = [*stages, "sakd/gate_logits"]
+    assert table[spots].notna().all().all()
     client, runs = child_runs(tmp_path)
+    first_epoch = {}
     for run in runs:
         assert run.data.tags["method"] == "sakd"
         for name in spots + ["train/loss_route", "train/loss_feat"]:
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [1, 2, 3]
+        first_epoch[float(run.data.params["gate_bias"])] = {
+            name: next(m.value for m in client.get_metric_history(run.info.run_id, name) if m.step == 1)
+            for name in spots}
+    # the searched gate_bias reaches the trial's router: +10 on "distil" starts every spot on,
+    # -10 starts the feature spots off (the logits spot has the half-batch hinge pulling it on)
+    assert min(first_epoch[10.0].values()) > 0.8, first_epoch
+    assert max(first_epoch[-10.0][name] for name in stages) < 0.2, first_epoch

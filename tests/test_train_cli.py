@@ -41,6 +41,18 @@ def test_train_writes_metrics_checkpoint_and_resumes(tmp_path: Path) -> None:
     assert [m["epoch"] for m in lines] == [1, 2, 3]
 
 
+def test_resume_refuses_other_settings_in_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epochs: 3\n")
+    r = _train(str(cfg), "--resume", "--output-dir", str(tmp_path / "o"), "--epochs", "5", "--data-root", "x",
+               "--set", "lr=0.1", "--final", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    for named in (f"config file {cfg}", "--epochs", "--data-root", "--set", "--final", "config.yaml"):
+        assert named in r.stderr, (named, r.stderr)
+    assert not (tmp_path / "o").exists()
+
+
 def test_final_run_reports_test_accuracy(tmp_path: Path) -> None:
     r = _train("--method", "none", "--student", "resnet8", "--epochs", "1", "--final",
                "--output-dir", str(tmp_path / "f"), cwd=tmp_path)
