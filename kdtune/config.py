@@ -7,6 +7,7 @@ hyperparameters (``temperature``, ``beta``, ...) sit beside the recipe's.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -72,7 +73,16 @@ class RunConfig:
     device: str = "auto"
     amp: bool | None = None
     final: bool = False
-    cache_dir: str = "~/.cache/kdtune"
+    # Teachers, their accuracy records and teacher-output caches live here. $KDTUNE_CACHE_DIR,
+    # when set, replaces the default (a node's scratch disk; the test suite's private folder).
+    cache_dir: str = field(default_factory=lambda: os.environ.get("KDTUNE_CACHE_DIR", "~/.cache/kdtune"))
+    # The exact teacher-output cache (kdtune.teacher_cache): auto = on for methods that use only
+    # the teacher's logits (kd, dkd, ctkd, ctkd_dkd, and KDAS with them); feature methods and
+    # SAKD run the teacher live.
+    teacher_cache: str = "auto"
+    teacher_cache_dtype: str = "float32"  # or float16 (half the file)
+    # torch.compile of the distiller's step: auto = on for CUDA, off on the CPU.
+    compile: str = "auto"
 
     def recipe(self) -> Recipe:
         names = {f.name for f in fields(Recipe)}
@@ -202,6 +212,10 @@ def _validate(values: dict[str, Any], source: str) -> dict[str, Any]:
         problems.append(f"{source}: sampler: {cfg['sampler']!r} selects samples by teacher-student "
                         f"disagreement, so it needs a distillation method, but method is {method!r}")
     _known(DATASETS, "dataset", cfg["dataset"], source, problems)
+    if (method is not None and needs_teacher and cfg["teacher_cache"] == "on"
+            and not getattr(METHODS.get(method), "teacher_logits_only", False)):
+        problems.append(f"{source}: teacher_cache: 'on' needs a method that uses only the teacher's logits, "
+                        f"but method {method!r} reads the teacher's features (use auto or off)")
     problems += [f"{source}: {p}" for p in _check_ranges(cfg)]
     ckpt = cfg["teacher_checkpoint"]
     if ckpt is not None and not Path(ckpt).expanduser().is_file():
@@ -226,6 +240,9 @@ def _check_ranges(cfg: dict[str, Any]) -> list[str]:
         ("lr_min", 0 <= cfg["lr_min"] and (cfg["lr"] <= 0 or cfg["lr_min"] < cfg["lr"]), "in [0, lr)"),
         ("warmup_epochs", 0 <= cfg["warmup_epochs"] < cfg["epochs"], "in [0, epochs)"),
         ("schedule", cfg["schedule"] in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+        ("teacher_cache", cfg["teacher_cache"] in ("auto", "on", "off"), "one of auto, on, off"),
+        ("teacher_cache_dtype", cfg["teacher_cache_dtype"] in ("float32", "float16"), "one of float32, float16"),
+        ("compile", cfg["compile"] in ("auto", "on", "off"), "one of auto, on, off"),
         ("val_size", cfg["val_size"] is None or cfg["val_size"] >= 0, ">= 0 or null"),
         ("lr_decay_epochs", all(isinstance(m, int) and m >= 1 for m in cfg["lr_decay_epochs"]),
          "a list of positive integers"),

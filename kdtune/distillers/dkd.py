@@ -20,6 +20,8 @@ class DKD(Distiller):
     and ``temperature`` is the base temperature.
     """
 
+    teacher_logits_only = True  # the teacher-output cache can serve it
+
     def __init__(self, student: nn.Module, teacher: nn.Module, *, alpha: float = 1.0,
                  beta: float = 8.0, temperature: float = 4.0, warmup: int = 20,
                  ce_weight: float = 1.0, kd_weight: float = 1.0, logit_stand: bool = False) -> None:

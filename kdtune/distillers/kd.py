@@ -20,6 +20,8 @@ class KD(Distiller):
     and kdtune by default, use the forward KL).
     """
 
+    teacher_logits_only = True  # the teacher-output cache can serve it
+
     def __init__(self, student: nn.Module, teacher: nn.Module, *, temperature: float = 4.0,
                  ce_weight: float = 0.1, kd_weight: float = 0.9, logit_stand: bool = False,
                  reverse_kl: bool = False) -> None:
