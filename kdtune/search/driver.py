@@ -239,9 +239,12 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
-    """Resolve (train and cache, if needed) the teacher once, before any trial starts."""
+    """Resolve (train and cache, if needed) the teacher once, before any trial starts, and build
+    the teacher-output cache the trials will read (once here, not once per trial)."""
     from kdtune.distillers import METHODS
-    from kdtune.run import load_data, load_teacher
+    from kdtune.engine import resolve_device
+    from kdtune.run import load_data, load_teacher, prepare_cache
+    from kdtune.teacher_cache import use_cache
 
     methods = list(spec.space.methods) if spec.space.methods else [spec.fixed.get("method", "kd")]
     needing = [m for m in methods if METHODS.get(m).needs_teacher]
@@ -249,9 +252,18 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
         return None
     cfg = spec.run_config({"method": needing[0]} if spec.space.methods else {})
     data = load_data(cfg)
-    _, info = load_teacher(cfg, data)
+    teacher, info = load_teacher(cfg, data)
     print(f"[kdtune] teacher {info.model} ({info.source}: {info.path}) val acc {info.val_acc:.2f}", flush=True)
-    return info.__dict__
+    record = dict(info.__dict__)
+    cached = [m for m in needing if use_cache(cfg.teacher_cache, m, cfg.sampler)[0]]
+    if cached:
+        # Build for the device the trials use: CPU-only trials on a GPU host see no GPU.
+        device = resolve_device("cpu" if spec.gpus_per_trial == 0 and cfg.device == "auto" else cfg.device)
+        cache = prepare_cache(spec.run_config({"method": cached[0]} if spec.space.methods else {}), data, teacher,
+                              device, log=lambda msg: print(msg, flush=True))
+        print(f"[kdtune] teacher cache for {', '.join(cached)}: {cache.describe()}", flush=True)
+        record.update(cache_path=str(cache.path), **cache.records())
+    return record
 
 
 def init_ray(address: str | None, verbose: bool = False) -> None:
