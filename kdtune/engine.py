@@ -95,7 +95,9 @@ class Engine:
         sampler: optional :class:`SamplePolicy` choosing each epoch's samples.
         teacher_cache: optional :class:`kdtune.teacher_cache.TeacherCache` built over this
             engine's loader (same train images, views and precision): the teacher's logits are
-            read from it by (index, view) instead of running the teacher.
+            read from it by (index, view) instead of running the teacher. Or a function that
+            opens (and if needed builds) it, called at the first epoch, so that building an
+            engine stays cheap.
         compile: ``torch.compile`` the distiller's forward (and so, through AOTAutograd, its
             backward); on CUDA with mode ``reduce-overhead`` (CUDA graphs). Shapes are static:
             full batches run the compiled graph, a short batch (an epoch's last one; KDAS's last
@@ -134,6 +136,9 @@ class Engine:
         self.optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum,
                                          weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
         self.teacher_cache = teacher_cache
+        self.teacher_cache_opener = None
+        if callable(teacher_cache):
+            self.teacher_cache, self.teacher_cache_opener = None, teacher_cache
         self.compiled = None
         if compile:
             self.compiled = torch.compile(self._distill, dynamic=False,
@@ -159,6 +164,8 @@ class Engine:
         sampler = self.sampler
         batches = (sampler.batches(epoch, self) if sampler is not None
                    else ((x, y, idx, views, None) for x, y, idx, views in self.loader.batches()))
+        if self.teacher_cache_opener is not None:
+            self.teacher_cache, self.teacher_cache_opener = self.teacher_cache_opener(), None
         cache = self.teacher_cache
 
         sums: dict[str, Tensor] = {}

@@ -77,11 +77,14 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
     engine = Engine(distiller, data, cfg.recipe(), device=device, seed=cfg.seed, final=cfg.final,
                     amp=cfg.amp, sampler=sampler, compile=use_compile(cfg, device))
     use, reason = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler)
+    quiet = log or (lambda msg: None)
     if use and teacher is not None:
-        engine.teacher_cache = open_cache(teacher, engine.loader, cache_dir=cfg.cache_dir, amp=engine.amp,
-                                          memory_format=engine.memory_format, dtype=cfg.teacher_cache_dtype,
-                                          log=log or (lambda msg: None))
-        reason += f": {engine.teacher_cache.describe()}"
-    if log is not None:
-        log(f"[kdtune] {reason}")
+        def opener() -> TeacherCache:  # at the first epoch: building an engine stays cheap
+            cache = open_cache(teacher, engine.loader, cache_dir=cfg.cache_dir, amp=engine.amp,
+                               memory_format=engine.memory_format, dtype=cfg.teacher_cache_dtype, log=quiet)
+            quiet(f"[kdtune] teacher cache: {cache.describe()}")
+            return cache
+
+        engine.teacher_cache_opener = opener
+    quiet(f"[kdtune] {reason}")
     return engine

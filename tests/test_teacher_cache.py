@@ -68,17 +68,17 @@ def test_cached_logits_equal_the_live_teachers_on_every_view(dataset, digits, te
 
 def test_the_engine_reads_the_cache_instead_of_running_the_teacher(digits, teacher, tmp_path) -> None:
     engine = build_engine(_cfg(tmp_path, epochs=1), digits, teacher)
-    assert engine.teacher_cache is not None
+    assert engine.teacher_cache is None and engine.teacher_cache_opener is not None  # opened at epoch 1
     calls = []
     handle = engine.distiller.teacher.register_forward_hook(lambda *a: calls.append(1))
     try:
         engine.train_epoch()
     finally:
         handle.remove()
-    assert calls == []
+    assert calls == [] and engine.teacher_cache is not None
     # a feature method runs its teacher live whatever the setting says in auto
-    assert build_engine(_cfg(tmp_path, method="fitnet"), digits, teacher).teacher_cache is None
-    assert build_engine(_cfg(tmp_path, teacher_cache="off"), digits, teacher).teacher_cache is None
+    assert build_engine(_cfg(tmp_path, method="fitnet"), digits, teacher).teacher_cache_opener is None
+    assert build_engine(_cfg(tmp_path, teacher_cache="off"), digits, teacher).teacher_cache_opener is None
 
 
 def test_log_line_says_which_applies() -> None:
@@ -97,8 +97,8 @@ def test_a_run_with_the_cache_matches_the_run_without(name, digits, teacher, tmp
     values = {"epochs": 2, **LOGIT_RUNS[name]}
     live = list(build_engine(_cfg(tmp_path, teacher_cache="off", **values), digits, teacher).run())
     engine = build_engine(_cfg(tmp_path, teacher_cache="on", **values), digits, teacher)
-    assert engine.teacher_cache is not None
     cached = list(engine.run())
+    assert engine.teacher_cache is not None
     first = {k: v for k, v in live[0].items() if k.startswith("train/loss")}
     for key, value in first.items():  # first epoch: the same losses up to float noise
         assert abs(cached[0][key] - value) <= 1e-4 * max(1.0, abs(value)), key
