@@ -21,6 +21,13 @@ def teacher():
     return build_model("resnet8", num_classes=10, in_channels=1).eval()
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """12 one-channel 8x8 images with CIFAR's augmentation (162 views): cheap cache builds."""
+    return load_dataset("synthetic", val_size=0, options=dict(train_size=12, test_size=1, num_classes=10,
+                                                              image_size=8, channels=1))
+
+
 def _cfg(cache_dir: Path, **kw) -> RunConfig:
     base = dict(dataset="digits", val_size=200, teacher="resnet8", student="resnet8", method="kd", epochs=2,
                 batch_size=64, device="cpu", seed=0, cache_dir=str(cache_dir))
@@ -144,8 +151,8 @@ def test_the_key_follows_teacher_data_views_normalisation_and_precision(digits, 
     assert key(dtype="float16") != base
 
 
-def test_a_truncated_or_foreign_file_is_rebuilt(digits, teacher, tmp_path) -> None:
-    loader = TrainLoader(digits, batch_size=64, device="cpu", seed=0)
+def test_a_truncated_or_foreign_file_is_rebuilt(tiny, teacher, tmp_path) -> None:
+    loader = TrainLoader(tiny, batch_size=64, device="cpu", seed=0)
     lines: list[str] = []
     first = open_cache(teacher, loader, cache_dir=tmp_path, amp=False, log=lines.append)
     expected = first.table.clone()
@@ -166,13 +173,13 @@ def test_a_truncated_or_foreign_file_is_rebuilt(digits, teacher, tmp_path) -> No
     assert not list(first.path.parent.glob("*.tmp.*"))  # no temporary files left behind
 
 
-def test_float16_storage_halves_the_file_and_stays_close(digits, teacher, tmp_path) -> None:
-    loader = TrainLoader(digits, batch_size=64, device="cpu", seed=0)
+def test_float16_storage_halves_the_file_and_stays_close(tiny, teacher, tmp_path) -> None:
+    loader = TrainLoader(tiny, batch_size=64, device="cpu", seed=0)
     fp32 = open_cache(teacher, loader, cache_dir=tmp_path, amp=False, log=lambda m: None)
     fp16 = open_cache(teacher, loader, cache_dir=tmp_path, amp=False, dtype="float16", log=lambda m: None)
     assert fp16.path != fp32.path
     assert fp16.size_bytes - HEADER_BYTES == (fp32.size_bytes - HEADER_BYTES) // 2
-    idx, views = torch.arange(50), torch.arange(50) % 9
+    idx, views = torch.arange(12).repeat(14), torch.arange(168) % 162
     a, b = fp32.lookup(idx, views), fp16.lookup(idx, views)
     assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-3, atol=1e-3)
 
