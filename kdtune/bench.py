@@ -202,7 +202,6 @@ def bench_quickstart(trials: int, epochs: int) -> None:
     real ``python -m kdtune.search`` in a subprocess (Ray is never imported here)."""
     import csv
     import subprocess
-    import sys
 
     space = Path(__file__).resolve().parent.parent / "search_spaces" / "quickstart.yaml"
     with tempfile.TemporaryDirectory(prefix="kdtune-bench-search-") as tmp:
