@@ -76,6 +76,7 @@ def test_cached_logits_equal_the_live_teachers_on_every_view(dataset, digits, te
 def test_the_engine_reads_the_cache_instead_of_running_the_teacher(digits, teacher, tmp_path) -> None:
     engine = build_engine(_cfg(tmp_path, epochs=1), digits, teacher)
     assert engine.teacher_cache is None and engine.teacher_cache_opener is not None  # opened at epoch 1
+    engine.teacher_cache, engine.teacher_cache_opener = engine.teacher_cache_opener(), None  # builds it
     calls = []
     handle = engine.distiller.teacher.register_forward_hook(lambda *a: calls.append(1))
     try:
