@@ -7,6 +7,7 @@ hyperparameters (``temperature``, ``beta``, ...) sit beside the recipe's.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,18 @@ class RunConfig:
     device: str = "auto"
     amp: bool | None = None
     final: bool = False
-    cache_dir: str = "~/.cache/kdtune"
+    # Teachers, their accuracy records and teacher-output caches live here. $KDTUNE_CACHE_DIR,
+    # when set, replaces the default (a node's scratch disk; the test suite's private folder).
+    cache_dir: str = field(default_factory=lambda: os.environ.get("KDTUNE_CACHE_DIR", "~/.cache/kdtune"))
+    # The exact teacher-output cache (kdtune.teacher_cache): auto = on for methods that use only
+    # the teacher's logits (kd, dkd, ctkd, ctkd_dkd, and KDAS with them); feature methods and
+    # SAKD run the teacher live.
+    teacher_cache: str = run_field("auto", choices=("auto", "on", "off"),
+                                   help="exact teacher-output cache: auto = on for logit-only methods")
+    teacher_cache_dtype: str = run_field("float32", choices=("float32", "float16"),
+                                         help="storage precision of the teacher-output cache")
+    compile: str = run_field("auto", choices=("auto", "on", "off"),
+                             help="torch.compile of the step: auto = on for CUDA, off on the CPU")
 
     def recipe(self) -> Recipe:
         names = {f.name for f in fields(Recipe)}
@@ -196,6 +208,10 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
         problems.append(Problem("sampler", f"{cfg['sampler']!r} selects samples by teacher-student "
                                            f"disagreement, so it needs a distillation method, but method is {method!r}"))
     _known(DATASETS, "dataset", cfg["dataset"], problems)
+    if (method is not None and needs_teacher and cfg["teacher_cache"] == "on"
+            and not getattr(METHODS.get(method), "teacher_logits_only", False)):
+        problems.append(Problem("teacher_cache", f"'on' needs a method that uses only the teacher's logits, but "
+                                                 f"method {method!r} reads the teacher's features (use auto or off)"))
     problems += _check_ranges(cfg)
     ckpt = cfg["teacher_checkpoint"]
     if ckpt is not None and not Path(ckpt).expanduser().is_file():

@@ -309,10 +309,14 @@ class _Normalizer:
 class TrainLoader:
     """Shuffled, augmented batches of the train split, held on ``device``.
 
-    Each batch is ``(images, labels, indices)`` where ``indices`` index the train split
-    (sample-selection methods such as KDAS key on them). Randomness comes from a private
-    generator whose state is part of :meth:`state_dict`, so a resumed run draws the same
-    batches as an uninterrupted one.
+    Each batch is ``(images, labels, indices, views)``: ``indices`` index the train split
+    (sample-selection methods such as KDAS key on them) and ``views`` say which of the
+    :attr:`num_views` augmentations each sample got, so that the exact teacher-output cache
+    (``kdtune.teacher_cache``) can serve the teacher's logits for that very view. A view is
+    ``(dy * (2p + 1) + dx) * flips + mirror`` for crop offset ``(dy, dx)`` with padding ``p``
+    (CIFAR: 81 offsets x 2 flips = 162 views; digits: 9 offsets, no flip). Randomness comes from
+    a private generator whose state is part of :meth:`state_dict`, so a resumed run draws the
+    same batches as an uninterrupted one.
     """
 
     def __init__(self, data: ImageData, *, batch_size: int, device: torch.device | str,
@@ -345,32 +349,50 @@ class TrainLoader:
         self.channels_last = channels_last
         self.normalize = _Normalizer(data.mean, data.std, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.flips = 2 if self.flip else 1
+        self.num_views = (2 * p + 1) ** 2 * self.flips
 
     def batches(self, indices: Tensor | None = None,
-                batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+                batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """One epoch over ``indices`` (default: the whole split) in a fresh random order.
 
-        The last batch may be short, as with a DataLoader's default ``drop_last=False``.
+        Yields ``(images, labels, indices, views)``. The last batch may be short, as with a
+        DataLoader's default ``drop_last=False``.
         """
         n = self.num_samples if indices is None else indices.shape[0]
         order = torch.randperm(n, device=self.device, generator=self.generator)
         if indices is not None:
             order = indices.to(self.device)[order]
         for idx in order.split(batch_size or self.batch_size):
-            yield self.images(idx), self.labels[idx], idx
+            views = self.draw_views(idx.shape[0])
+            yield self.view_images(idx, views), self.labels[idx], idx, views
 
-    def images(self, idx: Tensor) -> Tensor:
-        """Augmented, normalised images for train-split indices ``idx`` (float32, NCHW)."""
-        b, p = idx.shape[0], self.pad
-        base = idx * self.image_stride
+    def draw_views(self, b: int) -> Tensor:
+        """Random views for ``b`` samples (int64 on the device). The draws (offsets, then
+        mirrors) are the ones the loader has always made, so batches did not change."""
+        p = self.pad
+        views = torch.zeros(b, dtype=torch.long, device=self.device)
         if p:
             shift = torch.randint(0, 2 * p + 1, (2, b), device=self.device, generator=self.generator)
-            base = base + shift[0] * self.row_stride + shift[1]
+            views = shift[0] * (2 * p + 1) + shift[1]
         if self.flip:
             mirror = torch.randint(0, 2, (b,), device=self.device, generator=self.generator)
-            offsets = self.offsets[mirror]
-        else:
-            offsets = self.offsets[0].expand(b, -1)
+            views = views * 2 + mirror
+        return views
+
+    def images(self, idx: Tensor) -> Tensor:
+        """Randomly augmented, normalised images for train-split indices ``idx``."""
+        return self.view_images(idx, self.draw_views(idx.shape[0]))
+
+    def view_images(self, idx: Tensor, views: Tensor) -> Tensor:
+        """Normalised images of train-split indices ``idx`` in views ``views`` (float32, NCHW
+        shape; NHWC memory with ``channels_last``)."""
+        b, p = idx.shape[0], self.pad
+        base = idx * self.image_stride
+        offset = views // self.flips  # dy * (2p + 1) + dx
+        if p:
+            base = base + (offset // (2 * p + 1)) * self.row_stride + offset % (2 * p + 1)
+        offsets = self.offsets[views % self.flips] if self.flip else self.offsets[0].expand(b, -1)
         # One gather from the flat padded dataset does index, crop and flip for the batch.
         x = self.flat.take(base[:, None] + offsets).view(b, *self.out_shape)
         if self.channels_last:

@@ -58,11 +58,13 @@ class Recipe:
 class SamplePolicy(Protocol):
     """Chooses an epoch's batches and weights samples' distillation terms (KDAS plugs in here).
 
-    ``batches`` yields ``(images, labels, train indices, teacher logits or None)``; teacher
-    logits it already computed are reused by the distiller instead of a second forward.
+    ``batches`` yields ``(images, labels, train indices, views, teacher logits or None)``
+    (``views`` as the loader reports them); teacher logits it already computed are reused by
+    the distiller instead of a second forward. A policy that needs teacher logits gets them
+    from :meth:`Engine.teacher_logits`, which reads the teacher-output cache when there is one.
     """
 
-    def batches(self, epoch: int, engine: Engine) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None]]: ...
+    def batches(self, epoch: int, engine: Engine) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]]: ...
 
     def needs_teacher_logits(self, epoch: int) -> bool: ...
 
@@ -92,12 +94,23 @@ class Engine:
         channels_last: NHWC activations; default on for CUDA, where cuDNN's NHWC kernels
             are what bf16 tensor cores prefer.
         sampler: optional :class:`SamplePolicy` choosing each epoch's samples.
+        teacher_cache: optional :class:`kdtune.teacher_cache.TeacherCache` built over this
+            engine's loader (same train images, views and precision): the teacher's logits are
+            read from it by (index, view) instead of running the teacher. Or a function that
+            opens (and if needed builds) it, called at the first epoch, so that building an
+            engine stays cheap.
+        compile: ``torch.compile`` the distiller's forward (and so, through AOTAutograd, its
+            backward); on CUDA with mode ``reduce-overhead`` (CUDA graphs). Shapes are static:
+            full batches run the compiled graph, a short batch (an epoch's last one; KDAS's last
+            selection of an epoch) runs eagerly, so nothing is padded or dropped and BN batch
+            statistics stay exact.
     """
 
     def __init__(self, distiller: Distiller, data: ImageData, recipe: Recipe, *,
                  device: torch.device | str = "cpu", seed: int = 0, final: bool = False,
                  amp: bool | None = None, channels_last: bool | None = None,
-                 sampler: SamplePolicy | None = None, eval_batch_size: int = 512) -> None:
+                 sampler: SamplePolicy | None = None, eval_batch_size: int = 512,
+                 teacher_cache: Any = None, compile: bool = False) -> None:
         self.device = torch.device(device)
         self.recipe = recipe
         self.distiller = distiller
@@ -123,6 +136,14 @@ class Engine:
             g["lr"] = g["base_lr"]
         self.optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum,
                                          weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+        self.teacher_cache = teacher_cache
+        self.teacher_cache_opener = None
+        if callable(teacher_cache):
+            self.teacher_cache, self.teacher_cache_opener = None, teacher_cache
+        self.compiled = None
+        if compile:
+            self.compiled = torch.compile(self._distill, dynamic=False,
+                                          mode="reduce-overhead" if cuda else None)
         self.epoch = 0  # epochs completed
         self.samples_backprop = 0  # cumulative samples that went through a backward pass
 
@@ -143,18 +164,28 @@ class Engine:
         self.distiller.train()
         sampler = self.sampler
         batches = (sampler.batches(epoch, self) if sampler is not None
-                   else ((x, y, idx, None) for x, y, idx in self.loader.batches()))
+                   else ((x, y, idx, views, None) for x, y, idx, views in self.loader.batches()))
+        if self.teacher_cache_opener is not None:
+            self.teacher_cache, self.teacher_cache_opener = self.teacher_cache_opener(), None
+        cache = self.teacher_cache
 
         sums: dict[str, Tensor] = {}
         correct1 = torch.zeros((), device=self.device, dtype=torch.long)
         correct5 = torch.zeros_like(correct1)
         seen = 0
-        for x, y, _, teacher in batches:
+        for x, y, idx, views, teacher in batches:
             x = x.contiguous(memory_format=self.memory_format)
+            if teacher is None and cache is not None:
+                teacher = cache.lookup(idx, views)  # a device gather; no teacher forward
             with self.autocast():
                 if teacher is None and sampler is not None and sampler.needs_teacher_logits(epoch):
                     teacher = self.distiller.teacher_logits(x)
-                logits, losses = self.distiller(x, y, teacher_logits=teacher)
+                if self.compiled is not None and y.shape[0] == self.recipe.batch_size:
+                    if self.device.type == "cuda":  # a new step: CUDA-graph outputs of the last may be reused
+                        torch.compiler.cudagraph_mark_step_begin()
+                    logits, losses = self.compiled(x, y, teacher)
+                else:
+                    logits, losses = self._distill(x, y, teacher)
             weights = sampler.weights(teacher, y, epoch) if sampler is not None else None
             if weights is not None:  # per-sample weights scale the distillation terms, never CE
                 keep = self.distiller.unweighted_terms
@@ -191,6 +222,16 @@ class Engine:
             torch.cuda.synchronize(self.device)
         metrics["time/epoch_s"] = time.perf_counter() - start
         return metrics
+
+    def _distill(self, x: Tensor, y: Tensor, teacher: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.distiller(x, y, teacher_logits=teacher)
+
+    def teacher_logits(self, x: Tensor, indices: Tensor, views: Tensor) -> Tensor:
+        """The teacher's logits for images ``x`` (train ``indices`` in ``views``): from the
+        teacher-output cache when there is one, else a teacher forward (under the caller's autocast)."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.lookup(indices, views)
+        return self.distiller.teacher_logits(x)
 
     def evaluate(self) -> dict[str, float]:
         """Student top-1/top-5 and CE on the selection split (val; test in final runs)."""

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from kdtune.config import RunConfig
-from kdtune.data import ImageData, load_dataset
+from kdtune.data import ImageData, TrainLoader, load_dataset
 from kdtune.distillers import METHODS, build_distiller
 from kdtune.engine import Engine, resolve_device
 from kdtune.models import build_model
 from kdtune.sampling import SAMPLERS
+from kdtune.teacher_cache import TeacherCache, open_cache, use_cache
 from kdtune.teachers import TeacherInfo, resolve_teacher
 
 
@@ -36,8 +37,35 @@ def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = p
                            log=log)
 
 
-def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None) -> Engine:
-    """A fresh, seeded engine: the same config and seed give the same run."""
+def use_compile(cfg: RunConfig, device: torch.device) -> bool:
+    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (README, Speed)."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def prepare_cache(cfg: RunConfig, data: ImageData, teacher: nn.Module | None, device: torch.device | None = None,
+                  log: Callable[[str], None] = print) -> TeacherCache | None:
+    """Open (building it if needed) the teacher-output cache a run of ``cfg`` reads, or None when
+    the run does not use one. The loader is set up as the Engine sets up its own (same train
+    split, views, device, precision), so the key is the one the run's engine computes."""
+    use, _ = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler)
+    if not use or teacher is None:
+        return None
+    device = device or resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    amp = cuda if cfg.amp is None else cfg.amp
+    loader = TrainLoader(data.for_final() if cfg.final else data, batch_size=cfg.batch_size, device=device,
+                         seed=0, channels_last=cuda)
+    teacher = teacher.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    return open_cache(teacher, loader, cache_dir=cfg.cache_dir, amp=amp,
+                      memory_format=torch.channels_last if cuda else torch.contiguous_format,
+                      dtype=cfg.teacher_cache_dtype, log=log)
+
+
+def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
+                 log: Callable[[str], None] | None = None) -> Engine:
+    """A fresh, seeded engine: the same config and seed give the same run. With a teacher-output
+    cache (``teacher_cache``), the engine reads the teacher's logits from it; ``log`` gets the
+    line that says whether the teacher runs live or from the cache (default: not printed)."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, num_classes=data.num_classes, in_channels=data.in_channels)
@@ -46,5 +74,17 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None) -> 
     distiller = build_distiller(cfg.method, student, teacher, input_shape=data.image_shape,
                                 **cfg.method_params).to(device)
     sampler = SAMPLERS.build(cfg.sampler, **cfg.sampler_params) if cfg.sampler != "none" else None
-    return Engine(distiller, data, cfg.recipe(), device=device, seed=cfg.seed, final=cfg.final,
-                  amp=cfg.amp, sampler=sampler)
+    engine = Engine(distiller, data, cfg.recipe(), device=device, seed=cfg.seed, final=cfg.final,
+                    amp=cfg.amp, sampler=sampler, compile=use_compile(cfg, device))
+    use, reason = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler)
+    quiet = log or (lambda msg: None)
+    if use and teacher is not None:
+        def opener() -> TeacherCache:  # at the first epoch: building an engine stays cheap
+            cache = open_cache(teacher, engine.loader, cache_dir=cfg.cache_dir, amp=engine.amp,
+                               memory_format=engine.memory_format, dtype=cfg.teacher_cache_dtype, log=quiet)
+            quiet(f"[kdtune] teacher cache: {cache.describe()}")
+            return cache
+
+        engine.teacher_cache_opener = opener
+    quiet(f"[kdtune] {reason}")
+    return engine

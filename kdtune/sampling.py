@@ -21,7 +21,7 @@ from kdtune.registry import Registry
 
 SAMPLERS = Registry("sampler")
 
-Batch = tuple[Tensor, Tensor, Tensor, "Tensor | None"]  # images, labels, indices, teacher logits
+Batch = tuple[Tensor, Tensor, Tensor, Tensor, "Tensor | None"]  # images, labels, indices, views, teacher logits
 
 
 def parse_periods(value: int | str | list | tuple) -> tuple[int, ...]:
@@ -191,15 +191,15 @@ class KDAS(Sampler):
         self._weight_sum, self._weight_count = None, 0
         self._scoring = self.is_scoring_epoch(epoch, epochs) or (epoch > self.warmup and self.cache is None)
         if epoch <= self.warmup:
-            for x, y, idx in engine.loader.batches():
-                yield x, y, idx, None
+            for x, y, idx, views in engine.loader.batches():
+                yield x, y, idx, views, None
             return
         # The engine runs each batch's step between this generator's yield and its next resume,
         # so a ``cudnn_autotune`` block around a yield covers that step's forward and backward.
         if not self._scoring:
-            for x, y, idx in engine.loader.batches(self.cache):
+            for x, y, idx, views in engine.loader.batches(self.cache):
                 with cudnn_autotune(y.shape[0] == batch_size):
-                    yield x, y, idx, None
+                    yield x, y, idx, views, None
             return
         self.ratio = self.rate(epoch, epochs)
         enlarged = math.ceil(batch_size / self.ratio)
@@ -207,22 +207,24 @@ class KDAS(Sampler):
         student = engine.distiller.student
         norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         selected = []
-        for x, y, idx in engine.loader.batches(batch_size=enlarged):
+        for x, y, idx, views in engine.loader.batches(batch_size=enlarged):
             x = x.contiguous(memory_format=engine.memory_format)
             with cudnn_autotune(False):  # the enlarged size follows the rate: a new one most epochs
-                student_logits, teacher_logits = self._score_logits(engine, norms, x)
+                student_logits, teacher_logits = self._score_logits(engine, norms, x, idx, views)
             self.samples_scored += y.shape[0]
             scores = kl_per_sample(F.log_softmax(teacher_logits.float(), 1), F.log_softmax(student_logits.float(), 1))
             keep = select(scores, batch_size, exclusion)
             selected.append(idx[keep])
             with cudnn_autotune(keep.shape[0] == batch_size):
-                yield x[keep], y[keep], idx[keep], teacher_logits[keep]
+                yield x[keep], y[keep], idx[keep], views[keep], teacher_logits[keep]
         self.cache = torch.cat(selected)
 
     @staticmethod
-    def _score_logits(engine: Any, norms: list[nn.Module], x: Tensor) -> tuple[Tensor, Tensor]:
+    def _score_logits(engine: Any, norms: list[nn.Module], x: Tensor, idx: Tensor,
+                      views: Tensor) -> tuple[Tensor, Tensor]:
         """Student and teacher logits without autograd; the student's BN layers (``norms``) use
-        batch statistics (as the reference's train-mode forward does) but keep their running ones."""
+        batch statistics (as the reference's train-mode forward does) but keep their running ones.
+        The teacher's come from the teacher-output cache when the engine has one."""
         student = engine.distiller.student
         saved = [m.momentum for m in norms]
         with torch.no_grad(), engine.autocast():
@@ -233,7 +235,7 @@ class KDAS(Sampler):
             finally:
                 for m, momentum in zip(norms, saved):
                     m.momentum = momentum
-            teacher_logits = engine.distiller.teacher_logits(x)
+            teacher_logits = engine.teacher_logits(x, idx, views)
         return student_logits, teacher_logits
 
     def needs_teacher_logits(self, epoch: int) -> bool:

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = build_engine(cfg, data, teacher)
+    engine = build_engine(cfg, data, teacher, log=lambda msg: print(msg, flush=True))
     out.mkdir(parents=True, exist_ok=True)
     if args.resume:
         try:

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import atexit
+import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# Runs that keep the default cache_dir (teacher-output caches of the tests' random teachers) write
+# into a folder of this test session, never into ~/.cache/kdtune; subprocesses inherit it.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="kdtune-test-cache-")
+os.environ["KDTUNE_CACHE_DIR"] = _SESSION_CACHE
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -78,7 +78,7 @@ def test_augmentation_only_produces_the_162_views(channels_last: bool) -> None:
     assert views[0].shape[0] == 162
     hits: list[set[int]] = [set() for _ in views]
     for _ in range(300):
-        for x, y, idx in loader.batches():
+        for x, y, idx, _ in loader.batches():
             raw = (x * scale + shift).round()  # undo the normalisation
             for img, i in zip(raw, idx.tolist()):
                 match = ((views[i] - img).abs().amax(dim=(1, 2, 3)) < 1e-3).nonzero()
@@ -92,10 +92,10 @@ def test_augmentation_only_produces_the_162_views(channels_last: bool) -> None:
 def test_batches_cover_the_epoch_and_indices_subset() -> None:
     data = load_dataset("digits")
     loader = TrainLoader(data, batch_size=64, device="cpu", seed=0)
-    seen = torch.cat([idx for _, _, idx in loader.batches()])
+    seen = torch.cat([idx for _, _, idx, _ in loader.batches()])
     assert torch.equal(seen.sort().values, torch.arange(len(data.train)))
     subset = torch.tensor([5, 9, 100, 7])
-    got = torch.cat([idx for _, _, idx in loader.batches(subset, batch_size=3)])
+    got = torch.cat([idx for _, _, idx, _ in loader.batches(subset, batch_size=3)])
     assert sorted(got.tolist()) == [5, 7, 9, 100]
 
 
@@ -103,9 +103,9 @@ def test_loader_state_round_trip_replays_batches() -> None:
     data = load_dataset("digits")
     loader = TrainLoader(data, batch_size=32, device="cpu", seed=3)
     state = loader.state_dict()
-    first = [x for x, _, _ in loader.batches()]
+    first = [x for x, *_ in loader.batches()]
     loader.load_state_dict(state)
-    second = [x for x, _, _ in loader.batches()]
+    second = [x for x, *_ in loader.batches()]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 

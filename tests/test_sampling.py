@@ -87,7 +87,7 @@ def test_scoring_epoch_trains_on_the_selected_samples_with_the_scoring_teacher_l
     before = bn.running_mean.clone()
     n = len(digits.train)
     total = 0
-    for x, y, idx, t in sampler.batches(1, engine):
+    for x, y, idx, _, t in sampler.batches(1, engine):
         assert x.shape[0] == y.shape[0] == idx.shape[0] == t.shape[0] <= 64
         assert torch.equal(y, digits.train.labels[idx])
         assert not t.requires_grad

@@ -37,6 +37,11 @@ class Distiller(Configurable, nn.Module):
     """
 
     needs_teacher = True
+    # True when the method uses the teacher only through its logits (``teacher_logits`` passed
+    # to forward, or ``self.teacher_logits(x)``): then the engine may serve them from the exact
+    # teacher-output cache (kdtune.teacher_cache) instead of running the teacher. Methods that
+    # read teacher features or run teacher blocks (feature distillers, SAKD) keep False.
+    teacher_logits_only = False
     # Terms a sample policy (KDAS) leaves unweighted: the label loss, and batch-level terms
     # that are not a per-sample distillation signal (SAKD's routing loss).
     unweighted_terms: tuple[str, ...] = ("ce",)

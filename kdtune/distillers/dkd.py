@@ -19,6 +19,8 @@ class DKD(Distiller):
     and ``temperature`` is the base temperature.
     """
 
+    teacher_logits_only = True  # the teacher-output cache can serve it
+
     hparams = Schema(
         alpha=hp(1.0, ge=0, help="weight of TCKD, the target-class term"),
         beta=hp(8.0, ge=0, help="weight of NCKD, the non-target term (pair-specific: 2, 6 or 8)"),

@@ -19,6 +19,8 @@ class KD(Distiller):
     and kdtune by default, use the forward KL).
     """
 
+    teacher_logits_only = True  # the teacher-output cache can serve it
+
     hparams = Schema(
         temperature=hp(4.0, gt=0, help="softmax temperature T (the base temperature with logit_stand)"),
         ce_weight=CE_WEIGHT.but(0.1),

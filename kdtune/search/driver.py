@@ -239,19 +239,28 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
-    """Resolve (train and cache, if needed) the teacher once, before any trial starts."""
-    from kdtune.devices import resolve_teacher_info
+    """Resolve (train and cache, if needed) the teacher once, before any trial starts, and build
+    the teacher-output cache the trials will read (once here, not once per trial). On a GPU both
+    run in a child process, so the driver keeps no CUDA memory during the search."""
+    from kdtune.devices import resolve_teacher_records
     from kdtune.distillers import METHODS
+    from kdtune.teacher_cache import use_cache
 
     methods = list(spec.space.methods) if spec.space.methods else [spec.fixed.get("method", "kd")]
     needing = [m for m in methods if METHODS.get(m).needs_teacher]
     if not needing:
         return None
     cfg = spec.run_config({"method": needing[0]} if spec.space.methods else {})
-    # On a GPU this runs in a child process, so the driver keeps no CUDA memory during the search.
-    info = resolve_teacher_info(cfg)
-    print(f"[kdtune] teacher {info.model} ({info.source}: {info.path}) val acc {info.val_acc:.2f}", flush=True)
-    return info.__dict__
+    cached = [m for m in needing if use_cache(cfg.teacher_cache, m, cfg.sampler)[0]]
+    cache_cfg = spec.run_config({"method": cached[0]} if spec.space.methods else {}) if cached else None
+    # Build for the device the trials use: CPU-only trials on a GPU host see no GPU.
+    cache_device = "cpu" if spec.gpus_per_trial == 0 and cfg.device == "auto" else cfg.device
+    record = resolve_teacher_records(cfg, cache_cfg, cache_device)
+    print(f"[kdtune] teacher {record['model']} ({record['source']}: {record['path']}) val acc "
+          f"{record['val_acc']:.2f}", flush=True)
+    if "cache_description" in record:
+        print(f"[kdtune] teacher cache for {', '.join(cached)}: {record.pop('cache_description')}", flush=True)
+    return record
 
 
 def init_ray(address: str | None, verbose: bool = False) -> None:

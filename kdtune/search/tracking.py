@@ -85,6 +85,10 @@ def start_parent_run(client: MlflowClient, spec, tags: dict[str, str], teacher: 
     client.log_dict(parent_id, spec.resolved, "spec.yaml")
     if teacher is not None:
         client.log_dict(parent_id, teacher, "teacher.json")
+        # the teacher's accuracy and the teacher-output cache the driver built (kdtune.teacher_cache)
+        for key in ("val_acc", "teacher_cache/size_mb", "teacher_cache/build_s"):
+            if isinstance(teacher.get(key), (int, float)):
+                client.log_metric(parent_id, "teacher/val_acc" if key == "val_acc" else key, float(teacher[key]))
     return parent_id
 
 

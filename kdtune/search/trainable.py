@@ -69,7 +69,7 @@ class KDTrainable(tune.Trainable):
         cfg = self.spec.run_config(config)
         data = _data(cfg)
         teacher = _teacher(cfg, data) if cfg.teacher is not None else None
-        self.engine = build_engine(cfg, data, teacher)
+        self.engine = build_engine(cfg, data, teacher, log=lambda msg: print(msg, flush=True))
 
     def step(self) -> dict[str, Any]:
         metrics = self.engine.train_epoch()

@@ -78,7 +78,10 @@ def digits_runs() -> dict[str, dict]:
     runs["kd+kdas"] = {"method": "kd", "sampler": "kdas", "sampling_period": "1,2"}
     for name, values in runs.items():
         cfg = RunConfig.from_dict({"dataset": "digits", "teacher": "resnet8", "student": "resnet8",
-                                   "epochs": 2, "batch_size": 64, "seed": 0, "device": "cpu", **values})
+                                   "epochs": 2, "batch_size": 64, "seed": 0, "device": "cpu",
+                                   # the live teacher, as recorded; tests/test_teacher_cache.py
+                                   # compares cache-on runs with these
+                                   "teacher_cache": "off", **values})
         torch.manual_seed(123)
         teacher = build_model("resnet8", num_classes=10, in_channels=1) if METHODS.get(cfg.method).needs_teacher else None
         engine = build_engine(cfg, data, teacher)
