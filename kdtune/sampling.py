@@ -69,8 +69,9 @@ class Sampler(Configurable):
     """Base of the sample policies: hyperparameters declared in ``hparams`` (see
     :mod:`kdtune.hparams`), taken as keywords by the constructor.
 
-    The engine calls ``batches(epoch, engine)`` (the epoch's batches: images, labels, indices,
-    teacher logits or None), ``needs_teacher_logits(epoch)``, ``weights(teacher_logits,
+    The engine calls ``batches(epoch, engine)`` (the epoch's batches: images, labels, train
+    indices, views (which crop and flip each image got: the teacher-output cache's key), teacher
+    logits or None), ``needs_teacher_logits(epoch)``, ``weights(teacher_logits,
     target, epoch)`` (per-sample weights [B] of the distillation terms, or None),
     ``epoch_metrics()``, ``state_dict()`` and ``load_state_dict()``.
     """
@@ -80,8 +81,8 @@ class Sampler(Configurable):
 
     # Defaults: every sample once per epoch, weight 1, nothing to log or save.
     def batches(self, epoch: int, engine: Any) -> Iterator[Batch]:
-        for x, y, idx in engine.loader.batches():
-            yield x, y, idx, None
+        for x, y, idx, views in engine.loader.batches():
+            yield x, y, idx, views, None
 
     def needs_teacher_logits(self, epoch: int) -> bool:
         return False

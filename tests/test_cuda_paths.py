@@ -106,7 +106,7 @@ def test_evaluation_runs_in_fp32_when_training_runs_in_bf16(small) -> None:
     head = [m for m in engine.distiller.student.modules() if isinstance(m, nn.Linear)][-1]
     seen: list[torch.dtype] = []
     _dtypes_of(head, seen)
-    x, y, _ = next(engine.loader.batches())
+    x, y, *_ = next(engine.loader.batches())
     with engine.autocast():
         engine.distiller(x, y)
     assert seen == [torch.bfloat16]  # the autocast this test relies on is real on the CPU
@@ -214,12 +214,13 @@ def test_kdas_autotunes_one_batch_size_over_a_240_epoch_schedule(autotune_on) ->
     engine = SimpleNamespace(recipe=Recipe(epochs=240, batch_size=64), distiller=distiller,
                              loader=TrainLoader(data, batch_size=64, device="cpu", seed=0),
                              memory_format=torch.contiguous_format,
-                             autocast=lambda: torch.autocast("cpu", enabled=False))
+                             autocast=lambda: torch.autocast("cpu", enabled=False),
+                             teacher_logits=lambda x, idx, views: net(x)[0])
     kdas = KDAS()
     trained = set()
     with torch.no_grad():
         for epoch in range(1, 241):
-            for x, y, _, _ in kdas.batches(epoch, engine):
+            for x, y, *_ in kdas.batches(epoch, engine):
                 trained.add((y.shape[0], torch.backends.cudnn.benchmark))  # the flag the step runs under
     sizes = {n for n, _ in log} | {n for n, _ in trained}
     assert len(sizes) > 40  # the scoring size follows the rate; short batches vary too

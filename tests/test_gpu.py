@@ -78,9 +78,9 @@ def test_loader_draws_exactly_the_162_views_and_replays(data) -> None:
     assert views.shape[0] == expected.shape[0] == 162
     torch.testing.assert_close(views.cpu(), expected, rtol=0, atol=1e-4)
     state = loader.state_dict()
-    first = [idx.clone() for _, _, idx in loader.batches()]
+    first = [idx.clone() for _, _, idx, _ in loader.batches()]
     loader.load_state_dict(state)
-    assert all(torch.equal(a, b) for (_, _, b), a in zip(loader.batches(), first))
+    assert all(torch.equal(a, b) for (_, _, b, _), a in zip(loader.batches(), first))
 
 
 # --------------------------------------------------------------------------- 2. resume
