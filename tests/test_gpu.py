@@ -116,7 +116,7 @@ def _in_sync_error_mode(batches):
     return wrapped
 
 
-CASES = [(m, {}) for m in METHODS if m != "none"] + [("none", {}), ("ctkd", {"temperature_mode": "instance"}),
+CASES = [(m, {}) for m in METHODS.names() if m != "none"] + [("none", {}), ("ctkd", {"temperature_mode": "instance"}),
                                                      ("kd+kdas", {})]
 
 
