@@ -1,8 +1,8 @@
 """The ``kdtune`` command: ``kdtune search|train|report|bench ...``, the same programs as
 ``python -m kdtune.search`` and friends.
 
-Only the chosen command's module is imported, and only once it runs, so ``kdtune --help`` answers
-at once and each command's ``--help`` costs what that command's own argument parser costs.
+Only the chosen command's module is imported, and each command parses its arguments before it
+imports torch, Ray, MLflow or pandas, so every ``--help`` answers at once.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 
 # command -> (module with main(argv), one line for the overview)
 COMMANDS = {
-    "search": ("kdtune.search.driver", "search hyperparameters of a distillation method (Ray Tune, Optuna, MLflow)"),
+    "search": ("kdtune.search.cli", "search hyperparameters of a distillation method (Ray Tune, Optuna, MLflow)"),
     "train": ("kdtune.train", "one distillation run without Ray; --final for the test-set run of a chosen configuration"),
-    "report": ("kdtune.analysis.report", "tables and plots of one or more searches as markdown and HTML"),
+    "report": ("kdtune.report", "tables and plots of one or more searches as markdown and HTML"),
     "bench": ("kdtune.bench", "throughput figures of the data pipeline and the training step"),
 }
 

@@ -1,8 +1,34 @@
-"""``python -m kdtune.report``: kept as the documented entry point; the report lives in
-:mod:`kdtune.analysis.report`."""
+"""``python -m kdtune.report RESULTS [RESULTS ...]``: a short report of one or several searches.
+
+The command line lives here, importing nothing heavy, so ``--help`` and usage errors answer before
+pandas and matplotlib load; the report itself is :mod:`kdtune.analysis.report`.
+"""
+from __future__ import annotations
+
+import argparse
 import sys
 
-from kdtune.analysis.report import main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kdtune.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="a search folder <storage-path>/<name> (holds kdtune_search.json), or an MLflow experiment name")
+    p.add_argument("--out", help="output folder (default: <folder>/report for one search folder, else ./kdtune_report)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for experiment names (default: $MLFLOW_TRACKING_URI, "
+                                          "else sqlite:///./mlflow.db)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=VALUE",
+                   help="a reference accuracy used when the searches have no such trials, e.g. none=93.1 "
+                        "(the student alone) or kd=95.4 (plain KD); repeatable")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parse_args(argv)  # exits on --help and usage errors
+    from kdtune.analysis.report import main as run
+
+    return run(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

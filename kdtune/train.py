@@ -16,14 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import yaml
 
-from kdtune.checks import device_problem, writable_dir_problem
-from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override
-from kdtune.data import DataError
-from kdtune.devices import read_engine_state
-from kdtune.run import build_engine, load_data, load_teacher
-from kdtune.teachers import CheckpointError, save_atomic
+if TYPE_CHECKING:
+    from kdtune.config import RunConfig
+
+# kdtune's own modules import torch (seconds): they are imported where they are used, once the
+# arguments are parsed, so that ``--help`` and argument errors answer at once.
 
 # Command-line flags that set a config key (flag name = key with dashes).
 FLAG_KEYS = ("dataset", "data_root", "teacher", "teacher_checkpoint", "student", "method",
@@ -67,6 +68,8 @@ def resume_conflicts(args: argparse.Namespace) -> list[str]:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override
+
     if args.resume:
         if args.output_dir is None:
             raise ConfigError(["--resume: needs --output-dir, the folder of the run to continue"])
@@ -91,6 +94,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 def check_run(cfg: RunConfig, out: Path, resume: bool) -> None:
     """What can be checked before data and teacher are loaded (minutes, for a CIFAR teacher):
     the device, the output folder, and on --resume that the checkpoint can be read."""
+    from kdtune.checks import device_problem, writable_dir_problem
+    from kdtune.config import ConfigError
+
     problems = [p for p in (device_problem(cfg.device), writable_dir_problem(out, "--output-dir")) if p]
     if problems:
         raise ConfigError(problems)
@@ -99,6 +105,9 @@ def check_run(cfg: RunConfig, out: Path, resume: bool) -> None:
 
 
 def _read_checkpoint(path: Path) -> dict:
+    from kdtune.config import ConfigError
+    from kdtune.devices import read_engine_state
+
     try:
         return read_engine_state(path)  # to the CPU: RNG states must stay CPU ByteTensors (CUDA resume)
     except Exception as e:  # truncated, foreign, or holding more than tensors and plain data
@@ -132,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --resume continues the saved run and takes no other settings, but got {', '.join(given)}; "
               f"to change the run, edit config.yaml in its --output-dir", file=sys.stderr)
         return 2
+    from kdtune.config import ConfigError
+    from kdtune.data import DataError
+    from kdtune.run import build_engine, load_data, load_teacher
+    from kdtune.teachers import CheckpointError, save_atomic
+
     try:
         cfg, out = resolve_config(args)
         check_run(cfg, out, args.resume)

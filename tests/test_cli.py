@@ -30,3 +30,14 @@ def test_commands_run_their_programs() -> None:
     assert r.returncode == 0 and "RESULTS" in r.stdout
     r = kdtune("search", "no-such-space.yaml")
     assert r.returncode == 2 and "no-such-space.yaml" in r.stderr
+
+
+def test_every_commands_help_answers_before_torch_loads() -> None:
+    # torch takes seconds to import: a --help that waits for it is not an answer "at once"
+    for command in ("search", "train", "report", "bench"):
+        code = (f"import sys\nfrom kdtune import cli\ntry:\n    cli.main([{command!r}, '--help'])\n"
+                "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+                "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas') if m in sys.modules))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "usage:" in r.stdout and r.stdout.strip().endswith("[]"), (command, r.stdout[-200:])

@@ -84,7 +84,7 @@ def test_checkpoint_from_another_kind_of_device_is_refused_before_anything_chang
 
 
 def test_count_macs_feeds_its_input_to_the_models_device() -> None:
-    from kdtune.bench import count_macs
+    from kdtune.benchmarks import count_macs
 
     on_cpu = count_macs(build_model("resnet8", num_classes=100), (3, 32, 32))
     # "meta" stands in for a GPU: a CPU input to a model elsewhere fails the same way.

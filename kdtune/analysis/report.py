@@ -7,7 +7,6 @@ parameter importance, cost. A RESULTS that is neither exits with status 2.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import math
@@ -20,6 +19,7 @@ import pandas as pd
 from kdtune import analysis
 from kdtune.analysis import plots
 from kdtune.analysis.importance import MIN_TRIALS
+from kdtune.report import parse_args
 
 # Plot captions, in report order.
 CAPTIONS = {
@@ -35,19 +35,6 @@ CAPTIONS = {
     "ctkd": "CTKD: learned temperature (shaded: the epoch's lowest to highest) and λ per epoch.",
     "sakd_gates": "SAKD: fraction of samples gated on, per spot.",
 }
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kdtune.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", metavar="RESULTS",
-                   help="a search folder <storage-path>/<name> (holds kdtune_search.json), or an MLflow experiment name")
-    p.add_argument("--out", help="output folder (default: <folder>/report for one search folder, else ./kdtune_report)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI for experiment names (default: $MLFLOW_TRACKING_URI, "
-                                          "else sqlite:///./mlflow.db)")
-    p.add_argument("--baseline", action="append", default=[], metavar="NAME=VALUE",
-                   help="a reference accuracy used when the searches have no such trials, e.g. none=93.1 "
-                        "(the student alone) or kd=95.4 (plain KD); repeatable")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

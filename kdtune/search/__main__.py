@@ -1,5 +1,5 @@
 import sys
 
-from kdtune.search.driver import main
+from kdtune.search.cli import main
 
 sys.exit(main())

@@ -11,7 +11,6 @@ new search NAME-2 (then -3, ...); ``--resume`` continues the latest one.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -30,36 +29,8 @@ from kdtune.search.preflight import PreflightError
 from kdtune.search.records import (BEST_FILE, OBJECTIVE, OBJECTIVE_METRIC, OPTUNA_FILE,
                                    RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, is_own_metric, objective_column, objective_value,
                                    resolve_tracking_uri)
+from kdtune.search.cli import FLAG_OVERRIDES, parse_args
 from kdtune.search.spec import SearchSpec, load_spec
-
-# Flags that are shorthands for spec overrides.
-FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
-                  "gpus_per_trial": "resources.gpus_per_trial", "cpus_per_trial": "resources.cpus_per_trial"}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kdtune.search", description=__doc__.split("\n\n")[0])
-    p.add_argument("space", help="search-space YAML file (see search_spaces/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of the file by its dotted path, e.g. fixed.epochs=20 (repeatable)")
-    p.add_argument("--num-samples", type=int)
-    p.add_argument("--max-concurrent", type=int)
-    p.add_argument("--gpus-per-trial", type=float, help="fractional, e.g. 0.25 packs 4 trials on a GPU")
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a private local one)")
-    p.add_argument("--storage-path", default="ray_results", help="absolute path or URI (relative paths are made absolute)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted search from --storage-path (the latest of its name: NAME, NAME-2, ...)")
-    p.add_argument("--optuna-storage", metavar="URL",
-                   help="Optuna storage URL for the study (default: sqlite:///<storage>/<name>/optuna.db); "
-                        "e.g. a shared PostgreSQL/MySQL database for a cluster")
-    p.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
-                   help="print a status line this often (default 30)")
-    p.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's own logging")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved spec and translated space, then stop")
-    return p.parse_args(argv)
-
 
 def resolve_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())

@@ -1,0 +1,47 @@
+"""The command line of ``python -m kdtune.search`` / ``kdtune search``: its arguments, parsed in a
+module that imports nothing heavy, so ``--help`` and usage errors answer before torch, Ray or MLflow
+load; then :mod:`kdtune.search.driver` runs the search."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = ("search distillation hyperparameters: Ray Tune runs the trials, Optuna's TPE proposes "
+               "configurations, ASHA stops weak trials early, every trial is an MLflow run.")
+
+
+# Flags that are shorthands for spec overrides.
+FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
+                  "gpus_per_trial": "resources.gpus_per_trial", "cpus_per_trial": "resources.cpus_per_trial"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kdtune.search", description="python -m kdtune.search SPACE.yaml: " + DESCRIPTION)
+    p.add_argument("space", help="search-space YAML file (see search_spaces/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the file by its dotted path, e.g. fixed.epochs=20 (repeatable)")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--max-concurrent", type=int)
+    p.add_argument("--gpus-per-trial", type=float, help="fractional, e.g. 0.25 packs 4 trials on a GPU")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a private local one)")
+    p.add_argument("--storage-path", default="ray_results", help="absolute path or URI (relative paths are made absolute)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search from --storage-path (the latest of its name: NAME, NAME-2, ...)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna storage URL for the study (default: sqlite:///<storage>/<name>/optuna.db); "
+                        "e.g. a shared PostgreSQL/MySQL database for a cluster")
+    p.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
+                   help="print a status line this often (default 30)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's own logging")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved spec and translated space, then stop")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parse_args(argv)  # exits on --help and usage errors, before the driver's imports
+    from kdtune.search.driver import main as run
+
+    return run(argv)
