@@ -129,6 +129,6 @@ def test_feature_weights_are_mdistillers_and_sakd_weights_sas() -> None:
         # CC is not in mdistiller: its standalone weight is CRD's script value (-b 0.02)
         standalone = 0.02 if ref["standalone"][name] is None else ref["standalone"][name]
         assert cls.weight == standalone, name
-        assert METHODS.parameters(name)["feat_weight"].default == standalone, name
+        assert METHODS.hparams(name)["feat_weight"].default == standalone, name
         assert cls.sakd_weight == ref["sakd"][name]["other_kd"], name
         assert cls.sakd_gamma == ref["sakd"][name]["classify_weight"], name
