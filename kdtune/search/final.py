@@ -83,6 +83,11 @@ def main(search_dir: str, trial: str | None, final: bool, seeds: int, output_dir
     split = "test" if final else "val"
     print(f"[kdtune] re-running trial {trial_id} of search {name} ({'final: train+val, test' if final else 'val'}) "
           f"with seeds {seeds_of(int(config['seed']), seeds)}; output {out_root}", flush=True)
+    # The trial trained with as many torch threads as it had CPUs (the trainable sets them); CPU
+    # kernels sum in another order with another thread count, so the re-run uses the same count.
+    import torch
+
+    torch.set_num_threads(int(max(1, state["spec"].get("resources", {}).get("cpus_per_trial", 1))))
     values, codes = [], []
     for seed in seeds_of(int(config["seed"]), seeds):
         out = out_root / f"seed{seed}"
