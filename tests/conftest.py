@@ -77,3 +77,12 @@ def shared_ray():
         yield instance
     finally:
         instance.stop()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under ``-n 2`` (pytest-xdist, setup.cfg), the slow tests -- real searches, each using both
+    cores through its trials, most of them on the session's one shared Ray instance -- run in one
+    worker, one after another, while the other worker runs the fast tests beside them."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("ray"))

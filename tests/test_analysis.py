@@ -234,7 +234,9 @@ def test_bad_results_path_is_named_and_exits_2(tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------------------- slow: one real search
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: under xdist the slow tests of several modules run interleaved in one worker,
+# and a module-scoped search would be run again each time the worker came back to this module.
+@pytest.fixture(scope="session")
 def search(tmp_path_factory, shared_ray) -> dict:
     """Runs the search once (on the session's Ray instance): {"dir": tmp folder, "folder": search
     folder, "uri": MLflow URI}."""

@@ -584,16 +584,12 @@ def test_search_listens_on_loopback_only_and_holds_its_name(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_more_gpus_per_trial_than_the_cluster_has(tmp_path: Path) -> None:
-    """With --address the cluster's resources count, read after connecting (before any record)."""
-    from test_search import private_ray_cluster
-
-    e = dict(os.environ)
-    e.pop("RAY_ADDRESS", None)
-    e["RAY_AUTH_MODE"] = "disabled"
-    with private_ray_cluster(e, num_gpus=0) as address:
-        o = search(tmp_path, write_space(tmp_path), "--address", address, "--gpus-per-trial", "0.5",
-                   env_extra={"RAY_AUTH_MODE": "disabled"})
+def test_more_gpus_per_trial_than_the_cluster_has(tmp_path: Path, shared_ray) -> None:
+    """With --address the cluster's resources count, read after connecting (before any record).
+    The session's shared instance declares no GPU."""
+    address = shared_ray.address
+    o = search(tmp_path, write_space(tmp_path), "--address", address, "--gpus-per-trial", "0.5",
+               env_extra={"RAY_AUTH_MODE": "disabled"})
     assert_clean_failure(o, tmp_path, rf"resources\.gpus_per_trial: 0\.5 asked for, but the Ray cluster at "
                                       rf"{re.escape(address)} has 0 GPUs")
     assert mlflow_runs(tmp_path) == 0

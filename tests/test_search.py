@@ -186,7 +186,9 @@ def optuna_trials(tmp_path: Path, name: str = "e2e") -> dict:
     return {t.user_attrs["ray_trial_id"]: t for t in study.trials}
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: under xdist the slow tests of several modules run interleaved in one worker,
+# and a module-scoped search would be run again each time the worker came back to this module.
+@pytest.fixture(scope="session")
 def searched(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One real search (6 TPE trials, ASHA, 4 epochs) that several slow tests read."""
     tmp_path = tmp_path_factory.mktemp("e2e")
@@ -302,10 +304,10 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(searched) -
 
 
 @pytest.mark.slow
-def test_a_second_run_of_the_same_file_starts_a_new_search(searched) -> None:
+def test_a_second_run_of_the_same_file_starts_a_new_search(searched, shared_ray) -> None:
     tmp_path, first = searched
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = run_search(tmp_path, tmp_path / "space.yaml", "--num-samples", "1")
+    second = run_search(tmp_path, tmp_path / "space.yaml", "--num-samples", "1", ray=shared_ray)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "starting a new search 'e2e-2'" in second.stdout
     assert len(load_results(tmp_path / "ray" / "e2e-2")) == 1
@@ -335,6 +337,7 @@ def test_diverging_trial_ends_clearly_and_search_goes_on(tmp_path: Path, shared_
                         scheduler={"type": "none"})
     r = run_search(tmp_path, space, ray=shared_ray)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"connected to the Ray cluster at {shared_ray.address}" in r.stdout  # an existing cluster
     table = load_results(tmp_path / "ray" / "e2e").set_index("lr")
     assert table.loc[1e12, "status"] == "diverged" and table.loc[1e12, "epochs"] < 4
     assert table.loc[0.05, "status"] == "completed"
@@ -444,16 +447,29 @@ def private_ray_cluster(e: dict, num_gpus: int = 0):
 
 
 @pytest.mark.slow
-def test_search_on_an_existing_ray_cluster(tmp_path: Path) -> None:
+def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu(tmp_path: Path) -> None:
+    """``--gpus-per-trial 0.25`` on a cluster with one GPU runs four trials at the same time. The
+    GPU is only declared (``ray start --num-gpus 1`` on this GPU-less machine): each trial gets a
+    quarter of it from Ray, finds no CUDA and trains on the CPU."""
     e = env()
     e["RAY_AUTH_MODE"] = "disabled"
-    with private_ray_cluster(e) as address:
-        space = write_space(tmp_path, search__num_samples=2)
+    space = write_space(tmp_path, search__num_samples=4, search__max_concurrent=4, search__algorithm="random",
+                        scheduler={"type": "none"}, fixed__epochs=2, resources__cpus_per_trial=0.5,
+                        resources__gpus_per_trial=0.25)
+    with private_ray_cluster(e, num_gpus=1) as address:
         r = subprocess.run(search_cmd(tmp_path, space, "--address", address), cwd=tmp_path, env=e,
                            capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert f"connected to the Ray cluster at {address}" in r.stdout
-        assert len(load_results(tmp_path / "ray" / "e2e")) == 2
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"connected to the Ray cluster at {address}" in r.stdout
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 4 and (table["status"] == "completed").all()
+    spans = []
+    for result in (tmp_path / "ray" / "e2e").glob("*/result.json"):
+        epochs = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        spans.append((epochs[0]["timestamp"] - epochs[0]["time_this_iter_s"], epochs[-1]["timestamp"]))
+    assert len(spans) == 4
+    # all four were running at one moment: the last to start started before the first to end ended
+    assert max(start for start, _ in spans) < min(end for _, end in spans)
 
 
 FLAKY_PLUGIN = '''
