@@ -5,7 +5,6 @@ results table and ``MlflowClient``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -14,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -413,63 +411,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def private_ray_cluster(e: dict, num_gpus: int = 0):
-    """A Ray head of this test's own: ``ray start --block`` in a new process group (its GCS, raylet
-    and workers are its descendants), stopped by signalling that group only. ``ray stop`` would stop
-    every Ray instance on the machine, other people's included."""
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="kdt", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
-    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command, whatever PATH holds
-    head = subprocess.Popen([*ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             f"--num-gpus={num_gpus}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-                             "--node-ip-address=127.0.0.1"],
-                            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert head.poll() is None, "ray start --head exited"
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "the private Ray head did not come up in 120 s"
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                head.wait(timeout=20)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu(tmp_path: Path) -> None:
-    """``--gpus-per-trial 0.25`` on a cluster with one GPU runs four trials at the same time. The
-    GPU is only declared (``ray start --num-gpus 1`` on this GPU-less machine): each trial gets a
-    quarter of it from Ray, finds no CUDA and trains on the CPU."""
-    e = env()
-    e["RAY_AUTH_MODE"] = "disabled"
-    space = write_space(tmp_path, search__num_samples=4, search__max_concurrent=4, search__algorithm="random",
-                        scheduler={"type": "none"}, fixed__epochs=2, resources__cpus_per_trial=0.5,
-                        resources__gpus_per_trial=0.25)
-    with private_ray_cluster(e, num_gpus=1) as address:
-        r = subprocess.run(search_cmd(tmp_path, space, "--address", address), cwd=tmp_path, env=e,
-                           capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"connected to the Ray cluster at {address}" in r.stdout
-    table = load_results(tmp_path / "ray" / "e2e")
-    assert len(table) == 4 and (table["status"] == "completed").all()
-    spans = []
-    for result in (tmp_path / "ray" / "e2e").glob("*/result.json"):
-        epochs = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        spans.append((epochs[0]["timestamp"] - epochs[0]["time_this_iter_s"], epochs[-1]["timestamp"]))
-    assert len(spans) == 4
-    # all four were running at one moment: the last to start started before the first to end ended
-    assert max(start for start, _ in spans) < min(end for _, end in spans)
 
 
 FLAKY_PLUGIN = '''
