@@ -131,7 +131,10 @@ def load_dataset(
     val = Split(raw.train.images[val_idx], raw.train.labels[val_idx])
     mean, std = raw.mean, raw.std
     if mean is None or std is None:
-        pixels = train.images.float().div_(255).transpose(0, 1).flatten(1)
+        # float64: a float32 sum depends on the thread count's reduction order, and a trial (one
+        # thread) then normalised differently from the driver that built its teacher cache (two),
+        # so their cache keys differed and every trial rebuilt the cache.
+        pixels = train.images.double().div_(255).transpose(0, 1).flatten(1)
         mean = tuple(pixels.mean(1).tolist())
         std = tuple(pixels.std(1).clamp_min(1e-3).tolist())
     return ImageData(name, train, val, raw.test, raw.num_classes, mean, std, raw.crop_padding, raw.flip)

@@ -79,10 +79,19 @@ def shared_ray():
         instance.stop()
 
 
+SEARCH_FIXTURES = {"shared_ray", "searched", "search"}
+
+
+# tryfirst: xdist's worker reads the xdist_group marks in its own pytest_collection_modifyitems,
+# and without it that hook ran before this one, so the marks were never seen and the slow tests
+# (and the session's searches, once per worker) were spread over both workers.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
     """Under ``-n 2`` (pytest-xdist, setup.cfg), the slow tests -- real searches, each using both
-    cores through its trials, most of them on the session's one shared Ray instance -- run in one
-    worker, one after another, while the other worker runs the fast tests beside them."""
+    cores through its trials, most of them on the session's one shared Ray instance -- and every
+    test that reads a session search run in one worker, one after another, while the other worker
+    runs the fast tests beside them. A session fixture is made once per worker, so a test that
+    used one in the other worker would run its search a second time."""
     for item in items:
-        if item.get_closest_marker("slow"):
+        if item.get_closest_marker("slow") or SEARCH_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.xdist_group("ray"))
