@@ -11,11 +11,22 @@ import numpy as np
 import pytest
 import torch
 
+import processes
+
+# Whatever a test starts stays this process's descendant, even when it daemonizes (Ray's
+# daemons): tests find what they left among their own processes (tests/processes.py).
+processes.become_subreaper()
+
 # Runs that keep the default cache_dir (teacher-output caches of the tests' random teachers) write
 # into a folder of this test session, never into ~/.cache/kdtune; subprocesses inherit it.
 _SESSION_CACHE = tempfile.mkdtemp(prefix="kdtune-test-cache-")
 os.environ["KDTUNE_CACHE_DIR"] = _SESSION_CACHE
 atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+# Ray's default temp dir (/tmp/ray) is the machine's: a search that starts its own Ray instance
+# puts it in this session's instead (short: Ray's socket paths must stay under 108 bytes).
+_SESSION_RAY_TMP = tempfile.mkdtemp(prefix="kdt", dir="/tmp")
+os.environ["RAY_TMPDIR"] = _SESSION_RAY_TMP
+atexit.register(shutil.rmtree, _SESSION_RAY_TMP, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -79,19 +90,32 @@ def shared_ray():
         instance.stop()
 
 
-SEARCH_FIXTURES = {"shared_ray", "searched", "search"}
+@pytest.fixture(scope="session")
+def e2e_search(tmp_path_factory, shared_ray):
+    """The end-to-end search (6 TPE trials over method none/kd, temperature and lr; ASHA; 4
+    epochs) that test_search and test_analysis read; the tests that add to its folder or store
+    (a second search, final runs) add what the readers do not count."""
+    from searches import e2e_search
+
+    return e2e_search(tmp_path_factory.mktemp("e2e"), shared_ray)
 
 
-# tryfirst: xdist's worker reads the xdist_group marks in its own pytest_collection_modifyitems,
-# and without it that hook ran before this one, so the marks were never seen and the slow tests
-# (and the session's searches, once per worker) were spread over both workers.
+# A session fixture is made once per xdist worker: the tests that read one shared search run in
+# one worker (an xdist group named after the fixture), or the search would run once per worker.
+SHARED_SEARCHES = ("e2e_search", "method_searches")
+
+
+# tryfirst: xdist's worker reads the xdist_group marks in its own pytest_collection_modifyitems;
+# without it that hook ran first and never saw them.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under ``-n 2`` (pytest-xdist, setup.cfg), the slow tests -- real searches, each using both
-    cores through its trials, most of them on the session's one shared Ray instance -- and every
-    test that reads a session search run in one worker, one after another, while the other worker
-    runs the fast tests beside them. A session fixture is made once per worker, so a test that
-    used one in the other worker would run its search a second time."""
+    """Under ``-n 2`` (pytest-xdist, setup.cfg): the tests of one shared search in one worker,
+    and the slow tests (real searches) first, so that the two workers end together instead of
+    one running the long searches alone at the end."""
     for item in items:
-        if item.get_closest_marker("slow") or SEARCH_FIXTURES & set(item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        group = next((name for name in SHARED_SEARCHES if name in getattr(item, "fixturenames", ())), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # the longest unit (the e2e search and its readers) first, then the other slow tests
+    items.sort(key=lambda item: ("e2e_search" not in getattr(item, "fixturenames", ()),
+                                 item.get_closest_marker("slow") is None))

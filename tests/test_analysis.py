@@ -2,7 +2,7 @@
 
 The helpers that only compute on DataFrames are checked on small hand-made tables with known
 answers; the loaders, plots, report and notebooks on one real search (digits, method none or
-kd, 6 short trials) run once for the whole module.
+kd, 6 short trials; the ``e2e_search`` fixture, shared with test_search) run once per session.
 """
 from __future__ import annotations
 
@@ -16,38 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from kdtune.analysis import plots, report
 from kdtune import analysis
+from searches import E2E_SPACE, SearchRun, env
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = "analysis-e2e"
-SPACE = {
-    "name": NAME,
-    "fixed": {"dataset": "digits", "teacher": "resnet8", "teacher_epochs": 2, "student": "resnet8",
-              "epochs": 4, "batch_size": 128, "schedule": "cosine", "seed": 0},
-    # method searched with a conditional sub-space: temperature exists only in kd trials, and
-    # the student-alone baseline (method: none) comes from the search itself
-    "space": {"method": {"type": "categorical",
-                         "choices": {"none": {}, "kd": {"temperature": {"type": "float", "low": 1, "high": 8,
-                                                                        "log": True}}}},
-              "lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}},
-    "search": {"algorithm": "tpe", "num_samples": 6, "metric": "val/acc1", "mode": "max", "seed": 0,
-               "max_concurrent": 2},
-    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-    "resources": {"cpus_per_trial": 1},
-}
+NAME = E2E_SPACE["name"]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
-    e.pop("RAY_ADDRESS", None)
-    # the subprocesses and notebook kernels import this checkout, installed or not
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [e.get("PYTHONPATH")])])
-    e.update(extra)
-    return e
 
 
 # ---------------------------------------------------------------------------- fast: hand-made tables
@@ -234,37 +210,18 @@ def test_bad_results_path_is_named_and_exits_2(tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------------------- slow: one real search
 
 
-# Session-scoped: under xdist the slow tests of several modules run interleaved in one worker,
-# and a module-scoped search would be run again each time the worker came back to this module.
-@pytest.fixture(scope="session")
-def search(tmp_path_factory, shared_ray) -> dict:
-    """Runs the search once (on the session's Ray instance): {"dir": tmp folder, "folder": search
-    folder, "uri": MLflow URI}."""
-    tmp = tmp_path_factory.mktemp("analysis")
-    space = json.loads(json.dumps(SPACE))
-    space["fixed"]["cache_dir"] = str(tmp.parent / "teacher-cache")  # shared with test_search's searches
-    (tmp / "space.yaml").write_text(yaml.safe_dump(space))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    r = subprocess.run([sys.executable, "-m", "kdtune.search", str(tmp / "space.yaml"), "--storage-path",
-                        str(tmp / "ray"), "--tracking-uri", uri, "--address", shared_ray.address], cwd=tmp,
-                       env={**shared_ray.env, **env()}, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return {"dir": tmp, "folder": tmp / "ray" / NAME, "uri": uri}
-
-
-def mlflow_runs(search: dict) -> dict:
+def mlflow_runs(e2e_search: SearchRun) -> dict:
     from mlflow import MlflowClient
 
-    client = MlflowClient(search["uri"])
+    client = MlflowClient(e2e_search.uri)
     exp = client.get_experiment_by_name(NAME)
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`kdtune.trial_id` != ''")
     return client, {run.data.tags["kdtune.trial_id"]: run for run in runs}
 
 
 @pytest.mark.slow
-def test_trials_from_the_folder_and_from_mlflow_agree(search: dict) -> None:
-    found = analysis.load_search(search["folder"])
+def test_trials_from_the_folder_and_from_mlflow_agree(e2e_search: SearchRun) -> None:
+    found = analysis.load_search(e2e_search.folder)
     trials = found.trials
     assert len(trials) == 6 and trials["trial_id"].is_unique and (trials["search"] == NAME).all()
     assert list(trials.columns[:6]) == ["search", "trial_id", "status", "method", "temperature", "lr"]
@@ -277,7 +234,7 @@ def test_trials_from_the_folder_and_from_mlflow_agree(search: dict) -> None:
     assert (trials["best_val/acc1"] >= trials["final_val/acc1"]).all()
     assert found.milestones == [1, 2] and found.log_params == ["temperature", "lr"]
 
-    client, runs = mlflow_runs(search)
+    client, runs = mlflow_runs(e2e_search)
     assert set(runs) == set(trials["trial_id"])
     for row in trials.itertuples():
         run = runs[row.trial_id]
@@ -285,7 +242,7 @@ def test_trials_from_the_folder_and_from_mlflow_agree(search: dict) -> None:
         assert run.data.metrics["samples/backprop"] == row.samples_backprop
         assert float(run.data.params["lr"]) == pytest.approx(row.lr)
 
-    from_mlflow = analysis.load_search(NAME, tracking_uri=search["uri"]).trials.set_index("trial_id")
+    from_mlflow = analysis.load_search(NAME, tracking_uri=e2e_search.uri).trials.set_index("trial_id")
     by_id = trials.set_index("trial_id").loc[from_mlflow.index]
     for column in ("status", "method", "epochs"):
         assert (from_mlflow[column] == by_id[column]).all(), column
@@ -293,13 +250,13 @@ def test_trials_from_the_folder_and_from_mlflow_agree(search: dict) -> None:
         assert np.allclose(from_mlflow[column], by_id[column], equal_nan=True), column
     assert np.allclose(from_mlflow["wall_s"], by_id["wall_s"], rtol=0.2)  # epoch times vs Tune's total
 
-    both = analysis.load_trials(search["folder"], search["folder"])
+    both = analysis.load_trials(e2e_search.folder, e2e_search.folder)
     assert len(both) == 12 and set(both["search"]) == {NAME, f"{NAME}#2"}
 
 
 @pytest.mark.slow
-def test_loading_a_search_folder_starts_neither_ray_nor_mlflow(search: dict) -> None:
-    code = (f"import sys\nfrom kdtune import analysis\nfound = analysis.load_search({str(search['folder'])!r})\n"
+def test_loading_a_search_folder_starts_neither_ray_nor_mlflow(e2e_search: SearchRun) -> None:
+    code = (f"import sys\nfrom kdtune import analysis\nfound = analysis.load_search({str(e2e_search.folder)!r})\n"
             "assert len(found.trials) == 6 and len(found.curves) > 6\n"
             "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -308,8 +265,8 @@ def test_loading_a_search_folder_starts_neither_ray_nor_mlflow(search: dict) -> 
 
 
 @pytest.mark.slow
-def test_curves_one_row_per_trial_and_epoch(search: dict) -> None:
-    found = analysis.load_search(search["folder"])
+def test_curves_one_row_per_trial_and_epoch(e2e_search: SearchRun) -> None:
+    found = analysis.load_search(e2e_search.folder)
     curves, trials = found.curves, found.trials.set_index("trial_id")
     assert len(curves) == trials["epochs"].sum()
     for tid, trial in curves.groupby("trial_id"):
@@ -320,18 +277,18 @@ def test_curves_one_row_per_trial_and_epoch(search: dict) -> None:
         assert curves[column].notna().all(), column
     assert curves.loc[curves["trial_id"].map(trials["method"]) == "kd", "train/loss_kd"].notna().all()
 
-    client, runs = mlflow_runs(search)
+    client, runs = mlflow_runs(e2e_search)
     for tid, run in runs.items():
         history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/acc1")}
         mine = curves[curves["trial_id"] == tid].set_index("epoch")["val/acc1"].to_dict()
         assert mine == pytest.approx(history)
-    from_mlflow = analysis.load_search(NAME, tracking_uri=search["uri"]).curves
+    from_mlflow = analysis.load_search(NAME, tracking_uri=e2e_search.uri).curves
     assert len(from_mlflow) == len(curves) and set(from_mlflow.columns) >= {"val/acc1", "train/loss", "wall_s"}
 
 
 @pytest.mark.slow
-def test_importance_of_the_searched_parameters(search: dict) -> None:
-    found = analysis.load_search(search["folder"])
+def test_importance_of_the_searched_parameters(e2e_search: SearchRun) -> None:
+    found = analysis.load_search(e2e_search.folder)
     importance = analysis.param_importance(found.trials, found)
     scopes = {scope: set(g["param"]) for scope, g in importance.groupby("scope")}
     assert scopes["all"] == {"method", "lr"}
@@ -341,8 +298,8 @@ def test_importance_of_the_searched_parameters(search: dict) -> None:
 
 
 @pytest.mark.slow
-def test_every_plot_writes_a_png(search: dict, tmp_path: Path) -> None:
-    found = analysis.load_search(search["folder"])
+def test_every_plot_writes_a_png(e2e_search: SearchRun, tmp_path: Path) -> None:
+    found = analysis.load_search(e2e_search.folder)
     trials, curves = found.trials, found.curves
     # CTKD and SAKD metrics are not in this search: add some, the way the engine names them
     extra = curves.assign(**{"ctkd/temperature": curves["epoch"] + 1.0, "ctkd/temperature_min": 1.0,
@@ -369,13 +326,13 @@ def test_every_plot_writes_a_png(search: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_report_command(search: dict, tmp_path: Path) -> None:
+def test_report_command(e2e_search: SearchRun, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "kdtune.report", str(search["folder"]), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "kdtune.report", str(e2e_search.folder), "--out", str(out)],
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
-    best = analysis.best_trials(analysis.load_search(search["folder"]).trials, 1).iloc[0]
+    best = analysis.best_trials(analysis.load_search(e2e_search.folder).trials, 1).iloc[0]
     for text in ("## Best configuration", "## Gap to baselines", "## Parameter importance", "## Cost",
                  best["trial_id"], "learning_curves.png"):
         assert text in md, text
@@ -390,13 +347,13 @@ def test_report_command(search: dict, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", ["overview", "compare"])
-def test_notebook_runs_headless(search: dict, notebook: str, monkeypatch) -> None:
+def test_notebook_runs_headless(e2e_search: SearchRun, notebook: str, monkeypatch) -> None:
     import nbformat
     from nbclient import NotebookClient
 
     # compare: the search folder against the same search read back from MLflow
-    results = str(search["folder"]) if notebook == "overview" else os.pathsep.join([str(search["folder"]), NAME])
-    for key, value in env(KDTUNE_RESULTS=results, MLFLOW_TRACKING_URI=search["uri"]).items():
+    results = str(e2e_search.folder) if notebook == "overview" else os.pathsep.join([str(e2e_search.folder), NAME])
+    for key, value in env(KDTUNE_RESULTS=results, MLFLOW_TRACKING_URI=e2e_search.uri).items():
         monkeypatch.setenv(key, value)  # the kernel inherits them
     nb = nbformat.read(ROOT / "analysis" / f"{notebook}.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit without outputs"

@@ -2,8 +2,8 @@
 
 Every case runs in its own tmp folder with its own ``RAY_TMPDIR`` and MLflow store, and checks
 the exit status, the time taken, the one-line message, that no traceback was printed, that no
-process it started is left (found by a marker in their environment, which every child of the
-command inherits), and that no MLflow run is left RUNNING. The commands run as users run them,
+process it started is left (found among the test process's own descendants by a marker in
+their environment, which every child of the command inherits: tests/processes.py), and that no MLflow run is left RUNNING. The commands run as users run them,
 in a subprocess of their own session; train, bench and report cases that start nothing run
 in-process (``main(argv)``), which is much cheaper. Cases that start Ray are marked slow.
 """
@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
+import processes
+import searches
 from conftest import write_cifar
 
 SPACE = {
@@ -72,39 +73,13 @@ class Pwned:
 
 
 def write_space(folder: Path, **changes) -> Path:
-    space = json.loads(json.dumps(SPACE))
-    for key, value in changes.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            space[section][leaf] = value
-        else:
-            space[section] = value
-    space["fixed"]["cache_dir"] = str(folder / "cache")
-    path = folder / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
+    """The case's space file, with the case's own teacher cache."""
+    return searches.write_space(folder, SPACE, cache_dir=folder / "cache", **changes)
 
 
 def _marked(marker: str) -> list[int]:
-    """PIDs of processes whose environment holds ``KDTUNE_FAULT_TEST=<marker>`` (ours only)."""
-    found = []
-    needle = f"KDTUNE_FAULT_TEST={marker}".encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-def _describe(pid: int) -> str:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
-        return f"{pid} {cmdline.decode(errors='replace')}"
-    except OSError:
-        return str(pid)
+    """The test's processes that a case started (its marker in their environment)."""
+    return processes.with_env(f"KDTUNE_FAULT_TEST={marker}")
 
 
 def _wait_gone(marker: str, seconds: float = 20) -> list[str]:
@@ -112,12 +87,8 @@ def _wait_gone(marker: str, seconds: float = 20) -> list[str]:
     deadline = time.monotonic() + seconds
     while (pids := _marked(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = [_describe(p) for p in pids]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    left = [processes.describe(p) for p in pids]
+    processes.kill(pids)
     return left
 
 
@@ -199,7 +170,7 @@ def search_here(capsys, folder: Path, space: Path | str, *args: str) -> Outcome:
 
     if "--tracking-uri" not in args:
         args = (*args, "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}")
-    before = set(_children())
+    before = set(processes.children())
     start = time.perf_counter()
     try:
         rc = main([str(space), "--storage-path", str(folder / "rr"), *args])
@@ -207,22 +178,7 @@ def search_here(capsys, folder: Path, space: Path | str, *args: str) -> Outcome:
         rc = e.code
     seconds = time.perf_counter() - start
     captured = capsys.readouterr()
-    return Outcome(rc, captured.out, captured.err, seconds, [_describe(p) for p in set(_children()) - before])
-
-
-def _children() -> list[int]:
-    """This process's live child processes."""
-    me = str(os.getpid())
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if stat.rsplit(")", 1)[1].split()[1] == me:
-                found.append(int(entry))
-    return found
+    return Outcome(rc, captured.out, captured.err, seconds, [processes.describe(p) for p in set(processes.children()) - before])
 
 
 # ---------------------------------------------------------------------------- data files never run code
@@ -559,7 +515,7 @@ def test_search_listens_on_loopback_only_and_holds_its_name(tmp_path: Path) -> N
         sockets = listening_sockets(_marked(marker))
         owners = {pid for pid, _, _ in sockets}
         assert len(owners) >= 3 and trial[0] in owners, sockets  # GCS, raylet, the trial's worker, ...
-        exposed = [(_describe(pid), address, port) for pid, address, port in sockets if address not in LOOPBACK]
+        exposed = [(processes.describe(pid), address, port) for pid, address, port in sockets if address not in LOOPBACK]
         assert not exposed, f"listening beyond loopback: {exposed}"
 
         # A second search of the same name while this one runs: refused, nothing recorded.

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,57 +22,9 @@ from mlflow import MlflowClient
 
 from kdtune.analysis import load_mlflow, load_results
 from kdtune.search.spec import load_spec
-from ray_instance import group_pids, pids_using, short_tmpdir
-
-SPACE = {
-    "name": "e2e",
-    "fixed": {"dataset": "digits", "teacher": "resnet8", "teacher_epochs": 2, "student": "resnet8",
-              "method": "kd", "epochs": 4, "batch_size": 128, "schedule": "cosine", "seed": 0},
-    "space": {"temperature": {"type": "float", "low": 1, "high": 8, "log": True},
-              "lr": {"type": "float", "low": 0.005, "high": 0.2, "log": True}},
-    "search": {"algorithm": "tpe", "num_samples": 6, "metric": "val/acc1", "mode": "max", "seed": 0,
-               "max_concurrent": 2},
-    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-    "resources": {"cpus_per_trial": 1},
-}
-
-
-def write_space(tmp_path: Path, **changes) -> Path:
-    space = json.loads(json.dumps(SPACE))
-    for key, value in changes.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            space[section][leaf] = value
-        else:
-            space[section] = value
-    # one teacher cache for the session's searches (pytest's base temp dir): a teacher is trained
-    # once per recipe, as the cache is meant to work
-    space["fixed"]["cache_dir"] = str(tmp_path.parent / "teacher-cache")
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
-
-
-def search_cmd(tmp_path: Path, space: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kdtune.search", str(space), "--storage-path", str(tmp_path / "ray"),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e.pop("RAY_ADDRESS", None)
-    e["PYTHONUNBUFFERED"] = "1"
-    return e
-
-
-def run_search(tmp_path: Path, space: Path, *extra: str, ray=None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The search as a user runs it; on the session's shared Ray instance when ``ray`` is given
-    (the ``shared_ray`` fixture), else on a private local one that the search starts."""
-    if ray is not None:
-        extra = (*extra, "--address", ray.address)
-    return subprocess.run(search_cmd(tmp_path, space, *extra), cwd=tmp_path, env=ray.env if ray else env(),
-                          capture_output=True, text=True, timeout=timeout)
-
+import processes
+from ray_instance import RayInstance, short_tmpdir
+from searches import E2E_SPACE, SPACE, env, run_search, search_cmd, write_space
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -94,7 +45,7 @@ def test_invalid_space_exits_2_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_spec_and_space(tmp_path: Path) -> None:
-    r = run_search(tmp_path, write_space(tmp_path), "--dry-run", "--num-samples", "3")
+    r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run", "--num-samples", "3")
     assert r.returncode == 0, r.stderr
     assert "num_samples: 3" in r.stdout and "temperature" in r.stdout and "FloatDistribution" in r.stdout
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
@@ -184,19 +135,10 @@ def optuna_trials(tmp_path: Path, name: str = "e2e") -> dict:
     return {t.user_attrs["ray_trial_id"]: t for t in study.trials}
 
 
-# Session-scoped: under xdist the slow tests of several modules run interleaved in one worker,
-# and a module-scoped search would be run again each time the worker came back to this module.
-@pytest.fixture(scope="session")
-def searched(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One real search (6 TPE trials, ASHA, 4 epochs) that several slow tests read."""
-    tmp_path = tmp_path_factory.mktemp("e2e")
-    return tmp_path, run_search(tmp_path, write_space(tmp_path), "--status-every", "2")
-
-
 @pytest.mark.slow
-def test_search_end_to_end_tracks_every_trial(searched) -> None:
-    tmp_path, r = searched
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
+    e2e_search.check()
+    tmp_path, r = e2e_search.dir, e2e_search.result
     assert "best configuration" in r.stdout and "results table" in r.stdout
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 6 and table["trial_id"].is_unique
@@ -215,7 +157,8 @@ def test_search_end_to_end_tracks_every_trial(searched) -> None:
     assert (table["status"] == "stopped early").any(), "ASHA stopped no trial"
     assert (table["status"] == "completed").any()
     assert (table.loc[table.status == "completed", "epochs"] == 4).all()
-    assert table[["temperature", "lr"]].notna().all().all()
+    assert set(table["method"]) == {"none", "kd"} and table["lr"].notna().all()
+    assert (table["temperature"].isna() == (table["method"] == "none")).all()  # kd's parameter, kd's trials
 
     # one objective (the metric at the last epoch trained) in Optuna, the table, MLflow and best.json
     objective = table.set_index("trial_id")["final_val/acc1"]
@@ -238,7 +181,7 @@ def test_search_end_to_end_tracks_every_trial(searched) -> None:
     parent_ids = {run.data.tags["mlflow.parentRunId"] for run in runs}
     assert len(parent_ids) == 1
     parent = client.get_run(parent_ids.pop())
-    assert parent.info.status == "FINISHED" and "best.temperature" in parent.data.tags
+    assert parent.info.status == "FINISHED" and "best.lr" in parent.data.tags
     assert parent.data.params == {k: str(v) for k, v in load_spec(tmp_path / "space.yaml").fixed.items()}
     assert parent.data.metrics["objective"] == pytest.approx(objective.max())
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -246,7 +189,8 @@ def test_search_end_to_end_tracks_every_trial(searched) -> None:
     by_trial = {run.data.tags["kdtune.trial_id"]: run for run in runs}
     for row in table.itertuples():
         run = by_trial[row.trial_id]
-        assert set(run.data.params) == {"temperature", "lr"}  # the hyperparameters and nothing else
+        # the trial's hyperparameters and nothing else
+        assert set(run.data.params) == {"method", "lr"} | ({"temperature"} if row.method == "kd" else set())
         assert not set(run.data.params) & set(run.data.metrics)  # no name is both
         assert "epoch" not in run.data.metrics  # the step says it
         assert run.data.metrics["objective"] == pytest.approx(objective[row.trial_id])
@@ -267,9 +211,9 @@ def test_search_end_to_end_tracks_every_trial(searched) -> None:
 
 
 @pytest.mark.slow
-def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(searched) -> None:
-    tmp_path, r = searched
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search) -> None:
+    e2e_search.check()
+    tmp_path = e2e_search.dir
     folder = tmp_path / "ray" / "e2e"
     table = load_results(folder).set_index("trial_id")
     trial = table.index[table["status"] == "completed"][0]
@@ -302,9 +246,9 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(searched) -
 
 
 @pytest.mark.slow
-def test_a_second_run_of_the_same_file_starts_a_new_search(searched, shared_ray) -> None:
-    tmp_path, first = searched
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def test_a_second_run_of_the_same_file_starts_a_new_search(e2e_search, shared_ray) -> None:
+    e2e_search.check()
+    tmp_path = e2e_search.dir
     second = run_search(tmp_path, tmp_path / "space.yaml", "--num-samples", "1", ray=shared_ray)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "starting a new search 'e2e-2'" in second.stdout
@@ -367,7 +311,7 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     assert proc.returncode != 0, "".join(lines)[-3000:]
     assert "--resume" in out  # the hint
     for _ in range(40):  # Ctrl-C leaves none of this search's Ray processes behind
-        left = set(group_pids(proc.pid)) | set(pids_using(ray_tmp))
+        left = set(processes.in_group(proc.pid)) | set(processes.naming(ray_tmp))
         if not left:
             break
         time.sleep(0.5)
@@ -407,10 +351,31 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     assert len(parents) == 1 and client.get_run(parents.pop()).info.status == "FINISHED"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.mark.slow
+def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu(tmp_path: Path) -> None:
+    """``--gpus-per-trial 0.25`` on a cluster with one GPU runs four trials at the same time. The
+    GPU is only declared (``ray start --num-gpus 1`` on this GPU-less machine): each trial gets a
+    quarter of it from Ray, finds no CUDA and trains on the CPU."""
+    space = write_space(tmp_path, search__num_samples=4, search__max_concurrent=4, search__algorithm="random",
+                        scheduler={"type": "none"}, fixed__epochs=2, resources__cpus_per_trial=0.5,
+                        resources__gpus_per_trial=0.25)
+    cluster = RayInstance.start(num_cpus=2, num_gpus=1)
+    try:
+        r = run_search(tmp_path, space, ray=cluster, timeout=300)
+    finally:
+        cluster.stop()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"connected to the Ray cluster at {cluster.address}" in r.stdout
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 4 and (table["status"] == "completed").all()
+    assert (table["gpus_per_trial"] == 0.25).all()
+    spans = []
+    for trial in (tmp_path / "ray" / "e2e").glob("KDTrainable_*"):
+        epochs = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+        spans.append((epochs[0]["timestamp"] - epochs[0]["time_this_iter_s"], epochs[-1]["timestamp"]))
+    assert len(spans) == 4
+    # all four were running at one moment: the last to start started before the first to end ended
+    assert max(start for start, _ in spans) < min(end for _, end in spans)
 
 
 FLAKY_PLUGIN = '''
@@ -469,14 +434,87 @@ def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(tmp_path: Path
     assert by_value["True"].info.status == "FAILED" and by_value["True"].data.tags["kdtune.status"] == "failed"
 
 
+# The KDAS, CTKD and SAKD searches (each one short) run at once on the shared instance: each
+# one's start-up (imports, teacher, MLflow) overlaps the others' trials.
+METHOD_SEARCHES = {
+    "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
+                 space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
+                        "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
+                 search__num_samples=3, scheduler={"type": "none"}),
+    "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
+                 space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
+                        "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
+                 search__num_samples=3, scheduler={"type": "none"}),
+    "sakd": dict(fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd", "epochs": 3},
+                 space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
+                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"}, scheduler={"type": "none"}),
+}
+
+
+@pytest.fixture(scope="session")
+def method_searches(tmp_path_factory, shared_ray) -> dict[str, Path]:
+    """The folder of each method's finished search (its output checked)."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in METHOD_SEARCHES}
+    procs = {name: subprocess.Popen(search_cmd(folder, write_space(folder, **METHOD_SEARCHES[name]), "--address",
+                                               shared_ray.address), cwd=folder, env=shared_ray.env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, folder in folders.items()}
+    outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name}: {outputs[name][-3000:]}"
+    return folders
+
+
+LOST_WORKER_PLUGIN = '''
+"""In the search's driver only: Ray raises ActorUnavailableError out of Tuner.fit once, after a
+trial reported its first epoch, as it did once under load (issue 14)."""
+import os
+from pathlib import Path
+
+from ray.exceptions import ActorUnavailableError
+
+from kdtune.search.progress import Progress
+
+_on_step_end = Progress.on_step_end
+
+
+def on_step_end(self, iteration, trials, **info):
+    marker = Path(os.environ["LOST_MARKER"])
+    if not marker.exists() and any(t.last_result.get("training_iteration", 0) >= 1 for t in trials):
+        marker.touch()
+        raise ActorUnavailableError("RpcError: Socket closed (simulated)", None)
+    return _on_step_end(self, iteration, trials, **info)
+
+
+Progress.on_step_end = on_step_end
+'''
+
+
 @pytest.mark.slow
-def test_kdas_trials_in_a_real_search(tmp_path: Path, shared_ray) -> None:
-    space = write_space(tmp_path, fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
-                        space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
-                               "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
-                        search__num_samples=3, scheduler={"type": "none"})
-    r = run_search(tmp_path, space, ray=shared_ray)
+def test_a_worker_lost_outside_a_trial_restores_the_search(tmp_path: Path, shared_ray) -> None:
+    (tmp_path / "lost_worker.py").write_text(LOST_WORKER_PLUGIN)
+    space = write_space(tmp_path, search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=3)
+    r = run_search(tmp_path, space, ray=shared_ray, env_extra={
+        "KDTUNE_PLUGINS": "lost_worker", "LOST_MARKER": str(tmp_path / "lost"),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), shared_ray.env["PYTHONPATH"]])})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "lost").exists()
+    assert ("[kdtune] Ray lost a worker outside a trial (ActorUnavailableError: RpcError: Socket closed "
+            "(simulated)); restoring the search from its saved state (1 of 2)") in r.stderr
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 2 and (table["status"] == "completed").all() and (table["epochs"] == 3).all()
+    client, runs = child_runs(tmp_path)
+    assert sorted(run.data.tags["kdtune.trial_id"] for run in runs) == sorted(table["trial_id"])  # no duplicates
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")) == [1, 2, 3]
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_kdas_trials_in_a_real_search(method_searches) -> None:
+    tmp_path = method_searches["kdas"]
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
     assert (table["end_rate"] <= table["start_rate"]).all()
@@ -490,13 +528,8 @@ def test_kdas_trials_in_a_real_search(tmp_path: Path, shared_ray) -> None:
 
 
 @pytest.mark.slow
-def test_ctkd_trials_in_a_real_search(tmp_path: Path, shared_ray) -> None:
-    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
-                        space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
-                               "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
-                        search__num_samples=3, scheduler={"type": "none"})
-    r = run_search(tmp_path, space, ray=shared_ray)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_ctkd_trials_in_a_real_search(method_searches) -> None:
+    tmp_path = method_searches["ctkd"]
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
     assert (table["ctkd/lambda"] == table["lambda_max"]).all()  # the curriculum ended at lambda_max
@@ -512,14 +545,8 @@ def test_ctkd_trials_in_a_real_search(tmp_path: Path, shared_ray) -> None:
 
 
 @pytest.mark.slow
-def test_sakd_trials_in_a_real_search(tmp_path: Path, shared_ray) -> None:
-    space = write_space(tmp_path, fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd",
-                                         "epochs": 3},
-                        space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
-                        search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
-                        scheduler={"type": "none"})
-    r = run_search(tmp_path, space, ray=shared_ray)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_sakd_trials_in_a_real_search(method_searches) -> None:
+    tmp_path = method_searches["sakd"]
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 2 and (table["status"] == "completed").all()
     stages = ["sakd/gate_stage1", "sakd/gate_stage2", "sakd/gate_stage3"]

@@ -311,9 +311,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     init_ray(address, verbose)
     start = time.perf_counter()
     try:
-        tuner = (tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-                 if resume else new_tuner(spec, storage, trainable, callbacks, optuna_url))
-        results = tuner.fit()
+        results = fit(spec, experiment_path, trainable,
+                      None if resume else functools.partial(new_tuner, spec, storage, trainable, callbacks, optuna_url))
         table = results_table(results, spec)
         expected = len(spec.space.grid()) if spec.algorithm == "grid" else spec.num_samples
     finally:
@@ -328,6 +327,48 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         print(f"[kdtune] MLflow logging on the driver: {1000 * tracker.log_seconds / tracker.results_logged:.1f} ms "
               f"per reported epoch ({tracker.results_logged} results)")
     return report(spec, table, expected, client, parent_id, own, tracking_uri, experiment_path, wall)
+
+
+def fit(spec: SearchSpec, experiment_path: str, trainable, make_tuner=None):
+    """Run the search to its end: a new tuner from ``make_tuner``, or, with None, the experiment
+    at ``experiment_path`` restored (``--resume``).
+
+    Tune counts a lost trial actor (``RayActorError``) as that trial's failure and retries it
+    from its checkpoint. One escaped Tune's handling once, under load (``ActorUnavailableError:
+    Socket closed``, raised out of ``Tuner.fit``), and ended the whole search. Such an error now
+    restores the experiment from its saved state, as ``--resume`` would (unfinished and errored
+    trials go on from their last checkpoints), at most ``max_failures`` times.
+    """
+    from ray import tune
+
+    def restored():
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+
+    tuner = make_tuner() if make_tuner is not None else restored()
+    for attempt in range(1, spec.max_failures + 2):
+        try:
+            return tuner.fit()
+        except Exception as e:
+            lost = lost_worker(e)
+            if lost is None or attempt > spec.max_failures:
+                raise
+            reason = (str(lost).strip().splitlines() or [""])[0][:200]
+            print(f"[kdtune] Ray lost a worker outside a trial ({type(lost).__name__}: {reason}); restoring the "
+                  f"search from its saved state ({attempt} of {spec.max_failures})", file=sys.stderr, flush=True)
+            tuner = restored()
+
+
+def lost_worker(error: BaseException) -> BaseException | None:
+    """The ``RayActorError`` in ``error``'s chain (Tune wraps some in a TuneError), or None."""
+    from ray.exceptions import RayActorError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RayActorError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: str | None = None):

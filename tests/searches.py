@@ -1,0 +1,105 @@
+"""Searches as tests run them: the space files, the command and its environment, and the one
+end-to-end search that test_search and test_analysis both read (the ``e2e_search`` fixture in
+conftest, run once per session: a real search costs more than most test modules).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# digits, a resnet8 teacher trained for 2 epochs, 4-epoch trials: seconds per trial on 2 cores
+FIXED = {"dataset": "digits", "teacher": "resnet8", "teacher_epochs": 2, "student": "resnet8",
+         "method": "kd", "epochs": 4, "batch_size": 128, "schedule": "cosine", "seed": 0}
+SPACE = {
+    "name": "e2e",
+    "fixed": FIXED,
+    "space": {"lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}},
+    "search": {"algorithm": "tpe", "num_samples": 6, "metric": "val/acc1", "mode": "max", "seed": 0,
+               "max_concurrent": 2},
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpus_per_trial": 1},
+}
+# The end-to-end search: the method searched with a conditional sub-space (temperature exists
+# only in kd trials, and the student-alone baseline, method none, comes from the search itself),
+# 6 TPE trials, ASHA over 4 epochs (rungs at 1 and 2).
+E2E_SPACE = {**SPACE,
+             "fixed": {k: v for k, v in FIXED.items() if k != "method"},
+             "space": {"method": {"type": "categorical",
+                                  "choices": {"none": {},
+                                              "kd": {"temperature": {"type": "float", "low": 1, "high": 8,
+                                                                     "log": True}}}},
+                       **SPACE["space"]}}
+
+
+def write_space(folder: Path, base: dict = SPACE, cache_dir: Path | None = None, **changes) -> Path:
+    """``folder/space.yaml``: ``base`` with ``changes`` (``section=value`` replaces a section,
+    ``section__key=value`` one key of it). The teacher cache defaults to one folder beside the
+    test's (pytest's base temp dir), so the session's searches train a teacher once per recipe,
+    as the cache is meant to work."""
+    space = json.loads(json.dumps(base))
+    for key, value in changes.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            space[section][leaf] = value
+        else:
+            space[section] = value
+    space["fixed"]["cache_dir"] = str(cache_dir or folder.parent / "teacher-cache")
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment of a search or a CLI run: this checkout first on PYTHONPATH (for the
+    subprocesses, Ray's workers and notebook kernels, installed or not), no RAY_ADDRESS."""
+    e = dict(os.environ)
+    e.pop("RAY_ADDRESS", None)
+    e["PYTHONUNBUFFERED"] = "1"
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [e.get("PYTHONPATH")])])
+    e.update(extra)
+    return e
+
+
+def search_cmd(folder: Path, space: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kdtune.search", str(space), "--storage-path", str(folder / "ray"),
+            "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", *extra]
+
+
+def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 600,
+               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The search as a user runs it; on the session's shared Ray instance when ``ray`` is given
+    (the ``shared_ray`` fixture), else on a private local one that the search starts (in the
+    session's own RAY_TMPDIR, set by conftest)."""
+    e = {**(ray.env if ray else env()), **(env_extra or {})}
+    if ray is not None:
+        extra = (*extra, "--address", ray.address)
+    return subprocess.run(search_cmd(folder, space, *extra), cwd=folder, env=e, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """A finished search: its folder of files, its search folder, its MLflow store, its output."""
+    dir: Path
+    folder: Path
+    uri: str
+    result: subprocess.CompletedProcess
+
+    def check(self) -> None:
+        r = self.result
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def e2e_search(folder: Path, ray) -> SearchRun:
+    """The end-to-end search, on the session's shared Ray instance ``ray`` (the searches that
+    start a private local instance, the default a user gets, are in test_search and test_faults)."""
+    r = run_search(folder, write_space(folder, E2E_SPACE), "--status-every", "2", ray=ray)
+    return SearchRun(folder, folder / "ray" / E2E_SPACE["name"], f"sqlite:///{folder / 'mlflow.db'}", r)
