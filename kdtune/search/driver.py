@@ -342,6 +342,9 @@ def fit(spec: SearchSpec, experiment_path: str, trainable, make_tuner=None):
     from ray import tune
 
     def restored():
+        # "Failed to fetch metrics for N trial(s)": trials that had not written results yet;
+        # they are restored all the same.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         return tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
 
     tuner = make_tuner() if make_tuner is not None else restored()
