@@ -9,7 +9,8 @@ teacher-output cache, and with cache + torch.compile, side by side per pair; oth
 (``--methods``) as a multiple of KD's step time on the same pair.
 (c) The teacher-output cache's build time and size (a real build, extrapolated to CIFAR-100).
 (d) KDAS against KD over a shortened schedule, actually run, live and with the cache.
-(e) ``--quickstart``: the quickstart search's mean trial time, cache off and on (subprocesses).
+(e) ``--share N``: N trial processes reading one cache, each one's resident and proportional memory.
+(f) ``--quickstart``: the quickstart search's mean trial time, cache off and on (subprocesses).
 ``--gpu``: per pair single-trial and packed (``--processes``) img/s, cache build, peak memory.
 """
 from __future__ import annotations
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="time KDAS against KD over a shortened schedule for this pair ('' to skip)")
     p.add_argument("--kdas-images", type=_positive, default=512)
     p.add_argument("--kdas-epochs", type=_positive, default=8)
+    p.add_argument("--share", type=_nonnegative, default=0, metavar="N",
+                   help="N trial processes read one teacher-output cache: each one's resident and proportional "
+                   "memory of it (Linux)")
+    p.add_argument("--share-images", type=_positive, default=1000, help="images (x 162 views) of the --share cache")
     p.add_argument("--quickstart", action="store_true",
                    help="also time the quickstart search's trials with the cache off and on (runs Ray in subprocesses)")
     p.add_argument("--quickstart-trials", type=_positive, default=4)

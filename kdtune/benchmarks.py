@@ -208,6 +208,63 @@ def bench_quickstart(trials: int, epochs: int) -> None:
           f"{means['off']:.1f}s live, {means['on']:.1f}s with the cache ({means['off'] / means['on']:.2f}x)")
 
 
+def _mapping_memory(path: str) -> tuple[int, int]:
+    """(Rss, Pss) in bytes of this process's mappings of ``path`` (/proc/self/smaps): Pss divides
+    each resident page by the number of processes that map it."""
+    rss = pss = 0
+    mine = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's header
+                mine = line.rstrip("\n").endswith(path)
+            elif mine and head and head[0] in ("Rss:", "Pss:"):
+                value = int(head[1]) * 1024
+                rss, pss = (rss + value, pss) if head[0] == "Rss:" else (rss, pss + value)
+    return rss, pss
+
+
+def _share_worker(rank: int, args: tuple, barrier, queue) -> None:  # a spawned trial process
+    cache_dir, images = args
+    data = cifar_shaped(images)
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", num_classes=100)
+    loader = TrainLoader(data, batch_size=64, device=torch.device("cpu"), seed=0)
+    cache = open_cache(teacher, loader, cache_dir=cache_dir, amp=False, log=lambda msg: None)
+    n = cache.table.shape[0]
+    for start in range(0, n, 4096):  # every row once, as an epoch's lookups over all views would
+        cache.lookup(torch.arange(start, min(start + 4096, n)) // loader.num_views,
+                     torch.arange(start, min(start + 4096, n)) % loader.num_views)
+    barrier.wait()  # every process has the whole table mapped and read
+    queue.put((rank, cache.size_bytes, *_mapping_memory(str(cache.path))))
+    barrier.wait()  # hold the mapping until every process has measured
+
+
+def bench_cache_sharing(processes: int, images: int) -> None:
+    """``processes`` trial processes open one teacher-output cache (built first, resnet8 on
+    ``images`` CIFAR-shaped images x 162 views) and read every row: each one's resident (Rss) and
+    proportional (Pss) memory of the mapping. Linux only (/proc/self/smaps)."""
+    import multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="kdtune-bench-share-") as tmp:
+        ctx = mp.get_context("spawn")
+        builder = ctx.Process(target=_share_worker, args=(0, (tmp, images), ctx.Barrier(1), ctx.Queue()))
+        builder.start()  # the first open builds the file; the measured processes only map it
+        builder.join()
+        barrier, queue = ctx.Barrier(processes), ctx.Queue()
+        procs = [ctx.Process(target=_share_worker, args=(r, (tmp, images), barrier, queue)) for r in range(processes)]
+        for proc in procs:
+            proc.start()
+        done = sorted(queue.get() for _ in procs)
+        for proc in procs:
+            proc.join()
+    size = done[0][1]
+    each = ", ".join(f"{rss / 1e6:.0f}/{pss / 1e6:.0f}" for _, _, rss, pss in done)
+    print(f"cache     {processes} trial processes reading one {size / 1e6:.0f} MB cache ({images} images x 162 views "
+          f"x 100 classes, fp32): mapping Rss/Pss per process {each} MB; together {sum(d[3] for d in done) / 1e6:.0f} "
+          f"MB of memory for the table (Pss sums to one copy)", flush=True)
+
+
 def bench_steps_side_by_side(pairs: list[tuple[str, str]], device: torch.device, batch_size: int, steps: int,
                              compile: bool, methods: list[str]) -> None:
     """KD step img/s with the teacher live, with the teacher-output cache, and with cache + compile."""
@@ -300,6 +357,8 @@ def run(args, pairs: list[tuple[str, str]], kdas: tuple[str, str] | None, method
     if kdas:
         teacher, student = kdas
         bench_kdas(teacher, student, device, args.batch_size, args.kdas_images, args.kdas_epochs)
+    if args.share:
+        bench_cache_sharing(args.share, args.share_images)
     if args.quickstart:
         bench_quickstart(args.quickstart_trials, args.quickstart_epochs)
     return 0

@@ -79,11 +79,13 @@ def write_cifar(root: Path, kind: str, n_train: int = 60, n_test: int = 20) -> N
 
 @pytest.fixture(scope="session")
 def shared_ray():
-    """One Ray instance (own process group, temp dir and ports on 127.0.0.1, 2 CPUs) that the
+    """One Ray instance (own process group, temp dir and ports on 127.0.0.1) that the
     searches of the whole session connect to with --address, instead of each starting its own."""
     from ray_instance import RayInstance
 
-    instance = RayInstance.start(num_cpus=2)
+    # 4 logical CPUs on 2 cores: a trial holds its CPU while its worker starts (imports torch, ~3 s),
+    # so a few more trials at once keep the cores busy.
+    instance = RayInstance.start(num_cpus=4)
     try:
         yield instance
     finally:

@@ -67,6 +67,8 @@ class RayInstance:
         return cls(f"127.0.0.1:{port}", temp_dir, proc.pid, env)
 
     def stop(self) -> None:
-        processes.stop_group(self.pgid)
+        # Ray's GCS and raylet take 10 s and more to end on SIGTERM; a test instance holds
+        # nothing worth a graceful shutdown.
+        processes.stop_group(self.pgid, grace=1.0)
         processes.kill(processes.naming(self.temp_dir))  # anything of this instance that left the group
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -14,12 +14,12 @@ import pytest
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def fingerprint() -> dict:
+def fingerprint(part: str) -> dict:
     # A subprocess: the script sets deterministic algorithms and one thread for itself only.
-    out = subprocess.run([sys.executable, str(HERE / "tools" / "fingerprint.py")], check=True,
+    # One part per test, so that the parts compute in parallel (pytest-xdist) and once each.
+    out = subprocess.run([sys.executable, str(HERE / "tools" / "fingerprint.py"), part], check=True,
                          capture_output=True, text=True, timeout=300).stdout
-    return json.loads(out)
+    return json.loads(out)[part]
 
 
 def _close(a, b, rel: float) -> bool:
@@ -29,9 +29,9 @@ def _close(a, b, rel: float) -> bool:
 
 
 @pytest.mark.parametrize("part,rel", [("models", 0.0), ("losses", 1e-5), ("digits", 1e-4)])
-def test_behaviour_matches_the_recorded_fingerprint(fingerprint: dict, part: str, rel: float) -> None:
+def test_behaviour_matches_the_recorded_fingerprint(part: str, rel: float) -> None:
     expected = json.loads((HERE / "data" / "fingerprint.json").read_text())[part]
-    got = fingerprint[part]
+    got = fingerprint(part)
     assert sorted(got) == sorted(expected), "entries added or removed: regenerate deliberately"
     moved = {name: (got[name], want) for name, want in expected.items()
              if sorted(got[name]) != sorted(want)
