@@ -189,6 +189,29 @@ def test_plots_skip_cleanly_without_their_data(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_mlflow_params_take_the_types_their_space_declares() -> None:
+    """MLflow keeps params as strings; the loader types them from the search space, not by
+    their look: "5" stays a string when the choices are strings."""
+    from kdtune.analysis.loaders import _numeric, _typed
+    from kdtune.search.space import parse_space
+
+    space, problems = parse_space({
+        "method": {"type": "categorical", "choices": {"none": {}, "kd": {"temperature": {"type": "float", "low": 1,
+                                                                                      "high": 8}}}},
+        "sampling_period": {"type": "categorical", "choices": ["5", "10"]},
+        "logit_stand": {"type": "categorical", "choices": [True, False]},
+        "batch_size": {"type": "int", "low": 32, "high": 128}})
+    assert not problems
+    declared = space.declared()
+    assert _typed(pd.Series(["5", "10"]), declared["sampling_period"]).tolist() == ["5", "10"]
+    assert _numeric(pd.Series(["5", "10"])).tolist() == [5, 10]  # what guessing by the look gave
+    assert _typed(pd.Series(["True", "False"]), declared["logit_stand"]).tolist() == [True, False]
+    assert _typed(pd.Series(["none", "kd"]), declared["method"]).tolist() == ["none", "kd"]
+    temperature = _typed(pd.Series([None, "4.0"]), declared["temperature"])
+    assert math.isnan(temperature[0]) and temperature[1] == 4.0
+    assert _typed(pd.Series(["64"]), declared["batch_size"]).tolist() == [64]
+
+
 def test_bad_results_path_is_named_and_exits_2(tmp_path: Path, capsys) -> None:
     assert report.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

@@ -37,6 +37,7 @@ import pandas as pd
 from kdtune.search.records import (OBJECTIVE_METRIC, PARENT_TAG, PENALTY, RESULTS_FILE,
                                    STATE_FILE, STATUS_TAG, TRIAL_TAG, is_own_metric, objective_column, resolve_tracking_uri,
                                    run_metrics)
+from kdtune.search.space import parse_space
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
 FINISHED = ("completed", "stopped early")
@@ -58,22 +59,36 @@ def load_results(path: str | Path) -> pd.DataFrame:
 
 
 def _numeric(column: pd.Series) -> pd.Series:
-    """MLflow stores params as strings: give numbers and booleans back their type."""
+    """A param no search space declares (MLflow keeps strings): numbers and booleans by their look."""
     if column.isin(["True", "False"]).all():
         return column.map({"True": True, "False": False})
     converted = pd.to_numeric(column, errors="coerce")
     return converted if converted.notna().sum() == column.notna().sum() else column
 
 
+def _typed(column: pd.Series, param) -> pd.Series:
+    """A searched param (MLflow keeps strings) back in the type its search space declares: the
+    choice itself for a categorical (``"1"`` stays a string when the choices are strings), a
+    number for a range; missing (NaN) in the trials that do not take it."""
+    if param.kind == "categorical":
+        by_text = {str(choice): choice for choice in param.choices}
+        return column.map(lambda text: by_text.get(text, text) if isinstance(text, str) else text)
+    return pd.to_numeric(column, errors="coerce")
+
+
 def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id: str | None = None,
-                storage_path: str | Path | None = None) -> pd.DataFrame:
+                storage_path: str | Path | None = None, space: Any = None) -> pd.DataFrame:
     """One row per trial run of ``experiment`` (optionally of one search: its parent run id, or
-    the ``storage_path`` folder of the search), with params, last metrics and status."""
+    the ``storage_path`` folder of the search), with params, last metrics and status. Params
+    get the types the search's space declares: ``space`` (a :class:`kdtune.search.space.Space`),
+    or with ``storage_path`` the search's own; without one, numbers and booleans by their look."""
     from mlflow import MlflowClient
 
     if parent_run_id is None and storage_path is not None:
         state = _read_state(Path(storage_path) / experiment / STATE_FILE)
         parent_run_id, tracking_uri = state["parent_run_id"], tracking_uri or state["tracking_uri"]
+        if space is None:
+            space = parse_space(state["spec"]["space"])[0]
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -91,9 +106,9 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
         row.update(run.data.params)
         rows.append(row)
     df = pd.DataFrame(rows)
-    params = {k for run in runs for k in run.data.params}
-    for name in params:
-        df[name] = _numeric(df[name])
+    declared = space.declared() if space is not None else {}
+    for name in {k for run in runs for k in run.data.params}:
+        df[name] = _typed(df[name], declared[name]) if name in declared else _numeric(df[name])
     return df.sort_values("trial_id", ignore_index=True) if len(df) else df
 
 
@@ -120,8 +135,6 @@ class Search:
 
     @property
     def space(self):
-        from kdtune.search.space import parse_space
-
         return parse_space(self.spec["space"])[0]
 
     @property
@@ -278,7 +291,7 @@ def _from_folder(folder: Path, tracking_uri: str | None, label: str | None) -> S
     if curves is None:  # trial folders elsewhere (remote storage): MLflow has the same histories
         from mlflow import MlflowClient
 
-        runs = load_mlflow(spec["name"], uri, parent_run_id=state["parent_run_id"])
+        runs = load_mlflow(spec["name"], uri, parent_run_id=state["parent_run_id"], space=parse_space(spec["space"])[0])
         curves = _curves_from_mlflow(MlflowClient(uri), runs)
     trials = _tidy_trials(raw, spec, label)
     return Search(spec["name"], label, spec, trials, _tidy_curves(curves, trials, label), folder, uri,
@@ -337,7 +350,7 @@ def _from_mlflow(experiment: str, tracking_uri: str | None, label: str | None) -
     parent = parents[0].info.run_id
     with tempfile.TemporaryDirectory() as tmp, _quiet_mlflow_downloads():
         spec = yaml.safe_load(Path(client.download_artifacts(parent, "spec.yaml", tmp)).read_text())
-    runs = load_mlflow(experiment, uri, parent_run_id=parent)
+    runs = load_mlflow(experiment, uri, parent_run_id=parent, space=parse_space(spec["space"])[0])
     label = label or spec["name"]
     curves = _curves_from_mlflow(client, runs)
     trials = _tidy_trials(_trials_from_mlflow(runs, curves, spec), spec, label)
@@ -378,7 +391,6 @@ def _curves_from_mlflow(client, runs: pd.DataFrame) -> pd.DataFrame:
 
 def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) -> pd.DataFrame:
     """The MLflow runs in the shape of ``results.csv``."""
-    from kdtune.search.space import parse_space
 
     metric, mode = spec["search"]["metric"], spec["search"]["mode"]
     params = set(parse_space(spec["space"])[0].names())
@@ -403,7 +415,7 @@ def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) ->
 def _tidy_trials(raw: pd.DataFrame, spec: dict, label: str) -> pd.DataFrame:
     """Columns in one order for every source; ``method`` and ``sampler`` present even when fixed."""
     from kdtune.config import RunConfig
-    from kdtune.search.space import CONDITIONAL_KEYS, parse_space
+    from kdtune.search.space import CONDITIONAL_KEYS
 
     trials = raw.copy()
     names = parse_space(spec["space"])[0].names()

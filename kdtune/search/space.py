@@ -134,6 +134,18 @@ class Space:
         found = {"method": self.methods, "sampler": self.samplers}
         return {key: choices for key, choices in found.items() if choices is not None}
 
+    def declared(self) -> dict[str, Param]:
+        """Every searched name with its declaration; a conditional key ("method", "sampler") as a
+        categorical over its choices. A name in several sub-spaces has one type in all of them
+        (the schema gives each hyperparameter one), so the first declaration stands for all."""
+        out: dict[str, Param] = {key: Param(key, "categorical", choices=tuple(choices))
+                                 for key, choices in self.conditionals.items()}
+        for choices in self.conditionals.values():
+            for sub in choices.values():
+                for name, param in sub.items():
+                    out.setdefault(name, param)
+        return {**out, **{n: p for n, p in self.params.items() if n not in out}}
+
     def suggest(self, trial: Any) -> None:
         """Define-by-run space for ``OptunaSearch(space=space.suggest)``.
 
