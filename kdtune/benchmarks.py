@@ -248,8 +248,11 @@ def bench_cache_sharing(processes: int, images: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="kdtune-bench-share-") as tmp:
         ctx = mp.get_context("spawn")
-        builder = ctx.Process(target=_share_worker, args=(0, (tmp, images), ctx.Barrier(1), ctx.Queue()))
-        builder.start()  # the first open builds the file; the measured processes only map it
+        # the first open builds the file; the measured processes only map it
+        build_barrier, build_queue = ctx.Barrier(1), ctx.Queue()
+        builder = ctx.Process(target=_share_worker, args=(0, (tmp, images), build_barrier, build_queue))
+        builder.start()
+        build_queue.get()
         builder.join()
         barrier, queue = ctx.Barrier(processes), ctx.Queue()
         procs = [ctx.Process(target=_share_worker, args=(r, (tmp, images), barrier, queue)) for r in range(processes)]
@@ -259,9 +262,9 @@ def bench_cache_sharing(processes: int, images: int) -> None:
         for proc in procs:
             proc.join()
     size = done[0][1]
-    each = ", ".join(f"{rss / 1e6:.0f}/{pss / 1e6:.0f}" for _, _, rss, pss in done)
+    each = ", ".join(f"{rss / 1e6:.1f}/{pss / 1e6:.1f}" for _, _, rss, pss in done)
     print(f"cache     {processes} trial processes reading one {size / 1e6:.0f} MB cache ({images} images x 162 views "
-          f"x 100 classes, fp32): mapping Rss/Pss per process {each} MB; together {sum(d[3] for d in done) / 1e6:.0f} "
+          f"x 100 classes, fp32): mapping Rss/Pss per process {each} MB; together {sum(d[3] for d in done) / 1e6:.1f} "
           f"MB of memory for the table (Pss sums to one copy)", flush=True)
 
 
