@@ -357,11 +357,11 @@ def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu
     GPU is only declared (``ray start --num-gpus 1`` on this GPU-less machine): each trial gets a
     quarter of it from Ray, finds no CUDA and trains on the CPU."""
     space = write_space(tmp_path, search__num_samples=4, search__max_concurrent=4, search__algorithm="random",
-                        scheduler={"type": "none"}, fixed__epochs=2, resources__cpus_per_trial=0.5,
+                        scheduler={"type": "none"}, fixed__epochs=3, resources__cpus_per_trial=0.5,
                         resources__gpus_per_trial=0.25)
     cluster = RayInstance.start(num_cpus=2, num_gpus=1)
     try:
-        r = run_search(tmp_path, space, ray=cluster, timeout=300)
+        r = run_search(tmp_path, space, "--status-every", "0.2", ray=cluster, timeout=300)
     finally:
         cluster.stop()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -369,13 +369,10 @@ def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 4 and (table["status"] == "completed").all()
     assert (load_search(tmp_path / "ray" / "e2e").trials["gpus_per_trial"] == 0.25).all()
-    spans = []
-    for trial in (tmp_path / "ray" / "e2e").glob("KDTrainable_*"):
-        epochs = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
-        spans.append((epochs[0]["timestamp"] - epochs[0]["time_this_iter_s"], epochs[-1]["timestamp"]))
-    assert len(spans) == 4
-    # all four were running at one moment: the last to start started before the first to end ended
-    assert max(start for start, _ in spans) < min(end for _, end in spans)
+    # Ray gave all four their quarter of the GPU at one moment: the status line (every 0.2 s)
+    # counted four trials running (Tune marks a trial RUNNING once its actor holds its resources).
+    running = [int(n) for n in re.findall(r"\| (\d) running, ", r.stdout)]
+    assert max(running) == 4, running
 
 
 FLAKY_PLUGIN = '''

@@ -147,14 +147,15 @@ class TrialTracker(Callback):
         """The trial's child run: found by tag (after a resume) or created with its params."""
         tid = trial.trial_id
         if tid in self.runs:
+            if tid not in self.logged:  # restored: MLflow, not the snapshot, knows what was logged
+                self.logged[tid] = self.last_logged_epoch(self.runs[tid])
             return self.runs[tid]
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{tid}'")
         if found:
             run_id = found[0].info.run_id
-            steps = [m.step for m in self.client.get_metric_history(run_id, "train/loss")]
-            self.logged[tid] = max(steps, default=0)
+            self.logged[tid] = self.last_logged_epoch(run_id)
         else:
             params = {k: v for k, v in trial.config.items() if v is not None}
             method = str(params.get("method", self.tags.get("method", "")))
@@ -168,6 +169,9 @@ class TrialTracker(Callback):
             self.logged[tid] = 0
         self.runs[tid] = run_id
         return run_id
+
+    def last_logged_epoch(self, run_id: str) -> int:
+        return max((m.step for m in self.client.get_metric_history(run_id, "train/loss")), default=0)
 
     def save_run_config(self, run_id: str, trial) -> None:
         """The trial's full run configuration, in its MLflow run and its folder (``run.yaml``):
@@ -235,7 +239,11 @@ class TrialTracker(Callback):
         return {"runs": self.runs, "logged": self.logged, "counts": self.counts, "best": self.best}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.runs, self.logged = state["runs"], state["logged"]
+        # The snapshot's epoch counts can be behind MLflow (results logged after it was taken,
+        # before a crash or Ctrl-C): each restored trial reads its count back from its run, once
+        # the epochs still being logged asynchronously have landed.
+        mlflow.flush_async_logging()
+        self.runs, self.logged = state["runs"], {}
         self.counts, self.best = state["counts"], state["best"]
 
 
