@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -83,6 +84,20 @@ def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 
         extra = (*extra, "--address", ray.address)
     return subprocess.run(search_cmd(folder, space, *extra), cwd=folder, env=e, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def mlflow_run_count(folder: Path) -> int:
+    """Runs in ``folder/mlflow.db``, read with sqlite (no MLflow import, no database created)."""
+    db = folder / "mlflow.db"
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("select count(*) from runs").fetchone()[0]
+    except sqlite3.OperationalError:  # no runs table: nothing was ever recorded
+        return 0
+    finally:
+        con.close()
 
 
 @dataclass(frozen=True)

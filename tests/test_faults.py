@@ -3,9 +3,12 @@
 Every case runs in its own tmp folder with its own ``RAY_TMPDIR`` and MLflow store, and checks
 the exit status, the time taken, the one-line message, that no traceback was printed, that no
 process it started is left (found among the test process's own descendants by a marker in
-their environment, which every child of the command inherits: tests/processes.py), and that no MLflow run is left RUNNING. The commands run as users run them,
-in a subprocess of their own session; train, bench and report cases that start nothing run
-in-process (``main(argv)``), which is much cheaper. Cases that start Ray are marked slow.
+their environment, which every child of the command inherits: tests/processes.py), and that no
+MLflow run is left RUNNING. The commands run as users run them, in a subprocess of their own
+session; train, bench and report cases that start nothing run in-process (``main(argv)``),
+which is much cheaper. Cases that start Ray are marked slow. What a running search must hold
+(loopback only, one search per name, a clean Ctrl-C) is checked on test_search's interrupted
+search, which runs anyway.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -134,19 +136,6 @@ def running_runs(folder: Path) -> list[str]:
         con.close()
 
 
-def mlflow_runs(folder: Path) -> int:
-    db = folder / "mlflow.db"
-    if not db.exists():
-        return 0
-    con = sqlite3.connect(db)
-    try:
-        return con.execute("select count(*) from runs").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        con.close()
-
-
 def assert_clean_failure(o: Outcome, folder: Path, pattern: str, limit_s: float = QUICK_S) -> None:
     detail = f"rc {o.rc} in {o.seconds:.1f}s\nstdout: {o.out[-2000:]}\nstderr: {o.err[-3000:]}"
     assert o.rc == 2, detail
@@ -232,7 +221,7 @@ def test_search_refuses_a_cifar_file_that_would_run_code(tmp_path: Path, capsys)
     o = search_here(capsys, tmp_path, write_space(tmp_path, fixed=fixed))
     assert_clean_failure(o, tmp_path, r"cifar-100-python/test: refused: the pickle names posix\.system")
     assert not victim.exists()
-    assert mlflow_runs(tmp_path) == 0
+    assert searches.mlflow_run_count(tmp_path) == 0
 
 
 def test_malicious_teacher_checkpoint_refused_while_two_searches_create_one_store(tmp_path: Path) -> None:
@@ -257,7 +246,7 @@ def test_malicious_teacher_checkpoint_refused_while_two_searches_create_one_stor
     for name, o in outcomes.items():
         assert_clean_failure(o, tmp_path, r"teacher\.pth: not a readable PyTorch checkpoint", limit_s=2 * QUICK_S)
     assert not victim.exists()
-    assert mlflow_runs(tmp_path) == 0
+    assert searches.mlflow_run_count(tmp_path) == 0
 
 
 # ---------------------------------------------------------------------------- search: one clear line
@@ -349,14 +338,14 @@ def test_storage_path_below_a_file(tmp_path: Path, capsys) -> None:
     captured = capsys.readouterr()
     o = Outcome(rc, captured.out, captured.err, time.perf_counter() - start, [])
     assert_clean_failure(o, tmp_path, r"--storage-path .*afile/rr: cannot be created or written: Not a directory")
-    assert mlflow_runs(tmp_path) == 0
+    assert searches.mlflow_run_count(tmp_path) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_more_gpus_per_trial_than_the_machine_has(tmp_path: Path, capsys) -> None:
     o = search_here(capsys, tmp_path, write_space(tmp_path), "--gpus-per-trial", "1")
     assert_clean_failure(o, tmp_path, r"resources\.gpus_per_trial: 1 asked for, but this machine .* has 0 GPUs")
-    assert mlflow_runs(tmp_path) == 0
+    assert searches.mlflow_run_count(tmp_path) == 0
 
     o = search_here(capsys, tmp_path, write_space(tmp_path, fixed={**SPACE["fixed"], "device": "cuda"}))
     assert_clean_failure(o, tmp_path, r"fixed\.device: 'cuda' asked for, but CUDA is not available")
@@ -461,84 +450,6 @@ def test_report_names_a_corrupt_search_record(tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------------------- slow: a real search
 
 
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
-    """(pid, address, port) of every TCP socket in LISTEN state that one of ``pids`` holds,
-    read from /proc/net/tcp{,6} and the processes' own file descriptors."""
-    inodes: dict[str, int] = {}
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            pass
-    found = []
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A: LISTEN
-                continue
-            address, port = local.split(":")
-            raw = bytes.fromhex(address)
-            # the kernel prints each 32-bit word in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            found.append((inodes[inode], socket.inet_ntop(family, raw), int(port, 16)))
-    return found
-
-
-@pytest.mark.slow
-def test_search_listens_on_loopback_only_and_holds_its_name(tmp_path: Path) -> None:
-    fixed = {**SPACE["fixed"], "method": "none", "epochs": 200}
-    space = write_space(tmp_path, fixed=fixed)
-    marker = uuid.uuid4().hex
-    env = case_env(tmp_path, marker)
-    ray_tmp = (tmp_path / "ray_tmpdir").read_text()
-    proc = subprocess.Popen([sys.executable, "-m", "kdtune.search", str(space), "--storage-path", str(tmp_path / "rr")],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        trial = []
-        while not trial and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(1)
-            trial = [p for p in _marked(marker) if b"KDTrainable" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert trial, f"no trial started: {proc.poll()}"
-        time.sleep(2)  # let the trial's worker open its servers
-        sockets = listening_sockets(_marked(marker))
-        owners = {pid for pid, _, _ in sockets}
-        assert len(owners) >= 3 and trial[0] in owners, sockets  # GCS, raylet, the trial's worker, ...
-        exposed = [(processes.describe(pid), address, port) for pid, address, port in sockets if address not in LOOPBACK]
-        assert not exposed, f"listening beyond loopback: {exposed}"
-
-        # A second search of the same name while this one runs: refused, nothing recorded.
-        runs_before = mlflow_runs(tmp_path)
-        second = search(tmp_path, space)
-        assert_clean_failure(second, tmp_path / "elsewhere", rf"a search named 'faults' is already running \(pid {proc.pid} ")
-        assert mlflow_runs(tmp_path) == runs_before
-    finally:
-        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: the search stops its trials and records them
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-        leftovers = _wait_gone(marker, 30)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    # (0 or 130: Tune may record trials stopped by Ctrl-C as finished; the search layer decides)
-    assert proc.returncode in (0, 130), out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    assert not leftovers, f"processes left: {leftovers}"
-    assert mlflow_runs(tmp_path) >= 2 and not running_runs(tmp_path)
-
-
 @pytest.mark.slow
 def test_more_gpus_per_trial_than_the_cluster_has(tmp_path: Path, shared_ray) -> None:
     """With --address the cluster's resources count, read after connecting (before any record).
@@ -548,4 +459,4 @@ def test_more_gpus_per_trial_than_the_cluster_has(tmp_path: Path, shared_ray) ->
                env_extra={"RAY_AUTH_MODE": "disabled"})
     assert_clean_failure(o, tmp_path, rf"resources\.gpus_per_trial: 0\.5 asked for, but the Ray cluster at "
                                       rf"{re.escape(address)} has 0 GPUs")
-    assert mlflow_runs(tmp_path) == 0
+    assert searches.mlflow_run_count(tmp_path) == 0

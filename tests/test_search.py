@@ -24,7 +24,7 @@ from kdtune.analysis import load_mlflow, load_results, load_search
 from kdtune.search.spec import load_spec
 import processes
 from ray_instance import RayInstance, short_tmpdir
-from searches import E2E_SPACE, SPACE, env, run_search, search_cmd, write_space
+from searches import E2E_SPACE, SPACE, env, mlflow_run_count, run_search, search_cmd, write_space
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -291,6 +291,8 @@ def test_diverging_trial_ends_clearly_and_search_goes_on(tmp_path: Path, shared_
 
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path, shared_ray) -> None:
+    """A private search: while it runs, every port its processes listen on is on loopback and a
+    second search of its name is refused; Ctrl-C stops it cleanly; --resume finishes it."""
     space = write_space(tmp_path, search__num_samples=6)
     # its own process group and RAY_TMPDIR: the checks below look at this search's processes only
     ray_tmp = short_tmpdir()
@@ -299,24 +301,43 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     deadline = time.time() + 400
+    checked = False
     # wait until two trials have ended, then press Ctrl-C
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         line = proc.stdout.readline()
         lines.append(line)
+        if not checked and "[kdtune] trial" in line and " started " in line:
+            checked = True
+            time.sleep(2)  # let the trial's worker open its servers
+            mine = processes.with_env(f"RAY_TMPDIR={ray_tmp}")  # the driver, Ray's daemons, the workers
+            trial = [pid for pid in mine if b"KDTrainable" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            sockets = processes.listening(mine)
+            assert trial and len({pid for pid, _, _ in sockets}) >= 3, sockets  # GCS, raylet, workers, ...
+            exposed = [(processes.describe(pid), address, port) for pid, address, port in sockets
+                       if address not in processes.LOOPBACK]
+            assert not exposed, f"listening beyond loopback: {exposed}"
+            # a second search of the same name while this one runs: refused before anything is recorded
+            runs_before = mlflow_run_count(tmp_path)
+            second = run_search(tmp_path, space)
+            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+            assert re.search(rf"a search named 'e2e' is already running \(pid {proc.pid} ", second.stderr)
+            assert mlflow_run_count(tmp_path) == runs_before
         if sum("[kdtune] trial" in ln and ("completed" in ln or "stopped early" in ln) for ln in lines) >= 2:
             break
+    assert checked, "".join(lines)[-3000:]
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     lines.append(out)
-    assert proc.returncode != 0, "".join(lines)[-3000:]
-    assert "--resume" in out  # the hint
+    assert proc.returncode == 130, "".join(lines)[-3000:]
+    assert "--resume" in out and "Traceback" not in "".join(lines)  # the hint, and no traceback
     for _ in range(40):  # Ctrl-C leaves none of this search's Ray processes behind
-        left = set(processes.in_group(proc.pid)) | set(processes.naming(ray_tmp))
+        left = set(processes.in_group(proc.pid)) | set(processes.with_env(f"RAY_TMPDIR={ray_tmp}"))
         if not left:
             break
         time.sleep(0.5)
     else:
-        pytest.fail(f"Ray processes of the search are still running after Ctrl-C: {sorted(left)}")
+        pytest.fail(f"processes of the search are still running after Ctrl-C: "
+                    f"{[processes.describe(pid) for pid in left]}")
     shutil.rmtree(ray_tmp, ignore_errors=True)
     _, before = child_runs(tmp_path)
     assert all(run.info.status != "RUNNING" for run in before)  # nothing left dangling
