@@ -168,6 +168,10 @@ class HP:
     def validate(self, value: Any, path: str | None = None) -> tuple[Any, list[Problem]]:
         """``(coerced value, problems)`` for a value given for this hyperparameter."""
         path = self.name if path is None else path
+        if isinstance(value, bool) and str in self.types and self.choices and {"on", "off"} <= set(self.choices):
+            # YAML 1.1 (PyYAML) reads an unquoted on/off as true/false: `teacher_cache: off`
+            # means the choice "off", not a type error.
+            value = "on" if value else "off"
         coerced, ok = coerce(value, self.types)
         if not ok:
             return value, [Problem(path, f"expected {type_name(self.types)}", value)]

@@ -129,3 +129,13 @@ def test_defaults_are_the_constructors() -> None:
             assert getattr(d, key) == entry.default, (method, key)
     k = SAMPLERS.build("kdas")
     assert (k.start_rate, k.end_rate, k.periods) == (0.6, 0.4, (1, 3, 5, 10))
+
+
+def test_unquoted_on_and_off_mean_the_choices() -> None:
+    """PyYAML reads `teacher_cache: off` as false; for an on/off setting that is the choice "off"."""
+    import yaml
+
+    values, problems = validate(yaml.safe_load("teacher_cache: off\ncompile: on\nmethod: kd"))
+    assert not problems and values["teacher_cache"] == "off" and values["compile"] == "on"
+    _, problems = validate({"schedule": False})  # a string setting without on/off: still a type error
+    assert [p.rule for p in problems] == ["expected a string"]
