@@ -86,13 +86,17 @@ def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 
                           timeout=timeout)
 
 
-def mlflow_run_count(folder: Path) -> int:
-    """Runs in ``folder/mlflow.db``, read with sqlite (no MLflow import, no database created)."""
+def mlflow_run_count(folder: Path, kind: str | None = None) -> int:
+    """Runs in ``folder/mlflow.db`` (only those tagged ``kdtune.kind=<kind>``: "search" counts
+    searches), read with sqlite: no MLflow import, no database created."""
     db = folder / "mlflow.db"
     if not db.exists():
         return 0
     con = sqlite3.connect(db)
     try:
+        if kind is not None:
+            return con.execute("select count(*) from tags where key = 'kdtune.kind' and value = ?",
+                               (kind,)).fetchone()[0]
         return con.execute("select count(*) from runs").fetchone()[0]
     except sqlite3.OperationalError:  # no runs table: nothing was ever recorded
         return 0
