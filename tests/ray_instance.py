@@ -45,9 +45,10 @@ class RayInstance:
     env: dict[str, str] = field(repr=False)
 
     @classmethod
-    def start(cls, num_cpus: int = 2, num_gpus: int = 0) -> "RayInstance":
+    def start(cls, num_cpus: int = 2, num_gpus: int = 0, env_extra: dict[str, str] | None = None) -> "RayInstance":
+        """``env_extra``: more environment for the instance's workers (and its searches)."""
         temp_dir, port, env = short_tmpdir(), free_port(), base_env()
-        env["RAY_TMPDIR"] = temp_dir
+        env.update(env_extra or {}, RAY_TMPDIR=temp_dir)
         # start_new_session: `ray start` leads a new process group that its daemons (GCS, raylet,
         # workers) inherit, so the teardown can signal exactly them.
         proc = subprocess.Popen(

@@ -24,7 +24,7 @@ from kdtune.analysis import load_mlflow, load_results, load_search
 from kdtune.search.spec import load_spec
 import processes
 from ray_instance import RayInstance, short_tmpdir
-from searches import E2E_SPACE, SPACE, env, mlflow_run_count, run_search, search_cmd, write_space
+from searches import E2E_SPACE, SPACE, SearchRun, env, mlflow_run_count, run_search, search_cmd, write_space
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -273,23 +273,6 @@ def test_resume_picks_the_latest_search_of_a_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_diverging_trial_ends_clearly_and_search_goes_on(tmp_path: Path, shared_ray) -> None:
-    space = write_space(tmp_path, space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
-                        search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
-                        scheduler={"type": "none"})
-    r = run_search(tmp_path, space, ray=shared_ray)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"connected to the Ray cluster at {shared_ray.address}" in r.stdout  # an existing cluster
-    table = load_results(tmp_path / "ray" / "e2e").set_index("lr")
-    assert table.loc[1e12, "status"] == "diverged" and table.loc[1e12, "epochs"] < 4
-    assert table.loc[0.05, "status"] == "completed"
-    _, runs = child_runs(tmp_path)
-    statuses = {run.data.params["lr"]: (run.data.tags["kdtune.status"], run.info.status) for run in runs}
-    assert statuses["1000000000000.0"] == ("diverged", "FAILED")
-    assert statuses["0.05"] == ("completed", "FINISHED")
-
-
-@pytest.mark.slow
 def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path, shared_ray) -> None:
     """A private search: while it runs, every port its processes listen on is on loopback and a
     second search of its name is refused; Ctrl-C stops it cleanly; --resume finishes it."""
@@ -372,28 +355,55 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     assert len(parents) == 1 and client.get_run(parents.pop()).info.status == "FINISHED"
 
 
+BARRIER_PLUGIN = '''
+"""KD whose trials wait at their first epoch until BARRIER_COUNT trial processes are there."""
+import os
+import time
+from pathlib import Path
+
+from kdtune.distillers import METHODS
+from kdtune.distillers.kd import KD
+
+
+@METHODS.register("barrier_kd")
+class BarrierKD(KD):
+    def on_epoch_start(self, epoch, num_epochs):
+        super().on_epoch_start(epoch, num_epochs)
+        if epoch == 1:
+            folder = Path(os.environ["BARRIER_DIR"])
+            (folder / str(os.getpid())).touch()
+            deadline = time.monotonic() + 120
+            while len(list(folder.iterdir())) < int(os.environ["BARRIER_COUNT"]):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the trials did not all run at once")
+                time.sleep(0.1)
+'''
+
+
 @pytest.mark.slow
 def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu(tmp_path: Path) -> None:
     """``--gpus-per-trial 0.25`` on a cluster with one GPU runs four trials at the same time. The
     GPU is only declared (``ray start --num-gpus 1`` on this GPU-less machine): each trial gets a
-    quarter of it from Ray, finds no CUDA and trains on the CPU."""
-    space = write_space(tmp_path, search__num_samples=4, search__max_concurrent=4, search__algorithm="random",
-                        scheduler={"type": "none"}, fixed__epochs=3, resources__cpus_per_trial=0.5,
-                        resources__gpus_per_trial=0.25)
-    cluster = RayInstance.start(num_cpus=2, num_gpus=1)
+    quarter of it from Ray, finds no CUDA and trains on the CPU. The trials wait for each other
+    at their first epoch (a plugin method), so they complete only if all four ran at once."""
+    (tmp_path / "barrier_plugin.py").write_text(BARRIER_PLUGIN)
+    (tmp_path / "barrier").mkdir()
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "barrier_kd", "epochs": 2}, max_failures=0,
+                        search__num_samples=4, search__max_concurrent=4, search__algorithm="random",
+                        scheduler={"type": "none"}, resources__cpus_per_trial=0.5, resources__gpus_per_trial=0.25)
+    plugin_env = {"KDTUNE_PLUGINS": "barrier_plugin", "BARRIER_DIR": str(tmp_path / "barrier"), "BARRIER_COUNT": "4",
+                  "PYTHONPATH": os.pathsep.join([str(tmp_path), env()["PYTHONPATH"]])}
+    cluster = RayInstance.start(num_cpus=2, num_gpus=1, env_extra=plugin_env)  # its workers load the plugin
     try:
-        r = run_search(tmp_path, space, "--status-every", "0.2", ray=cluster, timeout=300)
+        r = run_search(tmp_path, space, ray=cluster, timeout=300)
     finally:
         cluster.stop()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"connected to the Ray cluster at {cluster.address}" in r.stdout
     table = load_results(tmp_path / "ray" / "e2e")
-    assert len(table) == 4 and (table["status"] == "completed").all()
+    assert len(table) == 4 and (table["status"] == "completed").all(), table
+    assert len(list((tmp_path / "barrier").iterdir())) == 4  # four trial processes met
     assert (load_search(tmp_path / "ray" / "e2e").trials["gpus_per_trial"] == 0.25).all()
-    # Ray gave all four their quarter of the GPU at one moment: the status line (every 0.2 s)
-    # counted four trials running (Tune marks a trial RUNNING once its actor holds its resources).
-    running = [int(n) for n in re.findall(r"\| (\d) running, ", r.stdout)]
-    assert max(running) == 4, running
 
 
 FLAKY_PLUGIN = '''
@@ -452,37 +462,6 @@ def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(tmp_path: Path
     assert by_value["True"].info.status == "FAILED" and by_value["True"].data.tags["kdtune.status"] == "failed"
 
 
-# The KDAS, CTKD and SAKD searches (each one short) run at once on the shared instance: each
-# one's start-up (imports, teacher, MLflow) overlaps the others' trials.
-METHOD_SEARCHES = {
-    "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
-                 space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
-                        "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
-                 search__num_samples=3, scheduler={"type": "none"}),
-    "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
-                 space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
-                        "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
-                 search__num_samples=3, scheduler={"type": "none"}),
-    "sakd": dict(fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd", "epochs": 3},
-                 space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
-                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"}, scheduler={"type": "none"}),
-}
-
-
-@pytest.fixture(scope="session")
-def method_searches(tmp_path_factory, shared_ray) -> dict[str, Path]:
-    """The folder of each method's finished search (its output checked)."""
-    folders = {name: tmp_path_factory.mktemp(name) for name in METHOD_SEARCHES}
-    procs = {name: subprocess.Popen(search_cmd(folder, write_space(folder, **METHOD_SEARCHES[name]), "--address",
-                                               shared_ray.address), cwd=folder, env=shared_ray.env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, folder in folders.items()}
-    outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
-    for name, proc in procs.items():
-        assert proc.returncode == 0, f"{name}: {outputs[name][-3000:]}"
-    return folders
-
-
 LOST_WORKER_PLUGIN = '''
 """In the search's driver only: Ray raises ActorUnavailableError out of Tuner.fit once, after a
 trial reported its first epoch, as it did once under load (issue 14)."""
@@ -531,9 +510,58 @@ def test_a_worker_lost_outside_a_trial_restores_the_search(tmp_path: Path, share
     assert parent.info.status == "FINISHED"
 
 
+# The short searches (KDAS, CTKD, SAKD, one with a diverging trial) run at once on the shared
+# instance: each one's start-up (imports, teacher, MLflow) overlaps the others' trials.
+SHORT_SEARCHES = {
+    "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
+                 space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
+                        "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
+                 search__num_samples=3, scheduler={"type": "none"}),
+    "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
+                 space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
+                        "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
+                 search__num_samples=3, scheduler={"type": "none"}),
+    "sakd": dict(fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd", "epochs": 3},
+                 space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
+                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"}, scheduler={"type": "none"}),
+    "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
+                      search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                      scheduler={"type": "none"}),
+}
+
+
+@pytest.fixture(scope="session")
+def short_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
+    """Each short search, finished (its exit status checked)."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in SHORT_SEARCHES}
+    procs = {name: subprocess.Popen(search_cmd(folder, write_space(folder, **SHORT_SEARCHES[name]), "--address",
+                                               shared_ray.address), cwd=folder, env=shared_ray.env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, folder in folders.items()}
+    outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name}: {outputs[name][-3000:]}"
+    return {name: SearchRun(folder, folder / "ray" / "e2e", f"sqlite:///{folder / 'mlflow.db'}",
+                            subprocess.CompletedProcess(procs[name].args, 0, outputs[name], ""))
+            for name, folder in folders.items()}
+
+
 @pytest.mark.slow
-def test_kdas_trials_in_a_real_search(method_searches) -> None:
-    tmp_path = method_searches["kdas"]
+def test_diverging_trial_ends_clearly_and_search_goes_on(short_searches, shared_ray) -> None:
+    tmp_path, r = short_searches["diverging"].dir, short_searches["diverging"].result
+    assert f"connected to the Ray cluster at {shared_ray.address}" in r.stdout  # an existing cluster
+    table = load_results(tmp_path / "ray" / "e2e").set_index("lr")
+    assert table.loc[1e12, "status"] == "diverged" and table.loc[1e12, "epochs"] < 4
+    assert table.loc[0.05, "status"] == "completed"
+    _, runs = child_runs(tmp_path)
+    statuses = {run.data.params["lr"]: (run.data.tags["kdtune.status"], run.info.status) for run in runs}
+    assert statuses["1000000000000.0"] == ("diverged", "FAILED")
+    assert statuses["0.05"] == ("completed", "FINISHED")
+
+
+@pytest.mark.slow
+def test_kdas_trials_in_a_real_search(short_searches) -> None:
+    tmp_path = short_searches["kdas"].dir
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
     assert (table["end_rate"] <= table["start_rate"]).all()
@@ -547,8 +575,8 @@ def test_kdas_trials_in_a_real_search(method_searches) -> None:
 
 
 @pytest.mark.slow
-def test_ctkd_trials_in_a_real_search(method_searches) -> None:
-    tmp_path = method_searches["ctkd"]
+def test_ctkd_trials_in_a_real_search(short_searches) -> None:
+    tmp_path = short_searches["ctkd"].dir
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
     assert (table["ctkd/lambda"] == table["lambda_max"]).all()  # the curriculum ended at lambda_max
@@ -564,8 +592,8 @@ def test_ctkd_trials_in_a_real_search(method_searches) -> None:
 
 
 @pytest.mark.slow
-def test_sakd_trials_in_a_real_search(method_searches) -> None:
-    tmp_path = method_searches["sakd"]
+def test_sakd_trials_in_a_real_search(short_searches) -> None:
+    tmp_path = short_searches["sakd"].dir
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 2 and (table["status"] == "completed").all()
     stages = ["sakd/gate_stage1", "sakd/gate_stage2", "sakd/gate_stage3"]
