@@ -291,7 +291,8 @@ def _from_folder(folder: Path, tracking_uri: str | None, label: str | None) -> S
     if curves is None:  # trial folders elsewhere (remote storage): MLflow has the same histories
         from mlflow import MlflowClient
 
-        runs = load_mlflow(spec["name"], uri, parent_run_id=state["parent_run_id"], space=parse_space(spec["space"])[0])
+        runs = load_mlflow(spec["name"], uri, parent_run_id=state["parent_run_id"],
+                           space=parse_space(spec["space"])[0])
         curves = _curves_from_mlflow(MlflowClient(uri), runs)
     trials = _tidy_trials(raw, spec, label)
     return Search(spec["name"], label, spec, trials, _tidy_curves(curves, trials, label), folder, uri,
@@ -391,7 +392,6 @@ def _curves_from_mlflow(client, runs: pd.DataFrame) -> pd.DataFrame:
 
 def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) -> pd.DataFrame:
     """The MLflow runs in the shape of ``results.csv``."""
-
     metric, mode = spec["search"]["metric"], spec["search"]["mode"]
     params = set(parse_space(spec["space"])[0].names())
     # last metric values under their metric names: only the method/sampler ones stay, as in results.csv
