@@ -104,7 +104,7 @@ def e2e_search(tmp_path_factory, shared_ray):
 
 # A session fixture is made once per xdist worker: the tests that read one shared search run in
 # one worker (an xdist group named after the fixture), or the search would run once per worker.
-SHARED_SEARCHES = ("e2e_search", "short_searches")
+SHARED_SEARCHES = ("e2e_search", "short_searches", "fault_searches")
 
 
 # tryfirst: xdist's worker reads the xdist_group marks in its own pytest_collection_modifyitems;

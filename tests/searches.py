@@ -74,16 +74,36 @@ def search_cmd(folder: Path, space: Path, *extra: str) -> list[str]:
             "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", *extra]
 
 
-def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 600,
-               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The search as a user runs it; on the session's shared Ray instance when ``ray`` is given
-    (the ``shared_ray`` fixture), else on a private local one that the search starts (in the
-    session's own RAY_TMPDIR, set by conftest)."""
+def start_search(folder: Path, space: Path, *extra: str, ray=None,
+                 env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    """The search as a user runs it, started: on the session's shared Ray instance when ``ray``
+    is given (the ``shared_ray`` fixture), else on a private local one that the search starts (in
+    the session's own RAY_TMPDIR, set by conftest). Its output goes to files in ``folder``, so
+    that searches run at once never block on a full pipe."""
     e = {**(ray.env if ray else env()), **(env_extra or {})}
     if ray is not None:
         extra = (*extra, "--address", ray.address)
-    return subprocess.run(search_cmd(folder, space, *extra), cwd=folder, env=e, capture_output=True, text=True,
-                          timeout=timeout)
+    with open(folder / "search.out", "w") as out, open(folder / "search.err", "w") as err:
+        return subprocess.Popen(search_cmd(folder, space, *extra), cwd=folder, env=e, stdout=out, stderr=err,
+                                text=True)
+
+
+def finish_search(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    folder = Path(proc.args[proc.args.index("--storage-path") + 1]).parent
+    return subprocess.CompletedProcess(proc.args, proc.returncode, (folder / "search.out").read_text(),
+                                       (folder / "search.err").read_text())
+
+
+def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 600,
+               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """:func:`start_search`, waited for."""
+    return finish_search(start_search(folder, space, *extra, ray=ray, env_extra=env_extra), timeout)
 
 
 def mlflow_run_count(folder: Path, kind: str | None = None) -> int:

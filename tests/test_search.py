@@ -24,7 +24,8 @@ from kdtune.analysis import load_mlflow, load_results, load_search
 from kdtune.search.spec import load_spec
 import processes
 from ray_instance import RayInstance, short_tmpdir
-from searches import E2E_SPACE, SPACE, SearchRun, env, mlflow_run_count, run_search, search_cmd, write_space
+from searches import (E2E_SPACE, SPACE, SearchRun, env, finish_search, mlflow_run_count, run_search, search_cmd,
+                      start_search, write_space)
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -430,18 +431,35 @@ class FlakyKD(KD):
 '''
 
 
+@pytest.fixture(scope="session")
+def fault_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
+    """Two searches with a fault, run at once: "crashed" (a private instance, whose workers load
+    the flaky plugin: one trial crashes once, one always) and "lost" (on the shared instance; a
+    RayActorError escapes Tune in the driver once)."""
+    crashed, lost = tmp_path_factory.mktemp("crashed"), tmp_path_factory.mktemp("lost")
+    (crashed / "flaky_plugin.py").write_text(FLAKY_PLUGIN)
+    (lost / "lost_worker.py").write_text(LOST_WORKER_PLUGIN)
+    procs = {
+        "crashed": start_search(
+            crashed, write_space(crashed, fixed={**SPACE["fixed"], "method": "flaky_kd", "epochs": 3},
+                                 space={"crash_always": {"type": "categorical", "choices": [False, True]}},
+                                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                                 scheduler={"type": "none"}, max_failures=1),
+            env_extra={"KDTUNE_PLUGINS": "flaky_plugin", "FLAKY_MARKERS": str(crashed),
+                       "PYTHONPATH": os.pathsep.join([str(crashed), env()["PYTHONPATH"]])}),
+        "lost": start_search(
+            lost, write_space(lost, search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=3),
+            ray=shared_ray, env_extra={"KDTUNE_PLUGINS": "lost_worker", "LOST_MARKER": str(lost / "lost"),
+                                       "PYTHONPATH": os.pathsep.join([str(lost), shared_ray.env["PYTHONPATH"]])}),
+    }
+    folders = {"crashed": crashed, "lost": lost}
+    return {name: SearchRun(folders[name], folders[name] / "ray" / "e2e", f"sqlite:///{folders[name] / 'mlflow.db'}",
+                            finish_search(proc)) for name, proc in procs.items()}
+
+
 @pytest.mark.slow
-def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(tmp_path: Path) -> None:
-    (tmp_path / "flaky_plugin.py").write_text(FLAKY_PLUGIN)
-    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "flaky_kd", "epochs": 3},
-                        space={"crash_always": {"type": "categorical", "choices": [False, True]}},
-                        search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
-                        scheduler={"type": "none"}, max_failures=1)
-    e = env()
-    e.update(KDTUNE_PLUGINS="flaky_plugin", PYTHONPATH=f"{tmp_path}:{e.get('PYTHONPATH', '')}",
-             FLAKY_MARKERS=str(tmp_path))
-    r = subprocess.run(search_cmd(tmp_path, space), cwd=tmp_path, env=e, capture_output=True, text=True,
-                       timeout=600)
+def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(fault_searches) -> None:
+    tmp_path, r = fault_searches["crashed"].dir, fault_searches["crashed"].result
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "retrying from its last checkpoint" in r.stdout
     table = load_results(tmp_path / "ray" / "e2e").set_index("crash_always")
@@ -488,12 +506,8 @@ Progress.on_step_end = on_step_end
 
 
 @pytest.mark.slow
-def test_a_worker_lost_outside_a_trial_restores_the_search(tmp_path: Path, shared_ray) -> None:
-    (tmp_path / "lost_worker.py").write_text(LOST_WORKER_PLUGIN)
-    space = write_space(tmp_path, search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=3)
-    r = run_search(tmp_path, space, ray=shared_ray, env_extra={
-        "KDTUNE_PLUGINS": "lost_worker", "LOST_MARKER": str(tmp_path / "lost"),
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), shared_ray.env["PYTHONPATH"]])})
+def test_a_worker_lost_outside_a_trial_restores_the_search(fault_searches) -> None:
+    tmp_path, r = fault_searches["lost"].dir, fault_searches["lost"].result
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (tmp_path / "lost").exists()
     assert re.search(r"\[kdtune\] Ray lost a worker outside a trial \(ActorUnavailableError: [^\n]*Socket closed "
@@ -534,15 +548,12 @@ SHORT_SEARCHES = {
 def short_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
     """Each short search, finished (its exit status checked)."""
     folders = {name: tmp_path_factory.mktemp(name) for name in SHORT_SEARCHES}
-    procs = {name: subprocess.Popen(search_cmd(folder, write_space(folder, **SHORT_SEARCHES[name]), "--address",
-                                               shared_ray.address), cwd=folder, env=shared_ray.env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = {name: start_search(folder, write_space(folder, **SHORT_SEARCHES[name]), ray=shared_ray)
              for name, folder in folders.items()}
-    outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
-    for name, proc in procs.items():
-        assert proc.returncode == 0, f"{name}: {outputs[name][-3000:]}"
-    return {name: SearchRun(folder, folder / "ray" / "e2e", f"sqlite:///{folder / 'mlflow.db'}",
-                            subprocess.CompletedProcess(procs[name].args, 0, outputs[name], ""))
+    results = {name: finish_search(proc) for name, proc in procs.items()}
+    for name, r in results.items():
+        assert r.returncode == 0, f"{name}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
+    return {name: SearchRun(folder, folder / "ray" / "e2e", f"sqlite:///{folder / 'mlflow.db'}", results[name])
             for name, folder in folders.items()}
 
 
