@@ -13,12 +13,16 @@ import ctypes
 import os
 import signal
 import socket
+import sys
 import time
 
 PR_SET_CHILD_SUBREAPER = 36
 
 
 def become_subreaper() -> None:
+    """Linux only; elsewhere nothing (the process checks here read /proc and need Linux anyway)."""
+    if not sys.platform.startswith("linux"):
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
