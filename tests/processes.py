@@ -52,6 +52,10 @@ def _state_and_group(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[2])
 
 
+def _live(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if (st := _state_and_group(pid)) and st[0] != "Z"]
+
+
 def descendants() -> list[int]:
     """This process's live (not zombie) descendants."""
     seen: list[int] = []
@@ -61,12 +65,12 @@ def descendants() -> list[int]:
             if child not in seen:
                 seen.append(child)
                 todo.append(child)
-    return [pid for pid in seen if (st := _state_and_group(pid)) and st[0] != "Z"]
+    return _live(seen)
 
 
 def children() -> list[int]:
     """This process's live child processes."""
-    return [pid for pid in _children(os.getpid()) if (st := _state_and_group(pid)) and st[0] != "Z"]
+    return _live(_children(os.getpid()))
 
 
 def in_group(pgid: int) -> list[int]:

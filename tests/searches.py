@@ -88,14 +88,14 @@ def start_search(folder: Path, space: Path, *extra: str, ray=None,
                                 text=True)
 
 
-def finish_search(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+def finish_search(folder: Path, proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A search :func:`start_search` started in ``folder``, waited for (killed after ``timeout``)."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         raise
-    folder = Path(proc.args[proc.args.index("--storage-path") + 1]).parent
     return subprocess.CompletedProcess(proc.args, proc.returncode, (folder / "search.out").read_text(),
                                        (folder / "search.err").read_text())
 
@@ -103,7 +103,7 @@ def finish_search(proc: subprocess.Popen, timeout: int = 600) -> subprocess.Comp
 def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 600,
                env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """:func:`start_search`, waited for."""
-    return finish_search(start_search(folder, space, *extra, ray=ray, env_extra=env_extra), timeout)
+    return finish_search(folder, start_search(folder, space, *extra, ray=ray, env_extra=env_extra), timeout)
 
 
 def mlflow_run_count(folder: Path, kind: str | None = None) -> int:
@@ -132,13 +132,23 @@ class SearchRun:
     uri: str
     result: subprocess.CompletedProcess
 
+    @classmethod
+    def of(cls, folder: Path, result: subprocess.CompletedProcess) -> "SearchRun":
+        """The search named as the spaces here name it, run in ``folder``."""
+        return cls(folder, folder / "ray" / SPACE["name"], f"sqlite:///{folder / 'mlflow.db'}", result)
+
     def check(self) -> None:
         r = self.result
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def run_at_once(started: dict[str, tuple[Path, subprocess.Popen]]) -> dict[str, SearchRun]:
+    """Searches started with :func:`start_search` (name -> folder, process), each waited for."""
+    return {name: SearchRun.of(folder, finish_search(folder, proc)) for name, (folder, proc) in started.items()}
 
 
 def e2e_search(folder: Path, ray) -> SearchRun:
     """The end-to-end search, on the session's shared Ray instance ``ray`` (the searches that
     start a private local instance, the default a user gets, are in test_search and test_faults)."""
     r = run_search(folder, write_space(folder, E2E_SPACE), "--status-every", "2", ray=ray)
-    return SearchRun(folder, folder / "ray" / E2E_SPACE["name"], f"sqlite:///{folder / 'mlflow.db'}", r)
+    return SearchRun.of(folder, r)

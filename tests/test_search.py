@@ -24,7 +24,7 @@ from kdtune.analysis import load_mlflow, load_results, load_search
 from kdtune.search.spec import load_spec
 import processes
 from ray_instance import RayInstance, short_tmpdir
-from searches import (E2E_SPACE, SPACE, SearchRun, env, finish_search, mlflow_run_count, run_search, search_cmd,
+from searches import (E2E_SPACE, SPACE, SearchRun, env, mlflow_run_count, run_at_once, run_search, search_cmd,
                       start_search, write_space)
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
@@ -294,7 +294,7 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
             checked = True
             time.sleep(2)  # let the trial's worker open its servers
             mine = processes.with_env(f"RAY_TMPDIR={ray_tmp}")  # the driver, Ray's daemons, the workers
-            trial = [pid for pid in mine if b"KDTrainable" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            trial = [pid for pid in processes.naming("KDTrainable") if pid in mine]
             sockets = processes.listening(mine)
             assert trial and len({pid for pid, _, _ in sockets}) >= 3, sockets  # GCS, raylet, workers, ...
             exposed = [(processes.describe(pid), address, port) for pid, address, port in sockets
@@ -439,22 +439,19 @@ def fault_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
     crashed, lost = tmp_path_factory.mktemp("crashed"), tmp_path_factory.mktemp("lost")
     (crashed / "flaky_plugin.py").write_text(FLAKY_PLUGIN)
     (lost / "lost_worker.py").write_text(LOST_WORKER_PLUGIN)
-    procs = {
-        "crashed": start_search(
+    return run_at_once({
+        "crashed": (crashed, start_search(
             crashed, write_space(crashed, fixed={**SPACE["fixed"], "method": "flaky_kd", "epochs": 3},
                                  space={"crash_always": {"type": "categorical", "choices": [False, True]}},
                                  search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
                                  scheduler={"type": "none"}, max_failures=1),
             env_extra={"KDTUNE_PLUGINS": "flaky_plugin", "FLAKY_MARKERS": str(crashed),
-                       "PYTHONPATH": os.pathsep.join([str(crashed), env()["PYTHONPATH"]])}),
-        "lost": start_search(
+                       "PYTHONPATH": os.pathsep.join([str(crashed), env()["PYTHONPATH"]])})),
+        "lost": (lost, start_search(
             lost, write_space(lost, search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=3),
             ray=shared_ray, env_extra={"KDTUNE_PLUGINS": "lost_worker", "LOST_MARKER": str(lost / "lost"),
-                                       "PYTHONPATH": os.pathsep.join([str(lost), shared_ray.env["PYTHONPATH"]])}),
-    }
-    folders = {"crashed": crashed, "lost": lost}
-    return {name: SearchRun(folders[name], folders[name] / "ray" / "e2e", f"sqlite:///{folders[name] / 'mlflow.db'}",
-                            finish_search(proc)) for name, proc in procs.items()}
+                                       "PYTHONPATH": os.pathsep.join([str(lost), shared_ray.env["PYTHONPATH"]])})),
+    })
 
 
 @pytest.mark.slow
@@ -548,13 +545,11 @@ SHORT_SEARCHES = {
 def short_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
     """Each short search, finished (its exit status checked)."""
     folders = {name: tmp_path_factory.mktemp(name) for name in SHORT_SEARCHES}
-    procs = {name: start_search(folder, write_space(folder, **SHORT_SEARCHES[name]), ray=shared_ray)
-             for name, folder in folders.items()}
-    results = {name: finish_search(proc) for name, proc in procs.items()}
-    for name, r in results.items():
-        assert r.returncode == 0, f"{name}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
-    return {name: SearchRun(folder, folder / "ray" / "e2e", f"sqlite:///{folder / 'mlflow.db'}", results[name])
-            for name, folder in folders.items()}
+    runs = run_at_once({name: (folder, start_search(folder, write_space(folder, **SHORT_SEARCHES[name]),
+                                                    ray=shared_ray)) for name, folder in folders.items()})
+    for name, run in runs.items():
+        assert run.result.returncode == 0, f"{name}: {run.result.stdout[-3000:]}{run.result.stderr[-3000:]}"
+    return runs
 
 
 @pytest.mark.slow
