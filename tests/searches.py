@@ -4,6 +4,7 @@ conftest, run once per session: a real search costs more than most test modules)
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sqlite3
@@ -138,8 +139,15 @@ class SearchRun:
         return cls(folder, folder / "ray" / SPACE["name"], f"sqlite:///{folder / 'mlflow.db'}", result)
 
     def check(self) -> None:
+        """The search ended 0, and its folder holds its own trials only (searches of one name run
+        at once on the shared instance: see kdtune/search/staging.py)."""
         r = self.result
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.returncode == 0, f"{self.dir.name}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
+        folders = sorted(d.name for d in self.folder.glob("KDTrainable_*"))  # KDTrainable_<trial id>_<n>_...
+        with open(self.folder / "results.csv") as f:
+            ids = [row["trial_id"] for row in csv.DictReader(f)]
+        assert len(folders) == len(ids) and all(any(d.startswith(f"KDTrainable_{t}_") for d in folders)
+                                                for t in ids), (self.dir.name, folders, ids)
 
 
 def run_at_once(started: dict[str, tuple[Path, subprocess.Popen]]) -> dict[str, SearchRun]:

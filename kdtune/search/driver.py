@@ -277,6 +277,7 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
 
     from kdtune.search.final import flat_run_config
     from kdtune.search.progress import Progress
+    from kdtune.search.staging import use_process_staging
     from kdtune.search.tracking import (TrialTracker, close_dangling_runs, runs_table_url,
                                         start_parent_run, version_tags)
     from kdtune.search.trainable import KDTrainable
@@ -309,6 +310,7 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         Progress(spec.num_samples, spec.max_epochs, spec.metric, spec.mode, every_s=status_every)]
     tracker = None if resume else callbacks[0]
     init_ray(address, verbose)
+    use_process_staging()
     start = time.perf_counter()
     try:
         results = fit(spec, experiment_path, trainable,
