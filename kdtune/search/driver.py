@@ -231,7 +231,14 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
           f"{record['val_acc']:.2f}", flush=True)
     if "cache_description" in record:
         print(f"[kdtune] teacher cache for {', '.join(cached)}: {record.pop('cache_description')}", flush=True)
+    # the trials say the same in their own output (their folders); said here, it is seen
+    for reason in dict.fromkeys(use_cache(cfg.teacher_cache, m, cfg.sampler)[1] for m in needing if m not in cached):
+        print(f"[kdtune] {reason}", flush=True)
     return record
+
+
+# kdtune's environment variables that the trials read: plugins to import, --verbose
+FORWARDED_ENV = ("KDTUNE_PLUGINS", "KDTUNE_VERBOSE")
 
 
 def init_ray(address: str | None, verbose: bool = False) -> None:
@@ -247,9 +254,17 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     # take milliseconds on a local disk, so Tune's warning about them is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    quiet = {} if verbose else {"logging_level": logging.WARNING}  # no banner ("Started a local Ray instance")
+    # Without --verbose: no banner ("Started a local Ray instance"), and the trials' own output
+    # stays in their folders (stdout, stderr; see new_tuner) instead of reaching this terminal
+    # as Ray forwards it: prefixed, coloured, deduplicated, and with a worker's shutdown noise.
+    quiet = {} if verbose else {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
-        ray.init(address=address, **quiet)
+        # The workers of a running cluster have the environment they were started with, not
+        # ours: kdtune's own variables reach the trials through the job's runtime environment
+        # (a plugin module must be importable there: Ray puts this directory on the workers'
+        # path on this machine; on other nodes, install it).
+        forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        ray.init(address=address, **quiet, **({"runtime_env": {"env_vars": forwarded}} if forwarded else {}))
         print(f"[kdtune] connected to the Ray cluster at {address}", flush=True)
     else:
         # "local" never attaches to a cluster that happens to be running (or a stale one).
@@ -393,6 +408,9 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: 
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage, callbacks=callbacks, verbose=0,
+            # each trial's stdout and stderr, in its folder: written in Ray's staging folder and
+            # copied with every checkpoint (every epoch)
+            log_to_file=True, sync_config=tune.SyncConfig(sync_artifacts=True),
             # a checkpoint every epoch: crashed trials retry from it and --resume continues from it
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)))

@@ -34,10 +34,14 @@ class Progress(Callback):
         self.stream = stream
         self.start = time.monotonic()
         self.last_status = self.start
-        self.started = 0
+        self.seen: set[str] = set()  # trials started at least once
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "stream": None}  # Tune pickles callbacks into its experiment state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("started", None)  # what kdtune 0.x before restarts were told apart pickled
+        self.__dict__.update({"seen": set(), **state})
 
     def setup(self, **info: Any) -> None:
         self.start = self.last_status = time.monotonic()  # a resumed search counts from its restart
@@ -48,12 +52,23 @@ class Progress(Callback):
     # ------------------------------------------------------------------ events
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.started += 1
+        # Tune starts a trial again after a crash (a retry) and after --resume: that is not a
+        # new trial, so it is not counted again.
+        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        if trial.trial_id in self.seen or epochs:
+            self.seen.add(trial.trial_id)
+            self.say(f"trial {trial.trial_id} restarted from its checkpoint after epoch {epochs}" if epochs else
+                     f"trial {trial.trial_id} restarted from its first epoch")
+            return
+        self.seen.add(trial.trial_id)
+        # counted by id: a resumed search's earlier trials (with results) included
+        started = len(self.seen | {t.trial_id for t in trials if (t.last_result or {}).get("training_iteration")})
         config = {k: v for k, v in trial.config.items() if v is not None}
-        self.say(f"trial {trial.trial_id} started ({self.started} of {self.total}): {fmt_config(config) or '-'}")
+        self.say(f"trial {trial.trial_id} started ({started} of {self.total}): {fmt_config(config) or '-'}")
 
-    def on_trial_restore(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.say(f"trial {trial.trial_id} continues from its checkpoint")
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.say(f"trial {trial.trial_id} crashed; retrying from its last checkpoint "
+                 f"(its error: {trial.path}/error.txt)")
 
     def _ended(self, trials: list, trial, status: str) -> None:
         last = trial.last_result or {}

@@ -232,9 +232,6 @@ class TrialTracker(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._finish(trials, trial, "failed")
 
-    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
-        print(f"[kdtune] trial {trial.trial_id} crashed; retrying from its last checkpoint", flush=True)
-
     def get_state(self) -> dict[str, Any]:
         return {"runs": self.runs, "logged": self.logged, "counts": self.counts, "best": self.best}
 
