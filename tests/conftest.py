@@ -29,6 +29,20 @@ os.environ["RAY_TMPDIR"] = _SESSION_RAY_TMP
 atexit.register(shutil.rmtree, _SESSION_RAY_TMP, ignore_errors=True)
 
 
+def pytest_configure(config) -> None:
+    """In an xdist worker: one share of the cores, for its own torch and (OMP_NUM_THREADS) for the
+    CLI runs and search drivers it starts. torch's default, every core in every process, put 4
+    busy threads on 2 cores with `-n 2`: OpenMP's waiting threads spin, and the same tests took
+    twice the CPU time (104 s against 52 s for four training-heavy modules). Trials set their own
+    thread count (cpus_per_trial). A value the caller set is kept."""
+    worker = getattr(config, "workerinput", None)
+    if worker is None or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(worker["workercount"]))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
