@@ -628,7 +628,11 @@ def test_ctkd_trials_in_a_real_search(short_searches) -> None:
 
 @pytest.mark.slow
 def test_sakd_trials_in_a_real_search(short_searches) -> None:
-    tmp_path = short_searches["sakd"].dir
+    tmp_path, r = short_searches["sakd"].dir, short_searches["sakd"].result
+    # the search says why this method runs its teacher live; each trial says it in its own output
+    reason = "teacher cache: not used (method 'sakd' reads the teacher's features, not only its logits)"
+    assert f"[kdtune] {reason}" in r.stdout
+    assert all(reason in (d / "stdout").read_text() for d in (tmp_path / "ray" / "e2e").glob("KDTrainable_*"))
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 2 and (table["status"] == "completed").all()
     stages = ["sakd/gate_stage1", "sakd/gate_stage2", "sakd/gate_stage3"]
