@@ -348,6 +348,12 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     shutil.rmtree(ray_tmp, ignore_errors=True)
     _, before = child_runs(tmp_path)
     assert all(run.info.status != "RUNNING" for run in before)  # nothing left dangling
+    # the table written at the interruption agrees with MLflow: a trial Tune stopped on Ctrl-C is
+    # "interrupted" in both (Tune marks it TERMINATED, like one that ASHA stopped)
+    recorded = {run.data.tags["kdtune.trial_id"]: run.data.tags["kdtune.status"] for run in before}
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert {t: recorded.get(t, "interrupted") for t in table["trial_id"]} == dict(zip(table["trial_id"],
+                                                                                       table["status"]))
     ended = {run.data.tags["kdtune.trial_id"]: len(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
                                                     .get_metric_history(run.info.run_id, "val/acc1"))
              for run in before if run.data.tags["kdtune.status"] in ("completed", "stopped early")}

@@ -293,7 +293,7 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     from kdtune.search.final import flat_run_config
     from kdtune.search.progress import Progress
     from kdtune.search.staging import use_process_staging
-    from kdtune.search.tracking import (TrialTracker, close_dangling_runs, runs_table_url,
+    from kdtune.search.tracking import (TrialTracker, close_dangling_runs, ended_trials, runs_table_url,
                                         start_parent_run, version_tags)
     from kdtune.search.trainable import KDTrainable
 
@@ -330,7 +330,7 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     try:
         results = fit(spec, experiment_path, trainable,
                       None if resume else functools.partial(new_tuner, spec, storage, trainable, callbacks, optuna_url))
-        table = results_table(results, spec)
+        table = results_table(results, spec, ended_trials(client, spec.name, parent_id))
         expected = len(spec.space.grid()) if spec.algorithm == "grid" else spec.num_samples
     finally:
         ray.shutdown()
@@ -416,9 +416,11 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: 
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
 
 
-def results_table(results, spec: SearchSpec):
+def results_table(results, spec: SearchSpec, ended: set[str] | None = None):
     """One row per trial: hyperparameters, the objective (``final_<metric>``: the metric at the last
-    epoch trained), the best epoch's value (for reference only), epochs, status, wall time, samples."""
+    epoch trained), the best epoch's value (for reference only), epochs, status, wall time, samples.
+    ``ended``: the trials whose end was recorded (tracking.ended_trials); another TERMINATED trial
+    was stopped by Ctrl-C, not by the scheduler, and is "interrupted"."""
     import pandas as pd
 
     from kdtune.search.records import trial_status
@@ -432,7 +434,7 @@ def results_table(results, spec: SearchSpec):
         last = trial.last_result or {}
         history = analysis.trial_dataframes.get(trial.trial_id)
         series = history[spec.metric] if history is not None and spec.metric in history else pd.Series(dtype=float)
-        if trial.status in ("TERMINATED", "ERROR"):
+        if trial.status == "ERROR" or (trial.status == "TERMINATED" and (ended is None or trial.trial_id in ended)):
             status = trial_status(last, spec.max_epochs, error=trial.status == "ERROR")
         else:
             status = "interrupted"

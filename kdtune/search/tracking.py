@@ -244,6 +244,22 @@ class TrialTracker(Callback):
         self.counts, self.best = state["counts"], state["best"]
 
 
+def ended_trials(client: MlflowClient, experiment: str, parent_run_id: str) -> set[str]:
+    """The trials whose end the tracker recorded (completed, stopped early, diverged, failed).
+    On Ctrl-C Tune marks the trials it stops TERMINATED as well, as if they had ended, without
+    telling the callbacks: those trials are not in this set."""
+    ended, token = set(), None
+    while True:
+        page = client.search_runs([experiment_id(client, experiment)],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        ended |= {run.data.tags[TRIAL_TAG] for run in page
+                  if run.data.tags.get(STATUS_TAG) in ("completed", "stopped early", "diverged", "failed")}
+        token = page.token
+        if not token:
+            return ended
+
+
 def close_dangling_runs(client: MlflowClient, experiment: str, parent_run_id: str) -> int:
     """Mark child runs still RUNNING (their trial was interrupted) as KILLED; returns how many."""
     runs = client.search_runs(
