@@ -416,7 +416,7 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: 
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
 
 
-def results_table(results, spec: SearchSpec, ended: set[str] | None = None):
+def results_table(results, spec: SearchSpec, ended: set[str]):
     """One row per trial: hyperparameters, the objective (``final_<metric>``: the metric at the last
     epoch trained), the best epoch's value (for reference only), epochs, status, wall time, samples.
     ``ended``: the trials whose end was recorded (tracking.ended_trials); another TERMINATED trial
@@ -434,7 +434,7 @@ def results_table(results, spec: SearchSpec, ended: set[str] | None = None):
         last = trial.last_result or {}
         history = analysis.trial_dataframes.get(trial.trial_id)
         series = history[spec.metric] if history is not None and spec.metric in history else pd.Series(dtype=float)
-        if trial.status == "ERROR" or (trial.status == "TERMINATED" and (ended is None or trial.trial_id in ended)):
+        if trial.status == "ERROR" or (trial.status == "TERMINATED" and trial.trial_id in ended):
             status = trial_status(last, spec.max_epochs, error=trial.status == "ERROR")
         else:
             status = "interrupted"

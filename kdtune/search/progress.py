@@ -40,7 +40,7 @@ class Progress(Callback):
         return {**self.__dict__, "stream": None}  # Tune pickles callbacks into its experiment state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.pop("started", None)  # what kdtune 0.x before restarts were told apart pickled
+        state.pop("started", None)  # the count an experiment state saved by an earlier kdtune holds
         self.__dict__.update({"seen": set(), **state})
 
     def setup(self, **info: Any) -> None:
@@ -55,12 +55,12 @@ class Progress(Callback):
         # Tune starts a trial again after a crash (a retry) and after --resume: that is not a
         # new trial, so it is not counted again.
         epochs = (trial.last_result or {}).get("training_iteration", 0)
-        if trial.trial_id in self.seen or epochs:
-            self.seen.add(trial.trial_id)
+        restarted = trial.trial_id in self.seen or epochs
+        self.seen.add(trial.trial_id)
+        if restarted:
             self.say(f"trial {trial.trial_id} restarted from its checkpoint after epoch {epochs}" if epochs else
                      f"trial {trial.trial_id} restarted from its first epoch")
             return
-        self.seen.add(trial.trial_id)
         # counted by id: a resumed search's earlier trials (with results) included
         started = len(self.seen | {t.trial_id for t in trials if (t.last_result or {}).get("training_iteration")})
         config = {k: v for k, v in trial.config.items() if v is not None}
