@@ -222,7 +222,8 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
     if not needing:
         return None
     cfg = spec.run_config({"method": needing[0]} if spec.space.methods else {})
-    cached = [m for m in needing if use_cache(cfg.teacher_cache, m, cfg.sampler)[0]]
+    decisions = {m: use_cache(cfg.teacher_cache, m, cfg.sampler) for m in needing}  # (reads it, why)
+    cached = [m for m, (on, _) in decisions.items() if on]
     cache_cfg = spec.run_config({"method": cached[0]} if spec.space.methods else {}) if cached else None
     # Build for the device the trials use: CPU-only trials on a GPU host see no GPU.
     cache_device = "cpu" if spec.gpus_per_trial == 0 and cfg.device == "auto" else cfg.device
@@ -232,7 +233,7 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
     if "cache_description" in record:
         print(f"[kdtune] teacher cache for {', '.join(cached)}: {record.pop('cache_description')}", flush=True)
     # the trials say the same in their own output (their folders); said here, it is seen
-    for reason in dict.fromkeys(use_cache(cfg.teacher_cache, m, cfg.sampler)[1] for m in needing if m not in cached):
+    for reason in dict.fromkeys(why for on, why in decisions.values() if not on):
         print(f"[kdtune] {reason}", flush=True)
     return record
 

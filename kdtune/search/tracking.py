@@ -244,27 +244,24 @@ class TrialTracker(Callback):
         self.counts, self.best = state["counts"], state["best"]
 
 
+def child_runs(client: MlflowClient, experiment: str, parent_run_id: str, where: str = "") -> list:
+    """The trial runs of one search (``where``: more of MLflow's filter), up to MLflow's 50,000 a query."""
+    condition = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" + (f" and {where}" if where else "")
+    return client.search_runs([experiment_id(client, experiment)], filter_string=condition, max_results=50000)
+
+
 def ended_trials(client: MlflowClient, experiment: str, parent_run_id: str) -> set[str]:
-    """The trials whose end the tracker recorded (completed, stopped early, diverged, failed).
-    On Ctrl-C Tune marks the trials it stops TERMINATED as well, as if they had ended, without
-    telling the callbacks: those trials are not in this set."""
-    ended, token = set(), None
-    while True:
-        page = client.search_runs([experiment_id(client, experiment)],
-                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                                  max_results=1000, page_token=token)
-        ended |= {run.data.tags[TRIAL_TAG] for run in page
-                  if run.data.tags.get(STATUS_TAG) in ("completed", "stopped early", "diverged", "failed")}
-        token = page.token
-        if not token:
-            return ended
+    """The trials whose end the tracker recorded (every status but "interrupted"). On Ctrl-C Tune
+    marks the trials it stops TERMINATED as well, as if they had ended, without telling the
+    callbacks: those trials are not in this set."""
+    ended = set(STATUSES) - {"interrupted"}
+    return {run.data.tags[TRIAL_TAG] for run in child_runs(client, experiment, parent_run_id)
+            if run.data.tags.get(STATUS_TAG) in ended}
 
 
 def close_dangling_runs(client: MlflowClient, experiment: str, parent_run_id: str) -> int:
     """Mark child runs still RUNNING (their trial was interrupted) as KILLED; returns how many."""
-    runs = client.search_runs(
-        [experiment_id(client, experiment)],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    runs = child_runs(client, experiment, parent_run_id, "attributes.status = 'RUNNING'")
     for run in runs:
         client.set_tag(run.info.run_id, STATUS_TAG, "interrupted")
         client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
