@@ -95,10 +95,12 @@ def resolve_teacher_info(cfg: Any) -> Any:
     return teacher_info(cfg)
 
 
-def teacher_records(cfg: Any, cache_cfg: Any = None, cache_device: str | None = None) -> dict[str, Any]:
+def teacher_records(cfg: Any, cache_cfg: Any = None, cache_device: str | None = None,
+                    planned: float | None = None) -> dict[str, Any]:
     """What the search driver records of the teacher: its ``TeacherInfo`` fields and, with
     ``cache_cfg``, those of the teacher-output cache built (or found) for the runs of ``cache_cfg``
-    on ``cache_device``: built once here, so that no trial builds it."""
+    on ``cache_device``: built once here, so that no trial builds it, and under ``auto`` only
+    when the search's ``planned`` trial-epochs pay for the build."""
     from kdtune.engine import resolve_device
     from kdtune.run import load_data, load_teacher, prepare_cache
 
@@ -107,21 +109,22 @@ def teacher_records(cfg: Any, cache_cfg: Any = None, cache_device: str | None = 
     record = dict(info.__dict__)
     if cache_cfg is not None:
         cache = prepare_cache(cache_cfg, data, teacher, resolve_device(cache_device or cache_cfg.device),
-                              log=lambda msg: print(msg, flush=True))
+                              log=lambda msg: print(msg, flush=True), planned=planned)
         if cache is not None:
             record.update(cache_path=str(cache.path), cache_description=cache.describe(), **cache.records())
     return record
 
 
-def resolve_teacher_records(cfg: Any, cache_cfg: Any = None, cache_device: str | None = None) -> dict[str, Any]:
+def resolve_teacher_records(cfg: Any, cache_cfg: Any = None, cache_device: str | None = None,
+                            planned: float | None = None) -> dict[str, Any]:
     """:func:`teacher_records`, in a child process when the teacher or its cache would use a GPU,
     so that the driver holds no CUDA context or cached blocks during the search."""
     from kdtune.engine import resolve_device
 
     devices = [cfg.device] + ([cache_device or cache_cfg.device] if cache_cfg is not None else [])
     if any(resolve_device(d).type == "cuda" for d in devices):
-        return in_fresh_process(teacher_records, cfg, cache_cfg, cache_device)
-    return teacher_records(cfg, cache_cfg, cache_device)
+        return in_fresh_process(teacher_records, cfg, cache_cfg, cache_device, planned)
+    return teacher_records(cfg, cache_cfg, cache_device, planned)
 
 
 @contextmanager

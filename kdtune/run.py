@@ -42,11 +42,19 @@ def use_compile(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
+def planned_epochs(cfg: RunConfig, planned: float | None = None) -> float | None:
+    """What a cache build is weighed against (:func:`kdtune.teacher_cache.build_pays`): None
+    under ``teacher_cache: on`` (always build), else ``planned`` (a search's trial-epochs in all)
+    or the run's own epochs."""
+    return None if cfg.teacher_cache == "on" else (cfg.epochs if planned is None else planned)
+
+
 def prepare_cache(cfg: RunConfig, data: ImageData, teacher: nn.Module | None, device: torch.device | None = None,
-                  log: Callable[[str], None] = print) -> TeacherCache | None:
-    """Open (building it if needed) the teacher-output cache a run of ``cfg`` reads, or None when
-    the run does not use one. The loader is set up as the Engine sets up its own (same train
-    split, views, device, precision), so the key is the one the run's engine computes."""
+                  log: Callable[[str], None] = print, planned: float | None = None) -> TeacherCache | None:
+    """Open (building it if needed and, under ``auto``, if the ``planned`` trial-epochs pay for
+    it) the teacher-output cache a run of ``cfg`` reads, or None when the run does not use one.
+    The loader is set up as the Engine sets up its own (same train split, views, device,
+    precision), so the key is the one the run's engine computes."""
     use, _ = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler)
     if not use or teacher is None:
         return None
@@ -58,7 +66,7 @@ def prepare_cache(cfg: RunConfig, data: ImageData, teacher: nn.Module | None, de
     teacher = teacher.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     return open_cache(teacher, loader, cache_dir=cfg.cache_dir, amp=amp,
                       memory_format=torch.channels_last if cuda else torch.contiguous_format,
-                      dtype=cfg.teacher_cache_dtype, log=log)
+                      dtype=cfg.teacher_cache_dtype, log=log, planned_epochs=planned_epochs(cfg, planned))
 
 
 def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
@@ -79,10 +87,14 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
     use, reason = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler)
     quiet = log or (lambda msg: None)
     if use and teacher is not None:
-        def opener() -> TeacherCache:  # at the first epoch: building an engine stays cheap
+        def opener() -> TeacherCache | None:  # at the first epoch: building an engine stays cheap
+            # A trial weighs a build against its own epochs: when the search's driver found a
+            # build not worth it, no trial (planning fewer epochs than the search) builds one.
             cache = open_cache(teacher, engine.loader, cache_dir=cfg.cache_dir, amp=engine.amp,
-                               memory_format=engine.memory_format, dtype=cfg.teacher_cache_dtype, log=quiet)
-            quiet(f"[kdtune] teacher cache: {cache.describe()}")
+                               memory_format=engine.memory_format, dtype=cfg.teacher_cache_dtype, log=quiet,
+                               planned_epochs=planned_epochs(cfg))
+            if cache is not None:
+                quiet(f"[kdtune] teacher cache: {cache.describe()}")
             return cache
 
         engine.teacher_cache_opener = opener

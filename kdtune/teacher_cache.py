@@ -69,7 +69,24 @@ def use_cache(setting: str, method: str, sampler: str = "none") -> tuple[bool, s
         return False, (f"teacher cache: not used (method {method!r} reads the teacher's features, not only "
                        f"its logits); the teacher runs live every step")
     user = "KDAS scoring and training read" if sampler == "kdas" else "training reads"
-    return True, f"teacher cache: on (method {method!r} uses only the teacher's logits; {user} them from the cache)"
+    when = "" if setting == "on" else ", when one exists or building one costs less than running the teacher live"
+    return True, f"teacher cache: {setting} (method {method!r} uses only the teacher's logits; {user} them from the cache{when})"
+
+
+def build_pays(planned_epochs: float | None, views: int) -> tuple[bool, str]:
+    """Whether building the cache costs fewer teacher passes than the planned runs would make
+    live, and the numbers that say so. A build runs the teacher once per training image and
+    view; a live run once per training sample it draws, about once per image per epoch (a
+    KDAS epoch scores more samples than it trains on, so this errs towards running live). Both
+    are teacher forwards on the same device, so the comparison holds on a CPU and a GPU alike.
+    ``planned_epochs`` None: ``teacher_cache: on``, always build."""
+    if planned_epochs is None:
+        return True, "teacher_cache: on"
+    numbers = (f"the planned training makes about {planned_epochs:.0f} teacher passes per training image "
+               f"({planned_epochs:.0f} epochs in all), a build {views} (one per view)")
+    if planned_epochs >= views:
+        return True, f"auto: {numbers}"
+    return False, f"auto: {numbers}; teacher_cache: on builds it anyway"
 
 
 # --------------------------------------------------------------------------- the key
@@ -206,8 +223,10 @@ def _build(path: Path, key: str, shape: tuple[int, int, int], dtype: str, teache
             if now - last > 10 or lo + per >= n:
                 last = now
                 done = min(n, lo + per)
+                rate = done * v / max(now - start, 1e-9)
+                eta = f", about {(n - done) * v / rate:.0f}s left" if done < n else ""
                 log(f"[kdtune] teacher cache: {done}/{n} images x {v} views ({100 * done / n:.0f}%), "
-                    f"{now - start:.0f}s")
+                    f"{rate:.0f} views/s, {now - start:.0f}s{eta}")
         out.flush()
         del out
         with open(tmp, "r+b") as f:
@@ -222,9 +241,12 @@ def _build(path: Path, key: str, shape: tuple[int, int, int], dtype: str, teache
 
 def open_cache(teacher: nn.Module, loader: TrainLoader, *, cache_dir: str | Path, amp: bool,
                memory_format: torch.memory_format = torch.contiguous_format, dtype: str = "float32",
-               build_batch_size: int | None = None, log: Callable[[str], None] = print) -> TeacherCache:
+               build_batch_size: int | None = None, log: Callable[[str], None] = print,
+               planned_epochs: float | None = None) -> TeacherCache | None:
     """Open the cache for ``teacher`` over ``loader``'s train images and views, building it first
-    when it is missing, partial or corrupt."""
+    when it is missing, partial or corrupt. With ``planned_epochs`` (``teacher_cache: auto``) a
+    missing cache is built only when that pays (:func:`build_pays`); otherwise None: the teacher
+    runs live. An existing cache is always read: it costs nothing more."""
     if dtype not in DTYPES:
         raise ValueError(f"teacher_cache_dtype must be one of {', '.join(DTYPES)}, but got {dtype!r}")
     device = loader.device
@@ -245,10 +267,14 @@ def open_cache(teacher: nn.Module, loader: TrainLoader, *, cache_dir: str | Path
                 path.unlink()
                 source = "rebuilt"
         if not path.exists():
+            pays, why = build_pays(planned_epochs, shape[1])
+            if not pays:
+                log(f"[kdtune] teacher cache: not built ({why}); the teacher runs live")
+                return None
             source = "built" if source == "loaded" else source
             size = HEADER_BYTES + int(np.prod(shape)) * np.dtype(DTYPES[dtype][1]).itemsize
             log(f"[kdtune] teacher cache: building {path} ({shape[0]} images x {shape[1]} views x "
-                f"{shape[2]} classes, {dtype}, {size / 1e6:.1f} MB)")
+                f"{shape[2]} classes, {dtype}, {size / 1e6:.1f} MB; {why})")
             batch = build_batch_size or (2048 if device.type == "cuda" else 512)
             build_s = _build(path, key, shape, dtype, teacher, loader, amp=amp, memory_format=memory_format,
                              batch_size=batch, log=log)

@@ -12,7 +12,7 @@ from kdtune.config import RunConfig
 from kdtune.data import TrainLoader, load_dataset
 from kdtune.models import build_model
 from kdtune.run import build_engine
-from kdtune.teacher_cache import HEADER_BYTES, cache_key, open_cache, use_cache
+from kdtune.teacher_cache import HEADER_BYTES, build_pays, cache_key, open_cache, use_cache
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_cached_logits_equal_the_live_teachers_on_every_view(dataset, digits, te
 
 
 def test_the_engine_reads_the_cache_instead_of_running_the_teacher(digits, teacher, tmp_path) -> None:
-    engine = build_engine(_cfg(tmp_path, epochs=1), digits, teacher)
+    engine = build_engine(_cfg(tmp_path, epochs=1, teacher_cache="on"), digits, teacher)
     assert engine.teacher_cache is None and engine.teacher_cache_opener is not None  # opened at epoch 1
     engine.teacher_cache, engine.teacher_cache_opener = engine.teacher_cache_opener(), None  # builds it
     calls = []
@@ -87,6 +87,27 @@ def test_the_engine_reads_the_cache_instead_of_running_the_teacher(digits, teach
     # a feature method runs its teacher live whatever the setting says in auto
     assert build_engine(_cfg(tmp_path, method="fitnet"), digits, teacher).teacher_cache_opener is None
     assert build_engine(_cfg(tmp_path, teacher_cache="off"), digits, teacher).teacher_cache_opener is None
+
+
+def test_auto_builds_only_when_the_planned_epochs_pay_for_the_build(digits, teacher, tmp_path) -> None:
+    """digits has 9 views: a build costs 9 teacher passes per image, a run about one per epoch."""
+    said: list[str] = []
+    short = build_engine(_cfg(tmp_path, epochs=8), digits, teacher, log=said.append)
+    assert short.teacher_cache_opener() is None  # 8 epochs < 9 views: the teacher runs live
+    assert not list((tmp_path / "teacher_logits").glob("*.logits"))
+    assert any("not built (auto: " in m and "8 teacher passes per training image" in m and "a build 9" in m
+               for m in said), said
+    long = build_engine(_cfg(tmp_path, epochs=9), digits, teacher, log=said.append).teacher_cache_opener()
+    assert long is not None and long.source == "built"
+    # once built, a cache costs nothing more: a short run reads it too
+    again = build_engine(_cfg(tmp_path, epochs=1), digits, teacher).teacher_cache_opener()
+    assert again is not None and again.source == "loaded" and again.path == long.path
+
+
+def test_build_pays_weighs_planned_passes_against_views() -> None:
+    assert build_pays(None, 162) == (True, "teacher_cache: on")
+    assert build_pays(162, 162)[0] and not build_pays(161.9, 162)[0]
+    assert "teacher_cache: on builds it anyway" in build_pays(4, 162)[1]
 
 
 def test_log_line_says_which_applies() -> None:
@@ -207,10 +228,43 @@ def test_compiled_step_equals_eager_on_cpu(digits, teacher, tmp_path) -> None:
     """torch.compile of the distiller step (full batches; the short last batch runs eagerly)."""
     runs = {}
     for setting in ("off", "on"):
-        engine = build_engine(_cfg(tmp_path, epochs=2, compile=setting), digits, teacher)
+        engine = build_engine(_cfg(tmp_path, epochs=2, compile=setting, teacher_cache="on"), digits, teacher)
         assert (engine.compiled is not None) == (setting == "on")
         runs[setting] = list(engine.run())
     for eager, compiled in zip(runs["off"], runs["on"]):
         for key in ("train/loss", "train/loss_kd", "train/loss_ce"):
             assert math.isclose(compiled[key], eager[key], rel_tol=1e-4), key
         assert abs(compiled["val/acc1"] - eager["val/acc1"]) <= 1.0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_search_builds_the_cache_only_when_its_planned_epochs_pay(tmp_path: Path, capsys) -> None:
+    """The shipped KDAS space cut to 2 epochs x 2 trials on a 600-image CIFAR-100 plans ~3 teacher
+    passes per image; a build would make 162 (81 crops x 2 flips): the teacher runs live. The
+    quickstart (12 trials under ASHA, digits' 9 views) plans far more, and builds it."""
+    from conftest import write_cifar
+
+    from kdtune.search.driver import prepare_teacher
+    from kdtune.search.spec import load_spec
+
+    write_cifar(tmp_path / "data", "cifar100", n_train=600, n_test=20)
+    ckpt = tmp_path / "resnet32x4.pth"
+    torch.save({"model": build_model("resnet32x4", num_classes=100).state_dict()}, ckpt)
+    spec = load_spec(ROOT / "search_spaces" / "kdas.yaml",
+                     ["fixed.epochs=2", "search.num_samples=2", "scheduler.grace_period=1",
+                      f"fixed.data_root={tmp_path / 'data'}", f"fixed.teacher_checkpoint={ckpt}",
+                      f"fixed.cache_dir={tmp_path / 'cache'}", "fixed.val_size=60", "fixed.device=cpu"])
+    assert spec.planned_trial_epochs() < 162
+    record = prepare_teacher(spec)
+    out = capsys.readouterr().out
+    assert "cache_path" not in record and not list((tmp_path / "cache").rglob("*.logits"))
+    # ASHA (grace 1, factor 3): 2 trials x 1 epoch, then 2/3 of a trial x 1 more: about 3
+    assert "teacher cache: not built (auto: the planned training makes about 3 teacher passes per training " \
+           "image (3 epochs in all), a build 162 (one per view); teacher_cache: on builds it anyway); the " \
+           "teacher runs live" in out, out
+    quickstart = load_spec(ROOT / "search_spaces" / "quickstart.yaml")
+    # 12 trials x 2 epochs, 6 x 2 more, 3 x 4 more, 1.5 x 4 more: 54 trial-epochs against 9 views
+    assert quickstart.planned_trial_epochs() == pytest.approx(54.0)
+    assert build_pays(quickstart.planned_trial_epochs(), 9)[0]

@@ -227,7 +227,7 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
     cache_cfg = spec.run_config({"method": cached[0]} if spec.space.methods else {}) if cached else None
     # Build for the device the trials use: CPU-only trials on a GPU host see no GPU.
     cache_device = "cpu" if spec.gpus_per_trial == 0 and cfg.device == "auto" else cfg.device
-    record = resolve_teacher_records(cfg, cache_cfg, cache_device)
+    record = resolve_teacher_records(cfg, cache_cfg, cache_device, spec.planned_trial_epochs())
     print(f"[kdtune] teacher {record['model']} ({record['source']}: {record['path']}) val acc "
           f"{record['val_acc']:.2f}", flush=True)
     if "cache_description" in record:
@@ -332,7 +332,7 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         results = fit(spec, experiment_path, trainable,
                       None if resume else functools.partial(new_tuner, spec, storage, trainable, callbacks, optuna_url))
         table = results_table(results, spec, ended_trials(client, spec.name, parent_id))
-        expected = len(spec.space.grid()) if spec.algorithm == "grid" else spec.num_samples
+        expected = spec.trials
     finally:
         ray.shutdown()
         close_dangling_runs(client, spec.name, parent_id)

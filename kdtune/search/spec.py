@@ -79,6 +79,25 @@ class SearchSpec:
     def max_epochs(self) -> int:
         return int(self.fixed.get("epochs", RunConfig.epochs))
 
+    @property
+    def trials(self) -> int:
+        """How many trials the search runs (a grid runs each of its points once)."""
+        return len(self.space.grid()) if self.algorithm == "grid" else self.num_samples
+
+    def planned_trial_epochs(self) -> float:
+        """The epochs all trials together are expected to train: what a teacher-output cache
+        build is weighed against (``teacher_cache: auto``). Under ASHA, 1/reduction_factor of the
+        trials reach each next rung (its idealised count: asynchronous promotion lets a few more
+        through, so this errs low, towards running the teacher live)."""
+        n, top = float(self.trials), self.max_epochs
+        if self.scheduler != "asha":
+            return n * top
+        total, done, rung = 0.0, 0, self.grace_period
+        while rung < top and n >= 1:
+            total += n * (rung - done)
+            done, n, rung = rung, n / self.reduction_factor, int(rung * self.reduction_factor)
+        return total + n * (top - done)
+
     def run_config(self, trial_config: dict[str, Any]) -> RunConfig:
         """The run of one trial: ``fixed`` plus the trial's values (None marks an inactive one)."""
         values = {**self.fixed, **{k: v for k, v in trial_config.items() if v is not None}}
