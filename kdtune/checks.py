@@ -2,6 +2,8 @@
 wrong device or an unwritable folder fails at once with one line instead of after minutes."""
 from __future__ import annotations
 
+import errno
+import os
 import tempfile
 from pathlib import Path
 
@@ -29,13 +31,25 @@ def device_problem(device: str) -> str | None:
     return None
 
 
-def writable_dir_problem(path: str | Path, what: str) -> str | None:
-    """Create ``path`` (and its parents) and write a file in it; why that failed, or None."""
+def writable_dir_problem(path: str | Path, what: str, create: bool = True) -> str | None:
+    """Create ``path`` (and its parents) and write a file in it; why that failed, or None.
+    ``create=False`` makes nothing: an existing folder gets the write check (its file removed at
+    once), a missing one is judged by its nearest existing parent, which must be a folder that
+    can be written."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".kdtune-write-check"):
-            pass
+        if create or path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".kdtune-write-check"):
+                pass
+            return None
+        parent = path
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(parent))
     except OSError as e:
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
         return f"{what} {path}: cannot be created or written: {e.strerror or e}{where}"

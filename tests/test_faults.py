@@ -148,6 +148,12 @@ def assert_clean_failure(o: Outcome, folder: Path, pattern: str, limit_s: float 
     assert not running_runs(folder), "an MLflow run was left RUNNING"
 
 
+def assert_no_trace(folder: Path) -> None:
+    """A refused search made nothing: no storage folder, no MLflow store."""
+    assert not (folder / "rr").exists(), sorted(str(p) for p in (folder / "rr").rglob("*"))
+    assert not (folder / "mlflow.db").exists()
+
+
 def search(folder: Path, space: Path | str, *args: str, **kw) -> Outcome:
     return run_cli(folder, "kdtune.search", str(space), "--storage-path", str(folder / "rr"), *args, **kw)
 
@@ -244,9 +250,24 @@ def test_malicious_teacher_checkpoint_refused_while_two_searches_create_one_stor
     for t in threads:
         t.join()
     for name, o in outcomes.items():
-        assert_clean_failure(o, tmp_path, r"teacher\.pth: not a readable PyTorch checkpoint", limit_s=2 * QUICK_S)
+        assert_clean_failure(o, tmp_path, r"fixed\.teacher_checkpoint: .*teacher\.pth: not a readable PyTorch "
+                                          r"checkpoint", limit_s=2 * QUICK_S)
+        assert_no_trace(tmp_path / name)
     assert not victim.exists()
-    assert searches.mlflow_run_count(tmp_path) == 0
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store was made
+
+
+def test_truncated_teacher_checkpoint_refused_before_anything_is_made(tmp_path: Path, capsys) -> None:
+    from kdtune.models import build_model
+
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": build_model("resnet8", num_classes=10, in_channels=1).state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "teacher_checkpoint": str(path)})
+    for extra in ((), ("--dry-run",)):
+        o = search_here(capsys, tmp_path, space, *extra)
+        assert_clean_failure(o, tmp_path, r"fixed\.teacher_checkpoint: .*teacher\.pth: not a readable PyTorch checkpoint")
+        assert_no_trace(tmp_path)
 
 
 # ---------------------------------------------------------------------------- search: one clear line
@@ -298,7 +319,7 @@ def test_huge_values_are_shortened_in_messages(tmp_path: Path) -> None:
 def test_unknown_tracking_scheme(tmp_path: Path, capsys) -> None:
     o = search_here(capsys, tmp_path, write_space(tmp_path), "--tracking-uri", "foobar://x")
     assert_clean_failure(o, tmp_path, r"--tracking-uri 'foobar://x': tracking store not usable")
-    assert not (tmp_path / "rr" / "faults" / "kdtune_search.json").exists()
+    assert_no_trace(tmp_path)
 
 
 def test_unreachable_tracking_server_fails_fast_naming_it(tmp_path: Path, capsys) -> None:
@@ -343,9 +364,17 @@ def test_storage_path_below_a_file(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_more_gpus_per_trial_than_the_machine_has(tmp_path: Path, capsys) -> None:
-    o = search_here(capsys, tmp_path, write_space(tmp_path), "--gpus-per-trial", "1")
-    assert_clean_failure(o, tmp_path, r"resources\.gpus_per_trial: 1 asked for, but this machine .* has 0 GPUs")
-    assert searches.mlflow_run_count(tmp_path) == 0
+    space = write_space(tmp_path)
+    for extra in ((), ("--dry-run",)):  # a dry run refuses the same way
+        o = search_here(capsys, tmp_path, space, "--gpus-per-trial", "1", *extra)
+        assert_clean_failure(o, tmp_path, r"resources\.gpus_per_trial: 1 asked for, but this machine .* has 0 GPUs")
+        assert_no_trace(tmp_path)
+    # ... also when a search of the name exists: no "starting a new search" line, no NAME-2 folder
+    (tmp_path / "rr" / "faults").mkdir(parents=True)
+    (tmp_path / "rr" / "faults" / "kdtune_search.json").write_text("{}")
+    o = search_here(capsys, tmp_path, space, "--gpus-per-trial", "1")
+    assert_clean_failure(o, tmp_path, r"resources\.gpus_per_trial")
+    assert "starting a new search" not in o.text and sorted(os.listdir(tmp_path / "rr")) == ["faults"]
 
     o = search_here(capsys, tmp_path, write_space(tmp_path, fixed={**SPACE["fixed"], "device": "cuda"}))
     assert_clean_failure(o, tmp_path, r"fixed\.device: 'cuda' asked for, but CUDA is not available")
@@ -460,3 +489,39 @@ def test_more_gpus_per_trial_than_the_cluster_has(tmp_path: Path, shared_ray) ->
     assert_clean_failure(o, tmp_path, rf"resources\.gpus_per_trial: 0\.5 asked for, but the Ray cluster at "
                                       rf"{re.escape(address)} has 0 GPUs")
     assert searches.mlflow_run_count(tmp_path) == 0
+
+
+@pytest.mark.slow
+def test_a_killed_search_leaves_nothing_after_resume(tmp_path: Path, shared_ray) -> None:
+    """kill -9 of a driver orphans its private Ray instance's agents (the GCS and raylet notice and
+    exit; the dashboard and runtime-env agents do not). --resume ends exactly those, by pid."""
+    space = write_space(tmp_path)
+    marker = uuid.uuid4().hex
+    env = case_env(tmp_path, marker)
+    out = open(tmp_path / "killed.out", "w")
+    proc = subprocess.Popen(searches.search_cmd(tmp_path, space), cwd=tmp_path, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    record = tmp_path / "ray" / "faults" / "ray_instance.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if " started (1 of 2)" in (tmp_path / "killed.out").read_text() and record.is_file():
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, (tmp_path / "killed.out").read_text()[-3000:]
+    killed = _marked(marker)  # the driver, Ray's daemons and the trial's worker
+    proc.kill()
+    proc.wait()
+    out.close()
+    time.sleep(2)  # the GCS and raylet see their driver gone and exit
+    orphans = [p for p in processes._live(killed) if p != proc.pid]
+    resumed = searches.run_search(tmp_path, space, "--resume", ray=shared_ray)
+    try:
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+        if orphans:  # what Ray leaves (and how fast the rest exits) varies; whatever is left is ended, and said
+            assert re.search(r"\[kdtune\] ended \d+ process\(es\) left by the killed search in .*/faults "
+                             rf"\(its driver, pid {proc.pid}, is gone\)", resumed.stdout), resumed.stdout
+        assert not processes._live(killed), [processes.describe(p) for p in processes._live(killed)]
+        assert not record.exists()
+    finally:
+        processes.kill(processes._live(killed))
+        shutil.rmtree((tmp_path / "ray_tmpdir").read_text(), ignore_errors=True)

@@ -49,7 +49,15 @@ def test_dry_run_prints_spec_and_space(tmp_path: Path) -> None:
     r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run", "--num-samples", "3")
     assert r.returncode == 0, r.stderr
     assert "num_samples: 3" in r.stdout and "temperature" in r.stdout and "FloatDistribution" in r.stdout
+    assert "# a real run would be the search 'e2e'" in r.stdout
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+    # with a search of that name stored, the dry run names the new search a real run would start
+    (tmp_path / "ray" / "e2e").mkdir(parents=True)
+    (tmp_path / "ray" / "e2e" / "kdtune_search.json").write_text("{}")
+    r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "# a real run would be the search 'e2e-2': a search named 'e2e' exists" in r.stdout
+    assert sorted(os.listdir(tmp_path / "ray")) == ["e2e"] and not (tmp_path / "mlflow.db").exists()
 
 
 def test_optuna_is_told_every_epoch_and_the_right_final_state(tmp_path: Path) -> None:

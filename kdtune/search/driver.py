@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from kdtune.search.records import (BEST_FILE, OBJECTIVE, OBJECTIVE_METRIC, OPTUN
                                    RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, is_own_metric, objective_column, objective_value,
                                    resolve_tracking_uri)
 from kdtune.search.cli import FLAG_OVERRIDES, parse_args
+from kdtune.search import instance
 from kdtune.search.spec import SearchSpec, load_spec
 
 def resolve_storage(path: str) -> str:
@@ -52,47 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     storage = resolve_storage(args.storage_path)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    if args.dry_run:
-        print_dry_run(spec, storage, tracking_uri)
-        return 0
-    quiet_libraries(args.verbose)
-    spec = search_to_run(spec, storage, args.resume)
-    if spec is None:
-        return 2
-    own = local_dir(storage, spec.name)
-    state_path = own / STATE_FILE
-    try:
-        preflight.check_storage(storage, own)
-        # Held until main() returns: makes the existence checks below and the creation of
-        # the search atomic (a second search of this name stops here, before MLflow).
-        lock = preflight.SearchLock(own, spec.name)  # noqa: F841
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.resume and not state_path.is_file():
-        print(f"error: --resume: no search named {spec.name!r} to resume under {storage}", file=sys.stderr)
-        return 2
-    if not args.resume and state_path.is_file():
-        print(f"error: a search named {spec.name!r} already exists under {storage}: continue it with "
-              f"--resume, or start a new one with --set name=<new name>", file=sys.stderr)
-        return 2
-    try:
-        stored = preflight.read_state(state_path) if args.resume else None
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if stored is not None and stored["spec"] != spec.resolved:
-        print(f"error: --resume: {spec.path} (with its overrides) differs from the search stored in {own}; "
-              f"resume with the same file and --set values", file=sys.stderr)
-        return 2
-    # the Optuna study: where the search put it (on --resume), else --optuna-storage or beside the results
-    optuna_url = (stored or {}).get("optuna_storage") or args.optuna_storage or f"sqlite:///{own / OPTUNA_FILE}"
-    if not args.resume and spec.algorithm == "tpe" and args.optuna_storage and study_exists(optuna_url, spec.name):
-        print(f"error: --optuna-storage {args.optuna_storage}: a study named {spec.name!r} exists there already; "
-              f"start this search under another name (--set name=...)", file=sys.stderr)
-        return 2
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if not args.dry_run:
+        quiet_libraries(args.verbose)
+    # Everything that can refuse the search is checked before it is named or anything is made
+    # (no folder, no store, no run): a refused search, or a --dry-run, leaves no trace.
     try:
+        name, note = search_name(spec, storage, args.resume)
+        spec = renamed(spec, name)
+        own = local_dir(storage, spec.name)
+        preflight.check_storage(storage, own)
+        stored = preflight.read_state(own / STATE_FILE) if args.resume and (own / STATE_FILE).is_file() else None
+        if stored is not None and stored["spec"] != spec.resolved:
+            raise PreflightError(f"--resume: {spec.path} (with its overrides) differs from the search stored in "
+                                 f"{own}; resume with the same file and --set values")
+        # the Optuna study: where the search put it (on --resume), else --optuna-storage or beside the results
+        optuna_url = (stored or {}).get("optuna_storage") or args.optuna_storage or f"sqlite:///{own / OPTUNA_FILE}"
+        if not args.resume and spec.algorithm == "tpe" and args.optuna_storage and study_exists(optuna_url, spec.name):
+            raise PreflightError(f"--optuna-storage {args.optuna_storage}: a study named {spec.name!r} exists there "
+                                 f"already; start this search under another name (--set name=...)")
         preflight.check_device(spec)
         preflight.check_tracking(tracking_uri)
         if address:
@@ -100,17 +80,45 @@ def main(argv: list[str] | None = None) -> int:
             preflight.check_cluster_resources(spec, address)
         else:
             preflight.check_local_resources(spec)
+        preflight.check_teacher_checkpoint(spec, preflight.check_data(spec))
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print_dry_run(spec, storage, tracking_uri)
+        print(f"# a real run would be the search {spec.name!r}" + (f": {note}" if note else ""))
+        return 0
+    if note:
+        print(f"[kdtune] {note}", flush=True)
+    for line in instance.end_leftovers(storage):
+        print(f"[kdtune] {line}", flush=True)
+    made = not own.exists()
     try:
+        return start_search(spec, args, storage, tracking_uri, own, optuna_url)
+    finally:
+        # A search refused after its folder was made (its lock, or the teacher) takes it back.
+        if made and own.is_dir() and not (own / STATE_FILE).exists():
+            shutil.rmtree(own, ignore_errors=True)
+
+
+def start_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: Path, optuna_url: str) -> int:
+    """Lock the search's name, prepare its teacher and run it (see :func:`main`)."""
+    from kdtune.data import DataError
+    from kdtune.teacher_cache import CacheError
+    from kdtune.teachers import CheckpointError
+
+    state_path = own / STATE_FILE
+    try:
+        # Held until this returns: makes the existence checks below and the creation of the
+        # search atomic (a second search of this name stops here, before MLflow).
+        lock = preflight.SearchLock(own, spec.name)  # noqa: F841
+        if args.resume and not state_path.is_file():
+            raise PreflightError(f"--resume: no search named {spec.name!r} to resume under {storage}")
+        if not args.resume and state_path.is_file():
+            raise PreflightError(f"a search named {spec.name!r} already exists under {storage}: continue it with "
+                                 f"--resume, or start a new one with --set name=<new name>")
         teacher = prepare_teacher(spec)
-        if teacher is None:
-            preflight.check_data(spec)
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # DataError, CheckpointError: the message names the file
+    except (PreflightError, DataError, CheckpointError, CacheError) as e:  # each message names its file
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -126,29 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def search_to_run(spec: SearchSpec, storage: str, resume: bool) -> SearchSpec | None:
-    """The spec under the name this run uses: with ``--resume`` the latest search started from
-    the file's name; else the name itself, or NAME-<n> when a finished or interrupted search of
-    that name exists (what Ray Tune and W&B users expect of running a file again; one still
-    running keeps its name, so its lock refuses this run). None (after saying why): nothing to
-    resume."""
+def search_name(spec: SearchSpec, storage: str, resume: bool) -> tuple[str, str | None]:
+    """The name this run uses, and a note to print when it is not the file's own; nothing is made.
+    With ``--resume``: the latest search started from the file's name. Else the name itself, or
+    NAME-<n> when a finished or interrupted search of that name exists (what Ray Tune and W&B
+    users expect of running a file again; one still running keeps its name, so its lock refuses
+    this run)."""
     taken = existing_names(storage, spec.name)
     if resume and not taken:
-        print(f"error: --resume: no search named {spec.name!r} to resume under {storage}", file=sys.stderr)
-        return None
+        raise PreflightError(f"--resume: no search named {spec.name!r} to resume under {storage}")
     if resume:
-        return renamed(spec, taken[-1])
+        return taken[-1], None
     if not taken:
-        return spec
+        return spec.name, None
     if is_running(storage, taken[-1]):
-        return renamed(spec, taken[-1])  # still running: refused by its lock, with its holder named
+        return taken[-1], None  # still running: refused by its lock, with its holder named
     number = max(1 if n == spec.name else int(n.rsplit("-", 1)[1]) for n in taken) + 1
     new = f"{spec.name}-{number}"
     while local_dir(storage, new).exists():  # a folder that is not a search (no state file) is not reused
         new += "-new"
-    print(f"[kdtune] a search named {spec.name!r} exists under {storage}; starting a new search {new!r} "
-          f"(continue the last one with --resume)", flush=True)
-    return renamed(spec, new)
+    return new, (f"a search named {spec.name!r} exists under {storage}; starting a new search {new!r} "
+                 f"(continue the last one with --resume)")
 
 
 def is_running(storage: str, name: str) -> bool:
@@ -298,6 +304,7 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
                                         start_parent_run, version_tags)
     from kdtune.search.trainable import KDTrainable
 
+    preflight.create_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     tags = {k: str(spec.fixed.get(k, "")) for k in ("method", "teacher", "student", "dataset", "seed")}
     tags.update(version_tags())
@@ -326,6 +333,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         Progress(spec.num_samples, spec.max_epochs, spec.metric, spec.mode, every_s=status_every)]
     tracker = None if resume else callbacks[0]
     init_ray(address, verbose)
+    # what a later search ends if this driver is killed
+    recorder = None if address or os.environ.get("RAY_ADDRESS") else instance.Recorder(own)
     use_process_staging()
     start = time.perf_counter()
     try:
@@ -335,6 +344,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         expected = spec.trials
     finally:
         ray.shutdown()
+        if recorder is not None:
+            recorder.forget()
         close_dangling_runs(client, spec.name, parent_id)
     if optuna_url and len(table) >= expected and not (table["status"] == "interrupted").any():
         from kdtune.search.searchers import close_stale_trials

@@ -79,7 +79,7 @@ class SearchLock:
 def check_storage(storage: str, own: Path) -> None:
     """A local storage path must be a folder we can write (a URI is checked by Ray itself)."""
     if "://" not in storage:
-        problem = writable_dir_problem(storage, "--storage-path")
+        problem = writable_dir_problem(storage, "--storage-path", create=False)
         if problem:
             raise PreflightError(problem)
 
@@ -125,18 +125,33 @@ def check_tracking(uri: str) -> None:
         if db.exists() and not db.is_file():
             raise PreflightError(f"{where}: {db} is not a file")
         _check_sqlite_writable(db, where)
+        if not db.exists():
+            # Created only when the search starts (create_tracking_store): a refused search makes none.
+            problem = writable_dir_problem(db.parent, f"{where}: folder", create=False)
+            if problem:
+                raise PreflightError(problem)
+            return
     try:
         with warnings.catch_warnings(), _quick_http():
             warnings.simplefilter("ignore")
-            if db is not None:
-                # MLflow creates and migrates a new sqlite store on first use; two searches doing that
-                # at once crash in alembic, so the first creates it while the other waits.
-                with _dir_lock(db.parent):
-                    MlflowClient(uri).search_experiments(max_results=1)
-            else:
-                MlflowClient(uri).search_experiments(max_results=1)
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # unknown scheme, refused connection, bad credentials, corrupt database
         raise PreflightError(f"{where}: tracking store not usable: {_first_line(e)}") from e
+
+
+def create_tracking_store(uri: str) -> None:
+    """Create a new sqlite store before the search's first run. MLflow creates and migrates a new
+    sqlite store on first use; two searches doing that at once crash in alembic, so the first
+    creates it while the other waits."""
+    import warnings
+
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return
+    with warnings.catch_warnings(), _dir_lock(Path(uri.removeprefix("sqlite:///")).parent):
+        warnings.simplefilter("ignore")
+        MlflowClient(uri).search_experiments(max_results=1)
 
 
 def _check_sqlite_writable(db: Path, where: str) -> None:
@@ -193,20 +208,34 @@ def _check_resources(spec, cpus: float, gpus: float, where: str) -> None:
                                  f"no trial could ever start")
 
 
-def check_data(spec) -> None:
+def check_data(spec):
     """Read the dataset once on the driver (CIFAR files through the restricted reader), so a missing
-    or unsafe file fails here with its name instead of in every trial. Searches with a teacher
-    need not call this: preparing the teacher reads the same data."""
+    or unsafe file fails here with its name instead of in every trial. Returns the data."""
     from kdtune.config import RunConfig
     from kdtune.data import DataError, load_dataset
 
     fixed = spec.fixed
     try:
-        load_dataset(fixed.get("dataset", RunConfig.dataset), root=fixed.get("data_root"),
-                     val_size=fixed.get("val_size"), split_seed=fixed.get("split_seed", 0),
-                     download=fixed.get("download", False), options=fixed.get("dataset_options"))
+        return load_dataset(fixed.get("dataset", RunConfig.dataset), root=fixed.get("data_root"),
+                            val_size=fixed.get("val_size"), split_seed=fixed.get("split_seed", 0),
+                            download=fixed.get("download", False), options=fixed.get("dataset_options"))
     except (DataError, ValueError) as e:
         raise PreflightError(str(e)) from e
+
+
+def check_teacher_checkpoint(spec, data) -> None:
+    """A teacher file the search names loads (weights only: a pickle that would run code is
+    refused) and fits the teacher on ``data``, before anything is made; it is loaded again later."""
+    path, teacher = spec.fixed.get("teacher_checkpoint"), spec.fixed.get("teacher")
+    if not path or not teacher:
+        return
+    from kdtune.models import build_model
+    from kdtune.teachers import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(build_model(teacher, num_classes=data.num_classes, in_channels=data.in_channels), path)
+    except CheckpointError as e:
+        raise PreflightError(f"fixed.teacher_checkpoint: {e}") from e
 
 
 def _first_line(e: BaseException) -> str:
