@@ -73,7 +73,11 @@ def run_one(spec, storage: str) -> list[dict[str, Any]]:
         run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0))
     grid = tuner.fit()
     rows = []
-    for trial_id, df in grid._experiment_analysis.trial_dataframes.items():
+    for result in grid:  # public: each trial's per-epoch results
+        df = result.metrics_dataframe
+        if df is None:
+            continue
+        trial_id = result.metrics.get("trial_id")
         for r in df.to_dict("records"):
             rows.append({"timestamp": r["timestamp"], "trial": trial_id, "epoch": int(r["training_iteration"]),
                          "seconds": float(r["time_this_iter_s"]), "value": float(r[spec.metric]),

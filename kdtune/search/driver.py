@@ -31,7 +31,7 @@ from kdtune.search.records import (BEST_FILE, OBJECTIVE, OBJECTIVE_METRIC, OPTUN
                                    RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, is_own_metric, objective_column, objective_value,
                                    resolve_tracking_uri)
 from kdtune.search.cli import FLAG_OVERRIDES, parse_args
-from kdtune.search import instance
+from kdtune.search import instance, internals
 from kdtune.search.spec import SearchSpec, load_spec
 
 def resolve_storage(path: str) -> str:
@@ -212,7 +212,7 @@ def quiet_libraries(verbose: bool) -> None:
     for name in ("mlflow", "alembic", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # a notice about Ray's default, logged as a warning at every start
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger(internals.RAY_AUTH_LOGGER).setLevel(logging.ERROR)
 
 
 def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
@@ -279,10 +279,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         # and worker servers to loopback (otherwise to every interface, "::"); Ray turns a
         # _node_ip_address of 127.0.0.1 into the host's address unless clustering is switched off.
         # The environment variable reaches the processes Ray starts.
-        import ray._private.ray_constants as ray_constants
-
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        internals.disable_ray_clustering()
         ray.init(address="local", include_dashboard=False, object_store_memory=256 * 1024**2,
                  _node_ip_address="127.0.0.1", **quiet)
         print("[kdtune] started a private local Ray instance", flush=True)
@@ -439,7 +436,7 @@ def results_table(results, spec: SearchSpec, ended: set[str]):
 
     # ResultGrid's public Result has no trial status, and Tune uses one TERMINATED for both
     # "finished" and "stopped by ASHA"; the analysis object behind it has both.
-    analysis = results._experiment_analysis
+    analysis = internals.experiment_analysis(results)
     names = spec.space.names()
     rows = []
     for trial in analysis.trials:

@@ -184,13 +184,9 @@ def check_local_resources(spec) -> None:
     would wait forever. (On a cluster, :func:`check_cluster_resources` after connecting.)"""
     import torch
 
-    try:
-        from ray._private.utils import get_num_cpus  # what Ray will count, cgroup quotas included
+    from kdtune.search.internals import ray_cpu_count
 
-        cpus = float(get_num_cpus())
-    except Exception:  # a private helper: fall back to the affinity mask
-        cpus = float(len(os.sched_getaffinity(0)))
-    _check_resources(spec, cpus, float(torch.cuda.device_count()), "this machine (a private local Ray instance)")
+    _check_resources(spec, ray_cpu_count(), float(torch.cuda.device_count()), "this machine (a private local Ray instance)")
 
 
 def check_cluster_resources(spec, address: str) -> None:

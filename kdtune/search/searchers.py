@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from kdtune.search.internals import optuna_study, optuna_trials, storage_id, study_storage, told_trials
 from kdtune.search.spec import SearchSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -43,21 +44,21 @@ class KDOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
-        if trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        if trial_id in optuna_trials(self):
+            optuna_trials(self)[trial_id].set_user_attr(RAY_TRIAL_ATTR, trial_id)
         return config
 
     def _stored(self, trial_id: str):
-        ot_trial = self._ot_trials[trial_id]
-        return ot_trial.storage.get_trial(ot_trial._trial_id)
+        ot_trial = optuna_trials(self)[trial_id]
+        return ot_trial.storage.get_trial(storage_id(ot_trial))
 
     def _finished(self, trial_id: str) -> bool:
         """Told already, here or (the searcher's pickled state being older than the study, after a
         restore that re-runs a trial) in the study's storage."""
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in told_trials(self) or trial_id not in optuna_trials(self):
             return True
         if self._stored(trial_id).state.is_finished():
-            self._completed_trials.add(trial_id)
+            told_trials(self).add(trial_id)
             return True
         return False
 
@@ -67,7 +68,7 @@ class KDOptunaSearch(OptunaSearch):
             return  # a penalised value is no measurement; Optuna would also refuse NaN
         # After a restore Tune reports an epoch again; the first value stays.
         if int(step) not in self._stored(trial_id).intermediate_values:
-            self._ot_trials[trial_id].report(float(value), int(step))
+            optuna_trials(self)[trial_id].report(float(value), int(step))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._finished(trial_id):
@@ -76,7 +77,7 @@ class KDOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._finished(trial_id):
             return
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = optuna_trials(self)[trial_id]
         result = result or {}
         self._report(trial_id, result)  # the stopping (or last) epoch
         diverged = bool(result.get("diverged"))
@@ -88,8 +89,8 @@ class KDOptunaSearch(OptunaSearch):
         else:
             state, value, status = TrialState.COMPLETE, float(result[self.metric]), "completed"
         ot_trial.set_user_attr(STATUS_ATTR, status)
-        self._ot_study.tell(ot_trial, value, state=state)
-        self._completed_trials.add(trial_id)
+        optuna_study(self).tell(ot_trial, value, state=state)
+        told_trials(self).add(trial_id)
 
 
 def close_stale_trials(url: str, study_name: str) -> int:
@@ -98,7 +99,7 @@ def close_stale_trials(url: str, study_name: str) -> int:
     study = optuna.load_study(study_name=study_name, storage=optuna_storage(url))
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     for t in stale:
-        study._storage.set_trial_user_attr(t._trial_id, STATUS_ATTR, "interrupted")
+        study_storage(study).set_trial_user_attr(storage_id(t), STATUS_ATTR, "interrupted")
         study.tell(t.number, state=TrialState.FAIL)
     return len(stale)
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import socket
 
-from ray.train._internal.storage import StorageContext
+from kdtune.search.internals import storage_context_class, use_storage_context_class
+
+StorageContext = storage_context_class()
 
 
 class ProcessStaging(StorageContext):
@@ -28,9 +30,6 @@ class ProcessStaging(StorageContext):
         self._timestamp = f"{self._timestamp}_{socket.gethostname()}_{os.getpid()}"
 
 
-def use_process_staging() -> None:
+def use_process_staging() -> bool:
     """Make Tune stage this process's searches in a folder of their own (see the module's text)."""
-    from ray.tune.experiment.experiment import Experiment
-
-    if getattr(Experiment, "_storage_context_cls", None) is StorageContext:  # untouched, and still the seam
-        Experiment._storage_context_cls = ProcessStaging
+    return use_storage_context_class(ProcessStaging)
