@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in ("-V", "--version"):
-        from kdtune import __version__
+        from kdtune.versions import report
 
-        print(f"kdtune {__version__}")
+        print(report())  # what a bug report needs: versions, commit, CUDA devices
         return 0
     if command not in COMMANDS:
         import difflib

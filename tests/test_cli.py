@@ -41,3 +41,20 @@ def test_every_commands_help_answers_before_torch_loads() -> None:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert "usage:" in r.stdout and r.stdout.strip().endswith("[]"), (command, r.stdout[-200:])
+
+
+def test_version_names_kdtune_its_libraries_python_cuda_and_the_commit() -> None:
+    from importlib import metadata
+
+    from kdtune.versions import git_commit
+
+    r = subprocess.run([sys.executable, "-m", "kdtune.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("kdtune 0.") and lines[1].startswith("Python 3.")
+    for name in ("torch", "torchvision", "ray", "optuna", "mlflow"):
+        assert f"{name} {metadata.version(name)}" in lines, (name, lines)
+    assert lines[-1].startswith("CUDA: torch built for ") and "devices: " in lines[-1]
+    git = git_commit()
+    if git is not None:  # a git checkout: the commit, as git says it
+        assert f"(git {git[0][:12]}" in lines[0]

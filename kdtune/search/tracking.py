@@ -43,27 +43,19 @@ def runs_table_url(client: MlflowClient, experiment: str, ui: str = "http://127.
 
 def version_tags() -> dict[str, str]:
     """kdtune's version and, from a git checkout, its commit (MLflow's own tag name for it)."""
-    import subprocess
     from importlib import metadata
 
-    import kdtune
+    from kdtune.versions import git_commit
 
     tags = {}
     try:
         tags["kdtune.version"] = metadata.version("kdtune")
     except metadata.PackageNotFoundError:
         tags["kdtune.version"] = "unknown"
-    root = Path(kdtune.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode == 0:
-            tags["mlflow.source.git.commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            tags["kdtune.git_dirty"] = str(bool(dirty)).lower()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    git = git_commit()
+    if git is not None:
+        tags["mlflow.source.git.commit"], dirty = git
+        tags["kdtune.git_dirty"] = str(dirty).lower()
     return tags
 
 
