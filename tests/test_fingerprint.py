@@ -22,18 +22,70 @@ def fingerprint(part: str) -> dict:
     return json.loads(out)[part]
 
 
-def _close(a, b, rel: float) -> bool:
+def _close(a, b, rel: float, abs_: float) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rel, abs_) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(a, b, rel_tol=rel, abs_tol=1e-6)
+        return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
     return a == b
 
 
-@pytest.mark.parametrize("part,rel", [("models", 0.0), ("losses", 1e-5), ("digits", 1e-4)])
-def test_behaviour_matches_the_recorded_fingerprint(part: str, rel: float) -> None:
+# Tolerances, against the noise of other kernels (tests/tools/fingerprint.py says how it was
+# measured: ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 against AVX2, 2026-12-03):
+# - models: outputs and weights move by ~1e-7 relative; a changed init or layer by far more
+#   (test_a_changed_init_or_output_moves_the_summary_beyond_its_tolerance);
+# - losses (one step on fixed inputs): up to 1.2e-3 relative (PKT's normalised features);
+# - digits (2-epoch runs): training compounds kernel noise: validation loss moved 7 % and
+#   accuracies 8 pp between kernels, so they are not compared; the schedule and sample counts
+#   are exact, and the training losses moved at most 1 %.
+EXACT, LOOSE = (1e-6, 1e-9), (3e-2, 1e-4)
+
+
+def _tolerance(part: str, key: str) -> tuple[float, float] | None:
+    """(rel, abs) for an entry's ``key``, or None: not compared."""
+    if part == "models":
+        return 1e-5, 1e-4
+    if part == "losses":
+        return 5e-3, 1e-5
+    if key.startswith("val/") or "acc" in key:
+        return None
+    return LOOSE if key.startswith("train/") or key.startswith("ctkd/temperature") else EXACT
+
+
+@pytest.mark.parametrize("part", ["models", "losses", "digits"])
+def test_behaviour_matches_the_recorded_fingerprint(part: str) -> None:
     expected = json.loads((HERE / "data" / "fingerprint.json").read_text())[part]
     got = fingerprint(part)
     assert sorted(got) == sorted(expected), "entries added or removed: regenerate deliberately"
     moved = {name: (got[name], want) for name, want in expected.items()
              if sorted(got[name]) != sorted(want)
-             or not all(_close(got[name][k], v, rel) for k, v in want.items())}
+             or not all(_close(got[name][k], v, *tol) for k, v in want.items()
+                        if (tol := _tolerance(part, k)) is not None)}
     assert not moved, f"{part} changed: {moved}"
+
+
+def test_a_changed_init_or_output_moves_the_summary_beyond_its_tolerance() -> None:
+    """The model summary is a behaviour check, not a bit check: float noise stays inside the
+    tolerance, while a change to one weight of millions (or to the logits) leaves it."""
+    import torch
+
+    sys.path.insert(0, str(HERE / "tools"))
+    from fingerprint import model_summary
+
+    from kdtune.models import build_model
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = build_model("resnet8x4", num_classes=100).eval()
+    base = model_summary(model, x)
+    rel, abs_ = _tolerance("models", "")
+    with torch.no_grad():
+        noisy = {k: v * (1 + 1e-7 * torch.randn_like(v)) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+        model.load_state_dict(noisy)
+    assert all(_close(model_summary(model, x)[k], v, rel, abs_) for k, v in base.items())  # last-bit noise
+    with torch.no_grad():
+        model.state_dict()["conv1.weight"].view(-1)[0] += 0.01  # one weight of 1.2 M
+    changed = model_summary(model, x)
+    assert not _close(changed["state"], base["state"], rel, abs_)
+    assert not _close(changed["logits"], base["logits"], rel, abs_)
