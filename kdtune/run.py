@@ -38,7 +38,7 @@ def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = p
 
 
 def use_compile(cfg: RunConfig, device: torch.device) -> bool:
-    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (README, Speed)."""
+    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (docs/performance.md)."""
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
