@@ -1,6 +1,6 @@
 """Build one distillation run (data, teacher, student, method, engine) from a RunConfig.
 
-Shared by ``python -m kdtune.train`` and the search trainable, which pass in the data and
+Shared by ``kdtune train`` and the search trainable, which pass in the data and
 teacher they already hold so that they are loaded once, not once per trial.
 """
 from __future__ import annotations

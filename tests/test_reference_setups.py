@@ -103,7 +103,7 @@ def test_the_reference_setups_are_shipped() -> None:
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: rel(p).removeprefix("search_spaces/reference/"))
 def test_run_file_validates_and_builds(path: Path, workdir: Path, monkeypatch) -> None:
     text = path.read_text()
-    assert text.startswith("#") and f"python -m kdtune.train {rel(path)}" in text  # says how to run it
+    assert text.startswith("#") and f"kdtune train {rel(path)}" in text  # says how to run it
     monkeypatch.chdir(workdir)
     args = train.parse_args([str(path), "--final", *[f"--set={k}={v}" for k, v in SMALL.items()],
                              f"--set=cache_dir={workdir / 'cache'}"])
@@ -120,7 +120,7 @@ def test_run_file_validates_and_builds(path: Path, workdir: Path, monkeypatch) -
 @pytest.mark.parametrize("path", SEARCHES, ids=lambda p: rel(p).removeprefix("search_spaces/reference/"))
 def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path, monkeypatch, capsys) -> None:
     text = path.read_text()
-    assert text.startswith("#") and f"python -m kdtune.search {rel(path)}" in text
+    assert text.startswith("#") and f"kdtune search {rel(path)}" in text
     monkeypatch.chdir(workdir)
     assert driver.main([str(path), "--dry-run"]) == 0
     assert "# translated space" in capsys.readouterr().out
