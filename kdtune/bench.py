@@ -1,4 +1,4 @@
-"""``python -m kdtune.bench``: images per second of the training pipeline and of a KD step.
+"""``kdtune bench`` (or ``python -m kdtune.bench``): images per second of the training pipeline and of a KD step.
 
 (a) The device-resident pipeline (crop + flip + normalise, batched on the device) against
 torchvision's usual DataLoader with PIL RandomCrop + RandomHorizontalFlip (2 workers), both
@@ -18,6 +18,16 @@ from __future__ import annotations
 import argparse
 
 PAIRS = "resnet32x4:resnet8x4,vgg13:vgg8,resnet56:resnet20,wrn_40_2:wrn_16_2"
+DESCRIPTION = """kdtune bench: images per second of the training pipeline and of a KD step
+(teacher live, with the teacher-output cache, and with cache + compile), other
+methods' step time against KD's, the cache's build time and size, and KDAS
+against KD over a shortened schedule. Speed figures only; --search compares
+search strategies instead."""
+EXAMPLES = """examples:
+  kdtune bench --steps 10
+  kdtune bench --skip-pipeline --methods kd,ctkd,sakd --pairs resnet32x4:resnet8x4,resnet56:resnet20 --steps 5
+  kdtune bench --gpu
+  kdtune bench --search --help"""
 
 
 def _positive(text: str) -> int:
@@ -54,35 +64,42 @@ def main(argv: list[str] | None = None) -> int:
         # Search strategies need Ray and Optuna: the search layer's benchmark, loaded only here.
         from kdtune.search.bench_search import main as bench_search
         return bench_search(argv)
-    p = argparse.ArgumentParser(prog="python -m kdtune.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--pipeline-images", type=_positive, default=10000)
-    p.add_argument("--workers", type=_nonnegative, default=2, help="DataLoader workers for the torchvision baseline")
-    p.add_argument("--pairs", default=PAIRS)
+    p = argparse.ArgumentParser(prog="kdtune bench", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Listed for --help only: main() hands --search to the search layer's benchmark before parsing.
+    p.add_argument("--search", action="store_true",
+                   help="compare search strategies (TPE+ASHA, random+ASHA, random) instead; "
+                        "kdtune bench --search --help lists its flags")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per step (default 64)")
+    p.add_argument("--pipeline-images", type=_positive, default=10000,
+                   help="CIFAR-shaped images the pipeline comparison reads (default 10000)")
+    p.add_argument("--workers", type=_nonnegative, default=2, help="DataLoader workers for the torchvision baseline (default 2)")
+    p.add_argument("--pairs", default=PAIRS, metavar="TEACHER:STUDENT,...",
+                   help=f"teacher-student pairs of the step timings (default {PAIRS})")
     p.add_argument("--steps", type=_positive, default=None, help="steps per timed epoch (default 10 CPU, 200 CUDA)")
     p.add_argument("--methods", default="kd", help="methods to time per pair, e.g. kd,ctkd,sakd (KD is the reference)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the cache+compile column (compiling takes minutes on a CPU)")
-    p.add_argument("--skip-pipeline", action="store_true")
-    p.add_argument("--skip-step", action="store_true")
+    p.add_argument("--skip-pipeline", action="store_true", help="skip the pipeline comparison")
+    p.add_argument("--skip-step", action="store_true", help="skip the step timings and the cache build")
     p.add_argument("--cache-images", type=_positive, default=None,
                    help="images (x 162 views) of the timed cache build (default 64 CPU, 45000 CUDA: CIFAR-100's train split)")
     p.add_argument("--kdas", default="resnet32x4:resnet8x4", metavar="TEACHER:STUDENT",
                    help="time KDAS against KD over a shortened schedule for this pair ('' to skip)")
-    p.add_argument("--kdas-images", type=_positive, default=512)
-    p.add_argument("--kdas-epochs", type=_positive, default=8)
+    p.add_argument("--kdas-images", type=_positive, default=512, help="training images of the KDAS timing (default 512)")
+    p.add_argument("--kdas-epochs", type=_positive, default=8, help="epochs of the KDAS timing (default 8)")
     p.add_argument("--share", type=_nonnegative, default=0, metavar="N",
                    help="N trial processes read one teacher-output cache: each one's resident and proportional "
                    "memory of it (Linux)")
-    p.add_argument("--share-images", type=_positive, default=1000, help="images (x 162 views) of the --share cache")
+    p.add_argument("--share-images", type=_positive, default=1000, help="images (x 162 views) of the --share cache (default 1000)")
     p.add_argument("--quickstart", action="store_true",
                    help="also time the quickstart search's trials with the cache off and on (runs Ray in subprocesses)")
-    p.add_argument("--quickstart-trials", type=_positive, default=4)
-    p.add_argument("--quickstart-epochs", type=_positive, default=4)
+    p.add_argument("--quickstart-trials", type=_positive, default=4, help="trials of each --quickstart search (default 4)")
+    p.add_argument("--quickstart-epochs", type=_positive, default=4, help="epochs of each --quickstart trial (default 4)")
     p.add_argument("--gpu", action="store_true", help="the GPU figures: per pair single-trial and packed img/s, "
                    "cache build, peak memory (torch only)")
-    p.add_argument("--processes", type=_positive, default=4, help="trial processes sharing the GPU in --gpu mode")
+    p.add_argument("--processes", type=_positive, default=4, help="trial processes sharing the GPU in --gpu mode (default 4)")
     args = p.parse_args(argv)
     # kdtune's modules import torch (seconds): only now that the arguments parsed.
     from kdtune.checks import device_problem

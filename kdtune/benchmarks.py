@@ -1,4 +1,4 @@
-"""The measurements behind ``python -m kdtune.bench`` (see :mod:`kdtune.bench` for what each
+"""The measurements behind ``kdtune bench`` (see :mod:`kdtune.bench` for what each
 figure is); kept apart from the command so that its ``--help`` does not wait for torch."""
 from __future__ import annotations
 

@@ -22,7 +22,9 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items()]
     return ("usage: kdtune COMMAND [ARGS ...]\n\nknowledge-distillation hyperparameter search on PyTorch\n\n"
-            "commands:\n" + "\n".join(lines) + "\n\n`kdtune COMMAND --help` describes a command.")
+            "commands:\n" + "\n".join(lines) + "\n\n`kdtune COMMAND --help` describes a command.\n\n"
+            "examples:\n  kdtune search search_spaces/quickstart.yaml\n  kdtune train --list kd\n"
+            "  kdtune report ray_results/quickstart-digits")
 
 
 def main(argv: list[str] | None = None) -> int:

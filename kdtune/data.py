@@ -214,7 +214,7 @@ def _cifar(root: str | Path | None, download: bool, *, folder: str, train_files:
             f"{tv_name} files missing under data root {root}: expected "
             f"{', '.join(str(p.relative_to(root)) for p in expected)}; missing "
             f"{', '.join(str(p.relative_to(root)) for p in missing)}. Get them with download: true "
-            f"(kdtune.train --download, kdtune.search --set fixed.download=true; needs network access), "
+            f"(kdtune train --download, kdtune search --set fixed.download=true; needs network access), "
             f"or unpack the python version of the dataset (https://www.cs.toronto.edu/~kriz/cifar.html) "
             f"into {root}."
         )

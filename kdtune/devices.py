@@ -1,7 +1,7 @@
 """Device details that only matter on a GPU, kept in one place so the CPU tests can reach them.
 
 Nothing here changes what a run computes on the CPU; each helper says which CUDA defect it
-prevents (see the README's CUDA section). The module imports torch only, so the GPU checks in
+prevents (see docs/cuda.md). The module imports torch only, so the GPU checks in
 ``tests/test_gpu.py`` run on a machine without Ray, Optuna or MLflow.
 """
 from __future__ import annotations

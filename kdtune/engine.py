@@ -1,6 +1,6 @@
 """The training loop: one distillation run, epoch by epoch, with nothing but torch inside.
 
-``Engine.run()`` yields one metrics dict per epoch; ``python -m kdtune.train``, the teacher
+``Engine.run()`` yields one metrics dict per epoch; ``kdtune train``, the teacher
 trainer and the Ray Tune trainable all consume that same generator. Inside an epoch there
 is no host synchronisation: losses and accuracies accumulate on the device and are read once
 at the end of the epoch.

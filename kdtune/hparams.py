@@ -11,7 +11,7 @@ A subclass inherits its parents' entries (``hparams`` adds to them, ``drop_hpara
 some), so nothing is written twice. Parameters with a default that a constructor spells out in
 its signature, positional or keyword, count as declared too (typed by their default). Everything else reads the schema: the constructors (each
 hyperparameter becomes an attribute of the same name), ``RunConfig`` and search-spec
-validation, ``--list``, the README table, MLflow params and the results table.
+validation, ``--list``, the docs' table, MLflow params and the results table.
 
 Validation returns :class:`Problem` records (YAML path, rule, value), turned into text once,
 where the input came from (a file, a ``--set``).
@@ -144,7 +144,7 @@ class HP:
         return " | ".join(dict.fromkeys(names.get(t, t.__name__) for t in self.types))
 
     def rule(self) -> str:
-        """The range or the choices, as the error messages and the README say them."""
+        """The range or the choices, as the error messages and the docs say them."""
         if self.choices is not None:
             return "one of " + ", ".join(str(c) for c in self.choices)
         low = ("(", self.gt) if self.gt is not None else ("[", self.ge) if self.ge is not None else None

@@ -1,6 +1,6 @@
 """Every method's and sampler's hyperparameters, read from their schemas: as text for
-``python -m kdtune.train --list`` and as the Markdown table in the README (a test keeps the
-README's copy equal to :func:`markdown`)."""
+``kdtune train --list`` and as the Markdown table in docs/methods.md, between README_BEGIN and
+README_END (tests/test_hparams.py keeps that copy equal to :func:`markdown`)."""
 from __future__ import annotations
 
 from kdtune.distillers import METHODS

@@ -2,11 +2,11 @@
 
 A plugin registers its own models, datasets, methods or samplers with the usual decorators
 (``@MODELS.register()``, ``@DATASETS.register("name")``, ``@METHODS.register("name")``,
-``@SAMPLERS.register("name")``), so it works the same in ``kdtune.train``, in the search
+``@SAMPLERS.register("name")``), so it works the same in ``kdtune train``, in the search
 driver and in every Ray worker (workers inherit the environment variable). The registries
 import the plugins at their first lookup, not when kdtune is imported, so a plugin may import
-any kdtune module (``kdtune.config`` included). See the README, "Writing a method, a sampler,
-a model or a dataset", and ``kdtune/examples/plugin.py``.
+any kdtune module (``kdtune.config`` included). See docs/plugins.md and
+``kdtune/examples/plugin.py``.
 """
 from __future__ import annotations
 

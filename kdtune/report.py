@@ -1,4 +1,4 @@
-"""``python -m kdtune.report RESULTS [RESULTS ...]``: a short report of one or several searches.
+"""``kdtune report RESULTS [RESULTS ...]`` (or ``python -m kdtune.report``): a short report of one or several searches.
 
 The command line lives here, importing nothing heavy, so ``--help`` and usage errors answer before
 pandas and matplotlib load; the report itself is :mod:`kdtune.analysis.report`.
@@ -9,8 +9,18 @@ import argparse
 import sys
 
 
+DESCRIPTION = """kdtune report: a short report of one or several searches (best configuration,
+gap to the baselines and published numbers, parameter importance, cost, plots)
+as report.md and report.html."""
+EXAMPLES = """examples:
+  kdtune report ray_results/quickstart-digits
+  kdtune report ray_results/kd-run ray_results/kdas-run --out cmp --baseline none=93.1
+  kdtune report quickstart-digits --tracking-uri sqlite:///mlflow.db"""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kdtune.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="kdtune report", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", metavar="RESULTS",
                    help="a search folder <storage-path>/<name> (holds kdtune_search.json), or an MLflow experiment name")
     p.add_argument("--out", help="output folder (default: <folder>/report for one search folder, else ./kdtune_report)")

@@ -1,6 +1,6 @@
 """Build one distillation run (data, teacher, student, method, engine) from a RunConfig.
 
-Shared by ``python -m kdtune.train`` and the search trainable, which pass in the data and
+Shared by ``kdtune train`` and the search trainable, which pass in the data and
 teacher they already hold so that they are loaded once, not once per trial.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = p
 
 
 def use_compile(cfg: RunConfig, device: torch.device) -> bool:
-    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (README, Speed)."""
+    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (docs/performance.md)."""
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 

@@ -1,5 +1,5 @@
-"""``python -m kdtune.train``: one distillation run without Ray, for debugging a configuration
-and for the final test-set run of a chosen one (``--final``).
+"""``kdtune train`` (or ``python -m kdtune.train``): one distillation run without Ray, for debugging a
+configuration and for the final test-set run of a chosen one (``--final``).
 
 Writes into the output folder: ``config.yaml`` (the resolved configuration), ``metrics.jsonl``
 (one line per epoch), ``checkpoint.pth`` (engine state after the last finished epoch, for
@@ -29,14 +29,32 @@ if TYPE_CHECKING:
 # Command-line flags that set a config key (flag name = key with dashes).
 FLAG_KEYS = ("dataset", "data_root", "teacher", "teacher_checkpoint", "student", "method",
              "epochs", "seed", "device")
+FLAG_HELP = {
+    "dataset": "cifar100, cifar10, digits, synthetic or a plugin's dataset",
+    "data_root": "folder that holds the dataset's files (cifar-100-python/ for cifar100)",
+    "teacher": "teacher model name, e.g. resnet32x4",
+    "teacher_checkpoint": "teacher weights ({'model': state_dict}); without one the teacher is trained once and cached",
+    "student": "student model name, e.g. resnet8x4",
+    "method": "distillation method, e.g. kd, dkd, ctkd, at, sakd; none trains the student alone",
+    "epochs": "training epochs (the schedule scales to them)",
+    "seed": "seed of the run (weights, split, batch order, augmentation)",
+    "device": "auto (a GPU when there is one), cpu, cuda or cuda:N",
+}
+DESCRIPTION = """kdtune train: one distillation run without Ray, for debugging a configuration
+and for the final test-set run of a chosen one (--final). Settings come from a
+YAML file, flags and --set KEY=VALUE, in that order (a later one wins)."""
+EXAMPLES = """examples:
+  kdtune train run.yaml --set lr=0.1
+  kdtune train --dataset digits --teacher resnet20 --student resnet8 --method kd --epochs 12 --set teacher_epochs=30
+  kdtune train --from-search ray_results/quickstart-digits --final --seeds 3"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kdtune.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="kdtune train", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML file of run settings (flat keys, see README)")
+    p.add_argument("config", nargs="?", help="YAML file of run settings (flat keys; --list prints them)")
     for key in FLAG_KEYS:
-        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None)
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=FLAG_HELP[key])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key or method hyperparameter (repeatable; see --list)")
     p.add_argument("--list", nargs="*", metavar="NAME", default=None,
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 break
     except KeyboardInterrupt:
-        print(f"\ninterrupted after epoch {engine.epoch}; continue with: python -m kdtune.train "
+        print(f"\ninterrupted after epoch {engine.epoch}; continue with: kdtune train "
               f"--resume --output-dir {out}", file=sys.stderr)
         return 130
     save_atomic({"model": {k: v.cpu() for k, v in engine.distiller.student_state_dict().items()},

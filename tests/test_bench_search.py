@@ -1,5 +1,5 @@
-"""``python -m kdtune.bench --search``: the arithmetic of its figures (the searches themselves are
-too slow for the suite; the README gives the command and what it measured)."""
+"""``kdtune bench --search``: the arithmetic of its figures (the searches themselves are
+too slow for the suite; docs/performance.md gives the command and what it measured)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""The ``kdtune`` command dispatches to the same programs as ``python -m kdtune.X``, and its overview
+"""The ``kdtune`` command dispatches to the same programs as ``python -m kdtune.X``, every --help
+spells them ``kdtune X``, describes every flag and ends with examples, and the overview
 imports nothing heavy (torch takes seconds to import; ``kdtune --help`` must not wait for it)."""
 from __future__ import annotations
 
@@ -58,3 +59,35 @@ def test_version_names_kdtune_its_libraries_python_cuda_and_the_commit() -> None
     git = git_commit()
     if git is not None:  # a git checkout: the commit, as git says it
         assert f"(git {git[0][:12]}" in lines[0]
+
+
+HELP_FOR = {"search": ["-m", "kdtune.search"], "train": ["-m", "kdtune.train"], "report": ["-m", "kdtune.report"],
+            "bench": ["-m", "kdtune.bench"], "bench --search": ["-m", "kdtune.bench", "--search"]}
+
+
+def flags_without_help(text: str) -> list[str]:
+    """Options in an argparse --help whose entry has no description: an option line with nothing
+    after its invocation, and no indented description on the next line."""
+    lines = text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        if not line.startswith("  -"):
+            continue
+        described_here = "  " in line.strip()  # "--flag X   its help" on one line
+        described_below = i + 1 < len(lines) and lines[i + 1].startswith(" " * 10) and not lines[i + 1].strip().startswith("-")
+        if not (described_here or described_below):
+            missing.append(line.strip())
+    return missing
+
+
+def test_every_help_spells_kdtune_x_describes_every_flag_and_ends_with_examples() -> None:
+    for command, args in HELP_FOR.items():  # python -m kdtune.X still works, and says kdtune X
+        r = subprocess.run([sys.executable, *args, "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"usage: kdtune {command} "), r.stdout[:200]
+        assert "python -m" not in r.stdout and "``" not in r.stdout, command  # one spelling, no raw reST
+        assert flags_without_help(r.stdout) == [], (command, flags_without_help(r.stdout))
+        examples = r.stdout.rstrip().split("\nexamples:\n")[-1].splitlines()
+        assert len(examples) >= 2 and all(ln.startswith(f"  kdtune {command.split()[0]} ") for ln in examples), command
+    bench = subprocess.run([sys.executable, "-m", "kdtune.bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert "--search " in bench.stdout  # the search-strategy benchmark is listed, not hidden

@@ -1,4 +1,4 @@
-"""What reading the code predicted would break on CUDA (README, "CUDA"), checked on the CPU:
+"""What reading the code predicted would break on CUDA (docs/cuda.md), checked on the CPU:
 resume with the checkpoint's tensors mapped away from the CPU, count_macs on a model that is
 not on the CPU, fp32 evaluation and control modules under bf16 autocast, RKD without a
 data-dependent shape, the batch sizes cuDNN autotunes under KDAS, trial resources and the

@@ -1,4 +1,4 @@
-"""The CUDA checks (README, "CUDA"): skipped without a GPU, and runnable with torch and
+"""The CUDA checks (docs/cuda.md): skipped without a GPU, and runnable with torch and
 torchvision alone (no Ray, Optuna or MLflow; only the driver-memory check also needs PyYAML).
 
     PYTHONPATH=$PWD python -m pytest -q -s -p no:cacheprovider tests/test_gpu.py

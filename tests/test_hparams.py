@@ -1,4 +1,4 @@
-"""The hyperparameter schema: declared once, inherited, read by validation, the listing and the README."""
+"""The hyperparameter schema: declared once, inherited, read by validation, the listing and the docs' table."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,19 +14,19 @@ from kdtune.hparams import NO_VALUE, Problem, Schema, did_you_mean, hp, render
 from kdtune.models import build_model
 from kdtune.sampling import SAMPLERS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+METHODS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 
 
 def _pair():
     return build_model("resnet8", num_classes=10, in_channels=1), build_model("resnet8", num_classes=10, in_channels=1)
 
 
-def test_readme_table_is_what_the_schemas_generate() -> None:
-    text = README.read_text()
+def test_docs_table_is_what_the_schemas_generate() -> None:
+    text = METHODS_PAGE.read_text()
     start = text.index(listing.README_BEGIN) + len(listing.README_BEGIN) + 1
     end = text.index(listing.README_END)
     assert text[start:end].strip() == listing.markdown(), (
-        "README's hyperparameter table is stale: regenerate it from kdtune.listing.markdown()")
+        "docs/methods.md's hyperparameter table is stale: paste kdtune.listing.markdown() between its markers")
 
 
 def test_listing_covers_every_method_and_sampler_hyperparameter() -> None:

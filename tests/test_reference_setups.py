@@ -103,7 +103,7 @@ def test_the_reference_setups_are_shipped() -> None:
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: rel(p).removeprefix("search_spaces/reference/"))
 def test_run_file_validates_and_builds(path: Path, workdir: Path, monkeypatch) -> None:
     text = path.read_text()
-    assert text.startswith("#") and f"python -m kdtune.train {rel(path)}" in text  # says how to run it
+    assert text.startswith("#") and f"kdtune train {rel(path)}" in text  # says how to run it
     monkeypatch.chdir(workdir)
     args = train.parse_args([str(path), "--final", *[f"--set={k}={v}" for k, v in SMALL.items()],
                              f"--set=cache_dir={workdir / 'cache'}"])
@@ -120,7 +120,7 @@ def test_run_file_validates_and_builds(path: Path, workdir: Path, monkeypatch) -
 @pytest.mark.parametrize("path", SEARCHES, ids=lambda p: rel(p).removeprefix("search_spaces/reference/"))
 def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path, monkeypatch, capsys) -> None:
     text = path.read_text()
-    assert text.startswith("#") and f"python -m kdtune.search {rel(path)}" in text
+    assert text.startswith("#") and f"kdtune search {rel(path)}" in text
     monkeypatch.chdir(workdir)
     assert driver.main([str(path), "--dry-run", "--gpus-per-trial", "0"]) == 0  # a dry run checks resources
     assert "# translated space" in capsys.readouterr().out
@@ -138,11 +138,9 @@ def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path,
     assert built == set(spec.space.methods or [spec.fixed["method"]])
 
 
-def test_readme_names_existing_files() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Coming from KDAS, CTKD, SAKD or mdistiller"):]
-    section = section[:section.index("\n## ")]
-    named = set(re.findall(r"search_spaces/reference/[\w./-]+\.yaml", section))
+def test_docs_name_existing_files() -> None:
+    page = (ROOT / "docs" / "reference-setups.md").read_text()
+    named = set(re.findall(r"search_spaces/reference/[\w./-]+\.yaml", page))
     assert len(named) >= 8 and all((ROOT / path).is_file() for path in named), named
 
 

@@ -172,6 +172,7 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     e2e_search.check()
     tmp_path, r = e2e_search.dir, e2e_search.result
     assert "best configuration" in r.stdout and "results table" in r.stdout
+    assert f"[kdtune] final model: kdtune train --from-search {tmp_path / 'ray' / 'e2e'} --final --seeds 3" in r.stdout
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 6 and table["trial_id"].is_unique
 
@@ -344,7 +345,8 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     out, _ = proc.communicate(timeout=120)
     lines.append(out)
     assert proc.returncode == 130, "".join(lines)[-3000:]
-    assert "--resume" in out and "Traceback" not in "".join(lines)  # the hint, and no traceback
+    assert re.search(r"continue (it )?with: kdtune search \S+ --resume", out), out[-2000:]  # the hint, spelled as users type it
+    assert "Traceback" not in "".join(lines)
     for _ in range(40):  # Ctrl-C leaves none of this search's Ray processes behind
         left = set(processes.in_group(proc.pid)) | set(processes.with_env(f"RAY_TMPDIR={ray_tmp}"))
         if not left:

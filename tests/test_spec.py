@@ -63,7 +63,7 @@ def test_shipped_space_loads_and_every_sample_is_a_valid_run(path: Path) -> None
     spec = load_spec(path, overrides)
     assert spec.path == str(path.resolve())
     text = path.read_text()  # says what it is and how to run it
-    assert text.startswith("#") and f"python -m kdtune.search search_spaces/{path.name}" in text
+    assert text.startswith("#") and f"kdtune search search_spaces/{path.name}" in text
     study = optuna.create_study(sampler=RandomSampler(seed=0))
     for _ in range(30):  # Optuna's define-by-run translation ...
         trial = study.ask()

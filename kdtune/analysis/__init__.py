@@ -1,6 +1,6 @@
 """The analysis layer: searches as pandas DataFrames (:mod:`~kdtune.analysis.loaders`), parameter
 importance (:mod:`~kdtune.analysis.importance`), plots (:mod:`~kdtune.analysis.plots`) and the
-HTML report (``python -m kdtune.report``, :mod:`~kdtune.analysis.report`).
+HTML report (``kdtune report``, :mod:`~kdtune.analysis.report`).
 
 Loading a search folder imports neither Ray nor MLflow; reading an MLflow experiment imports
 MLflow only then, and importance imports Optuna only then.

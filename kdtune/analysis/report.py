@@ -1,4 +1,4 @@
-"""``python -m kdtune.report RESULTS [RESULTS ...]``: a short report of one or several searches.
+"""``kdtune report RESULTS [RESULTS ...]``: a short report of one or several searches.
 
 RESULTS is a search folder (``<storage-path>/<name>``, e.g. ``ray_results/quickstart-digits``) or
 the name of an MLflow experiment. Writes the plots (PNG), ``report.md`` and ``report.html`` (the
@@ -175,7 +175,7 @@ def _published_notes(gap: pd.DataFrame, metric: str) -> list[tuple]:
                            f"50,000 training images, usually the mean of several runs); this search's {metric} "
                            f"is measured on the validation split it held out of the training set, so the two "
                            f"are not measured on the same images. For a test-set number, run the best "
-                           f"configuration with python -m kdtune.train CONFIG --final."))
+                           f"configuration with kdtune train CONFIG --final."))
     return notes
 
 

@@ -2,8 +2,8 @@
 
 Use it with ``KDTUNE_PLUGINS=kdtune.examples.plugin``::
 
-    KDTUNE_PLUGINS=kdtune.examples.plugin python -m kdtune.train --list kd_ramp confidence
-    KDTUNE_PLUGINS=kdtune.examples.plugin python -m kdtune.train --dataset digits_subset \\
+    KDTUNE_PLUGINS=kdtune.examples.plugin kdtune train --list kd_ramp confidence
+    KDTUNE_PLUGINS=kdtune.examples.plugin kdtune train --dataset digits_subset \\
         --teacher tiny_cnn --student tiny_cnn --method kd_ramp --set sampler=confidence --epochs 2
 
 It imports ``kdtune.config`` on purpose: plugins are imported when a name is first looked

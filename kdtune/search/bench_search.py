@@ -1,4 +1,4 @@
-"""``python -m kdtune.bench --search``: how much trial time each search strategy needs.
+"""``kdtune bench --search``: how much trial time each search strategy needs.
 
 Strategies: TPE + ASHA (kdtune's default), random + ASHA, and random search without early
 stopping, each run once per search seed on one digits task where the hyperparameters matter (a
@@ -99,18 +99,30 @@ def best_completed(rows: list[dict[str, Any]]) -> float:
     return max((r["value"] for r in rows if r["completed"]), default=-math.inf)
 
 
+DESCRIPTION = """kdtune bench --search: how much trial time each search strategy needs
+(TPE+ASHA, random+ASHA, random search without early stopping) on a digits task:
+per strategy, the trial-seconds until a completed trial comes within
+--tolerance of the best completed value any strategy found, and the final gap
+to that value."""
+EXAMPLES = """examples:
+  kdtune bench --search
+  kdtune bench --search --seeds 2 --num-samples 12 --epochs 3
+  kdtune bench --search --strategies tpe+asha,random --cache-dir ~/.cache/kdtune"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kdtune.bench --search", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="kdtune bench --search", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--search", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"from {', '.join(STRATEGIES)}")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, from {', '.join(STRATEGIES)} (default: all)")
     p.add_argument("--seeds", type=int, default=5, help="search seeds per strategy (default 5)")
     # Optuna's TPE draws its first 10 trials at random (n_startup_trials): fewer trials compare
     # random search with random search.
     p.add_argument("--num-samples", type=int, default=32, help="trials per search (default 32)")
     p.add_argument("--epochs", type=int, default=6, help="epochs of a completed trial (default 6)")
-    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once (default 2)")
     p.add_argument("--tolerance", type=float, default=0.5, help="pp below the best value found (default 0.5)")
-    p.add_argument("--teacher", default=TASK["fixed"]["teacher"], help="default resnet20 (the quickstart's)")
+    p.add_argument("--teacher", default=TASK["fixed"]["teacher"], help="teacher model (default resnet20, the quickstart's)")
     p.add_argument("--teacher-epochs", type=int, default=TASK["fixed"]["teacher_epochs"],
                    help="epochs to train the teacher when it is not cached (default 30)")
     p.add_argument("--cache-dir", default=None, help="teacher cache (default: a temporary folder)")

@@ -1,4 +1,4 @@
-"""The command line of ``python -m kdtune.search`` / ``kdtune search``: its arguments, parsed in a
+"""The command line of ``kdtune search`` (``python -m kdtune.search`` runs it too): its arguments, parsed in a
 module that imports nothing heavy, so ``--help`` and usage errors answer before torch, Ray or MLflow
 load; then :mod:`kdtune.search.driver` runs the search."""
 from __future__ import annotations
@@ -6,8 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-DESCRIPTION = ("search distillation hyperparameters: Ray Tune runs the trials, Optuna's TPE proposes "
-               "configurations, ASHA stops weak trials early, every trial is an MLflow run.")
+DESCRIPTION = """kdtune search SPACE.yaml: search distillation hyperparameters. Ray Tune runs
+the trials, Optuna's TPE proposes configurations, ASHA stops weak trials
+early, and every trial is an MLflow run."""
+EXAMPLES = """examples:
+  kdtune search search_spaces/quickstart.yaml
+  kdtune search search_spaces/kd.yaml --dry-run
+  kdtune search search_spaces/kd.yaml --set fixed.epochs=120 --num-samples 32 --gpus-per-trial 0.25
+  kdtune search search_spaces/kd.yaml --resume"""
 
 
 # Flags that are shorthands for spec overrides.
@@ -16,17 +22,20 @@ FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kdtune.search", description="python -m kdtune.search SPACE.yaml: " + DESCRIPTION)
+    p = argparse.ArgumentParser(prog="kdtune search", description=DESCRIPTION,
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", help="search-space YAML file (see search_spaces/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the file by its dotted path, e.g. fixed.epochs=20 (repeatable)")
-    p.add_argument("--num-samples", type=int)
-    p.add_argument("--max-concurrent", type=int)
-    p.add_argument("--gpus-per-trial", type=float, help="fractional, e.g. 0.25 packs 4 trials on a GPU")
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a private local one)")
-    p.add_argument("--storage-path", default="ray_results", help="absolute path or URI (relative paths are made absolute)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (sets search.num_samples)")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="most trials running at once (sets search.max_concurrent)")
+    p.add_argument("--gpus-per-trial", type=float, metavar="GPUS",
+                   help="GPUs per trial, fractional: 0.25 packs 4 trials on a GPU (sets resources.gpus_per_trial)")
+    p.add_argument("--cpus-per-trial", type=float, metavar="CPUS", help="CPUs per trial (sets resources.cpus_per_trial)")
+    p.add_argument("--address", metavar="ADDRESS", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a private local one)")
+    p.add_argument("--storage-path", default="ray_results", metavar="PATH",
+                   help="where searches keep their folders: a path (made absolute) or a URI (default ./ray_results)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted search from --storage-path (the latest of its name: NAME, NAME-2, ...)")
     p.add_argument("--optuna-storage", metavar="URL",

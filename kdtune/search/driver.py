@@ -1,4 +1,4 @@
-"""``python -m kdtune.search SPACE.yaml``: search distillation hyperparameters.
+"""``kdtune search SPACE.yaml``: search distillation hyperparameters.
 
 Ray Tune runs the trials (one engine epoch per step, several small trials per GPU with
 fractional ``--gpus-per-trial``), Optuna's TPE proposes configurations, ASHA stops weak trials
@@ -126,7 +126,7 @@ def start_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: P
                           optuna_url if spec.algorithm == "tpe" else None, args.verbose, args.status_every)
     except KeyboardInterrupt:
         preflight.close_parent("KILLED")
-        print(f"\n[kdtune] interrupted; continue with: python -m kdtune.search {spec.path} --resume "
+        print(f"\n[kdtune] interrupted; continue with: kdtune search {spec.path} --resume "
               f"--storage-path {storage}", file=sys.stderr)
         return 130
     except BaseException:
@@ -502,13 +502,13 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
                          + [RunTag("kdtune.best_trial", str(best["trial_id"]))])
         client.log_artifact(parent_id, str(own / BEST_FILE))
         if folder is not None:
-            print(f"[kdtune] final model: python -m kdtune.train --from-search {own} --final --seeds 3")
+            print(f"[kdtune] final model: kdtune train --from-search {own} --final --seeds 3")
     client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
     print(f"[kdtune] results table: {csv}")
     print(f"[kdtune] MLflow: experiment {spec.name!r} at {tracking_uri} "
           f"(browse: mlflow ui --backend-store-uri {tracking_uri})")
     if interrupted:
-        print(f"[kdtune] the search was interrupted; continue it with: python -m kdtune.search {spec.path} "
+        print(f"[kdtune] the search was interrupted; continue it with: kdtune search {spec.path} "
               f"--resume --storage-path {experiment_path.rsplit('/', 1)[0]}", file=sys.stderr)
         return 130
     return 0

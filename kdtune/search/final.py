@@ -1,5 +1,5 @@
 """From a search's best (or chosen) trial to a final model:
-``python -m kdtune.train --from-search ray_results/NAME [--trial ID] [--final] [--seeds 3]``.
+``kdtune train --from-search ray_results/NAME [--trial ID] [--final] [--seeds 3]``.
 
 The trial's full run configuration (``run.yaml``, stored in its folder and its MLflow run when
 the trial started) is re-run by ``kdtune.train`` unchanged except for ``final`` (train on

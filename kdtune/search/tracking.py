@@ -167,7 +167,7 @@ class TrialTracker(Callback):
 
     def save_run_config(self, run_id: str, trial) -> None:
         """The trial's full run configuration, in its MLflow run and its folder (``run.yaml``):
-        what ``python -m kdtune.train --from-search`` re-runs."""
+        what ``kdtune train --from-search`` re-runs."""
         if self.run_config is None:
             return
         import yaml
