@@ -92,26 +92,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[kdtune] {note}", flush=True)
     for line in instance.end_leftovers(storage):
         print(f"[kdtune] {line}", flush=True)
-    made = not own.exists()
-    try:
-        return start_search(spec, args, storage, tracking_uri, own, optuna_url)
-    finally:
-        # A search refused after its folder was made (its lock, or the teacher) takes it back.
-        if made and own.is_dir() and not (own / STATE_FILE).exists():
-            shutil.rmtree(own, ignore_errors=True)
+    return start_search(spec, args, storage, tracking_uri, own, optuna_url)
 
 
 def start_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: Path, optuna_url: str) -> int:
     """Lock the search's name, prepare its teacher and run it (see :func:`main`)."""
+    made = not own.exists()
+    try:
+        # Held until this returns: makes the existence checks below and the creation of the
+        # search atomic (a second search of this name stops here, before MLflow).
+        lock = preflight.SearchLock(own, spec.name)  # noqa: F841
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return locked_search(spec, args, storage, tracking_uri, own, optuna_url)
+    finally:
+        # Refused (or stopped) before it was recorded: the folder this search made goes, so that
+        # nothing is left of it (only the holder of the lock may remove it).
+        if made and not (own / STATE_FILE).exists():
+            shutil.rmtree(own, ignore_errors=True)
+
+
+def locked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: Path, optuna_url: str) -> int:
     from kdtune.data import DataError
     from kdtune.teacher_cache import CacheError
     from kdtune.teachers import CheckpointError
 
     state_path = own / STATE_FILE
     try:
-        # Held until this returns: makes the existence checks below and the creation of the
-        # search atomic (a second search of this name stops here, before MLflow).
-        lock = preflight.SearchLock(own, spec.name)  # noqa: F841
         if args.resume and not state_path.is_file():
             raise PreflightError(f"--resume: no search named {spec.name!r} to resume under {storage}")
         if not args.resume and state_path.is_file():
