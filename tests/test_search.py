@@ -667,3 +667,37 @@ def test_sakd_trials_in_a_real_search(short_searches) -> None:
     # -10 starts the feature spots off (the logits spot has the half-batch hinge pulling it on)
     assert min(first_epoch[10.0].values()) > 0.8, first_epoch
     assert max(first_epoch[-10.0][name] for name in stages) < 0.2, first_epoch
+
+
+def test_the_python_api_refuses_bad_input_with_exceptions_and_makes_nothing(tmp_path: Path) -> None:
+    import kdtune.search
+    from kdtune.config import ConfigError
+    from kdtune.search.preflight import PreflightError
+
+    bad = write_space(tmp_path, space={"temprature": {"type": "float", "low": 1, "high": 8}})
+    with pytest.raises(ConfigError, match="temprature"):
+        kdtune.search.run(bad, storage_path=str(tmp_path / "ray"), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(PreflightError, match=r"resources\.gpus_per_trial: 1 asked for"):
+        kdtune.search.run(write_space(tmp_path), gpus_per_trial=1, storage_path=str(tmp_path / "ray"),
+                          tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.slow
+def test_the_python_api_runs_a_search_and_returns_its_best_and_table(tmp_path: Path, shared_ray) -> None:
+    space = write_space(tmp_path, search__num_samples=2, fixed={**SPACE["fixed"], "epochs": 2})
+    code = f"""
+import json, kdtune.search
+r = kdtune.search.run({str(space)!r}, storage_path={str(tmp_path / 'ray')!r}, address={shared_ray.address!r},
+                      tracking_uri={f'sqlite:///{tmp_path / "mlflow.db"}'!r})
+print(json.dumps({{"name": r.name, "folder": str(r.folder), "interrupted": r.interrupted, "config": r.best_config,
+                  "value": r.best_value, "rows": len(r.table), "best_row": float(r.table[r.objective_column].max())}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=shared_ray.env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    best = json.loads((tmp_path / "ray" / "e2e" / "best.json").read_text())
+    assert got["name"] == "e2e" and got["folder"] == str(tmp_path / "ray" / "e2e") and not got["interrupted"]
+    assert got["rows"] == 2 and got["config"] == best["params"] and set(got["config"]) == {"lr"}
+    assert got["value"] == best["objective"]["value"] == got["best_row"]

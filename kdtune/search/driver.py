@@ -44,14 +44,22 @@ def local_dir(storage: str, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = [f"{path}={getattr(args, flag)}" for flag, path in FLAG_OVERRIDES.items()
-                 if getattr(args, flag) is not None] + args.overrides
+    """``kdtune search``: the command line over :func:`execute`; a refusal is one line, exit 2."""
     try:
-        spec = load_spec(args.space, overrides)
-    except ConfigError as e:
+        return execute(parse_args(argv))[0]
+    except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def execute(args) -> tuple[int, Path | None]:
+    """Run (or dry-run) the search ``args`` describe (the command's options: the fields of
+    :func:`kdtune.search.cli.parse_args`); ``(exit status, the search's folder)``: 0 done, 130
+    interrupted. Bad input raises :class:`ConfigError` or :class:`PreflightError` before anything
+    is made."""
+    overrides = [f"{path}={getattr(args, flag)}" for flag, path in FLAG_OVERRIDES.items()
+                 if getattr(args, flag) is not None] + list(args.overrides)
+    spec = load_spec(args.space, overrides)
     storage = resolve_storage(args.storage_path)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -59,54 +67,41 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries(args.verbose)
     # Everything that can refuse the search is checked before it is named or anything is made
     # (no folder, no store, no run): a refused search, or a --dry-run, leaves no trace.
-    try:
-        name, note = search_name(spec, storage, args.resume)
-        spec = renamed(spec, name)
-        own = local_dir(storage, spec.name)
-        preflight.check_storage(storage, own)
-        stored = preflight.read_state(own / STATE_FILE) if args.resume and (own / STATE_FILE).is_file() else None
-        if stored is not None and stored["spec"] != spec.resolved:
-            raise PreflightError(f"--resume: {spec.path} (with its overrides) differs from the search stored in "
-                                 f"{own}; resume with the same file and --set values")
-        # the Optuna study: where the search put it (on --resume), else --optuna-storage or beside the results
-        optuna_url = (stored or {}).get("optuna_storage") or args.optuna_storage or f"sqlite:///{own / OPTUNA_FILE}"
-        if not args.resume and spec.algorithm == "tpe" and args.optuna_storage and study_exists(optuna_url, spec.name):
-            raise PreflightError(f"--optuna-storage {args.optuna_storage}: a study named {spec.name!r} exists there "
-                                 f"already; start this search under another name (--set name=...)")
-        preflight.check_device(spec)
-        preflight.check_tracking(tracking_uri)
-        if address:
-            init_ray(address, args.verbose)  # cheap on a running cluster, and the only way to see its resources
-            preflight.check_cluster_resources(spec, address)
-        else:
-            preflight.check_local_resources(spec)
-        preflight.check_teacher_checkpoint(spec, preflight.check_data(spec))
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    name, note = search_name(spec, storage, args.resume)
+    spec = renamed(spec, name)
+    own = local_dir(storage, spec.name)
+    preflight.check_storage(storage, own)
+    stored = preflight.read_state(own / STATE_FILE) if args.resume and (own / STATE_FILE).is_file() else None
+    if stored is not None and stored["spec"] != spec.resolved:
+        raise PreflightError(f"--resume: {spec.path} (with its overrides) differs from the search stored in "
+                             f"{own}; resume with the same file and --set values")
+    # the Optuna study: where the search put it (on --resume), else --optuna-storage or beside the results
+    optuna_url = (stored or {}).get("optuna_storage") or args.optuna_storage or f"sqlite:///{own / OPTUNA_FILE}"
+    if not args.resume and spec.algorithm == "tpe" and args.optuna_storage and study_exists(optuna_url, spec.name):
+        raise PreflightError(f"--optuna-storage {args.optuna_storage}: a study named {spec.name!r} exists there "
+                             f"already; start this search under another name (--set name=...)")
+    preflight.check_device(spec)
+    preflight.check_tracking(tracking_uri)
+    if address:
+        init_ray(address, args.verbose)  # cheap on a running cluster, and the only way to see its resources
+        preflight.check_cluster_resources(spec, address)
+    else:
+        preflight.check_local_resources(spec)
+    preflight.check_teacher_checkpoint(spec, preflight.check_data(spec))
     if args.dry_run:
         print_dry_run(spec, storage, tracking_uri)
         print(f"# a real run would be the search {spec.name!r}" + (f": {note}" if note else ""))
-        return 0
+        return 0, None
     if note:
         print(f"[kdtune] {note}", flush=True)
     for line in instance.end_leftovers(storage):
         print(f"[kdtune] {line}", flush=True)
-    return start_search(spec, args, storage, tracking_uri, own, optuna_url)
-
-
-def start_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: Path, optuna_url: str) -> int:
-    """Lock the search's name, prepare its teacher and run it (see :func:`main`)."""
     made = not own.exists()
+    # Held until the search ends: makes the existence checks below and the creation of the
+    # search atomic (a second search of this name stops here, before MLflow).
+    lock = preflight.SearchLock(own, spec.name)  # noqa: F841
     try:
-        # Held until this returns: makes the existence checks below and the creation of the
-        # search atomic (a second search of this name stops here, before MLflow).
-        lock = preflight.SearchLock(own, spec.name)  # noqa: F841
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return locked_search(spec, args, storage, tracking_uri, own, optuna_url)
+        return locked_search(spec, args, storage, tracking_uri, own, optuna_url), own
     finally:
         # Refused (or stopped) before it was recorded: the folder this search made goes, so that
         # nothing is left of it (only the holder of the lock may remove it).
@@ -120,16 +115,15 @@ def locked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: 
     from kdtune.teachers import CheckpointError
 
     state_path = own / STATE_FILE
+    if args.resume and not state_path.is_file():
+        raise PreflightError(f"--resume: no search named {spec.name!r} to resume under {storage}")
+    if not args.resume and state_path.is_file():
+        raise PreflightError(f"a search named {spec.name!r} already exists under {storage}: continue it with "
+                             f"--resume, or start a new one with --set name=<new name>")
     try:
-        if args.resume and not state_path.is_file():
-            raise PreflightError(f"--resume: no search named {spec.name!r} to resume under {storage}")
-        if not args.resume and state_path.is_file():
-            raise PreflightError(f"a search named {spec.name!r} already exists under {storage}: continue it with "
-                                 f"--resume, or start a new one with --set name=<new name>")
         teacher = prepare_teacher(spec)
-    except (PreflightError, DataError, CheckpointError, CacheError) as e:  # each message names its file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, CheckpointError, CacheError) as e:  # each message names its file
+        raise PreflightError(str(e)) from e
     try:
         return run_search(spec, storage, tracking_uri, args.address, args.resume, own, teacher,
                           optuna_url if spec.algorithm == "tpe" else None, args.verbose, args.status_every)
