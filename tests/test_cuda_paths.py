@@ -249,7 +249,10 @@ def test_engine_steps_of_odd_kdas_sizes_run_forward_and_backward_without_autotun
 
 
 def test_cpu_only_trials_see_no_gpu(monkeypatch) -> None:
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # set, then deleted: monkeypatch restores the variable as it was (delenv of an absent one
+    # records nothing to restore, and CUDA_VISIBLE_DEVICES="" would hide GPUs from later tests)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     devices.hide_gpus_from_cpu_trial(0.25)
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
     devices.hide_gpus_from_cpu_trial(0)
