@@ -248,7 +248,9 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search)
     again = subprocess.run([*train, "--trial", trial, "--output-dir", str(tmp_path / "again")], cwd=tmp_path,
                            env=env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert yaml.safe_load((tmp_path / "again" / "seed0" / "config.yaml").read_text()) == run_yaml
+    # (the teacher pinned: the seed it was trained with, the trial's)
+    assert yaml.safe_load((tmp_path / "again" / "seed0" / "config.yaml").read_text()) == {**run_yaml,
+                                                                                           "teacher_seed": 0}
     rerun = json.loads((tmp_path / "again" / "seed0" / "final.json").read_text())
     assert rerun["val/acc1"] == pytest.approx(table.loc[trial, "final_val/acc1"])
 
@@ -258,9 +260,14 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     best = json.loads((folder / "best.json").read_text())
     assert f"trial {best['trial_id']}: test/acc1" in final.stdout and "±" in final.stdout
+    teachers = set()
     for seed in (0, 1):
         cfg = yaml.safe_load((tmp_path / "final" / f"seed{seed}" / "config.yaml").read_text())
-        assert cfg == {**best["config"], "final": True, "seed": seed}
+        # every seed distils from the search's teacher (trained with the trial's seed, 0)
+        assert cfg == {**best["config"], "final": True, "seed": seed, "teacher_seed": 0}
+        log = (tmp_path / "final" / f"seed{seed}" / "log.txt").read_text()
+        teachers |= set(re.findall(r"^teacher resnet8 \(cache: (\S+)\)", log, re.M))
+    assert len(teachers) == 1 and "(trained:" not in final.stdout and "training it" not in final.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("e2e")
     finals = client.search_runs([exp.experiment_id], filter_string="tags.`kdtune.kind` = 'final'")

@@ -308,7 +308,9 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     else:
         parent_id = start_parent_run(client, spec, tags, teacher, opened=preflight.opened_parent)
         own.mkdir(parents=True, exist_ok=True)
+        # "folder": where this search was, so that a moved copy finds its own files (search/final.py)
         (own / STATE_FILE).write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": tracking_uri,
+                                                  "folder": str(own),
                                                   "optuna_storage": optuna_url, "spec": spec.resolved}, indent=2))
     print(f"[kdtune] search {spec.name}: objective {spec.metric} ({spec.mode}), {OBJECTIVE}", flush=True)
     print(f"[kdtune] MLflow runs table: {runs_table_url(client, spec.name)} (after: mlflow ui --backend-store-uri "
