@@ -234,6 +234,11 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     assert pd.api.types.is_float_dtype(df["temperature"])
 
 
+def teacher_files(out: Path) -> list[str]:
+    """The teacher files a re-run's log (``log.txt`` in its output folder) names."""
+    return re.findall(r"^teacher resnet8 \(cache: (\S+)\)", (out / "log.txt").read_text(), re.M)
+
+
 @pytest.mark.slow
 def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search) -> None:
     e2e_search.check()
@@ -260,14 +265,16 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     best = json.loads((folder / "best.json").read_text())
     assert f"trial {best['trial_id']}: test/acc1" in final.stdout and "±" in final.stdout
-    teachers = set()
+    teachers = set(teacher_files(tmp_path / "again" / "seed0"))
     for seed in (0, 1):
         cfg = yaml.safe_load((tmp_path / "final" / f"seed{seed}" / "config.yaml").read_text())
         # every seed distils from the search's teacher (trained with the trial's seed, 0)
         assert cfg == {**best["config"], "final": True, "seed": seed, "teacher_seed": 0}
-        log = (tmp_path / "final" / f"seed{seed}" / "log.txt").read_text()
-        teachers |= set(re.findall(r"^teacher resnet8 \(cache: (\S+)\)", log, re.M))
-    assert len(teachers) == 1 and "(trained:" not in final.stdout and "training it" not in final.stdout
+        named = teacher_files(tmp_path / "final" / f"seed{seed}")
+        assert len(named) == (best["config"]["method"] != "none")  # the student-alone baseline has none
+        teachers |= set(named)
+    assert len(teachers) <= 1 and "-seed0-" in "".join(teachers)
+    assert "(trained:" not in final.stdout + again.stdout and "training it" not in final.stdout + again.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("e2e")
     finals = client.search_runs([exp.experiment_id], filter_string="tags.`kdtune.kind` = 'final'")

@@ -96,6 +96,11 @@ def best_completed(rows: list[dict[str, Any]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    if "--winners-curse" in (sys.argv[1:] if argv is None else argv):
+        from kdtune.search.bench_winners import main as winners_curse
+        return winners_curse(argv)
     p = argparse.ArgumentParser(prog="python -m kdtune.bench --search", description=__doc__.split("\n\n")[0])
     p.add_argument("--search", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"from {', '.join(STRATEGIES)}")

@@ -150,17 +150,18 @@ class TrialTracker(Callback):
             if tid not in self.logged:  # restored: MLflow, not the snapshot, knows what was logged
                 self.logged[tid] = self.last_logged_epoch(self.runs[tid])
             return self.runs[tid]
+        parent = self.parent_for(trial)
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{tid}'")
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_TAG}` = '{tid}'")
         if found:
             run_id = found[0].info.run_id
             self.logged[tid] = self.last_logged_epoch(run_id)
         else:
             params = {k: v for k, v in trial.config.items() if v is not None}
             method = str(params.get("method", self.tags.get("method", "")))
-            tags = {**self.tags, "method": method, PARENT_TAG: self.parent_run_id, TRIAL_TAG: tid,
-                    STATUS_TAG: "running"}
+            tags = {**self.tags, "method": method, PARENT_TAG: parent, TRIAL_TAG: tid,
+                    STATUS_TAG: "running", **self.extra_tags(trial)}
             run = self.client.create_run(self.experiment_id,
                                          run_name=f"{trial.trial_id}-{method}", tags=tags)
             run_id = run.info.run_id
@@ -169,6 +170,14 @@ class TrialTracker(Callback):
             self.logged[tid] = 0
         self.runs[tid] = run_id
         return run_id
+
+    def parent_for(self, trial) -> str:
+        """The run a trial's run is nested under: the search's (kdtune.search.confirm nests a
+        confirmation under the trial it confirms)."""
+        return self.parent_run_id
+
+    def extra_tags(self, trial) -> dict[str, str]:
+        return {}
 
     def last_logged_epoch(self, run_id: str) -> int:
         return max((m.step for m in self.client.get_metric_history(run_id, "train/loss")), default=0)
