@@ -96,3 +96,37 @@ def test_the_winners_curse_replay_measures_known_cases() -> None:
     # minimised: the same run table negated gives the same figures
     g = replay([[-9.0, -1, -1, -1, -1], [-3.0] * 5], "min", top_k=2, confirm_seeds=2, draws=20000)
     assert g == pytest.approx(f)
+
+
+@pytest.mark.slow
+def test_a_search_with_a_confirmation_stage_chooses_by_the_mean(tmp_path: Path, shared_ray) -> None:
+    import json
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from searches import SearchRun, run_search
+
+    space = write_space(tmp_path, SPACE, search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=2,
+                        confirm={"top_k": 1, "seeds": 1})
+    run = SearchRun.of(tmp_path, run_search(tmp_path, space, ray=shared_ray))
+    run.check()
+    out = run.result.stdout
+    best = json.loads((run.folder / "best.json").read_text())
+    chosen = best["selection"]["candidates"][0]
+    assert best["selection"]["confirmed"] and best["trial_id"] == chosen["trial_id"] and best["n_seeds"] == 2
+    assert chosen["seeds"] == [0, 1] and chosen["mean"] == pytest.approx(sum(chosen["values"]) / 2)
+    assert chosen["values"][0] == pytest.approx(best["val/acc1"])  # the search's own run is one of the seeds
+    assert "chosen by: highest mean val/acc1" in out and f"trial {best['trial_id']}: val/acc1" in out
+    table = pd.read_csv(run.folder / "results.csv").set_index("trial_id")
+    assert table.loc[best["trial_id"], "n_seeds_val/acc1"] == 2 and table["mean_val/acc1"].notna().sum() == 1
+    # the confirmation run: a Tune trial in confirm/, on the trial's teacher, nested under the trial's run
+    (folder,) = (run.folder / "confirm").glob("KDTrainable_*")
+    rerun = yaml.safe_load((folder / "run.yaml").read_text())
+    assert rerun["seed"] == 1 and rerun["teacher_seed"] == 0 and rerun["lr"] == best["config"]["lr"]
+    client = MlflowClient(run.uri)
+    exp = client.get_experiment_by_name(SPACE["name"])
+    (confirm,) = client.search_runs([exp.experiment_id], "tags.`kdtune.kind` = 'confirm'")
+    trial_run = client.get_run(confirm.data.tags["mlflow.parentRunId"])
+    assert trial_run.data.tags["kdtune.trial_id"] == confirm.data.tags["kdtune.confirms"] == best["trial_id"]
+    assert confirm.info.status == "FINISHED" and confirm.data.metrics["objective"] == pytest.approx(chosen["values"][1])

@@ -171,7 +171,16 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     for tid in table["trial_id"]:
         assert f"[kdtune] trial {tid} started" in r.stdout
     assert "[kdtune] status " in r.stdout and " of 6 | best " in r.stdout
-    assert "MLflow runs table: http://127.0.0.1:5000/#/experiments/" in r.stdout
+    # the MLflow UI opened on this search's trials, best objective first; the parent run's best-so-far
+    parent = json.loads((tmp_path / "ray" / "e2e" / "kdtune_search.json").read_text())["parent_run_id"]
+    assert (f"MLflow: this search's trials, best first: http://127.0.0.1:5000/#/experiments/" in r.stdout
+            and f"searchFilter=tags.%60mlflow.parentRunId%60%20%3D%20%27{parent}%27" in r.stdout
+            and "orderByKey=metrics.%60objective%60&orderByAsc=false" in r.stdout)
+    client = MlflowClient(e2e_search.uri)
+    assert client.get_run(parent).data.tags["kdtune.trials_url"] in r.stdout
+    series = sorted(client.get_metric_history(parent, "best_objective"), key=lambda m: m.step)
+    assert [m.step for m in series] == list(range(1, 7))
+    assert [m.value for m in series] == sorted(m.value for m in series)  # best so far: never worse
     for noise in NOISE:
         assert noise not in r.stdout + r.stderr, noise
     best_line = next(line for line in r.stdout.splitlines() if "best configuration" in line)

@@ -59,7 +59,8 @@ def draw_configs(spec, n: int) -> list[dict[str, Any]]:
     out = []
     for _ in range(n):
         trial = study.ask()
-        out.append(spec.space.suggest(trial))
+        spec.space.suggest(trial)  # define-by-run: the values are the trial's params
+        out.append(dict(trial.params))
     return out
 
 

@@ -243,6 +243,8 @@ def make_tracker(base_cls):
     """The search's MLflow callback, nesting each confirmation run under the trial it confirms."""
 
     class ConfirmTracker(base_cls):
+        best_series = False  # the parent's best-so-far series counts the search's trials only
+
         def __init__(self, *args, confirms: dict[str, str], trial_runs: dict[str, str], **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.confirms, self.trial_runs = confirms, trial_runs

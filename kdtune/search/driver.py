@@ -294,8 +294,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     from kdtune.search.final import flat_run_config
     from kdtune.search.progress import Progress
     from kdtune.search.staging import use_process_staging
-    from kdtune.search.tracking import (TrialTracker, close_dangling_runs, ended_trials, runs_table_url,
-                                        start_parent_run, version_tags)
+    from kdtune.search.tracking import (TrialTracker, close_dangling_runs, ended_trials, start_parent_run,
+                                        trials_url, version_tags)
     from kdtune.search.trainable import KDTrainable
 
     client = MlflowClient(tracking_uri)
@@ -313,7 +313,9 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
                                                   "folder": str(own),
                                                   "optuna_storage": optuna_url, "spec": spec.resolved}, indent=2))
     print(f"[kdtune] search {spec.name}: objective {spec.metric} ({spec.mode}), {OBJECTIVE}", flush=True)
-    print(f"[kdtune] MLflow runs table: {runs_table_url(client, spec.name)} (after: mlflow ui --backend-store-uri "
+    trials = trials_url(client, spec.name, parent_id, spec.mode)
+    client.set_tag(parent_id, "kdtune.trials_url", trials)
+    print(f"[kdtune] MLflow: this search's trials, best first: {trials} (after: mlflow ui --backend-store-uri "
           f"{tracking_uri})", flush=True)
     if optuna_url:
         print(f"[kdtune] Optuna study {spec.name!r}: optuna-dashboard {optuna_url}", flush=True)
