@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_search is not None:
         if args.config or args.resume or any(getattr(args, k) is not None for k in FLAG_KEYS):
             print("error: --from-search takes its configuration from the search's trial; give no config "
-                  "file, --resume or setting flags with it (--set, --final, --seeds, --output-dir are fine)",
+                  "file, --resume or setting flags with it (--set, --final, --seeds, --output-dir, --tracking-uri and "
+                  "--train-teacher are fine)",
                   file=sys.stderr)
             return 2
         # The one place the core calls up into the search layer, lazily: it needs MLflow to log the

@@ -271,7 +271,7 @@ def run_confirmation(spec, table, storage: str, own, client, parent_id: str, tag
     from kdtune.search.final import flat_run_config
     from kdtune.search.progress import Progress
     from kdtune.search.records import TRIAL_TAG, objective_value
-    from kdtune.search.tracking import TrialTracker, child_runs, experiment_id
+    from kdtune.search.tracking import TrialTracker, child_runs
 
     ids = candidates(table, spec.metric, spec.mode, spec.confirm_top_k)
     if not ids:
@@ -302,7 +302,10 @@ def run_confirmation(spec, table, storage: str, own, client, parent_id: str, tag
                 sync_config=tune.SyncConfig(sync_artifacts=True),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        close_confirm_runs(client, spec.name, parent_id)
     runs: dict[str, list[tuple[int, float]]] = {tid: [] for tid in ids}
     ended = True
     for result in results:
@@ -318,9 +321,17 @@ def run_confirmation(spec, table, storage: str, own, client, parent_id: str, tag
             continue
         bad = result.error is not None or bool(last.get("diverged"))
         runs[tid].append((int(config["seed"]), math.nan if bad else objective_value(series)))
-    # none stays RUNNING (a trial Ctrl-C stopped: its run says KILLED until --resume continues it)
-    exp = experiment_id(client, spec.name)
+    return select(table, runs, spec.metric, spec.mode, spec.confirm_top_k, spec.confirm_seeds, base), ended
+
+
+def close_confirm_runs(client, experiment: str, parent_id: str) -> None:
+    """Mark this search's confirmation runs still RUNNING (Ctrl-C, a failure) KILLED: none stays
+    RUNNING; ``--resume`` reopens those it continues."""
+    from kdtune.search.records import STATUS_TAG
+    from kdtune.search.tracking import experiment_id
+
+    exp = experiment_id(client, experiment)
     for run in client.search_runs([exp], filter_string=f"tags.`kdtune.search_run` = '{parent_id}' and "
                                                        f"tags.`kdtune.kind` = 'confirm' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, STATUS_TAG, "interrupted")
         client.set_terminated(run.info.run_id, status="KILLED")
-    return select(table, runs, spec.metric, spec.mode, spec.confirm_top_k, spec.confirm_seeds, base), ended

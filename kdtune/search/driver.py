@@ -520,7 +520,7 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
                             RunTag("kdtune.selection_rule", selection.rule)])
         client.log_artifact(parent_id, str(own / BEST_FILE))
         if folder is not None:
-            print(f"[kdtune] final model: python -m kdtune.train --from-search {own} --final --seeds 3")
+            print(f"[kdtune] final model: kdtune train --from-search {own} --final --seeds 3")
     client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
     print(f"[kdtune] results table: {csv}")
     print(f"[kdtune] MLflow: experiment {spec.name!r} at {tracking_uri} "
