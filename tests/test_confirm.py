@@ -130,3 +130,10 @@ def test_a_search_with_a_confirmation_stage_chooses_by_the_mean(tmp_path: Path, 
     trial_run = client.get_run(confirm.data.tags["mlflow.parentRunId"])
     assert trial_run.data.tags["kdtune.trial_id"] == confirm.data.tags["kdtune.confirms"] == best["trial_id"]
     assert confirm.info.status == "FINISHED" and confirm.data.metrics["objective"] == pytest.approx(chosen["values"][1])
+
+    # --resume of the finished search runs nothing again: the same confirmation run, the same choice
+    again = run_search(tmp_path, space, "--resume", ray=shared_ray)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(list((run.folder / "confirm").glob("KDTrainable_*"))) == 1
+    assert len(client.search_runs([exp.experiment_id], "tags.`kdtune.kind` = 'confirm'")) == 1
+    assert json.loads((run.folder / "best.json").read_text())["selection"] == best["selection"]

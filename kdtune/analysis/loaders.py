@@ -97,6 +97,8 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
     runs = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=50000)
     rows = []
     for run in runs:
+        if run.data.tags.get("kdtune.kind") == "confirm":  # a trial's re-run (kdtune.search.confirm), not a trial
+            continue
         row = {"trial_id": run.data.tags.get(TRIAL_TAG), "run_id": run.info.run_id,
                "status": run.data.tags.get(STATUS_TAG), "run_status": run.info.status,
                "method": run.data.tags.get("method")}
