@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--confirm-seeds", type=int, default=2)
     p.add_argument("--draws", type=int, default=2000, help="searches replayed from the table of runs")
     p.add_argument("--output", default=None, help="write every run's value and the figures here (JSON)")
+    p.add_argument("--replay", metavar="JSON", default=None,
+                   help="replay searches over the runs an earlier --output file holds, training nothing "
+                        "(other --top-k / --confirm-seeds on the same runs)")
     args = p.parse_args(argv)
     if args.seeds < args.confirm_seeds + 2 or min(args.configs, args.top_k, args.draws) < 1 or args.confirm_seeds < 1:
         p.error(f"need --seeds >= --confirm-seeds + 2 (a held-out seed), and positive --configs, --top-k, --draws "
@@ -130,19 +133,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import torch
-
-    torch.set_num_threads(1)  # as a trial with one CPU trains
-    configs = draw_configs(spec, args.configs)
-    epochs = args.epochs or spec.max_epochs
-    print(f"[kdtune] winner's curse on {spec.fixed.get('dataset')}: {args.configs} configurations of {spec.path} x "
-          f"{args.seeds} seeds, {epochs} epochs each, one teacher", flush=True)
     start = time.perf_counter()
-    values = train_table(spec, configs, args.seeds, args.epochs, say=lambda m: print(m, flush=True))
+    if args.replay:
+        saved = json.loads(Path(args.replay).read_text())
+        configs, values = saved["configs"], saved["values"]
+        args.configs, args.seeds = len(values), len(values[0])
+        if args.seeds < args.confirm_seeds + 2:
+            print(f"error: --replay {args.replay}: {args.seeds} seeds per configuration; --confirm-seeds "
+                  f"{args.confirm_seeds} needs at least {args.confirm_seeds + 2}", file=sys.stderr)
+            return 2
+        print(f"[kdtune] winner's curse: replaying {args.replay} ({args.configs} configurations x {args.seeds} seeds)")
+    else:
+        import torch
+
+        torch.set_num_threads(1)  # as a trial with one CPU trains
+        configs = draw_configs(spec, args.configs)
+        epochs = args.epochs or spec.max_epochs
+        print(f"[kdtune] winner's curse on {spec.fixed.get('dataset')}: {args.configs} configurations of {spec.path} "
+              f"x {args.seeds} seeds, {epochs} epochs each, one teacher", flush=True)
+        values = train_table(spec, configs, args.seeds, args.epochs, say=lambda m: print(m, flush=True))
     figures = replay(values, spec.mode, args.top_k, args.confirm_seeds, args.draws)
     means = [statistics.fmean(r) for r in values]
     stds = [statistics.stdev(r) for r in values]
-    print(f"\n[kdtune] {len(values) * args.seeds} runs in {time.perf_counter() - start:.0f}s; seed std per "
+    took = "replayed" if args.replay else f"in {time.perf_counter() - start:.0f}s"
+    print(f"\n[kdtune] {len(values) * args.seeds} runs {took}; seed std per "
           f"configuration: median {statistics.median(stds):.2f} pp; spread of the best 3 means: "
           f"{_spread(means, spec.mode):.2f} pp")
     print(f"[kdtune] over {args.draws} replayed searches of {args.configs} trials:")
@@ -151,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  confirmation (top {args.top_k}, +{args.confirm_seeds} seeds): overestimates by "
           f"{figures['confirm_overestimate_pp']:.2f} pp; not the best by mean in "
           f"{100 * figures['confirm_not_best']:.0f}% of searches")
-    if args.output:
+    if args.output and not args.replay:
         Path(args.output).write_text(json.dumps({"args": vars(args), "configs": configs, "values": values,
                                                  "figures": figures}, indent=2))
     return 0
