@@ -11,6 +11,7 @@ teacher-output cache, and with cache + torch.compile, side by side per pair; oth
 (d) KDAS against KD over a shortened schedule, actually run, live and with the cache.
 (e) ``--share N``: N trial processes reading one cache, each one's resident and proportional memory.
 (f) ``--quickstart``: the quickstart search's mean trial time, cache off and on (subprocesses).
+``--winners-curse``: how much a search's single-run best overstates itself (kdtune.search.bench_winners).
 ``--gpu``: per pair single-trial and packed (``--processes``) img/s, cache build, peak memory.
 """
 from __future__ import annotations
@@ -60,7 +61,9 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    if "--search" in (sys.argv[1:] if argv is None else argv):
+    given = sys.argv[1:] if argv is None else argv
+    if "--search" in given or "--winners-curse" in given:
+        # (--winners-curse chooses as the search's confirmation stage does: the search layer too)
         # Search strategies need Ray and Optuna: the search layer's benchmark, loaded only here.
         from kdtune.search.bench_search import main as bench_search
         return bench_search(argv)

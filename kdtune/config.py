@@ -62,6 +62,10 @@ class RunConfig:
     teacher: str | None = "resnet20"
     teacher_checkpoint: str | None = None
     teacher_epochs: int = run_field(240, ge=1, help="recipe length when kdtune trains the teacher itself")
+    # A setting of its own so that re-running a configuration with other seeds (train
+    # --from-search --seeds N) distils from the same teacher, not from one trained per seed.
+    teacher_seed: int | None = run_field(None, type=int, ge=0, null_means="the run's seed",
+                                         help="seed of the teacher kdtune trains itself (no teacher_checkpoint)")
     student: str = "resnet8"
     method: str = "kd"
     method_params: dict = field(default_factory=dict)

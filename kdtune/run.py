@@ -25,16 +25,23 @@ def load_data(cfg: RunConfig) -> ImageData:
                         split_seed=cfg.split_seed, download=cfg.download, options=cfg.dataset_options)
 
 
-def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = print
+def teacher_seed(cfg: RunConfig) -> int:
+    """The seed of the teacher kdtune trains for ``cfg`` (``teacher_seed``, else the run's seed)."""
+    return cfg.seed if cfg.teacher_seed is None else cfg.teacher_seed
+
+
+def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = print, *, train: bool = True
                  ) -> tuple[nn.Module | None, TeacherInfo | None]:
-    """The run's teacher, or ``(None, None)`` for methods that train without one."""
+    """The run's teacher, or ``(None, None)`` for methods that train without one. With
+    ``train=False`` a teacher that is neither given nor cached is not trained:
+    :class:`kdtune.teachers.TeacherNotCached` says where it was looked for."""
     if not METHODS.get(cfg.method).needs_teacher or cfg.teacher is None:
         return None, None
     # The teacher is trained on the train split even for a final run, so that one cached
     # teacher serves the search and the final re-run alike.
     return resolve_teacher(cfg.teacher, data, checkpoint=cfg.teacher_checkpoint, cache_dir=cfg.cache_dir,
-                           seed=cfg.seed, epochs=cfg.teacher_epochs, device=resolve_device(cfg.device),
-                           log=log)
+                           seed=teacher_seed(cfg), epochs=cfg.teacher_epochs, device=resolve_device(cfg.device),
+                           log=log, train=train)
 
 
 def use_compile(cfg: RunConfig, device: torch.device) -> bool:

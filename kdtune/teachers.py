@@ -33,6 +33,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the architecture."""
 
 
+class TeacherNotCached(CheckpointError):
+    """No teacher file was given and none is cached, and the caller asked not to train one."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 @dataclass(frozen=True)
 class TeacherInfo:
     model: str
@@ -117,13 +125,14 @@ def evaluate_accuracy(model: nn.Module, data: ImageData, device: torch.device) -
 
 def resolve_teacher(model_name: str, data: ImageData, *, checkpoint: str | None, cache_dir: str | Path,
                     seed: int = 0, epochs: int = 240, device: torch.device | str = "cpu",
-                    log: Callable[[str], None] = print) -> tuple[nn.Module, TeacherInfo]:
+                    log: Callable[[str], None] = print, train: bool = True) -> tuple[nn.Module, TeacherInfo]:
     """The frozen teacher for this run, in eval mode on ``device``.
 
     With ``checkpoint`` the file is loaded; otherwise the cache is looked up by (dataset
     contents, architecture, seed, recipe) and, on a miss, the teacher is trained and stored.
     Its validation accuracy is measured once and recorded (in the cache file, or in a small
-    JSON record for user checkpoints).
+    JSON record for user checkpoints). With ``train=False`` a cache miss raises
+    :class:`TeacherNotCached` instead of training.
     """
     device = torch.device(device)
     cache = Path(cache_dir).expanduser().resolve()
@@ -157,6 +166,9 @@ def resolve_teacher(model_name: str, data: ImageData, *, checkpoint: str | None,
         ckpt = load_checkpoint(model, path)
         model.to(device).eval()
         return model, TeacherInfo(model_name, str(path), "cache", float(ckpt["val_acc"]))
+    if not train:
+        raise TeacherNotCached(f"teacher {model_name} (seed {seed}, {epochs} epochs): not in the cache "
+                               f"(looked for {path})", path)
 
     log(f"teacher {model_name}: no checkpoint given and none cached; training it "
         f"({epochs} epochs, seed {seed}) -> {path}")

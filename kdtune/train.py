@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--trial", metavar="ID", help="the trial to re-run (default: the best, from best.json)")
     g.add_argument("--seeds", type=int, default=1, help="run this many seeds (seed, seed+1, ...); "
                                                          "prints mean ± std (default 1)")
+    g.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store for the re-runs (default: $MLFLOW_TRACKING_URI, else the search's own store "
+                        "if it still exists and takes writes)")
+    g.add_argument("--train-teacher", action="store_true",
+                   help="train the trial's teacher (same recipe and teacher_seed) when it is not in the cache; "
+                        "without it a missing teacher is an error, so that no seed distils from a teacher the "
+                        "search did not have")
     return p.parse_args(argv)
 
 
@@ -144,58 +152,84 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_search is not None:
         if args.config or args.resume or any(getattr(args, k) is not None for k in FLAG_KEYS):
             print("error: --from-search takes its configuration from the search's trial; give no config "
-                  "file, --resume or setting flags with it (--set, --final, --seeds, --output-dir are fine)",
+                  "file, --resume or setting flags with it (--set, --final, --seeds, --output-dir, --tracking-uri and "
+                  "--train-teacher are fine)",
                   file=sys.stderr)
             return 2
         # The one place the core calls up into the search layer, lazily: it needs MLflow to log the
         # re-runs, and a plain ``train`` run must not load it.
         from kdtune.search.final import main as from_search
         return from_search(args.from_search, args.trial, bool(args.final), args.seeds, args.output_dir,
-                           args.overrides)
-    if args.trial is not None or args.seeds != 1:
-        print("error: --trial and --seeds go with --from-search", file=sys.stderr)
+                           args.overrides, train_teacher=args.train_teacher, tracking_uri=args.tracking_uri)
+    if args.trial is not None or args.seeds != 1 or args.train_teacher or args.tracking_uri:
+        print("error: --trial, --seeds, --train-teacher and --tracking-uri go with --from-search", file=sys.stderr)
         return 2
     if args.resume and (given := resume_conflicts(args)):
         print(f"error: --resume continues the saved run and takes no other settings, but got {', '.join(given)}; "
               f"to change the run, edit config.yaml in its --output-dir", file=sys.stderr)
         return 2
     from kdtune.config import ConfigError
-    from kdtune.data import DataError
-    from kdtune.run import build_engine, load_data, load_teacher
-    from kdtune.teachers import CheckpointError, save_atomic
 
     try:
         cfg, out = resolve_config(args)
         check_run(cfg, out, args.resume)
-        data = load_data(cfg)
-    except (ConfigError, DataError, ValueError) as e:
+        result = run(cfg, out, resume=args.resume)
+    except (ConfigError, RunInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # run() said where it stopped and how to continue
+        return 130
+    return 0 if result["status"] == "completed" else 1
+
+
+class RunInputError(Exception):
+    """What :func:`run` finds wrong before it trains (data, teacher, a checkpoint to resume):
+    one line for the user, nothing trained."""
+
+
+def run(cfg: RunConfig, out: Path, *, resume: bool = False, data: Any = None,
+        teacher: tuple[Any, Any] | None = None, log: Callable[[str], None] | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train one run of ``cfg`` into the folder ``out`` and return what ``final.json`` holds
+    (``status``: completed or diverged; the last epoch's metrics; ``teacher``: the teacher's
+    record). ``data`` and ``teacher`` (``(module, TeacherInfo)``, from
+    :func:`kdtune.run.load_teacher`) reuse what a caller already loaded for ``cfg``; the
+    student, method and engine are always built and seeded afresh, so the same ``cfg`` gives
+    the same run. ``log`` gets every line (default: print); ``on_epoch`` each epoch's metrics.
+
+    Raises :class:`RunInputError` before training when the data, the teacher or (``resume``) the
+    checkpoint cannot be used. ``KeyboardInterrupt`` passes through; ``checkpoint.pth`` then
+    holds the last finished epoch.
+    """
+    from kdtune.config import ConfigError
+    from kdtune.data import DataError
+    from kdtune.run import build_engine, load_data, load_teacher
+    from kdtune.teachers import CheckpointError, save_atomic
+
+    say = log or (lambda msg: print(msg, flush=True))
     try:
-        teacher, info = load_teacher(cfg, data)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    engine = build_engine(cfg, data, teacher, log=lambda msg: print(msg, flush=True))
+        data = data if data is not None else load_data(cfg)
+        model, info = teacher if teacher is not None else load_teacher(cfg, data, log=say)
+    except (ConfigError, DataError, ValueError, CheckpointError) as e:
+        raise RunInputError(str(e)) from e
+    engine = build_engine(cfg, data, model, log=say)
     out.mkdir(parents=True, exist_ok=True)
-    if args.resume:
+    if resume:
         try:
             engine.load_state_dict(_read_checkpoint(out / "checkpoint.pth"))
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise RunInputError(str(e)) from e
         except (KeyError, ValueError, RuntimeError) as e:  # readable, but not this run's state
-            print(f"error: --resume: {out / 'checkpoint.pth'} does not fit the run in {out / 'config.yaml'} "
-                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})", file=sys.stderr)
-            return 2
-        print(f"resumed {out} after epoch {engine.epoch}")
+            raise RunInputError(f"--resume: {out / 'checkpoint.pth'} does not fit the run in {out / 'config.yaml'} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        say(f"resumed {out} after epoch {engine.epoch}")
     else:
         (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.flat()), sort_keys=False))
         (out / "metrics.jsonl").write_text("")
     if info is not None:
-        print(f"teacher {info.model} ({info.source}: {info.path}) val acc {info.val_acc:.2f}")
-    print(f"student {cfg.student}, method {cfg.method} {cfg.method_params or ''}, "
-          f"{len(engine.loader.labels)} train images, device {engine.device}, output {out}")
+        say(f"teacher {info.model} ({info.source}: {info.path}) val acc {info.val_acc:.2f}")
+    say(f"student {cfg.student}, method {cfg.method} {cfg.method_params or ''}, "
+        f"{len(engine.loader.labels)} train images, device {engine.device}, output {out}")
 
     split = engine.eval_name
     best, status, last = -math.inf, "completed", {}
@@ -207,25 +241,34 @@ def main(argv: list[str] | None = None) -> int:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
             save_atomic(engine.state_dict(), out / "checkpoint.pth")
-            print(_epoch_line(m, split, cfg.epochs), flush=True)
+            say(_epoch_line(m, split, cfg.epochs))
+            if on_epoch is not None:
+                on_epoch(m)
             if not math.isfinite(m["train/loss"]):
                 status = "diverged"
                 print(f"error: training loss became {m['train/loss']} in epoch {m['epoch']}; stopping",
                       file=sys.stderr)
                 break
     except KeyboardInterrupt:
-        print(f"\ninterrupted after epoch {engine.epoch}; continue with: kdtune train "
-              f"--resume --output-dir {out}", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted after epoch {engine.epoch}; continue with: kdtune train --resume --output-dir {out}",
+              file=sys.stderr)
+        raise
     save_atomic({"model": {k: v.cpu() for k, v in engine.distiller.student_state_dict().items()},
                  "student": cfg.student, "epoch": engine.epoch}, out / "student.pth")
     final = {"status": status, "epochs": engine.epoch, f"best_{split}_acc1": best,
              "wall_s": time.perf_counter() - start, **last,
              "teacher": None if info is None else info.__dict__}
-    (out / "final.json").write_text(json.dumps(final, indent=2))
-    print(f"{status}: final {split} acc {last.get(f'{split}/acc1', float('nan')):.2f}, best {best:.2f}; "
-          f"wrote {out / 'student.pth'} and {out / 'final.json'}")
-    return 0 if status == "completed" else 1
+    write_json_atomic(out / "final.json", final)
+    say(f"{status}: final {split} acc {last.get(f'{split}/acc1', float('nan')):.2f}, best {best:.2f}; "
+        f"wrote {out / 'student.pth'} and {out / 'final.json'}")
+    return final
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """JSON to a temporary file, then renamed: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
 
 
 # A method's headline values, shown on the epoch line when present (all are in metrics.jsonl).

@@ -180,7 +180,16 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     for tid in table["trial_id"]:
         assert f"[kdtune] trial {tid} started" in r.stdout
     assert "[kdtune] status " in r.stdout and " of 6 | best " in r.stdout
-    assert "MLflow runs table: http://127.0.0.1:5000/#/experiments/" in r.stdout
+    # the MLflow UI opened on this search's trials, best objective first; the parent run's best-so-far
+    parent = json.loads((tmp_path / "ray" / "e2e" / "kdtune_search.json").read_text())["parent_run_id"]
+    assert (f"MLflow: this search's trials, best first: http://127.0.0.1:5000/#/experiments/" in r.stdout
+            and f"searchFilter=tags.%60mlflow.parentRunId%60%20%3D%20%27{parent}%27" in r.stdout
+            and "orderByKey=metrics.%60objective%60&orderByAsc=false" in r.stdout)
+    client = MlflowClient(e2e_search.uri)
+    assert client.get_run(parent).data.tags["kdtune.trials_url"] in r.stdout
+    series = sorted(client.get_metric_history(parent, "best_objective"), key=lambda m: m.step)
+    assert [m.step for m in series] == list(range(1, 7))
+    assert [m.value for m in series] == sorted(m.value for m in series)  # best so far: never worse
     for noise in NOISE:
         assert noise not in r.stdout + r.stderr, noise
     best_line = next(line for line in r.stdout.splitlines() if "best configuration" in line)
@@ -243,6 +252,11 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     assert pd.api.types.is_float_dtype(df["temperature"])
 
 
+def teacher_files(out: Path) -> list[str]:
+    """The teacher files a re-run's log (``log.txt`` in its output folder) names."""
+    return re.findall(r"^teacher resnet8 \(cache: (\S+)\)", (out / "log.txt").read_text(), re.M)
+
+
 @pytest.mark.slow
 def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search) -> None:
     e2e_search.check()
@@ -257,7 +271,9 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search)
     again = subprocess.run([*train, "--trial", trial, "--output-dir", str(tmp_path / "again")], cwd=tmp_path,
                            env=env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert yaml.safe_load((tmp_path / "again" / "seed0" / "config.yaml").read_text()) == run_yaml
+    # (the teacher pinned: the seed it was trained with, the trial's)
+    assert yaml.safe_load((tmp_path / "again" / "seed0" / "config.yaml").read_text()) == {**run_yaml,
+                                                                                           "teacher_seed": 0}
     rerun = json.loads((tmp_path / "again" / "seed0" / "final.json").read_text())
     assert rerun["val/acc1"] == pytest.approx(table.loc[trial, "final_val/acc1"])
 
@@ -267,9 +283,17 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     best = json.loads((folder / "best.json").read_text())
     assert f"trial {best['trial_id']}: test/acc1" in final.stdout and "±" in final.stdout
+    teachers = set(teacher_files(tmp_path / "again" / "seed0"))
+    assert len(teachers) == (run_yaml["method"] != "none")  # the student-alone baseline has none
     for seed in (0, 1):
         cfg = yaml.safe_load((tmp_path / "final" / f"seed{seed}" / "config.yaml").read_text())
-        assert cfg == {**best["config"], "final": True, "seed": seed}
+        # every seed distils from the search's teacher (trained with the trial's seed, 0)
+        assert cfg == {**best["config"], "final": True, "seed": seed, "teacher_seed": 0}
+        named = teacher_files(tmp_path / "final" / f"seed{seed}")
+        assert len(named) == (best["config"]["method"] != "none")  # the student-alone baseline has none
+        teachers |= set(named)
+    assert len(teachers) <= 1 and all("-seed0-" in path for path in teachers)  # one file, the trials' teacher
+    assert "(trained:" not in final.stdout + again.stdout and "training it" not in final.stdout + again.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("e2e")
     finals = client.search_runs([exp.experiment_id], filter_string="tags.`kdtune.kind` = 'final'")

@@ -97,6 +97,8 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
     runs = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=50000)
     rows = []
     for run in runs:
+        if run.data.tags.get("kdtune.kind") == "confirm":  # a trial's re-run (kdtune.search.confirm), not a trial
+            continue
         row = {"trial_id": run.data.tags.get(TRIAL_TAG), "run_id": run.info.run_id,
                "status": run.data.tags.get(STATUS_TAG), "run_status": run.info.status,
                "method": run.data.tags.get("method")}
@@ -517,17 +519,21 @@ def baseline_gap(trials: pd.DataFrame, baselines: dict[str, float] | None = None
         done = done.assign(search="search")
     sign = 1.0 if mode == "max" else -1.0
     references: dict[str, tuple[float, str | None, str]] = {}
+    refs_search: dict[str, str] = {}
     for name in BASELINES:
         found = best_trials(_baseline_trials(done, name), 1, metric, mode)
         if len(found):
             row = found.iloc[0]
             references[name] = (float(row[column]), row["trial_id"], f"trials of {row['search']}")
+            refs_search[name] = row["search"]
     for name, value in (baselines or {}).items():
         references.setdefault(name, (float(value), None, "given"))
     rows = []
     for search, group in done.groupby("search", sort=False):
         top = best_trials(group, 1, metric, mode).iloc[0]
         for name, (value, trial_id, source) in references.items():
+            if trial_id is not None and (refs_search.get(name), trial_id) == (search, top["trial_id"]):
+                continue  # a trial is never its own baseline (see own_baselines)
             rows.append({"search": search, "best_trial": top["trial_id"], "best": float(top[column]),
                          "baseline": name, "baseline_value": value, "baseline_trial": trial_id,
                          "source": source, "gap": sign * (float(top[column]) - value)})
@@ -538,6 +544,26 @@ def baseline_gap(trials: pd.DataFrame, baselines: dict[str, float] | None = None
                              "source": source, "gap": sign * (float(top[column]) - value)})
     columns = ["search", "best_trial", "best", "baseline", "baseline_value", "baseline_trial", "source", "gap"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def own_baselines(trials: pd.DataFrame, metric: str = "val/acc1", mode: str = "max") -> list[tuple[str, str, str]]:
+    """``(search, baseline, trial_id)`` where a search's best trial would be its own baseline (the
+    best of a plain-KD search is plain KD): :func:`baseline_gap` leaves those out, and the report
+    says that the search has no separate baseline of that name."""
+    column = _objective(metric)
+    done = _finished(trials, column)
+    if "search" not in done:
+        done = done.assign(search="search")
+    out = []
+    for name in BASELINES:
+        found = best_trials(_baseline_trials(done, name), 1, metric, mode)
+        if not len(found):
+            continue
+        row = found.iloc[0]
+        top = best_trials(done[done["search"] == row["search"]], 1, metric, mode).iloc[0]
+        if top["trial_id"] == row["trial_id"]:
+            out.append((row["search"], name, row["trial_id"]))
+    return out
 
 
 def _published_baselines(top: pd.Series) -> list[tuple[str, float, str]]:

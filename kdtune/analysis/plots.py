@@ -27,6 +27,11 @@ DPI = 100
 # --------------------------------------------------------------------------- helpers
 
 
+
+def objective_label(metric: str) -> str:
+    """The axis label of the objective: what is plotted, not the best epoch's value."""
+    return f"{metric} at the last epoch trained"
+
 def _figure(panels: int, width: float = 4.6, height: float = 3.4, columns: int = 3) -> tuple[Figure, list]:
     ncols = min(panels, columns)
     nrows = math.ceil(panels / ncols)
@@ -147,7 +152,7 @@ def accuracy_vs_params(trials: pd.DataFrame, params: list[str] | None = None, me
             ax.set_xticks(range(len(labels)), labels)
         colours = present[hue].fillna("-").map(palette)
         ax.scatter(x, present[value], c=list(colours), s=28, alpha=0.85, edgecolors="none")
-        ax.set(xlabel=name, ylabel=f"best {metric}")
+        ax.set(xlabel=name, ylabel=objective_label(metric))
         ax.grid(alpha=0.3)
     _legend(axes[0], palette, title=hue, marker="o", loc="best")
     return _finish(fig, path)
@@ -213,7 +218,7 @@ def accuracy_vs_cost(trials: pd.DataFrame, metric: str = "val/acc1", hue: str | 
         x = done[column] / 60 if column == "wall_s" and minutes else done[column]
         label = label if column != "wall_s" or minutes else "trial wall time (s)"
         ax.scatter(x, done[value], c=list(done[hue].fillna("-").map(palette)), s=30, alpha=0.85, edgecolors="none")
-        ax.set(xlabel=label, ylabel=f"best {metric}")
+        ax.set(xlabel=label, ylabel=objective_label(metric))
         ax.grid(alpha=0.3)
     _legend(axes[0], palette, title=hue, marker="o", loc="lower right")
     return _finish(fig, path)

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from kdtune import analysis
-from kdtune.analysis import plots
+from kdtune.analysis import plots, selection
 from kdtune.analysis.importance import MIN_TRIALS
 from kdtune.report import parse_args
 
@@ -25,7 +25,7 @@ from kdtune.report import parse_args
 CAPTIONS = {
     "learning_curves": "Learning curves, coloured by how each trial ended; dotted: ASHA's rungs, where it "
                        "stopped the weaker trials.",
-    "accuracy_vs_params": "The objective (validation accuracy at the last epoch trained) of every finished "
+    "accuracy_vs_params": "The objective (the search metric at the last epoch trained) of every finished "
                           "trial against each hyperparameter (stopped-early trials: at the epoch ASHA stopped them).",
     "importance": "Parameter importance (Optuna's fANOVA over the trials at one common budget; bars: the "
                   "5-95 % bootstrap interval; a conditional parameter is assessed over the trials that have it).",
@@ -104,10 +104,30 @@ def _blocks(searches, trials, importance, images, metric, mode, baselines) -> li
                             f"({s.mode}); {fixed}; read from {where}."))
 
     blocks.append(("h2", "Best configuration"))
-    best = analysis.best_trials(trials, 1, metric, mode, by="search")
-    params = [c for c in dict.fromkeys(p for s in searches for p in s.space.names()) if c in best]
-    blocks.append(("table", best[["search", "trial_id", *params, "epochs", analysis.loaders._objective(metric)]]
-                   if len(best) else pd.DataFrame({"": ["no finished trial"]})))
+    params = [c for c in dict.fromkeys(p for s in searches for p in s.space.names()) if c in trials]
+    top = selection.top_table(trials, metric, mode, params) if len(trials) else pd.DataFrame()
+    blocks.append(("table", top if len(top) else pd.DataFrame({"": ["no finished trial"]})))
+    if len(top):
+        blocks.append(("p", f"The 5 best trials of each search by the objective, {metric} at the last epoch "
+                            f"trained (more when trials tie with the fifth); tie: the trials that share a value. "
+                            f"One run per trial: seed noise is often as large as the differences here; see the "
+                            f"confirmation stage (docs/best-configuration.md)."))
+    for s in searches:
+        confirmed = selection.confirmation_table(s)
+        if confirmed is not None:
+            table, record = confirmed
+            blocks.append(("h2", f"Confirmation: {s.label}"))
+            blocks.append(("table", table))
+            blocks.append(("p", f"Chosen by: {record['rule']}. Single-run best: "
+                                f"{', '.join(record['single_run_best'])}."
+                                + (f" Tie in the mean: {', '.join(record['mean_ties'])}."
+                                   if len(record.get("mean_ties", [])) > 1 else "")))
+        finals = selection.final_runs_table(s)
+        if finals is not None:
+            blocks.append(("h2", f"Final runs: {s.label}"))
+            blocks.append(("table", finals))
+            blocks.append(("p", "kdtune train --from-search: the trial's configuration re-run per seed on the "
+                                "search's teacher (test: trained on train+val, measured on the test set)."))
 
     by = plots.default_hue(trials)
     if by != "status":  # several searches, or a searched sampler/method: set the groups side by side
@@ -123,9 +143,15 @@ def _blocks(searches, trials, importance, images, metric, mode, baselines) -> li
                             "such trials, else from --baseline; published X = what the reference publishes "
                             "for the best trial's pair and method X (kdtune/published.yaml)."))
         blocks += _published_notes(gap, metric)
-    else:
-        blocks.append(("p", "No baseline: these searches have no method: none / plain kd trials; pass "
-                            "--baseline none=ACC --baseline kd=ACC to compare against known numbers."))
+    own = analysis.loaders.own_baselines(trials, metric, mode)
+    if own:
+        blocks.append(("p", " ".join(
+            f"{search}: its best trial {trial} is itself {name} ({analysis.BASELINES[name]}), so this search has "
+            f"no separate {name} baseline; compare with --baseline {name}=ACC (a number you measured) or the "
+            f"published numbers." for search, name, trial in own)))
+    if not len(gap):
+        blocks.append(("p", "No separate baseline in these searches; pass --baseline none=ACC --baseline kd=ACC "
+                            "to compare against known numbers."))
 
     blocks.append(("h2", "Parameter importance"))
     if len(importance):
@@ -143,8 +169,8 @@ def _blocks(searches, trials, importance, images, metric, mode, baselines) -> li
         blocks.append(("p", "Not enough finished trials to estimate importance (at least 2 per scope)."))
 
     blocks.append(("h2", "Cost"))
-    blocks.append(("table", analysis.cost_totals(trials)))
-    blocks.append(("p", "trial/cpu/gpu hours: wall time of every trial, times its cpus_per_trial / "
+    blocks.append(("table", selection.cost_table(analysis.cost_totals(trials))))
+    blocks.append(("p", "trial/cpu/gpu time: wall time of every trial, times its cpus_per_trial / "
                         "gpus_per_trial; samples_backprop: samples that went through a backward pass."))
 
     blocks.append(("h2", "Plots"))

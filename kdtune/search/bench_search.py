@@ -111,6 +111,11 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    if "--winners-curse" in (sys.argv[1:] if argv is None else argv):
+        from kdtune.search.bench_winners import main as winners_curse
+        return winners_curse(argv)
     p = argparse.ArgumentParser(prog="kdtune bench --search", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--search", action="store_true", help=argparse.SUPPRESS)

@@ -18,7 +18,8 @@ EXAMPLES = """examples:
 
 # Flags that are shorthands for spec overrides.
 FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
-                  "gpus_per_trial": "resources.gpus_per_trial", "cpus_per_trial": "resources.cpus_per_trial"}
+                  "gpus_per_trial": "resources.gpus_per_trial", "cpus_per_trial": "resources.cpus_per_trial",
+                  "confirm_top_k": "confirm.top_k", "confirm_seeds": "confirm.seeds"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=float, metavar="GPUS",
                    help="GPUs per trial, fractional: 0.25 packs 4 trials on a GPU (sets resources.gpus_per_trial)")
     p.add_argument("--cpus-per-trial", type=float, metavar="CPUS", help="CPUs per trial (sets resources.cpus_per_trial)")
+    p.add_argument("--confirm-top-k", type=int, metavar="K",
+                   help="after the search, re-run the K best trials with more seeds and choose the best by its "
+                        "mean over all seeds (the space file's confirm.top_k; 0: off)")
+    p.add_argument("--confirm-seeds", type=int, metavar="N", help="more seeds per confirmed trial (confirm.seeds, default 3)")
     p.add_argument("--address", metavar="ADDRESS", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a private local one)")
     p.add_argument("--storage-path", default="ray_results", metavar="PATH",
                    help="where searches keep their folders: a path (made absolute) or a URI (default ./ray_results)")

@@ -300,8 +300,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     from kdtune.search.final import flat_run_config
     from kdtune.search.progress import Progress
     from kdtune.search.staging import use_process_staging
-    from kdtune.search.tracking import (TrialTracker, close_dangling_runs, ended_trials, runs_table_url,
-                                        start_parent_run, version_tags)
+    from kdtune.search.tracking import (TrialTracker, close_dangling_runs, ended_trials, start_parent_run,
+                                        trials_url, version_tags)
     from kdtune.search.trainable import KDTrainable
 
     preflight.create_tracking_store(tracking_uri)
@@ -315,10 +315,14 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     else:
         parent_id = start_parent_run(client, spec, tags, teacher, opened=preflight.opened_parent)
         own.mkdir(parents=True, exist_ok=True)
+        # "folder": where this search was, so that a moved copy finds its own files (search/final.py)
         (own / STATE_FILE).write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": tracking_uri,
+                                                  "folder": str(own),
                                                   "optuna_storage": optuna_url, "spec": spec.resolved}, indent=2))
     print(f"[kdtune] search {spec.name}: objective {spec.metric} ({spec.mode}), {OBJECTIVE}", flush=True)
-    print(f"[kdtune] MLflow runs table: {runs_table_url(client, spec.name)} (after: mlflow ui --backend-store-uri "
+    trials = trials_url(client, spec.name, parent_id, spec.mode)
+    client.set_tag(parent_id, "kdtune.trials_url", trials)
+    print(f"[kdtune] MLflow: this search's trials, best first: {trials} (after: mlflow ui --backend-store-uri "
           f"{tracking_uri})", flush=True)
     if optuna_url:
         print(f"[kdtune] Optuna study {spec.name!r}: optuna-dashboard {optuna_url}", flush=True)
@@ -342,6 +346,12 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
                       None if resume else functools.partial(new_tuner, spec, storage, trainable, callbacks, optuna_url))
         table = results_table(results, spec, ended_trials(client, spec.name, parent_id))
         expected = spec.trials
+        selection, confirm_ended = None, True
+        if spec.confirm_top_k and len(table) >= expected and not (table["status"] == "interrupted").any():
+            from kdtune.search.confirm import run_confirmation
+
+            selection, confirm_ended = run_confirmation(spec, table, storage, own, client, parent_id, tags, trainable,
+                                                        resume, status_every)
     finally:
         ray.shutdown()
         if recorder is not None:
@@ -355,7 +365,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     if verbose and tracker is not None and tracker.results_logged:
         print(f"[kdtune] MLflow logging on the driver: {1000 * tracker.log_seconds / tracker.results_logged:.1f} ms "
               f"per reported epoch ({tracker.results_logged} results)")
-    return report(spec, table, expected, client, parent_id, own, tracking_uri, experiment_path, wall)
+    return report(spec, table, expected, client, parent_id, own, tracking_uri, experiment_path, wall, selection,
+                  confirm_ended)
 
 
 def fit(spec: SearchSpec, experiment_path: str, trainable, make_tuner=None):
@@ -468,26 +479,36 @@ def results_table(results, spec: SearchSpec, ended: set[str]):
 
 
 def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: Path, tracking_uri: str,
-           experiment_path: str, wall: float) -> int:
+           experiment_path: str, wall: float, selection=None, confirm_ended: bool = True) -> int:
     from mlflow.entities import Metric, RunTag
 
+    from kdtune.search.confirm import single_run_selection
     from kdtune.search.final import flat_run_config, trial_folder
 
     csv = own / RESULTS_FILE
     own.mkdir(parents=True, exist_ok=True)
-    table.to_csv(csv, index=False)
-    client.log_artifact(parent_id, str(csv))
-    interrupted = len(table) < expected or (table["status"] == "interrupted").any()
     column = objective_column(spec.metric)
     ranked = table[~table["status"].isin(["diverged", "failed"])].dropna(subset=[column]) if len(table) else table
+    if selection is None and len(ranked):
+        selection = single_run_selection(table, spec.metric, spec.mode)
+    if selection is not None and selection.confirmed:
+        table = selection.add_columns(table)  # each candidate's mean, std and number of seeds
+    table.to_csv(csv, index=False)
+    client.log_artifact(parent_id, str(csv))
+    interrupted = len(table) < expected or (table["status"] == "interrupted").any() or not confirm_ended
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items()) if len(table) else "no trials"
     print(f"\n[kdtune] search {spec.name}: {len(table)} trials ({counts}) in {wall:.0f}s")
     if len(ranked):
-        best = ranked.sort_values(column, ascending=spec.mode == "min", kind="stable").iloc[0]
+        best = table.set_index("trial_id", drop=False).loc[selection.chosen]
+        for line in selection.lines():
+            print(f"[kdtune] {line}")
         config = _plain({n: best[n] for n in spec.space.names() if n in best and not _missing(best[n])})
         value = float(best[column])
+        chosen = selection.candidates[0]
+        by_mean = (f"; mean {chosen.mean:.2f}" + (f" ± {chosen.std:.2f}" if chosen.n > 1 else "")
+                   + f" over {chosen.n} seeds" if selection.confirmed else "")
         print(f"[kdtune] best trial {best['trial_id']}: {spec.metric} {value:.2f} at its last epoch "
-              f"({int(best['epochs'])} of {spec.max_epochs})")
+              f"({int(best['epochs'])} of {spec.max_epochs}){by_mean}")
         print(f"[kdtune] best configuration: {fmt_config(config)}")
         folder = trial_folder(own, best["trial_id"])
         # the trial's own run.yaml (written when it started) is the exact configuration
@@ -496,13 +517,18 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
         record = {"trial_id": best["trial_id"], "objective": {"metric": spec.metric, "mode": spec.mode,
                                                               "definition": OBJECTIVE, "value": value},
                   spec.metric: value, "epochs": int(best["epochs"]), "status": best["status"],
-                  "params": config, "config": full}
+                  "params": config, "config": full, "selection": selection.record()}
+        if selection.confirmed:
+            record.update(mean=chosen.mean, std=chosen.std, n_seeds=chosen.n)
         (own / BEST_FILE).write_text(json.dumps(record, indent=2))
         ts = int(time.time() * 1000)
         # Tags, not params: MLflow params are immutable, and a resumed search may find a better trial.
-        client.log_batch(parent_id, metrics=[Metric(OBJECTIVE_METRIC, value, ts, 0)],
+        means = ([Metric(f"{OBJECTIVE_METRIC}_mean", chosen.mean, ts, 0)]
+                 if selection.confirmed and math.isfinite(chosen.mean) else [])
+        client.log_batch(parent_id, metrics=[Metric(OBJECTIVE_METRIC, value, ts, 0), *means],
                          tags=[RunTag(f"best.{k}", str(v)) for k, v in config.items()]
-                         + [RunTag("kdtune.best_trial", str(best["trial_id"]))])
+                         + [RunTag("kdtune.best_trial", str(best["trial_id"])),
+                            RunTag("kdtune.selection_rule", selection.rule)])
         client.log_artifact(parent_id, str(own / BEST_FILE))
         if folder is not None:
             print(f"[kdtune] final model: kdtune train --from-search {own} --final --seeds 3")

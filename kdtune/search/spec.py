@@ -28,6 +28,8 @@ SECTIONS = {  # section -> its keys with their defaults (None: computed)
                "max_concurrent": None},
     "scheduler": {"type": "asha", "grace_period": None, "reduction_factor": 3},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+    # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
+    "confirm": {"top_k": 0, "seeds": 3},
 }
 TOP_KEYS = ("name", "fixed", "space", *SECTIONS, "max_failures")
 ALGORITHMS = ("tpe", "random", "grid")
@@ -74,6 +76,8 @@ class SearchSpec:
     gpus_per_trial: float
     max_failures: int
     resolved: dict  # the whole mapping after overrides and defaults (printed by --dry-run, logged)
+    confirm_top_k: int = 0  # kdtune.search.confirm: trials re-run after the search (0: none)
+    confirm_seeds: int = 0  # more seeds per confirmed trial
 
     @property
     def max_epochs(self) -> int:
@@ -134,15 +138,19 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     scheduler = _check_scheduler(sections["scheduler"], epochs, problems)
     resources = _check_resources(sections["resources"], problems)
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
+    confirm = _check_confirm(sections["confirm"], problems)
     if problems:
         raise ConfigError(problems.render())
     resolved = {"name": name, "fixed": fixed, "space": space.to_dict(), "search": search,
                 "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
+    if confirm["top_k"]:  # only when on: the resolved spec of a search without it stays as it was
+        resolved["confirm"] = confirm
     return SearchSpec(
         path=str(Path(path).resolve()), name=name, fixed=fixed, space=space, **search,
         scheduler=scheduler["type"], grace_period=scheduler["grace_period"],
         reduction_factor=scheduler["reduction_factor"], **resources, max_failures=max_failures,
-        resolved=copy.deepcopy(resolved))
+        resolved=copy.deepcopy(resolved), confirm_top_k=confirm["top_k"],
+        confirm_seeds=confirm["seeds"] if confirm["top_k"] else 0)
 
 
 # --------------------------------------------------------------------------- problems
@@ -285,6 +293,12 @@ def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
         problems.add("resources.gpus_per_trial", f"must be between 0 and 1 (a share of one GPU: a trial "
                                                  f"trains on one GPU), but got {gpus!r}")
     return {"cpus_per_trial": cpus, "gpus_per_trial": gpus}
+
+
+def _check_confirm(values: dict, problems: _Problems) -> dict[str, Any]:
+    defaults = SECTIONS["confirm"]
+    return {"top_k": _integer(values, "top_k", defaults["top_k"], "confirm.top_k", problems, 0),
+            "seeds": _integer(values, "seeds", defaults["seeds"], "confirm.seeds", problems, 1)}
 
 
 def _one_of(values: dict, key: str, defaults: dict, options: tuple[str, ...], section: str,

@@ -33,6 +33,20 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return exp.experiment_id if exp is not None else client.create_experiment(name, tags=EXPERIMENT_KIND)
 
 
+BEST_SO_FAR_METRIC = "best_objective"  # on a search's parent run: one point per ended trial
+
+
+def trials_url(client: MlflowClient, experiment: str, parent_run_id: str, mode: str,
+               ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's runs table opened on this search's trials only, best objective first
+    (MLflow's URL parameters searchFilter, orderByKey and orderByAsc)."""
+    from urllib.parse import quote
+
+    query = (f"searchFilter={quote(f'tags.`{PARENT_TAG}` = {chr(39)}{parent_run_id}{chr(39)}', safe='')}"
+             f"&orderByKey={quote('metrics.`objective`', safe='')}&orderByAsc={'true' if mode == 'min' else 'false'}")
+    return f"{runs_table_url(client, experiment, ui)}?{query}"
+
+
 def runs_table_url(client: MlflowClient, experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
     """The experiment's runs table in the MLflow UI (``mlflow ui`` serves on port 5000 by default;
     a tracking server's own address when the tracking URI is one)."""
@@ -142,17 +156,18 @@ class TrialTracker(Callback):
             if tid not in self.logged:  # restored: MLflow, not the snapshot, knows what was logged
                 self.logged[tid] = self.last_logged_epoch(self.runs[tid])
             return self.runs[tid]
+        parent = self.parent_for(trial)
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{tid}'")
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_TAG}` = '{tid}'")
         if found:
             run_id = found[0].info.run_id
             self.logged[tid] = self.last_logged_epoch(run_id)
         else:
             params = {k: v for k, v in trial.config.items() if v is not None}
             method = str(params.get("method", self.tags.get("method", "")))
-            tags = {**self.tags, "method": method, PARENT_TAG: self.parent_run_id, TRIAL_TAG: tid,
-                    STATUS_TAG: "running"}
+            tags = {**self.tags, "method": method, PARENT_TAG: parent, TRIAL_TAG: tid,
+                    STATUS_TAG: "running", **self.extra_tags(trial)}
             run = self.client.create_run(self.experiment_id,
                                          run_name=f"{trial.trial_id}-{method}", tags=tags)
             run_id = run.info.run_id
@@ -161,6 +176,14 @@ class TrialTracker(Callback):
             self.logged[tid] = 0
         self.runs[tid] = run_id
         return run_id
+
+    def parent_for(self, trial) -> str:
+        """The run a trial's run is nested under: the search's (kdtune.search.confirm nests a
+        confirmation under the trial it confirms)."""
+        return self.parent_run_id
+
+    def extra_tags(self, trial) -> dict[str, str]:
+        return {}
 
     def last_logged_epoch(self, run_id: str) -> int:
         return max((m.step for m in self.client.get_metric_history(run_id, "train/loss")), default=0)
@@ -217,6 +240,19 @@ class TrialTracker(Callback):
         mlflow.flush_async_logging()  # the epoch metrics must land before the run is closed
         self.client.set_terminated(run_id, status=run_status(status))
         self.counts[status] += 1
+        if self.best_series:
+            self.log_best_so_far(value if status not in ("failed", "diverged") else None)
+
+    # On the parent run: the best objective after each ended trial (step: trials ended), so that
+    # its row in the runs table, and its metric chart, tell the search's story unexpanded.
+    best_series = True
+
+    def log_best_so_far(self, value: float | None) -> None:
+        best = getattr(self, "best_objective", None)
+        if value is not None and math.isfinite(value) and is_better(value, best, self.mode):
+            best = self.best_objective = float(value)
+        if best is not None:
+            self.client.log_metric(self.parent_run_id, BEST_SO_FAR_METRIC, best, step=sum(self.counts.values()))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._finish(trials, trial, trial_status(trial.last_result, self.max_epochs))
@@ -225,7 +261,8 @@ class TrialTracker(Callback):
         self._finish(trials, trial, "failed")
 
     def get_state(self) -> dict[str, Any]:
-        return {"runs": self.runs, "logged": self.logged, "counts": self.counts, "best": self.best}
+        return {"runs": self.runs, "logged": self.logged, "counts": self.counts, "best": self.best,
+                "best_objective": getattr(self, "best_objective", None)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         # The snapshot's epoch counts can be behind MLflow (results logged after it was taken,
@@ -234,6 +271,7 @@ class TrialTracker(Callback):
         mlflow.flush_async_logging()
         self.runs, self.logged = state["runs"], {}
         self.counts, self.best = state["counts"], state["best"]
+        self.best_objective = state.get("best_objective")
 
 
 def child_runs(client: MlflowClient, experiment: str, parent_run_id: str, where: str = "") -> list:

@@ -16,7 +16,7 @@ from ray import tune
 
 from kdtune.config import RunConfig
 from kdtune.devices import hide_gpus_from_cpu_trial, limit_trial_memory, read_engine_state
-from kdtune.run import build_engine, load_data, load_teacher
+from kdtune.run import build_engine, load_data, load_teacher, teacher_seed
 from kdtune.search.records import PENALTY
 from kdtune.search.spec import SearchSpec
 
@@ -39,8 +39,11 @@ def _data(cfg: RunConfig):
 
 
 def _teacher(cfg: RunConfig, data):
-    key = (cfg.teacher, cfg.teacher_checkpoint, cfg.seed, cfg.teacher_epochs, cfg.cache_dir, id(data), cfg.device)
-    if key not in _TEACHERS:
+    key = (cfg.teacher, cfg.teacher_checkpoint, teacher_seed(cfg), cfg.teacher_epochs, cfg.cache_dir, id(data),
+           cfg.device)
+    # A trial of a method without a teacher (none) gets None for the same key: never kept, or
+    # the next trial of this worker that needs the teacher would get None too.
+    if _TEACHERS.get(key) is None:
         _TEACHERS[key] = load_teacher(cfg, data, log=lambda msg: print(msg, flush=True))[0]
     return _TEACHERS[key]
 
