@@ -122,7 +122,8 @@ def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path,
     text = path.read_text()
     assert text.startswith("#") and f"kdtune search {rel(path)}" in text
     monkeypatch.chdir(workdir)
-    assert driver.main([str(path), "--dry-run", "--gpus-per-trial", "0"]) == 0  # a dry run checks resources
+    # a dry run checks resources and reads the data: no GPU here, and 60 fabricated train images
+    assert driver.main([str(path), "--dry-run", "--gpus-per-trial", "0", "--set", "fixed.val_size=10"]) == 0
     assert "# translated space" in capsys.readouterr().out
     overrides = [f"fixed.{k}={v}" for k, v in SMALL.items()] + [f"fixed.cache_dir={workdir / 'cache'}"]
     spec = load_spec(path, overrides)
