@@ -50,7 +50,12 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    if "--search" in (sys.argv[1:] if argv is None else argv):
+    args_in = sys.argv[1:] if argv is None else argv
+    if "--record-curves" in args_in or any(a.startswith("--record-curves=") for a in args_in):
+        # The learning-curve table the replay benchmark reads (kdtune.search.curves).
+        from kdtune.search.curves import main as record_curves
+        return record_curves(argv)
+    if "--search" in args_in:
         # Search strategies need Ray and Optuna: the search layer's benchmark, loaded only here.
         from kdtune.search.bench_search import main as bench_search
         return bench_search(argv)

@@ -96,6 +96,13 @@ def best_completed(rows: list[dict[str, Any]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args_in = sys.argv[1:] if argv is None else argv
+    if any(a == "--replay" or a.startswith("--replay=") for a in args_in):
+        # Searches against a recorded table in simulated time: no Ray cluster, no training.
+        from kdtune.search.replay import main as replay
+        return replay(argv)
     p = argparse.ArgumentParser(prog="python -m kdtune.bench --search", description=__doc__.split("\n\n")[0])
     p.add_argument("--search", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"from {', '.join(STRATEGIES)}")
