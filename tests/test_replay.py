@@ -149,3 +149,22 @@ def test_the_command_prints_every_strategy_and_refuses_bad_input(table: Path) ->
         assert s in r.stdout
     r = subprocess.run(cmd + ["--strategies", "tpe,bogus"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bogus" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_spearman_matches_known_values_and_handles_ties() -> None:
+    assert replay.ranks([10.0, 30.0, 20.0, 20.0]) == [1.0, 4.0, 2.5, 2.5]
+    assert replay.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert replay.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # scipy.stats.spearmanr([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) = 0.8
+    assert replay.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+
+
+def test_rung_fidelity_sees_the_early_leader_fall_behind(table: Path) -> None:
+    curves = read_curves(table)
+    rows = replay.rung_fidelity(curves, top=2)
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1)) and rows[0]["runs"] == 12
+    # lr 1.0 leads at epochs 1-2 and ends last: the early ranks are inverted, the late ones exact
+    assert rows[0]["rho"] < 0 < rows[2]["rho"] and rows[-1]["rho"] == pytest.approx(1.0)
+    assert replay.decay_epochs(curves) == [4, 4, 5]  # 150/180/210 of 240, scaled to 6 epochs
+    assert [r["phase"] for r in rows] == ["before"] * 4 + ["after"] * 2
+    assert rows[-1]["kept"] == 2 and rows[0]["kept"] == 0  # the 2 best at the end, cut at epoch 1

@@ -62,8 +62,11 @@ def test_optuna_is_told_every_epoch_and_the_right_final_state(tmp_path: Path) ->
     space = Space(params={"x": Param("x", "float", 0.0, 1.0)}, methods=None)
     searcher = KDOptunaSearch(space=space.suggest, metric="val/acc1", mode="max", max_epochs=4, study_name="s",
                               sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(url))
-    for tid in ("stopped", "full", "diverged", "crashed"):
+    for tid in ("stopped", "full", "diverged", "crashed", "paused"):
         searcher.suggest(tid)
+    # Hyperband stops a paused trial through Tune's stop_trial: on_trial_complete with no result
+    searcher.on_trial_result("paused", {"val/acc1": 40.0, "training_iteration": 1})
+    searcher.on_trial_complete("paused")
     searcher.on_trial_result("stopped", {"val/acc1": 51.0, "training_iteration": 1})
     # Tune hands the result that stops a trial to on_trial_complete only
     searcher.on_trial_complete("stopped", {"val/acc1": 52.0, "training_iteration": 2})
@@ -81,13 +84,33 @@ def test_optuna_is_told_every_epoch_and_the_right_final_state(tmp_path: Path) ->
     trials = {t.user_attrs["ray_trial_id"]: t for t in optuna.load_study(study_name="s", storage=url).trials}
     S = optuna.trial.TrialState
     assert {k: t.state for k, t in trials.items()} == {"stopped": S.PRUNED, "full": S.COMPLETE,
-                                                      "diverged": S.FAIL, "crashed": S.FAIL}
+                                                      "diverged": S.FAIL, "crashed": S.FAIL, "paused": S.PRUNED}
+    assert trials["paused"].value == 40.0
     assert trials["stopped"].intermediate_values == {1: 51.0, 2: 52.0}  # the stopping epoch included
     assert trials["stopped"].value == 52.0 and trials["full"].value == 80.0  # the objective: last epoch
     assert trials["full"].intermediate_values == {1: 71.0, 2: 72.0, 3: 73.0, 4: 80.0}
     assert trials["diverged"].intermediate_values == {}  # a penalty is no measurement
     assert {k: t.user_attrs["kdtune_status"] for k, t in trials.items()} == {
-        "stopped": "stopped early", "full": "completed", "diverged": "diverged", "crashed": "failed"}
+        "stopped": "stopped early", "full": "completed", "diverged": "diverged", "crashed": "failed",
+        "paused": "stopped early"}
+
+
+def test_gp_hyperband_and_median_are_the_libraries_objects(tmp_path: Path) -> None:
+    import optuna
+    from ray.tune.schedulers import HyperBandScheduler, MedianStoppingRule
+
+    from kdtune.search.schedulers import build_scheduler
+    from kdtune.search.searchers import build_searcher
+
+    spec = load_spec(write_space(tmp_path, search__algorithm="gp", search__max_concurrent=None,
+                                 scheduler={"type": "hyperband"}))
+    searcher, _, _ = build_searcher(spec)
+    assert isinstance(searcher._sampler, optuna.samplers.GPSampler)
+    hyperband = build_scheduler(spec)
+    assert isinstance(hyperband, HyperBandScheduler) and hyperband._max_t_attr == spec.max_epochs
+    spec = load_spec(write_space(tmp_path, scheduler={"type": "median", "grace_period": 2}))
+    median = build_scheduler(spec)
+    assert isinstance(median, MedianStoppingRule) and median._grace_period == 2
 
 
 class _Trial:
@@ -557,22 +580,24 @@ def test_a_worker_lost_outside_a_trial_restores_the_search(fault_searches) -> No
 
 
 # The short searches (KDAS, CTKD, SAKD, one with a diverging trial) run at once on the shared
-# instance: each one's start-up (imports, teacher, MLflow) overlaps the others' trials.
+# instance: each one's start-up (imports, teacher, MLflow) overlaps the others' trials. They also
+# carry the algorithms that need no search of their own: KDAS's is driven by Optuna's GP sampler,
+# CTKD's by the median-stopping rule, the diverging one by Hyperband.
 SHORT_SEARCHES = {
     "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
                  space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
                         "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
-                 search__num_samples=3, scheduler={"type": "none"}),
+                 search__num_samples=3, search__algorithm="gp", scheduler={"type": "none"}),
     "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
                  space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
                         "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
-                 search__num_samples=3, scheduler={"type": "none"}),
+                 search__num_samples=3, scheduler={"type": "median", "grace_period": 1}),
     "sakd": dict(fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd", "epochs": 3},
                  space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
                  search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"}, scheduler={"type": "none"}),
     "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
                       search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
-                      scheduler={"type": "none"}),
+                      scheduler={"type": "hyperband", "reduction_factor": 2}),
 }
 
 
@@ -591,6 +616,7 @@ def short_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
 def test_diverging_trial_ends_clearly_and_search_goes_on(short_searches, shared_ray) -> None:
     tmp_path, r = short_searches["diverging"].dir, short_searches["diverging"].result
     assert f"connected to the Ray cluster at {shared_ray.address}" in r.stdout  # an existing cluster
+    assert load_search(tmp_path / "ray" / "e2e").spec["scheduler"]["type"] == "hyperband"
     table = load_results(tmp_path / "ray" / "e2e").set_index("lr")
     assert table.loc[1e12, "status"] == "diverged" and table.loc[1e12, "epochs"] < 4
     assert table.loc[0.05, "status"] == "completed"
@@ -602,7 +628,12 @@ def test_diverging_trial_ends_clearly_and_search_goes_on(short_searches, shared_
 
 @pytest.mark.slow
 def test_kdas_trials_in_a_real_search(short_searches) -> None:
+    import optuna
+
     tmp_path = short_searches["kdas"].dir
+    assert load_search(tmp_path / "ray" / "e2e").spec["search"]["algorithm"] == "gp"
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'ray' / 'e2e' / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # the GP search's study, stored
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
     assert (table["end_rate"] <= table["start_rate"]).all()
@@ -618,6 +649,8 @@ def test_kdas_trials_in_a_real_search(short_searches) -> None:
 @pytest.mark.slow
 def test_ctkd_trials_in_a_real_search(short_searches) -> None:
     tmp_path = short_searches["ctkd"].dir
+    # the median rule needs 3 other trials past an epoch before it stops one: here all complete
+    assert load_search(tmp_path / "ray" / "e2e").spec["scheduler"]["type"] == "median"
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
     assert (table["ctkd/lambda"] == table["lambda_max"]).all()  # the curriculum ended at lambda_max

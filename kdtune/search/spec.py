@@ -30,10 +30,10 @@ SECTIONS = {  # section -> its keys with their defaults (None: computed)
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
 }
 TOP_KEYS = ("name", "fixed", "space", *SECTIONS, "max_failures")
-ALGORITHMS = ("tpe", "random", "grid")
+ALGORITHMS = ("tpe", "gp", "random", "grid")
 METRICS = ("val/acc1", "val/acc5", "val/loss", "train/loss")
 MODES = ("max", "min")
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("asha", "hyperband", "median", "none")
 PATH_KEYS = ("data_root", "teacher_checkpoint", "cache_dir")
 # Run settings a search must not vary, and why.
 NOT_SEARCHABLE = {
@@ -114,6 +114,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     search = _check_search(sections["search"], space, problems)
     scheduler = _check_scheduler(sections["scheduler"], epochs, problems)
     resources = _check_resources(sections["resources"], problems)
+    _check_combination(search, scheduler, space, problems)
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
     if problems:
         raise ConfigError(problems.render())
@@ -247,13 +248,28 @@ def _check_scheduler(values: dict, epochs: int | None, problems: _Problems) -> d
     kind = _one_of(values, "type", defaults, SCHEDULERS, "scheduler", problems)
     default_grace = max(1, (epochs or RunConfig.epochs) // 8)
     grace = _integer(values, "grace_period", default_grace, "scheduler.grace_period", problems, 1)
-    if kind == "asha" and epochs is not None and isinstance(grace, int) and grace > epochs:
+    if kind in ("asha", "median") and epochs is not None and isinstance(grace, int) and grace > epochs:
         problems.add("scheduler.grace_period", f"must be <= fixed.epochs ({epochs}), but got {grace}")
     factor = _number(values, "reduction_factor", defaults["reduction_factor"], "scheduler.reduction_factor",
                      problems)
     if factor is not None and not factor > 1:
         problems.add("scheduler.reduction_factor", f"must be > 1, but got {factor!r}")
     return {"type": kind, "grace_period": grace, "reduction_factor": factor}
+
+
+def _check_combination(search: dict, scheduler: dict, space: Space, problems: _Problems) -> None:
+    """Settings that are valid alone but not together."""
+    if search["algorithm"] == "gp" and space.conditionals:
+        # GPSampler models one fixed set of parameters; in a conditional space it would sample
+        # every parameter independently (at random) and say so only in a warning.
+        problems.add("search.algorithm", f"gp needs one fixed set of parameters, but the space searches "
+                                         f"{', '.join(space.conditionals)} with sub-spaces; use tpe")
+    if scheduler["type"] == "hyperband" and search["max_concurrent"] is not None:
+        # Hyperband pauses trials until their bracket is full; paused trials count against Tune's
+        # max_concurrent_trials, so a cap below a bracket's size would leave every trial waiting.
+        problems.add("search.max_concurrent", f"must be unset with scheduler.type hyperband (paused trials count "
+                                              f"against it), but got {search['max_concurrent']}; the resources "
+                                              "per trial limit how many run at once")
 
 
 def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
