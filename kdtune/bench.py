@@ -12,6 +12,9 @@ teacher-output cache, and with cache + torch.compile, side by side per pair; oth
 (e) ``--share N``: N trial processes reading one cache, each one's resident and proportional memory.
 (f) ``--quickstart``: the quickstart search's mean trial time, cache off and on (subprocesses).
 ``--gpu``: per pair single-trial and packed (``--processes``) img/s, cache build, peak memory.
+``--search``: search strategies' trial-seconds to a target (:mod:`kdtune.search.bench_search`);
+with ``--replay TABLE``, whole searches against a recorded learning-curve table in simulated time
+(:mod:`kdtune.search.replay`). ``--record-curves OUT``: record that table (:mod:`kdtune.search.curves`).
 """
 from __future__ import annotations
 

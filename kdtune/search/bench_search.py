@@ -9,6 +9,10 @@ small student, few epochs, a learning rate over three decades). For every strate
   (0.5 pp) of the best completed value that any strategy found with any seed, and
 * the final gap: that best value minus the strategy's own best completed value at the end.
 
+With ``--replay TABLE`` the searches run against a recorded learning-curve table instead, in
+simulated time and over many seeds (:mod:`kdtune.search.replay`); this live mode stays as a sanity
+check of the replay on a few seeds.
+
 Completed trials only, because the goal is a configuration for a full-length final run: a trial
 ASHA stopped after one epoch has no full-budget value. The objective of a trial is kdtune's (the
 metric at its last epoch). No MLflow, no Optuna storage: only the search itself is timed.

@@ -88,6 +88,22 @@ class Curves:
     def completed(self, config: int, seed: int) -> bool:
         return len(self.values[(config, seed)]) == self.epochs and not self.diverged[(config, seed)]
 
+    def use_median_seconds(self) -> None:
+        """Charge every run the median over all runs of each epoch's seconds.
+
+        The recorded seconds are wall time on a machine shared with other work, so one run's
+        epochs can take several times another's for reasons that are not its own; and in this
+        table the hyperparameters do not change the work of an epoch (same models, same data,
+        the loss terms cost the same). The median per epoch keeps what is real (the first epoch
+        opens the teacher-output cache) and drops the contention."""
+        longest = max(len(v) for v in self.seconds.values())
+        medians = []
+        for e in range(longest):
+            column = sorted(v[e] for v in self.seconds.values() if len(v) > e)
+            medians.append(column[len(column) // 2] if len(column) % 2 else
+                           (column[len(column) // 2 - 1] + column[len(column) // 2]) / 2)
+        self.seconds = {k: medians[:len(v)] for k, v in self.seconds.items()}
+
     def mean_full_seconds(self) -> float:
         """The mean trial-seconds of a full-length run: the budget's unit."""
         full = [sum(self.seconds[k]) for k in self.values if self.completed(*k)]

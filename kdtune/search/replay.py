@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA's and the median rule's (default 1)")
     p.add_argument("--reduction-factor", type=int, default=3, help="ASHA's and Hyperband's (default 3)")
     p.add_argument("--tolerance", type=float, default=0.5, help="pp below the table's best that counts as reached")
+    p.add_argument("--seconds", choices=("median", "recorded"), default="median",
+                   help="what an epoch costs: the median over the table's runs of that epoch's seconds (default; "
+                   "robust to a shared machine's contention), or each run's own recorded seconds")
     p.add_argument("--fidelity", action="store_true",
                    help="print only the rung fidelity: Spearman rho of each epoch's values against the final ones")
     args = p.parse_args(argv)
@@ -458,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fidelity:
         print(fidelity_report(curves))
         return 0
+    if args.seconds == "median":
+        curves.use_median_seconds()
     warnings.filterwarnings("ignore", message="Define-by-run function passed")
     full = curves.mean_full_seconds()
     budget = args.budget * full
@@ -465,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"replay of {table}: {len(curves.configs)} configurations x {len(curves.seeds)} seeds, "
           f"{curves.epochs} epochs; best seed-mean final val/acc1 {best:.2f}, target >= {best - args.tolerance:.2f} "
           f"({sum(m >= best - args.tolerance - 1e-9 for m in curves.config_means())} configurations reach it)")
-    print(f"budget {args.budget:g} full trials = {budget:.0f} trial-s per search ({full:.1f} s per full trial), "
+    print(f"budget {args.budget:g} full trials = {budget:.0f} trial-s per search ({full:.1f} s per full trial, "
+          f"{args.seconds} epoch seconds), "
           f"{args.workers} workers, ASHA grace {args.grace_period} rf {args.reduction_factor}, {args.seeds} seeds\n",
           flush=True)
     outcomes: dict[str, list[Outcome]] = {}
