@@ -424,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                    help=f"comma-separated, from {', '.join(STRATEGIES)} (default: {','.join(DEFAULT_STRATEGIES)})")
     p.add_argument("--seeds", type=int, default=20, help="searches per strategy (default 20)")
-    p.add_argument("--budget", type=float, default=32.0,
-                   help="trial-seconds per search, in full-length trials of the table's mean duration (default 32)")
+    p.add_argument("--budget", type=float, default=16.0,
+                   help="trial-seconds per search, in full-length trials of the table's mean duration (default 16)")
     p.add_argument("--workers", type=int, default=4, help="simulated concurrent trials (default 4)")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA's and the median rule's (default 1)")
     p.add_argument("--reduction-factor", type=int, default=3, help="ASHA's and Hyperband's (default 3)")
@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", choices=("median", "recorded"), default="median",
                    help="what an epoch costs: the median over the table's runs of that epoch's seconds (default; "
                    "robust to a shared machine's contention), or each run's own recorded seconds")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="searches run at once, in processes (default 1; GP's suggestions cost seconds each)")
     p.add_argument("--fidelity", action="store_true",
                    help="print only the rung fidelity: Spearman rho of each epoch's values against the final ones")
     args = p.parse_args(argv)
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     if unknown:
         problems.append(f"--strategies: unknown {', '.join(unknown)} (expected some of {', '.join(STRATEGIES)})")
-    for flag, value, low in (("--seeds", args.seeds, 1), ("--workers", args.workers, 1),
+    for flag, value, low in (("--seeds", args.seeds, 1), ("--workers", args.workers, 1), ("--jobs", args.jobs, 1),
                              ("--grace-period", args.grace_period, 1), ("--reduction-factor", args.reduction_factor, 2)):
         if value < low:
             problems.append(f"{flag}: expected an integer >= {low}, but got {value}")
@@ -475,14 +477,45 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.workers} workers, ASHA grace {args.grace_period} rf {args.reduction_factor}, {args.seeds} seeds\n",
           flush=True)
     outcomes: dict[str, list[Outcome]] = {}
-    for s in strategies:
-        start = time.perf_counter()
-        outcomes[s] = [run_strategy(curves, s, seed, budget, args.workers, args.grace_period, args.reduction_factor,
-                                    args.tolerance) for seed in range(args.seeds)]
-        print(f"[replay] {s}: {args.seeds} searches in {time.perf_counter() - start:.0f} s", flush=True)
+    settings = (table, args.seconds, budget, args.workers, args.grace_period, args.reduction_factor, args.tolerance)
+    pool = None
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.jobs, initializer=_job_init, initargs=settings[:2])
+    try:
+        for s in strategies:
+            start = time.perf_counter()
+            if pool is None:
+                outcomes[s] = [run_strategy(curves, s, seed, *settings[2:]) for seed in range(args.seeds)]
+            else:
+                outcomes[s] = list(pool.map(_job, [(s, seed, *settings[2:]) for seed in range(args.seeds)]))
+            print(f"[replay] {s}: {args.seeds} searches in {time.perf_counter() - start:.0f} s", flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     print()
     print(report(outcomes, full, args.tolerance))
     return 0
+
+
+_CURVES: Curves | None = None  # a job process's table, read once
+
+
+def _job_init(table: str, seconds: str) -> None:
+    global _CURVES
+    import warnings
+
+    from kdtune.search.curves import read_curves
+
+    warnings.filterwarnings("ignore", message="Define-by-run function passed")
+    _CURVES = read_curves(table)
+    if seconds == "median":
+        _CURVES.use_median_seconds()
+
+
+def _job(task: tuple) -> Outcome:
+    return run_strategy(_CURVES, *task)
 
 
 def report(outcomes: dict[str, list[Outcome]], full: float, tolerance: float) -> str:
