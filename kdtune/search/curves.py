@@ -140,8 +140,12 @@ def read_curves(path: str | Path) -> Curves:
     values: dict[tuple[int, int], list[float]] = {}
     seconds: dict[tuple[int, int], list[float]] = {}
     diverged: dict[tuple[int, int], bool] = {}
+    seen: set[tuple[int, int, int]] = set()
     for r in sorted(rows, key=lambda r: (int(r["config"]), int(r["seed"]), int(r["epoch"]))):
         c, s = int(r["config"]), int(r["seed"])
+        if (c, s, int(r["epoch"])) in seen:
+            raise ValueError(f"{path}: config {c} seed {s} epoch {r['epoch']} appears twice")
+        seen.add((c, s, int(r["epoch"])))
         configs[c] = {"logit_stand": r["logit_stand"] == "True", "temperature": float(r["temperature"]),
                       "kd_weight": float(r["kd_weight"]), "lr": float(r["lr"])}
         values.setdefault((c, s), []).append(float(r["val_acc1"]))
@@ -217,7 +221,9 @@ def record(out: Path, seeds: list[int], cache_dir: str, limit: int | None = None
         log(f"[curves] {n}/{len(todo)} config {c} seed {s}: final {rows[-1]['val_acc1']:.2f} "
             f"({len(rows)} epochs), {elapsed:.0f} s elapsed, ~{elapsed / n * (len(todo) - n):.0f} s left")
     with open(partial, newline="") as f:
-        rows = list(csv.DictReader(f))
+        # one row per (configuration, seed, epoch): a run recorded twice (two recorders resuming
+        # the same partial file) keeps its first recording
+        rows = list({(r["config"], r["seed"], r["epoch"]): r for r in reversed(list(csv.DictReader(f)))}.values())
     runs = {(int(r["config"]), int(r["seed"])) for r in rows}
     complete = [c for c in range(len(configs)) if all((c, s) in runs for s in seeds)]
     renumber = {c: i for i, c in enumerate(complete)}
