@@ -690,3 +690,36 @@ def test_sakd_trials_in_a_real_search(short_searches) -> None:
     # -10 starts the feature spots off (the logits spot has the half-batch hinge pulling it on)
     assert min(first_epoch[10.0].values()) > 0.8, first_epoch
     assert max(first_epoch[-10.0][name] for name in stages) < 0.2, first_epoch
+
+
+def test_warm_start_carries_an_earlier_studys_finished_trials(tmp_path: Path, capsys) -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from kdtune.search.searchers import build_searcher
+
+    old = tmp_path / "ray" / "old"
+    old.mkdir(parents=True)
+    study = optuna.create_study(study_name="old", direction="maximize", storage=f"sqlite:///{old / 'optuna.db'}")
+    dist = {"lr": FloatDistribution(0.01, 0.2, log=True), "temperature": FloatDistribution(1, 20, log=True)}
+    for lr, t, value, state in ((0.05, 2.0, 90.0, TrialState.COMPLETE), (0.1, 4.0, 95.0, TrialState.COMPLETE),
+                                (0.02, 8.0, None, TrialState.PRUNED), (0.05, 16.0, 80.0, TrialState.COMPLETE),
+                                (0.05, 3.0, None, TrialState.FAIL)):
+        study.add_trial(create_trial(params={"lr": lr, "temperature": t}, distributions=dist, value=value,
+                                     intermediate_values={1: 50.0}, state=state))
+    # the new search: lr no longer searched, temperature over 1..10, kd_weight added
+    space = write_space(tmp_path, search__max_concurrent=None, search__warm_start=str(old),
+                        space={"temperature": {"type": "float", "low": 1, "high": 10, "log": True},
+                               "kd_weight": {"type": "float", "low": 0.5, "high": 2.0}})
+    searcher, _, _ = build_searcher(load_spec(space))
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    assert [(t.state.name, t.params, t.value) for t in trials] == [
+        ("COMPLETE", {"temperature": 2.0}, 90.0), ("COMPLETE", {"temperature": 4.0}, 95.0),
+        ("PRUNED", {"temperature": 8.0}, None)]  # temperature 16 is outside the new range; FAIL is not carried
+    assert ("[kdtune] warm start: 3 finished trials from " + str(old) + "; 1 left out (a value outside the new "
+            "space); parameters no longer searched dropped: lr") in capsys.readouterr().out
+    config = searcher.suggest("t1")  # the sampler goes on from there
+    assert set(config) == {"temperature", "kd_weight"}
+    r = run_search(tmp_path, write_space(tmp_path, search__warm_start=str(tmp_path / "nowhere")), "--dry-run")
+    assert r.returncode == 2 and "search.warm_start: expected an earlier search's folder holding optuna.db" in r.stderr

@@ -140,6 +140,10 @@ def build_searcher(spec: SearchSpec, storage_url: str | None = None) -> tuple[Se
         searcher = KDOptunaSearch(space=space.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler,
                                   study_name=spec.name, max_epochs=spec.max_epochs,
                                   storage=optuna_storage(storage_url) if storage_url else None)
+        if spec.warm_start and not searcher._ot_study.trials:  # not again on --resume
+            from kdtune.search.warm_start import warm_start
+
+            print(warm_start(searcher._ot_study, spec.warm_start, space), flush=True)
         return searcher, {}, spec.num_samples
     # Tune's max_concurrent_trials only limits a Searcher (it warns and ignores it for a variant
     # generator), so random and grid searches get the limit here.

@@ -25,7 +25,7 @@ from kdtune.search.space import Param, Space, parse_space
 
 SECTIONS = {  # section -> its keys with their defaults (None: computed)
     "search": {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max", "seed": 0,
-               "max_concurrent": None},
+               "max_concurrent": None, "warm_start": None},
     "scheduler": {"type": "asha", "grace_period": None, "reduction_factor": 3},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
 }
@@ -67,6 +67,7 @@ class SearchSpec:
     mode: str
     seed: int
     max_concurrent: int | None
+    warm_start: str | None  # an earlier search's folder whose finished trials seed the study
     scheduler: str
     grace_period: int
     reduction_factor: float
@@ -118,7 +119,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
     if problems:
         raise ConfigError(problems.render())
-    resolved = {"name": name, "fixed": fixed, "space": space.to_dict(), "search": search,
+    # warm_start only when set: the resolved spec of a search without one (and its --resume check) stays as it was
+    resolved = {"name": name, "fixed": fixed, "space": space.to_dict(),
+                "search": {k: v for k, v in search.items() if k != "warm_start" or v is not None},
                 "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
     return SearchSpec(
         path=str(Path(path).resolve()), name=name, fixed=fixed, space=space, **search,
@@ -226,7 +229,27 @@ def _check_search(values: dict, space: Space, problems: _Problems) -> dict[str, 
     }
     if out["algorithm"] == "grid":
         out["num_samples"] = _grid_size(space, problems)  # the grid decides the number of trials
+    out["warm_start"] = _warm_start(values.get("warm_start"), out["algorithm"], problems)
     return out
+
+
+def _warm_start(value: Any, algorithm: str, problems: _Problems) -> str | None:
+    """An earlier search's folder whose Optuna study seeds this one (kdtune.search.warm_start)."""
+    from kdtune.search.warm_start import problem
+
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        problems.add("search.warm_start", f"expected an earlier search's folder, but got {value!r}")
+        return None
+    if algorithm not in ("tpe", "gp"):
+        problems.add("search.warm_start", f"needs search.algorithm tpe or gp (an Optuna study), but got {algorithm}")
+        return None
+    folder = _absolute(os.path.expanduser(value))
+    found = problem(folder)
+    if found:
+        problems.add("search.warm_start", found)
+    return folder
 
 
 def _grid_size(space: Space, problems: _Problems) -> int:
