@@ -721,5 +721,7 @@ def test_warm_start_carries_an_earlier_studys_finished_trials(tmp_path: Path, ca
             "space); parameters no longer searched dropped: lr") in capsys.readouterr().out
     config = searcher.suggest("t1")  # the sampler goes on from there
     assert set(config) == {"temperature", "kd_weight"}
-    r = run_search(tmp_path, write_space(tmp_path, search__warm_start=str(tmp_path / "nowhere")), "--dry-run")
-    assert r.returncode == 2 and "search.warm_start: expected an earlier search's folder holding optuna.db" in r.stderr
+    from kdtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="search.warm_start: expected an earlier search's folder holding optuna.db"):
+        load_spec(write_space(tmp_path, search__warm_start=str(tmp_path / "nowhere")))
