@@ -444,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         problems.append(f"--strategies: unknown {', '.join(unknown)} (expected some of {', '.join(STRATEGIES)})")
     for flag, value, low in (("--seeds", args.seeds, 1), ("--workers", args.workers, 1), ("--jobs", args.jobs, 1),
-                             ("--grace-period", args.grace_period, 1), ("--reduction-factor", args.reduction_factor, 2)):
+                             ("--grace-period", args.grace_period, 1),
+                             ("--reduction-factor", args.reduction_factor, 2)):
         if value < low:
             problems.append(f"{flag}: expected an integer >= {low}, but got {value}")
     if not args.budget > 0 or not args.tolerance >= 0:
@@ -520,8 +521,8 @@ def _job(task: tuple) -> Outcome:
 
 def report(outcomes: dict[str, list[Outcome]], full: float, tolerance: float) -> str:
     """The results as a Markdown table (pasted into docs/search-efficiency.md as printed)."""
-    lines = [f"| strategy | reached | trial-s to target, median [95% CI] | in full trials | final regret pp, median "
-             f"[95% CI] | regret at 1/8, 1/4, 1/2 budget (median) | trials | completed |",
+    lines = ["| strategy | reached | trial-s to target, median [95% CI] | in full trials | final regret pp, median "
+             "[95% CI] | regret at 1/8, 1/4, 1/2 budget (median) | trials | completed |",
              "|---|---|---|---|---|---|---|---|"]
     for s, outs in outcomes.items():
         times = [o.time_to_target for o in outs]
