@@ -13,6 +13,9 @@ teacher-output cache, and with cache + torch.compile, side by side per pair; oth
 (f) ``--quickstart``: the quickstart search's mean trial time, cache off and on (subprocesses).
 ``--winners-curse``: how much a search's single-run best overstates itself (kdtune.search.bench_winners).
 ``--gpu``: per pair single-trial and packed (``--processes``) img/s, cache build, peak memory.
+``--search``: search strategies' trial-seconds to a target (:mod:`kdtune.search.bench_search`);
+with ``--replay TABLE``, whole searches against a recorded learning-curve table in simulated time
+(:mod:`kdtune.search.replay`). ``--record-curves OUT``: record that table (:mod:`kdtune.search.curves`).
 """
 from __future__ import annotations
 
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     given = sys.argv[1:] if argv is None else argv
+    if "--record-curves" in given or any(a.startswith("--record-curves=") for a in given):
+        # The learning-curve table the replay benchmark reads (kdtune.search.curves).
+        from kdtune.search.curves import main as record_curves
+        return record_curves(argv)
     if "--search" in given or "--winners-curse" in given:
         # (--winners-curse chooses as the search's confirmation stage does: the search layer too)
         # Search strategies need Ray and Optuna: the search layer's benchmark, loaded only here.

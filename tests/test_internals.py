@@ -41,6 +41,11 @@ def test_optuna_trial_storage_ids_and_study_storage() -> None:
     except AttributeError as e:
         pytest.fail(_moved("optuna", f"Trial._trial_id / Study._storage ({e})"))
     assert frozen.user_attrs == {"k": "v"} and internals.storage_id(frozen) == tid, _moved("optuna", "storage ids")
+    ints = optuna.distributions.IntDistribution(1, 5)
+    try:
+        assert internals.distribution_contains(ints, 3) and not internals.distribution_contains(ints, 9)
+    except AttributeError as e:
+        pytest.fail(_moved("optuna", f"BaseDistribution._contains ({e})"))
 
 
 def test_result_grid_keeps_its_experiment_analysis() -> None:

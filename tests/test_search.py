@@ -70,8 +70,11 @@ def test_optuna_is_told_every_epoch_and_the_right_final_state(tmp_path: Path) ->
     space = Space(params={"x": Param("x", "float", 0.0, 1.0)}, methods=None)
     searcher = KDOptunaSearch(space=space.suggest, metric="val/acc1", mode="max", max_epochs=4, study_name="s",
                               sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(url))
-    for tid in ("stopped", "full", "diverged", "crashed"):
+    for tid in ("stopped", "full", "diverged", "crashed", "paused"):
         searcher.suggest(tid)
+    # Hyperband stops a paused trial through Tune's stop_trial: on_trial_complete with no result
+    searcher.on_trial_result("paused", {"val/acc1": 40.0, "training_iteration": 1})
+    searcher.on_trial_complete("paused")
     searcher.on_trial_result("stopped", {"val/acc1": 51.0, "training_iteration": 1})
     # Tune hands the result that stops a trial to on_trial_complete only
     searcher.on_trial_complete("stopped", {"val/acc1": 52.0, "training_iteration": 2})
@@ -89,13 +92,33 @@ def test_optuna_is_told_every_epoch_and_the_right_final_state(tmp_path: Path) ->
     trials = {t.user_attrs["ray_trial_id"]: t for t in optuna.load_study(study_name="s", storage=url).trials}
     S = optuna.trial.TrialState
     assert {k: t.state for k, t in trials.items()} == {"stopped": S.PRUNED, "full": S.COMPLETE,
-                                                      "diverged": S.FAIL, "crashed": S.FAIL}
+                                                      "diverged": S.FAIL, "crashed": S.FAIL, "paused": S.PRUNED}
+    assert trials["paused"].value == 40.0
     assert trials["stopped"].intermediate_values == {1: 51.0, 2: 52.0}  # the stopping epoch included
     assert trials["stopped"].value == 52.0 and trials["full"].value == 80.0  # the objective: last epoch
     assert trials["full"].intermediate_values == {1: 71.0, 2: 72.0, 3: 73.0, 4: 80.0}
     assert trials["diverged"].intermediate_values == {}  # a penalty is no measurement
     assert {k: t.user_attrs["kdtune_status"] for k, t in trials.items()} == {
-        "stopped": "stopped early", "full": "completed", "diverged": "diverged", "crashed": "failed"}
+        "stopped": "stopped early", "full": "completed", "diverged": "diverged", "crashed": "failed",
+        "paused": "stopped early"}
+
+
+def test_gp_hyperband_and_median_are_the_libraries_objects(tmp_path: Path) -> None:
+    import optuna
+    from ray.tune.schedulers import HyperBandScheduler, MedianStoppingRule
+
+    from kdtune.search.schedulers import build_scheduler
+    from kdtune.search.searchers import build_searcher
+
+    spec = load_spec(write_space(tmp_path, search__algorithm="gp", search__max_concurrent=None,
+                                 scheduler={"type": "hyperband"}))
+    searcher, _, _ = build_searcher(spec)
+    assert isinstance(searcher._sampler, optuna.samplers.GPSampler)
+    hyperband = build_scheduler(spec)
+    assert isinstance(hyperband, HyperBandScheduler) and hyperband._max_t_attr == spec.max_epochs
+    spec = load_spec(write_space(tmp_path, scheduler={"type": "median", "grace_period": 2}))
+    median = build_scheduler(spec)
+    assert isinstance(median, MedianStoppingRule) and median._grace_period == 2
 
 
 class _Trial:
@@ -597,22 +620,24 @@ def test_a_worker_lost_outside_a_trial_restores_the_search(fault_searches) -> No
 
 
 # The short searches (KDAS, CTKD, SAKD, one with a diverging trial) run at once on the shared
-# instance: each one's start-up (imports, teacher, MLflow) overlaps the others' trials.
+# instance: each one's start-up (imports, teacher, MLflow) overlaps the others' trials. They also
+# carry the algorithms that need no search of their own: KDAS's is driven by Optuna's GP sampler,
+# CTKD's by the median-stopping rule, the diverging one by Hyperband.
 SHORT_SEARCHES = {
     "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
                  space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
                         "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
-                 search__num_samples=3, scheduler={"type": "none"}),
+                 search__num_samples=3, search__algorithm="gp", scheduler={"type": "none"}),
     "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
                  space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
                         "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
-                 search__num_samples=3, scheduler={"type": "none"}),
+                 search__num_samples=3, scheduler={"type": "median", "grace_period": 1}),
     "sakd": dict(fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd", "epochs": 3},
                  space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
                  search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"}, scheduler={"type": "none"}),
     "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
                       search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
-                      scheduler={"type": "none"}),
+                      scheduler={"type": "hyperband", "reduction_factor": 2}),
 }
 
 
@@ -631,6 +656,7 @@ def short_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
 def test_diverging_trial_ends_clearly_and_search_goes_on(short_searches, shared_ray) -> None:
     tmp_path, r = short_searches["diverging"].dir, short_searches["diverging"].result
     assert f"connected to the Ray cluster at {shared_ray.address}" in r.stdout  # an existing cluster
+    assert load_search(tmp_path / "ray" / "e2e").spec["scheduler"]["type"] == "hyperband"
     table = load_results(tmp_path / "ray" / "e2e").set_index("lr")
     assert table.loc[1e12, "status"] == "diverged" and table.loc[1e12, "epochs"] < 4
     assert table.loc[0.05, "status"] == "completed"
@@ -642,7 +668,12 @@ def test_diverging_trial_ends_clearly_and_search_goes_on(short_searches, shared_
 
 @pytest.mark.slow
 def test_kdas_trials_in_a_real_search(short_searches) -> None:
+    import optuna
+
     tmp_path = short_searches["kdas"].dir
+    assert load_search(tmp_path / "ray" / "e2e").spec["search"]["algorithm"] == "gp"
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'ray' / 'e2e' / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # the GP search's study, stored
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
     assert (table["end_rate"] <= table["start_rate"]).all()
@@ -658,6 +689,8 @@ def test_kdas_trials_in_a_real_search(short_searches) -> None:
 @pytest.mark.slow
 def test_ctkd_trials_in_a_real_search(short_searches) -> None:
     tmp_path = short_searches["ctkd"].dir
+    # the median rule needs 3 other trials past an epoch before it stops one: here all complete
+    assert load_search(tmp_path / "ray" / "e2e").spec["scheduler"]["type"] == "median"
     table = load_results(tmp_path / "ray" / "e2e")
     assert len(table) == 3 and (table["status"] == "completed").all()
     assert (table["ctkd/lambda"] == table["lambda_max"]).all()  # the curriculum ended at lambda_max
@@ -731,3 +764,39 @@ print(json.dumps({{"name": r.name, "folder": str(r.folder), "interrupted": r.int
     assert got["name"] == "e2e" and got["folder"] == str(tmp_path / "ray" / "e2e") and not got["interrupted"]
     assert got["rows"] == 2 and got["config"] == best["params"] and set(got["config"]) == {"lr"}
     assert got["value"] == best["objective"]["value"] == got["best_row"]
+
+
+def test_warm_start_carries_an_earlier_studys_finished_trials(tmp_path: Path, capsys) -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from kdtune.search.internals import optuna_study
+    from kdtune.search.searchers import build_searcher
+
+    old = tmp_path / "ray" / "old"
+    old.mkdir(parents=True)
+    study = optuna.create_study(study_name="old", direction="maximize", storage=f"sqlite:///{old / 'optuna.db'}")
+    dist = {"lr": FloatDistribution(0.01, 0.2, log=True), "temperature": FloatDistribution(1, 20, log=True)}
+    for lr, t, value, state in ((0.05, 2.0, 90.0, TrialState.COMPLETE), (0.1, 4.0, 95.0, TrialState.COMPLETE),
+                                (0.02, 8.0, None, TrialState.PRUNED), (0.05, 16.0, 80.0, TrialState.COMPLETE),
+                                (0.05, 3.0, None, TrialState.FAIL)):
+        study.add_trial(create_trial(params={"lr": lr, "temperature": t}, distributions=dist, value=value,
+                                     intermediate_values={1: 50.0}, state=state))
+    # the new search: lr no longer searched, temperature over 1..10, kd_weight added
+    space = write_space(tmp_path, search__max_concurrent=None, search__warm_start=str(old),
+                        space={"temperature": {"type": "float", "low": 1, "high": 10, "log": True},
+                               "kd_weight": {"type": "float", "low": 0.5, "high": 2.0}})
+    searcher, _, _ = build_searcher(load_spec(space))
+    trials = optuna_study(searcher).get_trials(deepcopy=False)
+    assert [(t.state.name, t.params, t.value) for t in trials] == [
+        ("COMPLETE", {"temperature": 2.0}, 90.0), ("COMPLETE", {"temperature": 4.0}, 95.0),
+        ("PRUNED", {"temperature": 8.0}, None)]  # temperature 16 is outside the new range; FAIL is not carried
+    assert ("[kdtune] warm start: 3 finished trials from " + str(old) + "; 1 left out (a value outside the new "
+            "space); parameters no longer searched dropped: lr") in capsys.readouterr().out
+    config = searcher.suggest("t1")  # the sampler goes on from there
+    assert set(config) == {"temperature", "kd_weight"}
+    from kdtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="search.warm_start: expected an earlier search's folder holding optuna.db"):
+        load_spec(write_space(tmp_path, search__warm_start=str(tmp_path / "nowhere")))

@@ -124,13 +124,18 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
     (["search.metric=val/acc"], "--set search.metric=val/acc: search.metric: must be one of val/acc1, val/acc5, "
                                 "val/loss, train/loss, but got 'val/acc'"),
     (["search.algorithm=bayes"],
-     "--set search.algorithm=bayes: search.algorithm: must be one of tpe, random, grid, but got 'bayes'"),
+     "--set search.algorithm=bayes: search.algorithm: must be one of tpe, gp, random, grid, but got 'bayes'"),
     (["search.seed=1.5"], "--set search.seed=1.5: search.seed: expected an integer, but got 1.5"),
     (["search.max_concurrent=0"], "--set search.max_concurrent=0: search.max_concurrent: must be >= 1, but got 0"),
     (["scheduler.reduction_factor=1"],
      "--set scheduler.reduction_factor=1: scheduler.reduction_factor: must be > 1, but got 1.0"),
-    (["scheduler.type=hyperband"],
-     "--set scheduler.type=hyperband: scheduler.type: must be one of asha, none, but got 'hyperband'"),
+    (["scheduler.type=pbt"],
+     "--set scheduler.type=pbt: scheduler.type: must be one of asha, hyperband, median, none, but got 'pbt'"),
+    (["scheduler.type=median", "fixed.epochs=10"],
+     "space.yaml: scheduler.grace_period: must be <= fixed.epochs (10), but got 12"),
+    (["scheduler.type=hyperband", "search.max_concurrent=2"],
+     "--set search.max_concurrent=2: search.max_concurrent: must be unset with scheduler.type hyperband (paused "
+     "trials count against it), but got 2"),
     (["max_failures=-1"], "--set max_failures=-1: max_failures: must be >= 0, but got -1"),
     (["name=a/b"], "--set name=a/b: name: must be made of letters, digits, '_', '.' and '-', but got 'a/b'"),
     (["space.lr={type: int, low: 1, high: 10, step: 4}"],
@@ -225,6 +230,9 @@ shceduler: {type: asha}
      "space.method.choices.dkd.beta.low: beta: must be >= 0, but got -1.0"),
     ({"fixed": {**CONDITIONAL["fixed"], "temperature": 4}},
      "fixed.temperature: unknown key; it is a hyperparameter of method 'dkd' and method 'kd'"),
+    ({"search": {"algorithm": "gp"}},
+     "search.algorithm: gp needs one fixed set of parameters, but the space searches method with sub-spaces; "
+     "use tpe"),
 ])
 def test_conditional_spec_problems(tmp_path: Path, change: dict, expected: str) -> None:
     problems = problems_of(write(tmp_path, {**CONDITIONAL, **change}))

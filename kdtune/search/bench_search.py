@@ -9,6 +9,10 @@ small student, few epochs, a learning rate over three decades). For every strate
   (0.5 pp) of the best completed value that any strategy found with any seed, and
 * the final gap: that best value minus the strategy's own best completed value at the end.
 
+With ``--replay TABLE`` the searches run against a recorded learning-curve table instead, in
+simulated time and over many seeds (:mod:`kdtune.search.replay`); this live mode stays as a sanity
+check of the replay on a few seeds.
+
 Completed trials only, because the goal is a configuration for a full-length final run: a trial
 ASHA stopped after one epoch has no full-budget value. The objective of a trial is kdtune's (the
 metric at its last epoch). No MLflow, no Optuna storage: only the search itself is timed.
@@ -113,9 +117,14 @@ EXAMPLES = """examples:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    if "--winners-curse" in (sys.argv[1:] if argv is None else argv):
+    args_in = sys.argv[1:] if argv is None else argv
+    if "--winners-curse" in args_in:  # before --replay: the winner's-curse bench has a --replay of its own
         from kdtune.search.bench_winners import main as winners_curse
         return winners_curse(argv)
+    if any(a == "--replay" or a.startswith("--replay=") for a in args_in):
+        # Searches against a recorded table in simulated time: no Ray cluster, no training.
+        from kdtune.search.replay import main as replay
+        return replay(argv)
     p = argparse.ArgumentParser(prog="kdtune bench --search", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--search", action="store_true", help=argparse.SUPPRESS)

@@ -77,7 +77,7 @@ def execute(args) -> tuple[int, Path | None]:
                              f"{own}; resume with the same file and --set values")
     # the Optuna study: where the search put it (on --resume), else --optuna-storage or beside the results
     optuna_url = (stored or {}).get("optuna_storage") or args.optuna_storage or f"sqlite:///{own / OPTUNA_FILE}"
-    if not args.resume and spec.algorithm == "tpe" and args.optuna_storage and study_exists(optuna_url, spec.name):
+    if not args.resume and spec.algorithm in ("tpe", "gp") and args.optuna_storage and study_exists(optuna_url, spec.name):
         raise PreflightError(f"--optuna-storage {args.optuna_storage}: a study named {spec.name!r} exists there "
                              f"already; start this search under another name (--set name=...)")
     preflight.check_device(spec)
@@ -126,7 +126,7 @@ def locked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: 
         raise PreflightError(str(e)) from e
     try:
         return run_search(spec, storage, tracking_uri, args.address, args.resume, own, teacher,
-                          optuna_url if spec.algorithm == "tpe" else None, args.verbose, args.status_every)
+                          optuna_url if spec.algorithm in ("tpe", "gp") else None, args.verbose, args.status_every)
     except KeyboardInterrupt:
         preflight.close_parent("KILLED")
         print(f"\n[kdtune] interrupted; continue with: kdtune search {spec.path} --resume "
@@ -416,14 +416,12 @@ def lost_worker(error: BaseException) -> BaseException | None:
 
 def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: str | None = None):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from kdtune.search.schedulers import build_scheduler
     from kdtune.search.searchers import build_searcher, concurrency
 
     searcher, param_space, num_samples = build_searcher(spec, optuna_url)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
-                               grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
-                 if spec.scheduler == "asha" else FIFOScheduler())
+    scheduler = build_scheduler(spec)
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
@@ -550,7 +548,7 @@ def print_dry_run(spec: SearchSpec, storage: str, tracking_uri: str) -> None:
     print(yaml.safe_dump(spec.resolved, sort_keys=False))
     searcher, param_space, num_samples = build_searcher(spec)
     print(f"# translated space: {spec.algorithm}, {num_samples} trials")
-    if spec.algorithm == "tpe":
+    if spec.algorithm in ("tpe", "gp"):
         import optuna
 
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

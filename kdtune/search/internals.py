@@ -44,6 +44,12 @@ def study_storage(study: Any) -> Any:
     return study._storage
 
 
+def distribution_contains(distribution: Any, value: Any) -> bool:
+    """Whether ``value`` lies in an Optuna distribution (its private ``_contains`` of the internal
+    representation: the check Optuna's own ``add_trial`` makes); for a warm start's old trials."""
+    return distribution._contains(distribution.to_internal_repr(value))
+
+
 # -- Ray Tune's ResultGrid (ray/tune/result_grid.py, Ray 2.60.0) ---------------------------------
 # The public Result has no trial status, and the results table needs ERROR, TERMINATED and the
 # statuses of trials that never ended (interrupted); the ExperimentAnalysis behind it has them.

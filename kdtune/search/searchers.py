@@ -73,12 +73,16 @@ class KDOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._finished(trial_id):
             self._report(trial_id, result)
+            self.__dict__.setdefault("_last_results", {})[trial_id] = result
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._finished(trial_id):
             return
         ot_trial = optuna_trials(self)[trial_id]
-        result = result or {}
+        # Hyperband stops a *paused* trial through Tune's stop_trial, which completes it with no
+        # result: its last reported epoch is where it stopped (PRUNED, not FAIL).
+        last = self.__dict__.get("_last_results", {}).pop(trial_id, None)
+        result = result or ({} if error else last) or {}
         self._report(trial_id, result)  # the stopping (or last) epoch
         diverged = bool(result.get("diverged"))
         epochs = int(result.get("training_iteration", 0) or 0)
@@ -111,18 +115,36 @@ def optuna_storage(url: str):
                                       if url.startswith("sqlite") else None)
 
 
+OPTUNA_ALGORITHMS = ("tpe", "gp")  # search.algorithm values that an Optuna sampler drives
+
+
+def optuna_sampler(algorithm: str, seed: int | None, conditional: bool = False) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler behind ``search.algorithm`` (also used by the replay benchmark)."""
+    if algorithm == "tpe":
+        # group=True lets multivariate TPE model conditional (per-method/sampler) sub-spaces jointly.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, group=conditional)
+    if algorithm == "gp":
+        # A Gaussian process with log-EI (torch + scipy). It fits COMPLETE trials only: under ASHA
+        # the pruned ones teach it nothing, so it suits full-length trials or a late grace period.
+        return optuna.samplers.GPSampler(seed=seed)
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"no Optuna sampler for algorithm {algorithm!r}")
+
+
 def build_searcher(spec: SearchSpec, storage_url: str | None = None) -> tuple[Searcher | None, dict[str, Any], int]:
     """``(search_alg, param_space, num_samples)`` for ``tune.Tuner``; ``storage_url`` keeps the
     Optuna study in that database (else in memory)."""
     space = spec.space
-    if spec.algorithm == "tpe":
-        sampler = optuna.samplers.TPESampler(
-            seed=spec.seed, multivariate=True, constant_liar=True,
-            # group=True lets multivariate TPE model conditional (per-method/sampler) sub-spaces jointly.
-            group=bool(space.conditionals))
+    if spec.algorithm in OPTUNA_ALGORITHMS:
+        sampler = optuna_sampler(spec.algorithm, spec.seed, conditional=bool(space.conditionals))
         searcher = KDOptunaSearch(space=space.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler,
                                   study_name=spec.name, max_epochs=spec.max_epochs,
                                   storage=optuna_storage(storage_url) if storage_url else None)
+        if spec.warm_start and not optuna_study(searcher).trials:  # not again on --resume
+            from kdtune.search.warm_start import warm_start
+
+            print(warm_start(optuna_study(searcher), spec.warm_start, space), flush=True)
         return searcher, {}, spec.num_samples
     # Tune's max_concurrent_trials only limits a Searcher (it warns and ignores it for a variant
     # generator), so random and grid searches get the limit here.

@@ -25,17 +25,17 @@ from kdtune.search.space import Param, Space, parse_space
 
 SECTIONS = {  # section -> its keys with their defaults (None: computed)
     "search": {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max", "seed": 0,
-               "max_concurrent": None},
+               "max_concurrent": None, "warm_start": None},
     "scheduler": {"type": "asha", "grace_period": None, "reduction_factor": 3},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
     # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
     "confirm": {"top_k": 0, "seeds": 3},
 }
 TOP_KEYS = ("name", "fixed", "space", *SECTIONS, "max_failures")
-ALGORITHMS = ("tpe", "random", "grid")
+ALGORITHMS = ("tpe", "gp", "random", "grid")
 METRICS = ("val/acc1", "val/acc5", "val/loss", "train/loss")
 MODES = ("max", "min")
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("asha", "hyperband", "median", "none")
 PATH_KEYS = ("data_root", "teacher_checkpoint", "cache_dir")
 # Run settings a search must not vary, and why.
 NOT_SEARCHABLE = {
@@ -69,6 +69,7 @@ class SearchSpec:
     mode: str
     seed: int
     max_concurrent: int | None
+    warm_start: str | None  # an earlier search's folder whose finished trials seed the study
     scheduler: str
     grace_period: int
     reduction_factor: float
@@ -137,11 +138,14 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     search = _check_search(sections["search"], space, problems)
     scheduler = _check_scheduler(sections["scheduler"], epochs, problems)
     resources = _check_resources(sections["resources"], problems)
+    _check_combination(search, scheduler, space, problems)
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
     confirm = _check_confirm(sections["confirm"], problems)
     if problems:
         raise ConfigError(problems.render())
-    resolved = {"name": name, "fixed": fixed, "space": space.to_dict(), "search": search,
+    # warm_start only when set: the resolved spec of a search without one (and its --resume check) stays as it was
+    resolved = {"name": name, "fixed": fixed, "space": space.to_dict(),
+                "search": {k: v for k, v in search.items() if k != "warm_start" or v is not None},
                 "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
     if confirm["top_k"]:  # only when on: the resolved spec of a search without it stays as it was
         resolved["confirm"] = confirm
@@ -252,7 +256,27 @@ def _check_search(values: dict, space: Space, problems: _Problems) -> dict[str, 
     }
     if out["algorithm"] == "grid":
         out["num_samples"] = _grid_size(space, problems)  # the grid decides the number of trials
+    out["warm_start"] = _warm_start(values.get("warm_start"), out["algorithm"], problems)
     return out
+
+
+def _warm_start(value: Any, algorithm: str, problems: _Problems) -> str | None:
+    """An earlier search's folder whose Optuna study seeds this one (kdtune.search.warm_start)."""
+    from kdtune.search.warm_start import problem
+
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        problems.add("search.warm_start", f"expected an earlier search's folder, but got {value!r}")
+        return None
+    if algorithm not in ("tpe", "gp"):
+        problems.add("search.warm_start", f"needs search.algorithm tpe or gp (an Optuna study), but got {algorithm}")
+        return None
+    folder = _absolute(os.path.expanduser(value))
+    found = problem(folder)
+    if found:
+        problems.add("search.warm_start", found)
+    return folder
 
 
 def _grid_size(space: Space, problems: _Problems) -> int:
@@ -274,13 +298,28 @@ def _check_scheduler(values: dict, epochs: int | None, problems: _Problems) -> d
     kind = _one_of(values, "type", defaults, SCHEDULERS, "scheduler", problems)
     default_grace = max(1, (epochs or RunConfig.epochs) // 8)
     grace = _integer(values, "grace_period", default_grace, "scheduler.grace_period", problems, 1)
-    if kind == "asha" and epochs is not None and isinstance(grace, int) and grace > epochs:
+    if kind in ("asha", "median") and epochs is not None and isinstance(grace, int) and grace > epochs:
         problems.add("scheduler.grace_period", f"must be <= fixed.epochs ({epochs}), but got {grace}")
     factor = _number(values, "reduction_factor", defaults["reduction_factor"], "scheduler.reduction_factor",
                      problems)
     if factor is not None and not factor > 1:
         problems.add("scheduler.reduction_factor", f"must be > 1, but got {factor!r}")
     return {"type": kind, "grace_period": grace, "reduction_factor": factor}
+
+
+def _check_combination(search: dict, scheduler: dict, space: Space, problems: _Problems) -> None:
+    """Settings that are valid alone but not together."""
+    if search["algorithm"] == "gp" and space.conditionals:
+        # GPSampler models one fixed set of parameters; in a conditional space it would sample
+        # every parameter independently (at random) and say so only in a warning.
+        problems.add("search.algorithm", f"gp needs one fixed set of parameters, but the space searches "
+                                         f"{', '.join(space.conditionals)} with sub-spaces; use tpe")
+    if scheduler["type"] == "hyperband" and search["max_concurrent"] is not None:
+        # Hyperband pauses trials until their bracket is full; paused trials count against Tune's
+        # max_concurrent_trials, so a cap below a bracket's size would leave every trial waiting.
+        problems.add("search.max_concurrent", f"must be unset with scheduler.type hyperband (paused trials count "
+                                              f"against it), but got {search['max_concurrent']}; the resources "
+                                              "per trial limit how many run at once")
 
 
 def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
