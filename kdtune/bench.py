@@ -65,13 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     given = sys.argv[1:] if argv is None else argv
-    if "--record-curves" in given or any(a.startswith("--record-curves=") for a in given):
-        # The learning-curve table the replay benchmark reads (kdtune.search.curves).
-        from kdtune.search.curves import main as record_curves
-        return record_curves(argv)
-    if "--search" in given or "--winners-curse" in given:
-        # (--winners-curse chooses as the search's confirmation stage does: the search layer too)
-        # Search strategies need Ray and Optuna: the search layer's benchmark, loaded only here.
+    if any(a in ("--search", "--winners-curse") or a.split("=")[0] == "--record-curves" for a in given):
+        # Search strategies, the winner's curse and the learning-curve table the replay reads are
+        # the search layer's benchmarks (Ray, Optuna): loaded only here, and it dispatches them.
         from kdtune.search.bench_search import main as bench_search
         return bench_search(argv)
     p = argparse.ArgumentParser(prog="kdtune bench", description=DESCRIPTION, epilog=EXAMPLES,

@@ -47,7 +47,8 @@ class SearchResult:
 def run(space: str | Path, *, overrides: Sequence[str] = (), storage_path: str = "ray_results",
         tracking_uri: str | None = None, address: str | None = None, resume: bool = False,
         optuna_storage: str | None = None, num_samples: int | None = None, max_concurrent: int | None = None,
-        gpus_per_trial: float | None = None, cpus_per_trial: float | None = None, status_every: float = 30.0,
+        gpus_per_trial: float | None = None, cpus_per_trial: float | None = None,
+        confirm_top_k: int | None = None, confirm_seeds: int | None = None, status_every: float = 30.0,
         verbose: bool = False) -> SearchResult:
     """Run the search ``space`` describes, as ``kdtune search`` does (the keyword arguments are its
     flags; ``overrides`` its ``--set`` values), and return what it found.
@@ -67,7 +68,8 @@ def run(space: str | Path, *, overrides: Sequence[str] = (), storage_path: str =
     options = Namespace(space=str(space), overrides=list(overrides), storage_path=storage_path,
                         tracking_uri=tracking_uri, address=address, resume=resume, optuna_storage=optuna_storage,
                         num_samples=num_samples, max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
-                        cpus_per_trial=cpus_per_trial, status_every=status_every, verbose=verbose, dry_run=False)
+                        cpus_per_trial=cpus_per_trial, confirm_top_k=confirm_top_k, confirm_seeds=confirm_seeds,
+                        status_every=status_every, verbose=verbose, dry_run=False)
     code, folder = execute(options)
     best = json.loads((folder / BEST_FILE).read_text()) if (folder / BEST_FILE).is_file() else None
     table = pd.read_csv(folder / RESULTS_FILE) if (folder / RESULTS_FILE).is_file() else pd.DataFrame()

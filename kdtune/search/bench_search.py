@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args_in = sys.argv[1:] if argv is None else argv
+    if any(a.split("=")[0] == "--record-curves" for a in args_in):
+        # The learning-curve table the replay benchmark reads (kdtune.search.curves).
+        from kdtune.search.curves import main as record_curves
+        return record_curves(argv)
     if "--winners-curse" in args_in:  # before --replay: the winner's-curse bench has a --replay of its own
         from kdtune.search.bench_winners import main as winners_curse
         return winners_curse(argv)
