@@ -27,6 +27,17 @@ class SearchResult:
     best: dict[str, Any] | None
     table: Any = field(repr=False)  # pandas.DataFrame
 
+    @classmethod
+    def of(cls, folder: Path, exit_code: int) -> "SearchResult":
+        """The result of the search in ``folder`` that ended with ``exit_code`` (130: interrupted)."""
+        import pandas as pd
+
+        from kdtune.search.records import BEST_FILE, RESULTS_FILE
+
+        best = json.loads((folder / BEST_FILE).read_text()) if (folder / BEST_FILE).is_file() else None
+        table = pd.read_csv(folder / RESULTS_FILE) if (folder / RESULTS_FILE).is_file() else pd.DataFrame()
+        return cls(folder.name, folder, exit_code == 130, best, table)
+
     @property
     def best_config(self) -> dict[str, Any] | None:
         """The best trial's searched hyperparameters (None: no trial finished)."""
@@ -60,10 +71,7 @@ def run(space: str | Path, *, overrides: Sequence[str] = (), storage_path: str =
     """
     from argparse import Namespace
 
-    import pandas as pd
-
     from kdtune.search.driver import execute
-    from kdtune.search.records import BEST_FILE, RESULTS_FILE
 
     options = Namespace(space=str(space), overrides=list(overrides), storage_path=storage_path,
                         tracking_uri=tracking_uri, address=address, resume=resume, optuna_storage=optuna_storage,
@@ -71,6 +79,4 @@ def run(space: str | Path, *, overrides: Sequence[str] = (), storage_path: str =
                         cpus_per_trial=cpus_per_trial, confirm_top_k=confirm_top_k, confirm_seeds=confirm_seeds,
                         status_every=status_every, verbose=verbose, dry_run=False)
     code, folder = execute(options)
-    best = json.loads((folder / BEST_FILE).read_text()) if (folder / BEST_FILE).is_file() else None
-    table = pd.read_csv(folder / RESULTS_FILE) if (folder / RESULTS_FILE).is_file() else pd.DataFrame()
-    return SearchResult(folder.name, folder, code == 130, best, table)
+    return SearchResult.of(folder, code)
