@@ -70,6 +70,8 @@ def execute(args) -> tuple[int, Path | None]:
     name, note = search_name(spec, storage, args.resume)
     spec = renamed(spec, name)
     own = local_dir(storage, spec.name)
+    if is_running(storage, spec.name):  # refused at once, naming the running search (its lock says who)
+        preflight.SearchLock(own, spec.name)
     preflight.check_storage(storage, own)
     stored = preflight.read_state(own / STATE_FILE) if args.resume and (own / STATE_FILE).is_file() else None
     if stored is not None and stored["spec"] != spec.resolved:
