@@ -372,9 +372,15 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
         lines.append(line)
         if not checked and "[kdtune] trial" in line and " started " in line:
             checked = True
-            time.sleep(2)  # let the trial's worker open its servers
-            mine = processes.with_env(f"RAY_TMPDIR={ray_tmp}")  # the driver, Ray's daemons, the workers
-            trial = [pid for pid in processes.naming("KDTrainable") if pid in mine]
+            # the trial's worker takes its name (ray::KDTrainable) and opens its servers a moment
+            # after "started": seconds under the full suite's load
+            wait_until = time.time() + 30
+            while True:
+                time.sleep(1)
+                mine = processes.with_env(f"RAY_TMPDIR={ray_tmp}")  # the driver, Ray's daemons, the workers
+                trial = [pid for pid in processes.naming("KDTrainable") if pid in mine]
+                if trial or time.time() > wait_until:
+                    break
             sockets = processes.listening(mine)
             assert trial and len({pid for pid, _, _ in sockets}) >= 3, sockets  # GCS, raylet, workers, ...
             exposed = [(processes.describe(pid), address, port) for pid, address, port in sockets
