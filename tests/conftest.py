@@ -36,6 +36,8 @@ def pytest_configure(config) -> None:
     twice the CPU time (104 s against 52 s for four training-heavy modules). Trials set their own
     thread count (cpus_per_trial). A value the caller set is kept."""
     worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        config.pluginmanager.register(_GroupNodeIds(), "kdtune-xdist-groups")
     if worker is None or "OMP_NUM_THREADS" in os.environ:
         return
     threads = max(1, (os.cpu_count() or 1) // int(worker["workercount"]))
@@ -135,3 +137,21 @@ def pytest_collection_modifyitems(config, items) -> None:
     # the longest unit (the e2e search and its readers) first, then the other slow tests
     items.sort(key=lambda item: ("e2e_search" not in getattr(item, "fixturenames", ()),
                                  item.get_closest_marker("slow") is None))
+
+
+class _GroupNodeIds:
+    """pytest-xdist 3.8 marks a grouped test by appending ``@group`` to its node id (the controller
+    schedules by that suffix) through ``item._nodeid``, which pytest 9.2 no longer reads: every
+    test ran ungrouped, and each worker ran every shared search itself. Where xdist's suffix did
+    not take, it is set here, after xdist's hook."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items) -> None:
+        if not getattr(config.option, "loadgroup", False):
+            return
+        for item in items:
+            groups = sorted({str(mark.args[0]) for mark in item.iter_markers("xdist_group") if mark.args})
+            if groups and "@" not in item.nodeid:
+                from _pytest.nodes import NodeId  # pytest >= 9.2: the node id is a NodeId
+
+                item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
