@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray.tune import Callback
 
 from kdtune.search.records import (OBJECTIVE_METRIC, PARENT_TAG, RUN_FILE, STATUS_TAG, STATUSES, TRIAL_TAG,
@@ -128,11 +127,16 @@ class TrialTracker(Callback):
         self.results_logged = 0
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
+        # Made in this process for a new search: a trial it has no run for has none in MLflow
+        # either, so none is searched for. An unpickled tracker (a restored search) searches.
+        self._fresh = True
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None  # clients hold connections: recreate after unpickling
         state["_experiment_id"] = None
+        state["_fresh"] = False
+        state.pop("_created", None)
         return state
 
     @property
@@ -157,7 +161,7 @@ class TrialTracker(Callback):
                 self.logged[tid] = self.last_logged_epoch(self.runs[tid])
             return self.runs[tid]
         parent = self.parent_for(trial)
-        found = self.client.search_runs(
+        found = [] if getattr(self, "_fresh", False) else self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_TAG}` = '{tid}'")
         if found:
@@ -171,6 +175,7 @@ class TrialTracker(Callback):
             run = self.client.create_run(self.experiment_id,
                                          run_name=f"{trial.trial_id}-{method}", tags=tags)
             run_id = run.info.run_id
+            self.__dict__.setdefault("_created", set()).add(run_id)
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
             self.save_run_config(run_id, trial)
             self.logged[tid] = 0
@@ -203,9 +208,11 @@ class TrialTracker(Callback):
             (Path(path) / RUN_FILE).write_text(yaml.safe_dump(flat, sort_keys=False))
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        known = trial.trial_id in self.runs
         run_id = self.run_for(trial)
-        self.client.update_run(run_id, status="RUNNING")
-        self.client.set_tag(run_id, STATUS_TAG, "running")
+        if known or run_id not in self.__dict__.get("_created", ()):  # a run made now is RUNNING, tagged running
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, STATUS_TAG, "running")
 
     on_trial_restore = on_trial_start
 
@@ -217,8 +224,10 @@ class TrialTracker(Callback):
         if epoch > self.logged.get(tid, 0):
             ts = int(time.time() * 1000)
             metrics = [Metric(k, float(v), ts, epoch) for k, v in run_metrics(result, finite=True).items()]
-            # Asynchronous: the driver goes straight back to scheduling trials.
-            self.client.log_batch(run_id, metrics=metrics, synchronous=False)
+            # Synchronous, a few ms of SQLite: MLflow's asynchronous logging costs more, because
+            # closing a run (set_terminated) joins its logging thread, which polls its queue once a
+            # second; that stalled Tune's loop about a second per trial (kdtune bench --overhead).
+            self.client.log_batch(run_id, metrics=metrics)
             self.logged[tid] = epoch
         value = result.get(self.metric)
         if value is not None and math.isfinite(value) and not result.get("diverged"):
@@ -229,15 +238,14 @@ class TrialTracker(Callback):
 
     def _finish(self, trials: list, trial, status: str) -> None:
         run_id = self.run_for(trial)
-        self.client.set_tag(run_id, STATUS_TAG, status)
         last = trial.last_result or {}
         value = last.get(self.metric)
+        objective = []
         if status not in ("failed", "diverged") and value is not None and math.isfinite(value):
             # the objective: the metric at the last epoch trained (records.OBJECTIVE)
             epochs = int(last.get("training_iteration", 0))
-            self.client.log_batch(run_id, metrics=[Metric(OBJECTIVE_METRIC, float(value), int(time.time() * 1000),
-                                                          epochs)], synchronous=False)
-        mlflow.flush_async_logging()  # the epoch metrics must land before the run is closed
+            objective = [Metric(OBJECTIVE_METRIC, float(value), int(time.time() * 1000), epochs)]
+        self.client.log_batch(run_id, metrics=objective, tags=[RunTag(STATUS_TAG, status)])
         self.client.set_terminated(run_id, status=run_status(status))
         self.counts[status] += 1
         if self.best_series:
@@ -266,9 +274,7 @@ class TrialTracker(Callback):
 
     def set_state(self, state: dict[str, Any]) -> None:
         # The snapshot's epoch counts can be behind MLflow (results logged after it was taken,
-        # before a crash or Ctrl-C): each restored trial reads its count back from its run, once
-        # the epochs still being logged asynchronously have landed.
-        mlflow.flush_async_logging()
+        # before a crash or Ctrl-C): each restored trial reads its count back from its run.
         self.runs, self.logged = state["runs"], {}
         self.counts, self.best = state["counts"], state["best"]
         self.best_objective = state.get("best_objective")
