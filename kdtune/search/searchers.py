@@ -52,23 +52,45 @@ class KDOptunaSearch(OptunaSearch):
         ot_trial = optuna_trials(self)[trial_id]
         return ot_trial.storage.get_trial(storage_id(ot_trial))
 
+    def _steps(self, trial_id: str) -> set[int]:
+        """The epochs reported to the study for this trial. Read from the study's storage once per
+        trial and process (the searcher's pickled state can be older than the study, after a
+        restore that re-runs a trial), then kept here: one database read per trial, not two per
+        reported epoch."""
+        steps = self.__dict__.setdefault("_reported", {})
+        if trial_id not in steps:
+            stored = self._stored(trial_id)
+            if stored.state.is_finished():
+                told_trials(self).add(trial_id)
+            steps[trial_id] = set(stored.intermediate_values)
+        return steps[trial_id]
+
+    def save(self, checkpoint_path: str) -> None:
+        # not pickled: a restored searcher reads each trial's reported epochs from the study again
+        reported = self.__dict__.pop("_reported", None)
+        try:
+            super().save(checkpoint_path)
+        finally:
+            if reported is not None:
+                self._reported = reported
+
     def _finished(self, trial_id: str) -> bool:
         """Told already, here or (the searcher's pickled state being older than the study, after a
         restore that re-runs a trial) in the study's storage."""
         if trial_id in told_trials(self) or trial_id not in optuna_trials(self):
             return True
-        if self._stored(trial_id).state.is_finished():
-            told_trials(self).add(trial_id)
-            return True
-        return False
+        self._steps(trial_id)  # reads the stored state once
+        return trial_id in told_trials(self)
 
     def _report(self, trial_id: str, result: dict) -> None:
         value, step = result.get(self.metric), result.get("training_iteration")
         if value is None or step is None or not math.isfinite(value) or result.get("diverged"):
             return  # a penalised value is no measurement; Optuna would also refuse NaN
         # After a restore Tune reports an epoch again; the first value stays.
-        if int(step) not in self._stored(trial_id).intermediate_values:
+        steps = self._steps(trial_id)
+        if int(step) not in steps:
             optuna_trials(self)[trial_id].report(float(value), int(step))
+            steps.add(int(step))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not self._finished(trial_id):
