@@ -137,6 +137,10 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
      "--set search.max_concurrent=2: search.max_concurrent: must be unset with scheduler.type hyperband (paused "
      "trials count against it), but got 2"),
     (["max_failures=-1"], "--set max_failures=-1: max_failures: must be >= 0, but got -1"),
+    (["checkpoint_every_s=-5"], "--set checkpoint_every_s=-5: checkpoint_every_s: must be >= 0 (0: a checkpoint "
+                                "every epoch), but got -5"),
+    (["checkpoint_every_s=often"], "--set checkpoint_every_s=often: checkpoint_every_s: expected a number, "
+                                   "but got 'often'"),
     (["name=a/b"], "--set name=a/b: name: must be made of letters, digits, '_', '.' and '-', but got 'a/b'"),
     (["space.lr={type: int, low: 1, high: 10, step: 4}"],
      "--set space.lr={type: int, low: 1, high: 10, step: 4}: space.lr.step: high - low must be a multiple of step, "

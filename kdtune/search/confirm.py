@@ -299,8 +299,8 @@ def run_confirmation(spec, table, storage: str, own, client, parent_id: str, tag
                 name=FOLDER, storage_path=f"{storage.rstrip('/')}/{spec.name}", verbose=0, log_to_file=True,
                 callbacks=[tracker, Progress(len(configs), spec.max_epochs, spec.metric, spec.mode,
                                              every_s=status_every)],
-                sync_config=tune.SyncConfig(sync_artifacts=True),
-                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=1),
+                sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
     try:
         results = tuner.fit()

@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def execute(args) -> tuple[int, Path | None]:
+def execute(args, trainable: type | None = None) -> tuple[int, Path | None]:
     """Run (or dry-run) the search ``args`` describe (the command's options: the fields of
     :func:`kdtune.search.cli.parse_args`); ``(exit status, the search's folder)``: 0 done, 130
     interrupted. Bad input raises :class:`ConfigError` or :class:`PreflightError` before anything
-    is made."""
+    is made. ``trainable``: a subclass of :class:`~kdtune.search.trainable.KDTrainable` to run the
+    trials (the overhead benchmark's no-op trials); default KDTrainable."""
     overrides = [f"{path}={getattr(args, flag)}" for flag, path in FLAG_OVERRIDES.items()
                  if getattr(args, flag) is not None] + list(args.overrides)
     spec = load_spec(args.space, overrides)
@@ -103,7 +104,7 @@ def execute(args) -> tuple[int, Path | None]:
     # search atomic (a second search of this name stops here, before MLflow).
     lock = preflight.SearchLock(own, spec.name)  # noqa: F841
     try:
-        return locked_search(spec, args, storage, tracking_uri, own, optuna_url), own
+        return locked_search(spec, args, storage, tracking_uri, own, optuna_url, trainable), own
     finally:
         # Refused (or stopped) before it was recorded: the folder this search made goes, so that
         # nothing is left of it (only the holder of the lock may remove it).
@@ -111,7 +112,8 @@ def execute(args) -> tuple[int, Path | None]:
             shutil.rmtree(own, ignore_errors=True)
 
 
-def locked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: Path, optuna_url: str) -> int:
+def locked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: Path, optuna_url: str,
+                  trainable: type | None = None) -> int:
     from kdtune.data import DataError
     from kdtune.teacher_cache import CacheError
     from kdtune.teachers import CheckpointError
@@ -128,7 +130,8 @@ def locked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: 
         raise PreflightError(str(e)) from e
     try:
         return run_search(spec, storage, tracking_uri, args.address, args.resume, own, teacher,
-                          optuna_url if spec.algorithm in ("tpe", "gp") else None, args.verbose, args.status_every)
+                          optuna_url if spec.algorithm in ("tpe", "gp") else None, args.verbose, args.status_every,
+                          trainable)
     except KeyboardInterrupt:
         preflight.close_parent("KILLED")
         print(f"\n[kdtune] interrupted; continue with: kdtune search {spec.path} --resume "
@@ -292,7 +295,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
 
 def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str | None, resume: bool,
                own: Path, teacher: dict[str, Any] | None, optuna_url: str | None = None, verbose: bool = False,
-               status_every: float = 30.0) -> int:
+               status_every: float = 30.0, trainable_class: type | None = None) -> int:
     import functools
 
     import ray
@@ -329,7 +332,7 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     if optuna_url:
         print(f"[kdtune] Optuna study {spec.name!r}: optuna-dashboard {optuna_url}", flush=True)
 
-    trainable = tune.with_resources(tune.with_parameters(KDTrainable, spec=spec),
+    trainable = tune.with_resources(tune.with_parameters(trainable_class or KDTrainable, spec=spec),
                                     {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     # On --resume the tracker, progress, searcher and scheduler come back from the experiment state.
@@ -432,10 +435,12 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: 
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage, callbacks=callbacks, verbose=0,
             # each trial's stdout and stderr, in its folder: written in Ray's staging folder and
-            # copied with every checkpoint (every epoch)
-            log_to_file=True, sync_config=tune.SyncConfig(sync_artifacts=True),
-            # a checkpoint every epoch: crashed trials retry from it and --resume continues from it
-            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=1),
+            # copied after every epoch (in the background; Ray's default is every 5 minutes and
+            # at a checkpoint, and a trial may not checkpoint at all: checkpoint_every_s)
+            log_to_file=True, sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=0),
+            # Trials ask for their checkpoints (checkpoint_every_s, KDTrainable.checkpoint_when_due):
+            # crashed trials retry from the last one and --resume continues from it.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
 
 

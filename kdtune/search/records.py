@@ -57,7 +57,7 @@ ENGINE_METRICS = {"lr", "samples/epoch", "samples/backprop", OBJECTIVE_METRIC}
 # Result keys that are Ray Tune bookkeeping, not metrics of the run.
 NOT_METRICS = {"done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
                "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total",
-               "timesteps_since_restore", "diverged", "epoch"}
+               "timesteps_since_restore", "diverged", "epoch", "should_checkpoint"}
 # Metric names that would collide with a hyperparameter (MLflow shows params and metrics side by
 # side, one name must mean one thing): ``lr`` is the searched peak learning rate, the value the
 # schedule reached in an epoch is logged as ``train/lr``.

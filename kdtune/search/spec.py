@@ -31,7 +31,13 @@ SECTIONS = {  # section -> its keys with their defaults (None: computed)
     # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
     "confirm": {"top_k": 0, "seeds": 3},
 }
-TOP_KEYS = ("name", "fixed", "space", *SECTIONS, "max_failures")
+TOP_KEYS = ("name", "fixed", "space", *SECTIONS, "max_failures", "checkpoint_every_s")
+# A trial checkpoints when this many seconds have passed since its last checkpoint (0: every
+# epoch). Each checkpoint of a trial also makes Tune snapshot the whole experiment (its state of
+# every trial), a cost that grows with the search: at one per epoch, a 1,000-trial search of short
+# trials spends more time snapshotting than training (kdtune bench --overhead). A crash or
+# --resume re-runs at most this much of a trial's training, exactly (seeded), logging nothing twice.
+CHECKPOINT_EVERY_S = 30.0
 ALGORITHMS = ("tpe", "gp", "random", "grid")
 METRICS = ("val/acc1", "val/acc5", "val/loss", "train/loss")
 MODES = ("max", "min")
@@ -77,6 +83,7 @@ class SearchSpec:
     gpus_per_trial: float
     max_failures: int
     resolved: dict  # the whole mapping after overrides and defaults (printed by --dry-run, logged)
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S  # see CHECKPOINT_EVERY_S
     confirm_top_k: int = 0  # kdtune.search.confirm: trials re-run after the search (0: none)
     confirm_seeds: int = 0  # more seeds per confirmed trial
 
@@ -140,6 +147,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     resources = _check_resources(sections["resources"], problems)
     _check_combination(search, scheduler, space, problems)
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
+    checkpoint_every_s = _number(raw, "checkpoint_every_s", CHECKPOINT_EVERY_S, "checkpoint_every_s", problems)
+    if checkpoint_every_s is not None and checkpoint_every_s < 0:
+        problems.add("checkpoint_every_s", f"must be >= 0 (0: a checkpoint every epoch), but got {checkpoint_every_s:g}")
     confirm = _check_confirm(sections["confirm"], problems)
     if problems:
         raise ConfigError(problems.render())
@@ -149,11 +159,13 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
                 "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
     if confirm["top_k"]:  # only when on: the resolved spec of a search without it stays as it was
         resolved["confirm"] = confirm
+    if "checkpoint_every_s" in raw:  # only when set, likewise
+        resolved["checkpoint_every_s"] = checkpoint_every_s
     return SearchSpec(
         path=str(Path(path).resolve()), name=name, fixed=fixed, space=space, **search,
         scheduler=scheduler["type"], grace_period=scheduler["grace_period"],
         reduction_factor=scheduler["reduction_factor"], **resources, max_failures=max_failures,
-        resolved=copy.deepcopy(resolved), confirm_top_k=confirm["top_k"],
+        checkpoint_every_s=checkpoint_every_s, resolved=copy.deepcopy(resolved), confirm_top_k=confirm["top_k"],
         confirm_seeds=confirm["seeds"] if confirm["top_k"] else 0)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ class KDTrainable(tune.Trainable):
         self._build(config)
 
     def _build(self, config: dict[str, Any]) -> None:
+        self._last_checkpoint = time.monotonic()
         cfg = self.spec.run_config(config)
         data = _data(cfg)
         teacher = _teacher(cfg, data) if cfg.teacher is not None else None
@@ -84,13 +86,23 @@ class KDTrainable(tune.Trainable):
         # The last epoch ends the trial (without a scheduler nothing else would); a NaN loss
         # never recovers, so it ends the trial at once.
         metrics["done"] = diverged or self.engine.epoch >= self.engine.recipe.epochs
+        return self.checkpoint_when_due(metrics)
+
+    def checkpoint_when_due(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Ask Tune for a checkpoint after this epoch when ``checkpoint_every_s`` have passed since
+        the last one (every epoch at 0); none after the last epoch, which ends the trial."""
+        due = time.monotonic() - self._last_checkpoint >= self.spec.checkpoint_every_s
+        if due and not metrics["done"]:
+            metrics["should_checkpoint"] = True
         return metrics
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         torch.save(self.engine.state_dict(), os.path.join(checkpoint_dir, "engine.pth"))
+        self._last_checkpoint = time.monotonic()
 
     def load_checkpoint(self, checkpoint: str) -> None:
         self.engine.load_state_dict(read_engine_state(os.path.join(checkpoint, "engine.pth")))
+        self._last_checkpoint = time.monotonic()
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self._build(new_config)
