@@ -12,6 +12,7 @@ teacher-output cache, and with cache + torch.compile, side by side per pair; oth
 (e) ``--share N``: N trial processes reading one cache, each one's resident and proportional memory.
 (f) ``--quickstart``: the quickstart search's mean trial time, cache off and on (subprocesses).
 ``--winners-curse``: how much a search's single-run best overstates itself (kdtune.search.bench_winners).
+``--overhead``: what the search machinery costs a trial beyond its training (kdtune.search.bench_overhead).
 ``--gpu``: per pair single-trial and packed (``--processes``) img/s, cache build, peak memory.
 ``--search``: search strategies' trial-seconds to a target (:mod:`kdtune.search.bench_search`);
 with ``--replay TABLE``, whole searches against a recorded learning-curve table in simulated time
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     given = sys.argv[1:] if argv is None else argv
-    if any(a in ("--search", "--winners-curse") or a.split("=")[0] == "--record-curves" for a in given):
+    if any(a in ("--search", "--winners-curse", "--overhead") or a.split("=")[0] == "--record-curves" for a in given):
         # Search strategies, the winner's curse and the learning-curve table the replay reads are
         # the search layer's benchmarks (Ray, Optuna): loaded only here, and it dispatches them.
         from kdtune.search.bench_search import main as bench_search
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kdtune bench", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # Listed for --help only: main() hands --search to the search layer's benchmark before parsing.
+    p.add_argument("--overhead", action="store_true",
+                   help="the search machinery's cost per trial beyond training (no-op trials through the real "
+                        "search path); kdtune bench --overhead --help lists its flags")
     p.add_argument("--search", action="store_true",
                    help="compare search strategies (TPE+ASHA, random+ASHA, random) instead; "
                         "kdtune bench --search --help lists its flags")

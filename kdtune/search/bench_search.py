@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         # The learning-curve table the replay benchmark reads (kdtune.search.curves).
         from kdtune.search.curves import main as record_curves
         return record_curves(argv)
+    if "--overhead" in args_in:  # the search machinery's own cost per trial (no training)
+        from kdtune.search.bench_overhead import main as overhead
+        return overhead(argv)
     if "--winners-curse" in args_in:  # before --replay: the winner's-curse bench has a --replay of its own
         from kdtune.search.bench_winners import main as winners_curse
         return winners_curse(argv)

@@ -1,0 +1,47 @@
+"""``kdtune bench --overhead``: no-op trials through the real search path, and the checkpoint
+cadence that keeps a long search's per-trial cost flat."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from kdtune.search.trainable import KDTrainable
+from searches import env
+
+
+def cadence(every_s: float, since_s: float, done: bool = False) -> dict:
+    import time
+
+    trial = SimpleNamespace(spec=SimpleNamespace(checkpoint_every_s=every_s), _last_checkpoint=time.monotonic() - since_s)
+    return KDTrainable.checkpoint_when_due(trial, {"done": done})
+
+
+def test_a_trial_asks_for_a_checkpoint_when_its_interval_has_passed_never_after_its_last_epoch() -> None:
+    assert cadence(0, 0.0) == {"done": False, "should_checkpoint": True}  # 0: every epoch
+    assert cadence(30, 5.0) == {"done": False}
+    assert cadence(30, 31.0) == {"done": False, "should_checkpoint": True}
+    assert cadence(0, 100.0, done=True) == {"done": True}  # the last epoch ends the trial: nothing to resume
+
+
+def test_bad_input_exits_2_before_any_search() -> None:
+    r = subprocess.run([sys.executable, "-m", "kdtune.bench", "--overhead", "--algorithms", "tpe,bogus"],
+                       capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode == 2 and "bogus" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_noop_trials_run_through_the_real_search_path(tmp_path) -> None:
+    r = subprocess.run([sys.executable, "-m", "kdtune.bench", "--overhead", "--trials", "4", "--algorithms", "random",
+                        "--keep", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    row = re.search(r"^random\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)", r.stdout, re.M)
+    assert row, r.stdout[-2000:]
+    wall, startup, epochs, training, overhead = map(float, row.groups())
+    assert 0 < startup < wall and 1 <= epochs <= 2 and training < 0.5 and overhead > 0
+    # the real path: the search's own MLflow store, Optuna-free random search, results table
+    assert (tmp_path / "random-4" / "mlflow.db").is_file()
+    assert (tmp_path / "random-4" / "ray" / "overhead-random-4" / "results.csv").is_file()
