@@ -24,7 +24,7 @@ from kdtune.analysis import load_mlflow, load_results, load_search
 from kdtune.search.spec import load_spec
 import processes
 from ray_instance import RayInstance, short_tmpdir
-from searches import (E2E_SPACE, SPACE, SearchRun, env, mlflow_run_count, run_at_once, run_search, search_cmd,
+from searches import (E2E_SPACE, SPACE, SearchRun, env, finish_search, mlflow_run_count, run_at_once, run_search, search_cmd,
                       start_search, write_space)
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
@@ -356,8 +356,8 @@ def test_resume_picks_the_latest_search_of_a_name(tmp_path: Path) -> None:
 def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path, shared_ray) -> None:
     """A private search: while it runs, every port its processes listen on is on loopback and a
     second search of its name is refused; Ctrl-C stops it cleanly; --resume finishes it."""
-    # 10 trials: 6 short ones could all end before Ctrl-C lands on a loaded machine
-    space = write_space(tmp_path, search__num_samples=10)
+    # 12 trials: 6 short ones could all end before Ctrl-C lands on a loaded machine
+    space = write_space(tmp_path, search__num_samples=12)
     # its own process group and RAY_TMPDIR: the checks below look at this search's processes only
     ray_tmp = short_tmpdir()
     e = {**env(), "RAY_TMPDIR": ray_tmp}
@@ -372,6 +372,9 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
         lines.append(line)
         if not checked and "[kdtune] trial" in line and " started " in line:
             checked = True
+            # a second search of the same name while this one runs: started at once (its imports
+            # take seconds, and this search's trials take seconds each)
+            second = start_search(tmp_path, space)
             # the trial's worker takes its name (ray::KDTrainable) and opens its servers a moment
             # after "started": seconds under the full suite's load
             wait_until = time.time() + 30
@@ -386,9 +389,9 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
             exposed = [(processes.describe(pid), address, port) for pid, address, port in sockets
                        if address not in processes.LOOPBACK]
             assert not exposed, f"listening beyond loopback: {exposed}"
-            # a second search of the same name while this one runs: refused before anything is
-            # recorded (the first one's trials add runs meanwhile: count searches)
-            second = run_search(tmp_path, space)
+            # the second search: refused before anything is recorded (the first one's trials add
+            # runs meanwhile: count searches)
+            second = finish_search(tmp_path, second, 120)
             assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
             assert re.search(rf"a search named 'e2e' is already running \(pid {proc.pid} ", second.stderr)
             assert mlflow_run_count(tmp_path, kind="search") == 1
@@ -427,7 +430,7 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client, after = child_runs(tmp_path)
     trial_ids = [run.data.tags["kdtune.trial_id"] for run in after]
-    assert len(trial_ids) == len(set(trial_ids)) == 10  # no duplicate runs
+    assert len(trial_ids) == len(set(trial_ids)) == 12  # no duplicate runs
     assert all(run.info.status == "FINISHED" for run in after)
     for run in after:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")]
@@ -436,7 +439,7 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
         if tid in ended:
             assert len(steps) == ended[tid]  # finished trials were not re-run
     table = load_results(tmp_path / "ray" / "e2e")
-    assert len(table) == 10
+    assert len(table) == 12
     # the Optuna study lives in its storage and went on across the restart: one trial per Tune trial
     studied = optuna_trials(tmp_path)
     assert set(studied) == set(table["trial_id"])
@@ -538,7 +541,7 @@ def fault_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
             crashed, write_space(crashed, fixed={**SPACE["fixed"], "method": "flaky_kd", "epochs": 3},
                                  space={"crash_always": {"type": "categorical", "choices": [False, True]}},
                                  search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
-                                 scheduler={"type": "none"}, max_failures=1),
+                                 scheduler={"type": "none"}, max_failures=1, checkpoint_every_s=0),
             ray=shared_ray, env_extra={"KDTUNE_PLUGINS": "flaky_plugin",
                                        "PYTHONPATH": os.pathsep.join([str(crashed), shared_ray.env["PYTHONPATH"]])})),
         "lost": (lost, start_search(
