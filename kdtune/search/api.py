@@ -69,14 +69,29 @@ def run(space: str | Path, *, overrides: Sequence[str] = (), storage_path: str =
         kdtune.search.preflight.PreflightError: the search cannot start (resources, storage,
             tracking store, data or teacher checkpoint); nothing was made.
     """
-    from argparse import Namespace
-
     from kdtune.search.driver import execute
 
-    options = Namespace(space=str(space), overrides=list(overrides), storage_path=storage_path,
-                        tracking_uri=tracking_uri, address=address, resume=resume, optuna_storage=optuna_storage,
-                        num_samples=num_samples, max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
-                        cpus_per_trial=cpus_per_trial, confirm_top_k=confirm_top_k, confirm_seeds=confirm_seeds,
-                        status_every=status_every, verbose=verbose, dry_run=False)
-    code, folder = execute(options)
+    code, folder = execute(options(space, overrides=overrides, storage_path=storage_path, tracking_uri=tracking_uri,
+                                   address=address, resume=resume, optuna_storage=optuna_storage,
+                                   num_samples=num_samples, max_concurrent=max_concurrent,
+                                   gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+                                   confirm_top_k=confirm_top_k, confirm_seeds=confirm_seeds,
+                                   status_every=status_every, verbose=verbose))
     return SearchResult.of(folder, code)
+
+
+def options(space: str | Path, *, overrides: Sequence[str] = (), storage_path: str = "ray_results",
+            tracking_uri: str | None = None, address: str | None = None, resume: bool = False,
+            optuna_storage: str | None = None, num_samples: int | None = None, max_concurrent: int | None = None,
+            gpus_per_trial: float | None = None, cpus_per_trial: float | None = None,
+            confirm_top_k: int | None = None, confirm_seeds: int | None = None, status_every: float = 30.0,
+            verbose: bool = False):
+    """The options of ``kdtune search`` (what :func:`kdtune.search.driver.execute` reads) for these
+    arguments, as :func:`run` takes them."""
+    from argparse import Namespace
+
+    return Namespace(space=str(space), overrides=list(overrides), storage_path=storage_path,
+                     tracking_uri=tracking_uri, address=address, resume=resume, optuna_storage=optuna_storage,
+                     num_samples=num_samples, max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
+                     cpus_per_trial=cpus_per_trial, confirm_top_k=confirm_top_k, confirm_seeds=confirm_seeds,
+                     status_every=status_every, verbose=verbose, dry_run=False)

@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +113,7 @@ def measure(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: 
     """One search through ``kdtune.search.driver.execute``; its timings."""
     from mlflow import MlflowClient
 
+    from kdtune.search.api import options
     from kdtune.search.driver import execute
     from kdtune.search.records import RESULTS_FILE
     from kdtune.search.tracking import child_runs
@@ -122,10 +122,7 @@ def measure(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: 
 
     space = write_space(folder, algorithm, trials, epochs, concurrent, scheduler)
     tracking = f"sqlite:///{folder / 'mlflow.db'}"
-    args = Namespace(space=str(space), overrides=[], storage_path=str(folder / "ray"), tracking_uri=tracking,
-                     address=None, resume=False, optuna_storage=None, num_samples=None, max_concurrent=None,
-                     gpus_per_trial=None, cpus_per_trial=None, confirm_top_k=None, confirm_seeds=None,
-                     status_every=3600.0, verbose=False, dry_run=False)
+    args = options(space, storage_path=str(folder / "ray"), tracking_uri=tracking, status_every=3600.0)
     start = time.time()
     code, own = execute(args, trainable=sleeping(step_s))
     wall = time.time() - start
