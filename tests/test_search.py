@@ -352,15 +352,44 @@ def test_resume_picks_the_latest_search_of_a_name(tmp_path: Path) -> None:
     assert existing_names(storage, "e2e-2") == ["e2e-2"]
 
 
+GATE_PLUGIN = '''
+"""KD whose trials after the first three wait at their first epoch until gate/open exists next to
+this file: a search that cannot end before the test lets it."""
+import os
+import time
+from pathlib import Path
+
+from kdtune.distillers import METHODS
+from kdtune.distillers.kd import KD
+
+
+@METHODS.register("gated_kd")
+class GatedKD(KD):
+    def on_epoch_start(self, epoch, num_epochs):
+        super().on_epoch_start(epoch, num_epochs)
+        if epoch == 1:
+            folder = Path(__file__).parent / "gate"
+            (folder / f"started-{os.getpid()}-{time.monotonic_ns()}").touch()
+            if len(list(folder.glob("started-*"))) > 3:
+                while not (folder / "open").exists():
+                    time.sleep(0.1)
+'''
+
+
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path, shared_ray) -> None:
     """A private search: while it runs, every port its processes listen on is on loopback and a
     second search of its name is refused; Ctrl-C stops it cleanly; --resume finishes it."""
-    # 12 trials: 6 short ones could all end before Ctrl-C lands on a loaded machine
-    space = write_space(tmp_path, search__num_samples=12)
+    # Its trials after the third wait for a gate the test opens only before --resume: Ctrl-C
+    # always lands on a running search, however fast its trials (a race the suite once lost).
+    (tmp_path / "gate_plugin.py").write_text(GATE_PLUGIN)
+    (tmp_path / "gate").mkdir()
+    plugin_env = {"KDTUNE_PLUGINS": "gate_plugin",
+                  "PYTHONPATH": os.pathsep.join([str(tmp_path), env()["PYTHONPATH"]])}
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "gated_kd"}, search__num_samples=12)
     # its own process group and RAY_TMPDIR: the checks below look at this search's processes only
     ray_tmp = short_tmpdir()
-    e = {**env(), "RAY_TMPDIR": ray_tmp}
+    e = {**env(), **plugin_env, "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen(search_cmd(tmp_path, space), cwd=tmp_path, env=e, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
@@ -374,14 +403,16 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
             checked = True
             # a second search of the same name while this one runs: started at once (its imports
             # take seconds, and this search's trials take seconds each)
-            second = start_search(tmp_path, space)
-            # the trial's worker takes its name (ray::KDTrainable) and opens its servers a moment
-            # after "started": seconds under the full suite's load
-            wait_until = time.time() + 30
+            second = start_search(tmp_path, space, env_extra=plugin_env)
+            # the trial's worker takes its name (ray::KDTrainable, or Tune's wrapper's name,
+            # ray::ResourceTrainable, while it trains) and opens its servers a moment after
+            # "started": seconds under the full suite's load (the gated trials keep it running)
+            wait_until = time.time() + 90
             while True:
                 time.sleep(1)
                 mine = processes.with_env(f"RAY_TMPDIR={ray_tmp}")  # the driver, Ray's daemons, the workers
-                trial = [pid for pid in processes.naming("KDTrainable") if pid in mine]
+                trial = [pid for pid in set(processes.naming("KDTrainable")) | set(processes.naming("ResourceTrainable"))
+                         if pid in mine]
                 if trial or time.time() > wait_until:
                     break
             sockets = processes.listening(mine)
@@ -426,12 +457,16 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
              for run in before if run.data.tags["kdtune.status"] in ("completed", "stopped early")}
     assert len(ended) >= 2
 
-    r = run_search(tmp_path, space, "--resume", ray=shared_ray)  # resuming on another cluster works too
+    (tmp_path / "gate" / "open").touch()
+    # resuming on another cluster works too (the search forwards its plugin to the cluster's workers)
+    r = run_search(tmp_path, space, "--resume", ray=shared_ray,
+                   env_extra={**plugin_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), shared_ray.env["PYTHONPATH"]])})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client, after = child_runs(tmp_path)
     trial_ids = [run.data.tags["kdtune.trial_id"] for run in after]
     assert len(trial_ids) == len(set(trial_ids)) == 12  # no duplicate runs
-    assert all(run.info.status == "FINISHED" for run in after)
+    assert all(run.info.status == "FINISHED" for run in after), [
+        (run.data.tags["kdtune.trial_id"], run.info.status, run.data.tags["kdtune.status"]) for run in after]
     for run in after:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")]
         assert len(steps) == len(set(steps)), "an epoch was logged twice"
