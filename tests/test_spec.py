@@ -428,3 +428,112 @@ def test_grid_over_samplers_counts_every_pairing(tmp_path: Path) -> None:
     assert spec.num_samples == (1 + 2 * 3) * 2 == len(spec.space.grid())
     for point in spec.space.grid():
         spec.run_config(point)
+
+
+# --------------------------------------------------------------------------- several objectives (search.objectives)
+
+OBJECTIVES = {"val/acc1": "max", "samples/backprop": "min"}
+MULTI = {**BASE, "search": {"objectives": OBJECTIVES}}
+OBJECTIVE_NAMES = "val/acc1, val/acc5, val/loss, train/loss, samples/backprop, samples/scored, time_total_s"
+MULTI_BROKEN = [  # (overrides, the one line expected)
+    (["search.objectives={val/acc1: max}"],
+     "--set search.objectives={val/acc1: max}: search.objectives: needs two or more metrics, each with max or min, "
+     "such as {val/acc1: max, samples/backprop: min} (for one, set search.metric and search.mode), but got "
+     "{'val/acc1': 'max'}"),
+    (["search.objectives=[val/acc1, samples/backprop]"],
+     "--set search.objectives=[val/acc1, samples/backprop]: search.objectives: expected a mapping of metrics to max "
+     "or min, such as {val/acc1: max, samples/backprop: min}, but got ['val/acc1', 'samples/backprop']"),
+    (["search.objectives={val/acc1: max, samples/backward: min}"],
+     "--set search.objectives={val/acc1: max, samples/backward: min}: search.objectives.samples/backward: unknown "
+     f"metric; did you mean 'samples/backprop'? (objectives take: {OBJECTIVE_NAMES})"),
+    (["search.objectives={val/acc1: maximize, samples/backprop: min}"],
+     "--set search.objectives={val/acc1: maximize, samples/backprop: min}: search.objectives.val/acc1: must be one "
+     "of max, min, but got 'maximize'"),
+    (["search.objectives={samples/backprop: min, time_total_s: min}"],
+     "--set search.objectives={samples/backprop: min, time_total_s: min}: search.objectives: needs one of val/acc1, "
+     "val/acc5, val/loss, train/loss (what the trial learned, to set its cost against), but got only "
+     "samples/backprop, time_total_s"),
+    (["scheduler.type=asha"],
+     "--set scheduler.type=asha: scheduler.type: must be none with search.objectives (early stopping ranks trials by "
+     "one metric, and a stopped trial's cost counts fewer epochs), but got 'asha'"),
+    (["scheduler.type=hyperband"],
+     "--set scheduler.type=hyperband: scheduler.type: must be none with search.objectives (early stopping ranks "
+     "trials by one metric, and a stopped trial's cost counts fewer epochs), but got 'hyperband'"),
+    (["scheduler.type=median"],
+     "--set scheduler.type=median: scheduler.type: must be none with search.objectives (early stopping ranks trials "
+     "by one metric, and a stopped trial's cost counts fewer epochs), but got 'median'"),
+    (["scheduler.type=pbt"],
+     "--set scheduler.type=pbt: scheduler.type: must be one of asha, hyperband, median, none, but got 'pbt'"),
+    (["search.metric=val/loss"],
+     "--set search.metric=val/loss: search.metric: must be one of the metrics of search.objectives (val/acc1, "
+     "samples/backprop), or left out, but got 'val/loss'"),
+    (["search.mode=min"],
+     "--set search.mode=min: search.mode: must be left out with search.objectives, or be val/acc1's direction there "
+     "(max), but got 'min'"),
+    (["confirm.top_k=2"],
+     "--set confirm.top_k=2: confirm.top_k: must be 0 with search.objectives (a Pareto front has no top k; re-run a "
+     "front trial with kdtune train --from-search FOLDER --trial ID --seeds N), but got 2"),
+    (["search.warm_start=ray_results/old"],
+     "--set search.warm_start=ray_results/old: search.warm_start: must be unset with search.objectives (an earlier "
+     "study's trials carry one value, this study needs one per objective), but got 'ray_results/old'"),
+    (["search.objectives={val/acc1: max, samples/scored: min}"],
+     "--set search.objectives={val/acc1: max, samples/scored: min}: search.objectives.samples/scored: needs sampler "
+     "kdas in every trial (only KDAS scores samples), but got sampler 'none'"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", MULTI_BROKEN, ids=[o[0] for o, _ in MULTI_BROKEN])
+def test_broken_objectives_are_one_line_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str],
+                                             expected: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, MULTI)
+    assert problems_of(Path("space.yaml"), overrides) == [expected]
+
+
+def test_objectives_resolve_with_the_first_metric_as_the_search_metric(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, MULTI))
+    assert spec.objectives == (("val/acc1", "max"), ("samples/backprop", "min"))
+    assert (spec.metric, spec.mode) == ("val/acc1", "max")
+    # no early stopping: every trial trains all its epochs
+    assert (spec.scheduler, spec.planned_trial_epochs()) == ("none", 32 * 16)
+    assert spec.resolved["search"] == {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max",
+                                       "seed": 0, "max_concurrent": None, "objectives": OBJECTIVES}
+    assert spec.resolved["scheduler"]["type"] == "none"
+    assert json.loads(json.dumps(spec.resolved)) == spec.resolved
+    # a single-objective search has none (and its resolved spec no key for them)
+    single = load_spec(write(tmp_path, BASE))
+    assert single.objectives == ()
+    assert "objectives" not in single.resolved["search"]
+
+
+def test_the_search_metric_is_the_first_objective_of_what_a_trial_learned(tmp_path: Path) -> None:
+    # written by a program with its keys sorted: the cost first, and still val/acc1 is the metric
+    sorted_keys = write(tmp_path, yaml.safe_dump(MULTI, sort_keys=True))
+    assert load_spec(sorted_keys).objectives == (("val/acc1", "max"), ("samples/backprop", "min"))
+    # search.metric (and mode, if given, its direction) picks among several such objectives
+    three = {"samples/backprop": "min", "val/acc1": "max", "val/loss": "min"}
+    spec = load_spec(write(tmp_path, {**BASE, "search": {"objectives": three, "metric": "val/loss", "mode": "min"}}))
+    assert spec.objectives == (("val/loss", "min"), ("samples/backprop", "min"), ("val/acc1", "max"))
+    assert (spec.metric, spec.mode) == ("val/loss", "min") and list(spec.resolved["search"]["objectives"]) == [
+        "val/loss", "samples/backprop", "val/acc1"]
+
+
+@pytest.mark.parametrize("overrides", [["search.algorithm=random"], ["search.algorithm=gp"], ["scheduler.type=none"],
+                                       ["search.algorithm=grid", "space.temperature={type: categorical, choices: [2, 4]}",
+                                        "space.kd_weight={type: categorical, choices: [1, 2]}"],
+                                       ["search.objectives={val/acc1: max, time_total_s: min, samples/backprop: min}"]])
+def test_objectives_go_with_every_algorithm(tmp_path: Path, overrides: list[str]) -> None:
+    spec = load_spec(write(tmp_path, MULTI), overrides)
+    assert spec.objectives[0] == ("val/acc1", "max") and len(spec.objectives) >= 2 and spec.scheduler == "none"
+    assert spec.trials == (4 if spec.algorithm == "grid" else 32)
+
+
+def test_samples_scored_needs_kdas_in_every_trial(tmp_path: Path) -> None:
+    scored = {"val/acc1": "max", "samples/scored": "min"}
+    spec = load_spec(write(tmp_path, {**KDAS_SEARCH, "fixed": {**KDAS_SEARCH["fixed"], "sampler": "kdas"},
+                                      "space": {"start_rate": {"type": "float", "low": 0.6, "high": 0.9}},
+                                      "search": {"objectives": scored}}))
+    assert spec.objectives[1] == ("samples/scored", "min")
+    problems = problems_of(write(tmp_path, {**KDAS_SEARCH, "search": {"objectives": scored}}))
+    assert problems == [f"{tmp_path / 'space.yaml'}: search.objectives.samples/scored: needs sampler kdas in every "
+                        f"trial (only KDAS scores samples), but got sampler 'none'"]

@@ -6,7 +6,9 @@ conditional parameters are empty, NaN, in trials of other methods or samplers):
 * trials -- one row per trial: ``search``, ``trial_id``, ``status``, the hyperparameters,
   ``method`` and ``sampler`` (searched or fixed), ``epochs``, ``final_<metric>``,
   ``best_<metric>``, ``wall_s``, ``samples_backprop``, ``cpus_per_trial``, ``gpus_per_trial``
-  and the last values of method/sampler metrics (``kdas/ratio``, ...);
+  and the last values of method/sampler metrics (``kdas/ratio``, ...); a search with several
+  objectives (``search.objectives``) adds ``final_<metric>`` of each and ``pareto``, whether the
+  trial is on the Pareto front;
 * curves -- one row per trial and epoch: ``search``, ``trial_id``, ``status``, ``epoch``,
   ``wall_s`` (cumulative) and every metric the engine reported (``val/acc1``, ``train/loss_kd``,
   ``lr``, ``samples/backprop``, ``kdas/ratio``, ``ctkd/temperature``, ``sakd/gate_<spot>``, ...).
@@ -34,9 +36,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from kdtune.search.records import (OBJECTIVE_METRIC, PARENT_TAG, PENALTY, RESULTS_FILE,
-                                   STATE_FILE, STATUS_TAG, TRIAL_TAG, is_own_metric, objective_column, resolve_tracking_uri,
-                                   run_metrics)
+from kdtune.search.records import (NOT_METRICS, OBJECTIVE_METRIC, PARENT_TAG, PARETO_COLUMN, PENALTY, RESULTS_FILE,
+                                   STATE_FILE, STATUS_TAG, TRIAL_TAG, is_own_metric, objective_column, pareto_column,
+                                   resolve_tracking_uri, run_metrics)
 from kdtune.search.space import parse_space
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
@@ -148,6 +150,13 @@ class Search:
         return self.spec["search"]["mode"]
 
     @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """``search.objectives`` as ``(metric, mode)`` pairs, the search's metric first; empty for a
+        single-objective search. (Read from MLflow, the spec's keys come back sorted: the first
+        objective is ``metric``, which the spec keeps.)"""
+        return _objectives(self.spec)
+
+    @property
     def max_epochs(self) -> int:
         from kdtune.config import RunConfig
 
@@ -165,6 +174,12 @@ class Search:
         if scheduler["type"] != "asha":
             return []
         return asha_milestones(self.max_epochs, scheduler["grace_period"], scheduler["reduction_factor"])
+
+
+def _objectives(spec: dict) -> list[tuple[str, str]]:
+    given = spec["search"].get("objectives") or {}
+    metric, mode = spec["search"]["metric"], spec["search"]["mode"]
+    return [(metric, mode), *((m, d) for m, d in given.items() if m != metric)] if given else []
 
 
 def asha_milestones(max_epochs: int, grace_period: int, reduction_factor: float) -> list[int]:
@@ -398,7 +413,7 @@ def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) ->
     params = set(parse_space(spec["space"])[0].names())
     # last metric values under their metric names: only the method/sampler ones stay, as in results.csv
     drop = [c for c in runs.columns if c not in params and
-            (("/" in c and not is_own_metric(c)) or c in ("lr", "epoch", OBJECTIVE_METRIC))]
+            (("/" in c and not is_own_metric(c)) or c in ("lr", "epoch", OBJECTIVE_METRIC) or c in NOT_METRICS)]
     out = runs.copy()
     last = curves.sort_values("epoch").groupby("trial_id").last() if len(curves) else pd.DataFrame()
     history = curves.groupby("trial_id")[metric] if metric in curves else None
@@ -408,6 +423,11 @@ def _trials_from_mlflow(runs: pd.DataFrame, curves: pd.DataFrame, spec: dict) ->
     out[f"best_{metric}"] = out["trial_id"].map(best)
     out["wall_s"] = out["trial_id"].map(last["wall_s"]) if "wall_s" in last else math.nan
     out["samples_backprop"] = out.get("samples/backprop", math.nan)
+    objectives = _objectives(spec)
+    for other, _ in objectives[1:]:  # each run's last value (time_total_s: logged once, when the trial ended)
+        out[f"final_{other}"] = out.get(other, math.nan)
+    if objectives and len(out):
+        out[PARETO_COLUMN] = pareto_column(out, objectives)
     return out.drop(columns=drop)
 
 
@@ -432,8 +452,10 @@ def _tidy_trials(raw: pd.DataFrame, spec: dict, label: str) -> pd.DataFrame:
     trials["cpus_per_trial"] = spec["resources"]["cpus_per_trial"]
     trials["gpus_per_trial"] = spec["resources"]["gpus_per_trial"]
     metric = spec["search"]["metric"]
+    # several objectives: each one's column after the first's, then whether the trial is on the front
+    others = [f"final_{m}" for m, _ in _objectives(spec)[1:]] + ([PARETO_COLUMN] if _objectives(spec) else [])
     first = ["search", "trial_id", "status", *names, *[k for k in defaults if k not in names],
-             "epochs", f"final_{metric}", f"best_{metric}", "wall_s", "samples_backprop",
+             "epochs", f"final_{metric}", *others, f"best_{metric}", "wall_s", "samples_backprop",
              "cpus_per_trial", "gpus_per_trial"]
     first = [c for c in first if c in trials]
     return trials[first + [c for c in trials.columns if c not in first]].reset_index(drop=True)

@@ -224,6 +224,62 @@ def accuracy_vs_cost(trials: pd.DataFrame, metric: str = "val/acc1", hue: str | 
     return _finish(fig, path)
 
 
+def pareto_front(trials: pd.DataFrame, objectives: list[tuple[str, str]] | None, hue: str | None = None,
+                 path: str | Path | None = None) -> Figure | None:
+    """A search with several objectives (``Search.objectives``: ``(metric, mode)`` pairs, the
+    first what the trial learned): the first objective against each further one (what the trial
+    cost, such as ``samples/backprop``), a panel each. Every completed trial is a dot (colour:
+    ``hue``, default :func:`default_hue`); the Pareto front's trials (the ``pareto`` column) are
+    ringed, and with two objectives joined by the front's staircase: the boundary of what the
+    search found attainable. With more than two, a panel shows a projection, where a front trial
+    may sit below another (it is better in an objective not drawn). None without objectives."""
+    if not objectives or len(objectives) < 2 or "pareto" not in trials:
+        return None
+    (first, first_mode), others = objectives[0], objectives[1:]
+    columns = [_objective(m) for m, _ in objectives]
+    if any(c not in trials for c in columns):
+        return None
+    done = trials[trials["status"] == "completed"].dropna(subset=columns)
+    if not len(done):
+        return None
+    hue = hue or default_hue(done)
+    palette = _palette(_groups(done, hue))
+    fig, axes = _figure(len(others), width=5.4, height=4.0)
+    y = _objective(first)
+    for ax, (metric, mode) in zip(axes, others):
+        x = _objective(metric)
+        for name, frame in _searches(done):
+            ax.scatter(frame[x], frame[y], c=list(frame[hue].fillna("-").map(palette)), s=30, alpha=0.85,
+                       edgecolors="none", zorder=2)
+            front = frame[frame["pareto"].astype(bool)].sort_values(x)
+            ax.scatter(front[x], front[y], s=90, facecolors="none", edgecolors="black", lw=1.2, zorder=3,
+                       label="Pareto front" if name is None else f"front of {name}")
+            if len(objectives) == 2 and len(front) > 1:
+                sx, sy = _staircase(list(front[x]), list(front[y]), mode, first_mode)
+                ax.plot(sx, sy, color="black", lw=1, alpha=0.6, zorder=1)
+        ax.set(xlabel=f"{metric} ({mode}), the trial's total" if metric.startswith(("samples/", "time_"))
+               else objective_label(metric) + f" ({mode})", ylabel=objective_label(first) + f" ({first_mode})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    if hue != "status" or len(palette) > 1:
+        axes[0].add_artist(axes[0].get_legend())
+        _legend(axes[0], palette, title=hue, marker="o", loc="lower right")
+    return _finish(fig, path)
+
+
+def _staircase(x: list[float], y: list[float], x_mode: str, y_mode: str) -> tuple[list[float], list[float]]:
+    """The polyline through front points sorted by ``x`` that bounds the region they dominate:
+    between two neighbours it passes through their corner, the worse ``x`` with the worse ``y``."""
+    def worse(a: float, b: float, mode: str) -> float:
+        return min(a, b) if mode == "max" else max(a, b)
+
+    px, py = [x[0]], [y[0]]
+    for i in range(1, len(x)):
+        px += [worse(x[i - 1], x[i], x_mode), x[i]]
+        py += [worse(y[i - 1], y[i], y_mode), y[i]]
+    return px, py
+
+
 # --------------------------------------------------------------------------- method-specific curves
 
 
@@ -277,15 +333,16 @@ def _with(curves: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def plot_all(trials: pd.DataFrame, curves: pd.DataFrame, importance: pd.DataFrame | None, out: str | Path,
              metric: str = "val/acc1", milestones: list[int] | dict | None = None,
-             log: list[str] | None = None) -> dict[str, Path]:
+             log: list[str] | None = None, objectives: list[tuple[str, str]] | None = None) -> dict[str, Path]:
     """Every plot whose data is there, as ``<out>/<name>.png``; returns {name: path} of those written.
     ``milestones``: ASHA's rungs (``Search.milestones``); ``log``: the log-scaled hyperparameters
-    (``Search.log_params``)."""
+    (``Search.log_params``); ``objectives``: a multi-objective search's (``Search.objectives``)."""
     out = Path(out)
     makers = {
         "learning_curves": lambda p: learning_curves(curves, metric, milestones, p),
         "accuracy_vs_params": lambda p: accuracy_vs_params(trials, metric=metric, log=log, path=p),
         "importance": lambda p: importance_bars(importance, p),
+        "pareto_front": lambda p: pareto_front(trials, objectives, path=p),
         "accuracy_vs_cost": lambda p: accuracy_vs_cost(trials, metric, path=p),
         "ctkd": lambda p: ctkd_curves(curves, p),
         "sakd_gates": lambda p: sakd_gates(curves, p),

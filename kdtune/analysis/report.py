@@ -29,6 +29,9 @@ CAPTIONS = {
                           "trial against each hyperparameter (stopped-early trials: at the epoch ASHA stopped them).",
     "importance": "Parameter importance (Optuna's fANOVA over the trials at one common budget; bars: the "
                   "5-95 % bootstrap interval; a conditional parameter is assessed over the trials that have it).",
+    "pareto_front": "Several objectives: the first against each further one (what the trial cost), every "
+                    "completed trial a dot; ringed, and joined by its staircase with two objectives: the "
+                    "Pareto front, the trials no other trial beats in every objective.",
     "accuracy_vs_cost": "The objective (validation accuracy at the last epoch trained) against what the "
                         "trial cost: wall time and samples back-propagated (what an adaptive sampler such as "
                         "KDAS buys).",
@@ -82,7 +85,7 @@ def write_report(searches: list[analysis.Search], out: str | Path,
     metric, mode = searches[0].metric, searches[0].mode
     importance = analysis.importance_table(searches)
     images = plots.plot_all(trials, curves, importance, out, metric, analysis.milestones(searches),
-                            analysis.log_params(searches))
+                            analysis.log_params(searches), objectives=searches[0].objectives)
     blocks = _blocks(searches, trials, importance, images, metric, mode, baselines)
     (out / "report.md").write_text(_markdown(blocks))
     (out / "report.html").write_text(_html(blocks, out))
@@ -113,6 +116,14 @@ def _blocks(searches, trials, importance, images, metric, mode, baselines) -> li
                             f"One run per trial: seed noise is often as large as the differences here; see the "
                             f"confirmation stage (docs/best-configuration.md)."))
     for s in searches:
+        front = selection.pareto_table(s)
+        if front is not None:
+            blocks.append(("h2", f"Pareto front: {s.label}"))
+            blocks.append(("table", front))
+            blocks.append(("p", f"Objectives: {', '.join(f'{m} ({d})' for m, d in s.objectives)}, each at the last "
+                                f"epoch trained. The front: the completed trials that no other trial beats in "
+                                f"every objective, best {s.metric} first; each is the best found at its trade-off. "
+                                f"Re-run one with kdtune train --from-search FOLDER --trial ID --final."))
         confirmed = selection.confirmation_table(s)
         if confirmed is not None:
             table, record = confirmed

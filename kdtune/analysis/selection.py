@@ -30,6 +30,20 @@ def top_table(trials: pd.DataFrame, metric: str, mode: str, params: list[str], n
     return table[[c for c in shown if c in table]].reset_index(drop=True)
 
 
+def pareto_table(search) -> pd.DataFrame | None:
+    """A multi-objective search's Pareto front, one row per trial: its id, hyperparameters and
+    every objective's value, best first by the first objective; None for a single-objective search."""
+    objectives = search.objectives
+    trials = search.trials
+    if not objectives or "pareto" not in trials:
+        return None
+    front = trials[trials["pareto"].astype(bool)]
+    columns = [_objective(m) for m, _ in objectives]
+    front = front.sort_values(columns, ascending=[d == "min" for _, d in objectives], kind="stable")
+    params = [p for p in search.space.names() if p in front and front[p].notna().any()]
+    return front[["trial_id", *params, "epochs", *columns]].reset_index(drop=True)
+
+
 def duration(seconds: float) -> str:
     """Seconds as people read them: ``42 s``, ``12.5 min``, ``3.2 h``."""
     if not math.isfinite(seconds):

@@ -48,6 +48,13 @@ class SearchResult:
         return None if self.best is None else self.best["objective"]["value"]
 
     @property
+    def pareto_front(self) -> list[dict[str, Any]] | None:
+        """A search with several objectives (``search.objectives``): its Pareto front from
+        ``best.json``, best first by the first objective, each trial's id, ``values`` (metric ->
+        value), ``epochs`` and ``params``; None for a single-objective search or when no trial finished."""
+        return None if self.best is None else self.best.get("pareto_front")
+
+    @property
     def objective_column(self) -> str:
         """The results table's column of kdtune's objective (``final_<metric>``)."""
         from kdtune.search.records import objective_column

@@ -76,6 +76,9 @@ class Selection:
     candidates: list[Candidate]  # best first by the rule
     single_run_ties: list[str]  # the trials that share the best single-run objective (one: no tie)
     confirmed: bool  # whether the candidates were re-run
+    # whether a confirmation stage could tell tied trials apart (not with several objectives,
+    # where it is refused): the tie line suggests it only then
+    confirmable: bool = True
 
     @property
     def chosen(self) -> str:
@@ -100,8 +103,9 @@ class Selection:
         if len(self.single_run_ties) > 1:
             out.append(f"tie: trials {', '.join(self.single_run_ties)} share the best single-run {self.metric} "
                        f"({self.candidates_by_id()[self.single_run_ties[0]].single:.2f})"
-                       + ("" if self.confirmed else "; the first in the results table is reported, re-run them "
-                                                    "(confirm: {top_k: K, seeds: N}) to tell them apart"))
+                       + ("" if self.confirmed else "; the first in the results table is reported"
+                          + (", re-run them (confirm: {top_k: K, seeds: N}) to tell them apart"
+                             if self.confirmable else "")))
         if not self.confirmed:
             return out
         out.append(f"chosen by: {self.rule}")
@@ -188,15 +192,16 @@ def select(table, runs: dict[str, list[tuple[int, float]]], metric: str, mode: s
                      confirmed=True)
 
 
-def single_run_selection(table, metric: str, mode: str) -> Selection:
-    """Without a confirmation stage: the best single run (ties shown, the table's first reported)."""
+def single_run_selection(table, metric: str, mode: str, confirmable: bool = True) -> Selection:
+    """Without a confirmation stage: the best single run (ties shown, the table's first reported;
+    ``confirmable``: whether the tie line may suggest a confirmation stage)."""
     column = objective_column(metric)
     order = ranked(table, metric, mode)
     cands = [Candidate(str(r["trial_id"]), float(r[column]), [float(r[column])], expected=1)
              for _, r in order.head(1).iterrows()]
     best = "highest" if mode == "max" else "lowest"
     return Selection(f"{best} {metric} at the last epoch of one run (no confirmation stage)", metric, mode, cands,
-                     single_run_ties(table, metric, mode), confirmed=False)
+                     single_run_ties(table, metric, mode), confirmed=False, confirmable=confirmable)
 
 
 # --------------------------------------------------------------------------- running it

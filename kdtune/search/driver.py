@@ -27,9 +27,9 @@ import yaml
 from kdtune.config import ConfigError
 from kdtune.search import preflight
 from kdtune.search.preflight import PreflightError
-from kdtune.search.records import (BEST_FILE, OBJECTIVE, OBJECTIVE_METRIC, OPTUNA_FILE,
-                                   RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, is_own_metric, objective_column, objective_value,
-                                   resolve_tracking_uri)
+from kdtune.search.records import (BEST_FILE, OBJECTIVE, OBJECTIVE_METRIC, OPTUNA_FILE, PARETO_COLUMN, PARETO_TAG,
+                                   RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, fmt_objective, is_own_metric,
+                                   objective_column, objective_value, pareto_column, resolve_tracking_uri)
 from kdtune.search.cli import FLAG_OVERRIDES, parse_args
 from kdtune.search import instance, internals
 from kdtune.search.spec import SearchSpec, load_spec
@@ -324,7 +324,11 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         (own / STATE_FILE).write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": tracking_uri,
                                                   "folder": str(own),
                                                   "optuna_storage": optuna_url, "spec": spec.resolved}, indent=2))
-    print(f"[kdtune] search {spec.name}: objective {spec.metric} ({spec.mode}), {OBJECTIVE}", flush=True)
+    if spec.objectives:
+        print(f"[kdtune] search {spec.name}: objectives {', '.join(f'{m} ({d})' for m, d in spec.objectives)}, "
+              f"each at the last epoch the trial trained; the result is their Pareto front", flush=True)
+    else:
+        print(f"[kdtune] search {spec.name}: objective {spec.metric} ({spec.mode}), {OBJECTIVE}", flush=True)
     trials = trials_url(client, spec.name, parent_id, spec.mode)
     client.set_tag(parent_id, "kdtune.trials_url", trials)
     print(f"[kdtune] MLflow: this search's trials, best first: {trials} (after: mlflow ui --backend-store-uri "
@@ -338,8 +342,9 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     # On --resume the tracker, progress, searcher and scheduler come back from the experiment state.
     callbacks = None if resume else [
         TrialTracker(tracking_uri, spec.name, parent_id, tags, spec.max_epochs, spec.metric, spec.mode,
-                     run_config=functools.partial(flat_run_config, spec)),
-        Progress(spec.num_samples, spec.max_epochs, spec.metric, spec.mode, every_s=status_every)]
+                     run_config=functools.partial(flat_run_config, spec), objectives=spec.objectives),
+        Progress(spec.num_samples, spec.max_epochs, spec.metric, spec.mode, every_s=status_every,
+                 objectives=spec.objectives)]
     tracker = None if resume else callbacks[0]
     init_ray(address, verbose)
     # what a later search ends if this driver is killed
@@ -427,6 +432,9 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: 
 
     searcher, param_space, num_samples = build_searcher(spec, optuna_url)
     scheduler = build_scheduler(spec)
+    # Tune takes one metric (its scheduler and ResultGrid rank by it): with several objectives the
+    # search's metric, the first of spec.objectives; the searcher has them all (searchers.py), and
+    # Tune never passes its metric to a searcher built with its own space.
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
@@ -471,8 +479,11 @@ def results_table(results, spec: SearchSpec, ended: set[str]):
         best = (series.max() if spec.mode == "max" else series.min()) if len(series) else math.nan
         row.update({"status": status, "epochs": last.get("training_iteration", 0),
                     objective_column(spec.metric): objective_value(list(series)) if len(series)
-                    else last.get(spec.metric, math.nan),
-                    f"best_{spec.metric}": best,
+                    else last.get(spec.metric, math.nan)})
+        for metric, _ in spec.objectives[1:]:  # each further objective, as the first: its last epoch's value
+            values = history[metric] if history is not None and metric in history else pd.Series(dtype=float)
+            row[objective_column(metric)] = objective_value(list(values)) if len(values) else last.get(metric, math.nan)
+        row.update({f"best_{spec.metric}": best,
                     "wall_s": last.get("time_total_s", math.nan),
                     "samples_backprop": last.get("samples/backprop", math.nan)})
         # method- and sampler-specific values of the last epoch (KDAS's ratio, CTKD's temperature,
@@ -480,7 +491,11 @@ def results_table(results, spec: SearchSpec, ended: set[str]):
         row.update({k: v for k, v in last.items() if is_own_metric(k) and k not in row
                     and isinstance(v, (int, float)) and not isinstance(v, bool)})
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if spec.objectives and len(table):  # after the objectives it is computed from
+        table.insert(table.columns.get_loc(f"best_{spec.metric}"), PARETO_COLUMN,
+                     pareto_column(table, spec.objectives))
+    return table
 
 
 def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: Path, tracking_uri: str,
@@ -494,8 +509,13 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
     own.mkdir(parents=True, exist_ok=True)
     column = objective_column(spec.metric)
     ranked = table[~table["status"].isin(["diverged", "failed"])].dropna(subset=[column]) if len(table) else table
+    if spec.objectives and len(table):
+        # Several objectives: best.json's trial (what --from-search re-runs without --trial) is the
+        # front's best by the first objective, never a trial the front dominates.
+        ranked = ranked[ranked[PARETO_COLUMN]]
     if selection is None and len(ranked):
-        selection = single_run_selection(table, spec.metric, spec.mode)
+        selection = (single_run_selection(table[table[PARETO_COLUMN]], spec.metric, spec.mode, confirmable=False)
+                     if spec.objectives else single_run_selection(table, spec.metric, spec.mode))
     if selection is not None and selection.confirmed:
         table = selection.add_columns(table)  # each candidate's mean, std and number of seeds
     table.to_csv(csv, index=False)
@@ -503,6 +523,11 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
     interrupted = len(table) < expected or (table["status"] == "interrupted").any() or not confirm_ended
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items()) if len(table) else "no trials"
     print(f"\n[kdtune] search {spec.name}: {len(table)} trials ({counts}) in {wall:.0f}s")
+    front = pareto_records(spec, table) if spec.objectives else []
+    if spec.objectives:
+        for line in pareto_lines(spec, table, front):
+            print(f"[kdtune] {line}")
+        mark_pareto_runs(client, spec.name, parent_id, front)
     if len(ranked):
         best = table.set_index("trial_id", drop=False).loc[selection.chosen]
         for line in selection.lines():
@@ -525,6 +550,8 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
                   "params": config, "config": full, "selection": selection.record()}
         if selection.confirmed:
             record.update(mean=chosen.mean, std=chosen.std, n_seeds=chosen.n)
+        if spec.objectives:
+            record.update(objectives=[{"metric": m, "mode": d} for m, d in spec.objectives], pareto_front=front)
         (own / BEST_FILE).write_text(json.dumps(record, indent=2))
         ts = int(time.time() * 1000)
         # Tags, not params: MLflow params are immutable, and a resumed search may find a better trial.
@@ -537,6 +564,8 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
         client.log_artifact(parent_id, str(own / BEST_FILE))
         if folder is not None:
             print(f"[kdtune] final model: kdtune train --from-search {own} --final --seeds 3")
+            if spec.objectives and len(front) > 1:
+                print(f"[kdtune] another trial of the front: add --trial ID (the best {spec.metric} is the default)")
     client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
     print(f"[kdtune] results table: {csv}")
     print(f"[kdtune] MLflow: experiment {spec.name!r} at {tracking_uri} "
@@ -546,6 +575,57 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
               f"--resume --storage-path {experiment_path.rsplit('/', 1)[0]}", file=sys.stderr)
         return 130
     return 0
+
+
+def pareto_records(spec: SearchSpec, table) -> list[dict[str, Any]]:
+    """The Pareto front's trials as best.json lists them: id, objective values, epochs and
+    hyperparameters; best first by the first objective (then by the others, in order)."""
+    if not len(table):
+        return []
+    front = table[table[PARETO_COLUMN]]
+    signs = [-1.0 if d == "max" else 1.0 for _, d in spec.objectives]
+    records = []
+    for _, row in front.iterrows():
+        records.append({"trial_id": str(row["trial_id"]),
+                        "values": {m: float(row[objective_column(m)]) for m, _ in spec.objectives},
+                        "epochs": int(row["epochs"]),
+                        "params": _plain({n: row[n] for n in spec.space.names() if n in row and not _missing(row[n])})})
+    return sorted(records, key=lambda r: [s * r["values"][m] for s, (m, _) in zip(signs, spec.objectives)])
+
+
+def pareto_lines(spec: SearchSpec, table, front: list[dict[str, Any]]) -> list[str]:
+    """The closing lines of a multi-objective search: the front, one trial a line."""
+    completed = int((table["status"] == "completed").sum()) if len(table) else 0
+    what = ", ".join(f"{m} ({d})" for m, d in spec.objectives)
+    if not front:
+        return [f"Pareto front of {what}: no completed trial"]
+    lines = [f"Pareto front of {what}: {len(front)} of {completed} completed trials, best {spec.metric} first"]
+    for r in front:
+        values = ", ".join(f"{m} {fmt_objective(m, v)}" for m, v in r["values"].items())
+        lines.append(f"  trial {r['trial_id']}: {values} | {fmt_config(r['params']) or '-'}")
+    return lines
+
+
+def mark_pareto_runs(client, experiment: str, parent_id: str, front: list[dict[str, Any]]) -> None:
+    """The front in MLflow: the parent run's tag ``kdtune.pareto_front`` (the trial ids) and the tag
+    ``kdtune.pareto`` = true on each front trial's run, so that the runs table filters to the front
+    (``tags.`kdtune.pareto` = 'true'``). A run tagged by an earlier end of this search (before a
+    --resume added trials) that is no longer on the front loses its tag."""
+    from kdtune.search.records import TRIAL_TAG
+    from kdtune.search.tracking import child_runs
+
+    ids = [r["trial_id"] for r in front]
+    text = ", ".join(ids)
+    # MLflow caps a tag's value (5,000 characters in MLflow 2); best.json always has the whole front
+    client.set_tag(parent_id, "kdtune.pareto_front", "none" if not ids else text if len(text) <= 5000
+                   else f"{len(ids)} trials: see best.json")
+    runs = {run.data.tags.get(TRIAL_TAG): run for run in child_runs(client, experiment, parent_id)}
+    for tid, run in runs.items():
+        on_front, tagged = tid in ids, run.data.tags.get(PARETO_TAG) == "true"
+        if on_front and not tagged:
+            client.set_tag(run.info.run_id, PARETO_TAG, "true")
+        elif tagged and not on_front:
+            client.delete_tag(run.info.run_id, PARETO_TAG)
 
 
 def print_dry_run(spec: SearchSpec, storage: str, tracking_uri: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from kdtune.search.records import STATUSES, fmt, fmt_config, is_better, trial_status
+from kdtune.search.records import STATUSES, fmt, fmt_config, fmt_objective, is_better, trial_status
 
 
 def clock(seconds: float) -> str:
@@ -27,9 +27,11 @@ class Progress(Callback):
     """Tune callback printing kdtune's progress lines (to stdout by default)."""
 
     def __init__(self, total: int, max_epochs: int, metric: str, mode: str, every_s: float = 30.0,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, objectives: tuple[tuple[str, str], ...] = ()) -> None:
         self.total, self.max_epochs = total, max_epochs
         self.metric, self.mode = metric, mode
+        # search.objectives: a trial's end line shows every objective; "best" stays the first's
+        self.objectives = tuple(objectives)
         self.every_s = every_s
         self.stream = stream
         self.start = time.monotonic()
@@ -74,6 +76,10 @@ class Progress(Callback):
         last = trial.last_result or {}
         value = last.get(self.metric, math.nan)
         shown = "-" if status == "diverged" else f"{value:.2f}"
+        for metric, _ in getattr(self, "objectives", ())[1:]:
+            other = last.get(metric)
+            shown += f", {metric} " + ("-" if status == "diverged" or not isinstance(other, (int, float))
+                                       else fmt_objective(metric, other))
         best = self.best(trials, ended=trial)
         self.say(f"trial {trial.trial_id} {status} after epoch {last.get('training_iteration', 0)}: "
                  f"{self.metric} {shown} | best {self._best_text(best)}")

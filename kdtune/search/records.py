@@ -49,6 +49,66 @@ def is_better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
 
+# ----------------------------------------------------------------------------- several objectives
+# ``search.objectives: {val/acc1: max, samples/backprop: min}`` makes a search multi-objective: every
+# objective is, like the one objective above, its metric at the last epoch the trial trained, and
+# the result is the Pareto front of the completed trials rather than one best trial. One of them is
+# the search's ``metric`` (search.metric, else the first objective of what a trial learned): what
+# Tune, the status lines, each MLflow run's ``objective`` and best.json's trial rank by.
+#
+# What a trial cost, as metrics that add up over the epochs it trained (so "at the last epoch" is
+# the trial's total). Each is reported under this name by every trial and, like every metric,
+# keeps it in MLflow and the results table (``final_<name>``).
+COST_METRICS = {
+    "samples/backprop": "samples that went through a backward pass (the engine's count)",
+    "samples/scored": "samples KDAS scored, a student and a teacher forward each (sampler kdas only)",
+    "time_total_s": "the trial's wall seconds (Ray Tune's count; noisy: it depends on what else runs)",
+}
+PARETO_COLUMN = "pareto"  # results table: whether the trial is on the Pareto front
+PARETO_TAG = "kdtune.pareto"  # MLflow: "true" on the child run of each trial on the front
+
+
+def dominates(a: list[float], b: list[float], modes: list[str]) -> bool:
+    """Whether values ``a`` dominate ``b``: no worse in every objective, better in one."""
+    better = False
+    for x, y, mode in zip(a, b, modes):
+        if is_better(y, x, mode):  # b is better here: a cannot dominate
+            return False
+        better = better or is_better(x, y, mode)
+    return better
+
+
+def pareto_front(values: list[list[float]], modes: list[str]) -> list[bool]:
+    """For each row of objective values, whether it is on the Pareto front: no other row
+    dominates it. A row with a missing or non-finite value is never on the front and dominates
+    nothing. Equal rows do not dominate each other, so both stay on the front (as in Optuna's
+    ``study.best_trials``). Quadratic in the rows, which is nothing next to training them."""
+    ok = [all(isinstance(v, (int, float)) and math.isfinite(v) for v in row) for row in values]
+    return [ok[i] and not any(ok[j] and dominates(values[j], values[i], modes) for j in range(len(values)) if j != i)
+            for i in range(len(values))]
+
+
+def pareto_column(table, objectives: list[tuple[str, str]]) -> list[bool]:
+    """The results table's ``pareto`` column: the front of its completed trials by their
+    ``final_<metric>`` columns (``objectives``: ``(metric, mode)`` pairs). Trials that did not
+    complete (stopped, diverged, failed, interrupted) have no comparable values."""
+    if not len(table):
+        return []
+    columns = [objective_column(m) for m, _ in objectives]
+    completed = list(table["status"] == "completed")
+    rows = [[float(v) for v in row] if done else [math.nan] * len(columns)
+            for row, done in zip(table[columns].astype(float).itertuples(index=False), completed)]
+    return pareto_front(rows, [mode for _, mode in objectives])
+
+
+def fmt_objective(metric: str, value: float) -> str:
+    """An objective's value as the closing lines print it: counts whole, seconds to a tenth,
+    accuracies and losses to two decimals (as the single-objective lines do)."""
+    if metric.startswith("samples/"):
+        return f"{value:.0f}"
+    return f"{value:.1f}" if metric == "time_total_s" else f"{value:.2f}"
+
+
 # The engine's own per-epoch metrics (kdtune.engine); every other metric an epoch reports is a
 # method's or a sampler's own (their ``epoch_metrics()``: KDAS's ratio, CTKD's temperature,
 # SAKD's gate rates, a plugin's), whose last value the results table keeps per trial.

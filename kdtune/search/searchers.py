@@ -36,6 +36,10 @@ class KDOptunaSearch(OptunaSearch):
       ``kdtune_status`` says which).
     * Each Optuna trial carries the Tune trial id (user attribute ``ray_trial_id``), so the
       study opened in optuna-dashboard can be matched with the results table and MLflow.
+    * Several objectives (``search.objectives``; ``metric`` and ``mode`` are then lists and the
+      study has one direction per objective): a trial that ran its epochs is COMPLETE with each
+      metric's last-epoch value. Optuna keeps no intermediate values for a multi-objective
+      study (``Trial.report`` refuses), so none are reported.
     """
 
     def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
@@ -82,7 +86,21 @@ class KDOptunaSearch(OptunaSearch):
         self._steps(trial_id)  # reads the stored state once
         return trial_id in told_trials(self)
 
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, list)
+
+    def _values(self, result: dict) -> list[float] | None:
+        """Several objectives: the trial's value of each in ``result``; None when one is missing
+        or not finite (Optuna would fail the trial on it, with only a warning to say so)."""
+        values = [result.get(m) for m in self.metric]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return None
+        return [float(v) for v in values]
+
     def _report(self, trial_id: str, result: dict) -> None:
+        if self.multi_objective:
+            return  # Optuna keeps no intermediate values for several objectives
         value, step = result.get(self.metric), result.get("training_iteration")
         if value is None or step is None or not math.isfinite(value) or result.get("diverged"):
             return  # a penalised value is no measurement; Optuna would also refuse NaN
@@ -108,15 +126,28 @@ class KDOptunaSearch(OptunaSearch):
         self._report(trial_id, result)  # the stopping (or last) epoch
         diverged = bool(result.get("diverged"))
         epochs = int(result.get("training_iteration", 0) or 0)
-        if error or diverged or self.metric not in result:
+        missing = self._values(result) is None if self.multi_objective else self.metric not in result
+        if error or diverged or missing:
             state, value, status = TrialState.FAIL, None, "diverged" if diverged else "failed"
         elif epochs < self.max_epochs:
             state, value, status = TrialState.PRUNED, None, "stopped early"
         else:
-            state, value, status = TrialState.COMPLETE, float(result[self.metric]), "completed"
+            state, status = TrialState.COMPLETE, "completed"
+            value = self._values(result) if self.multi_objective else float(result[self.metric])
         ot_trial.set_user_attr(STATUS_ATTR, status)
         optuna_study(self).tell(ot_trial, value, state=state)
         told_trials(self).add(trial_id)
+
+
+def name_metrics(study: optuna.Study, metrics: list[str]) -> None:
+    """Name a multi-objective study's values after their metrics, so that optuna-dashboard labels
+    its Pareto-front plot ``val/acc1`` and ``samples/backprop`` instead of "Objective 0" and "1"
+    (``set_metric_names`` is experimental in Optuna since 3.2; its warning says only that)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(metrics))
 
 
 def close_stale_trials(url: str, study_name: str) -> int:
@@ -160,9 +191,15 @@ def build_searcher(spec: SearchSpec, storage_url: str | None = None) -> tuple[Se
     space = spec.space
     if spec.algorithm in OPTUNA_ALGORITHMS:
         sampler = optuna_sampler(spec.algorithm, spec.seed, conditional=bool(space.conditionals))
-        searcher = KDOptunaSearch(space=space.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler,
+        # Several objectives: Ray's OptunaSearch takes lists and makes a study with one direction
+        # each; TPESampler (MOTPE) and GPSampler (log-EHVI) model them all.
+        metric, mode = ([m for m, _ in spec.objectives], [d for _, d in spec.objectives]) if spec.objectives \
+            else (spec.metric, spec.mode)
+        searcher = KDOptunaSearch(space=space.suggest, metric=metric, mode=mode, sampler=sampler,
                                   study_name=spec.name, max_epochs=spec.max_epochs,
                                   storage=optuna_storage(storage_url) if storage_url else None)
+        if spec.objectives:
+            name_metrics(optuna_study(searcher), metric)
         if spec.warm_start and not optuna_study(searcher).trials:  # not again on --resume
             from kdtune.search.warm_start import warm_start
 

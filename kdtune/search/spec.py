@@ -21,11 +21,12 @@ from kdtune.distillers import METHODS
 from kdtune.hparams import Problem, coerce, did_you_mean
 from kdtune.plugins import load_plugins
 from kdtune.sampling import SAMPLERS
+from kdtune.search.records import COST_METRICS
 from kdtune.search.space import Param, Space, parse_space
 
 SECTIONS = {  # section -> its keys with their defaults (None: computed)
     "search": {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max", "seed": 0,
-               "max_concurrent": None, "warm_start": None},
+               "max_concurrent": None, "warm_start": None, "objectives": None},
     "scheduler": {"type": "asha", "grace_period": None, "reduction_factor": 3},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
     # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
@@ -41,6 +42,10 @@ CHECKPOINT_EVERY_S = 30.0
 ALGORITHMS = ("tpe", "gp", "random", "grid")
 METRICS = ("val/acc1", "val/acc5", "val/loss", "train/loss")
 MODES = ("max", "min")
+# search.objectives: the metrics above (what a trial learned) and what it cost (records.COST_METRICS)
+OBJECTIVE_METRICS = (*METRICS, *COST_METRICS)
+# Schedulers that stop trials early by comparing them on one metric; see _check_objectives.
+STOPPING_SCHEDULERS = ("asha", "hyperband", "median")
 SCHEDULERS = ("asha", "hyperband", "median", "none")
 PATH_KEYS = ("data_root", "teacher_checkpoint", "cache_dir")
 # Run settings a search must not vary, and why.
@@ -86,6 +91,8 @@ class SearchSpec:
     checkpoint_every_s: float = CHECKPOINT_EVERY_S  # see CHECKPOINT_EVERY_S
     confirm_top_k: int = 0  # kdtune.search.confirm: trials re-run after the search (0: none)
     confirm_seeds: int = 0  # more seeds per confirmed trial
+    # search.objectives as (metric, mode) pairs, (metric, mode) first; empty: one objective
+    objectives: tuple[tuple[str, str], ...] = ()
 
     @property
     def max_epochs(self) -> int:
@@ -143,7 +150,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     _check_space(space, fixed, problems)
     sections = {s: _section(raw, s, problems) for s in SECTIONS}
     search = _check_search(sections["search"], space, problems)
-    scheduler = _check_scheduler(sections["scheduler"], epochs, problems)
+    multi = search["objectives"] is not None  # given, valid or not: the checks below then apply
+    # Several objectives run every trial to its end: no early stopping unless asked for (and refused).
+    scheduler = _check_scheduler(sections["scheduler"], epochs, problems, default_type="none" if multi else None)
     resources = _check_resources(sections["resources"], problems)
     _check_combination(search, scheduler, space, problems)
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
@@ -151,12 +160,18 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     if checkpoint_every_s is not None and checkpoint_every_s < 0:
         problems.add("checkpoint_every_s", f"must be >= 0 (0: a checkpoint every epoch), but got {checkpoint_every_s:g}")
     confirm = _check_confirm(sections["confirm"], problems)
+    if multi:
+        _check_objectives(search["objectives"], scheduler, confirm, fixed, space, problems)
     if problems:
         raise ConfigError(problems.render())
-    # warm_start only when set: the resolved spec of a search without one (and its --resume check) stays as it was
+    objectives = search.pop("objectives") or ()
+    # warm_start and objectives only when set: the resolved spec of a search without them (and its
+    # --resume check) stays as it was
     resolved = {"name": name, "fixed": fixed, "space": space.to_dict(),
                 "search": {k: v for k, v in search.items() if k != "warm_start" or v is not None},
                 "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
+    if objectives:
+        resolved["search"]["objectives"] = dict(objectives)
     if confirm["top_k"]:  # only when on: the resolved spec of a search without it stays as it was
         resolved["confirm"] = confirm
     if "checkpoint_every_s" in raw:  # only when set, likewise
@@ -166,7 +181,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         scheduler=scheduler["type"], grace_period=scheduler["grace_period"],
         reduction_factor=scheduler["reduction_factor"], **resources, max_failures=max_failures,
         checkpoint_every_s=checkpoint_every_s, resolved=copy.deepcopy(resolved), confirm_top_k=confirm["top_k"],
-        confirm_seeds=confirm["seeds"] if confirm["top_k"] else 0)
+        confirm_seeds=confirm["seeds"] if confirm["top_k"] else 0, objectives=tuple(objectives))
 
 
 # --------------------------------------------------------------------------- problems
@@ -268,8 +283,51 @@ def _check_search(values: dict, space: Space, problems: _Problems) -> dict[str, 
     }
     if out["algorithm"] == "grid":
         out["num_samples"] = _grid_size(space, problems)  # the grid decides the number of trials
-    out["warm_start"] = _warm_start(values.get("warm_start"), out["algorithm"], problems)
+    objectives = _objectives(values.get("objectives"), problems)
+    if objectives:
+        objectives = _primary_first(objectives, values, problems)
+        out["metric"], out["mode"] = objectives[0]
+    if objectives is not None and values.get("warm_start") is not None:
+        # Warm start copies an earlier study's trials with their values; a multi-objective study
+        # takes one value per objective, which a single-objective study's trials do not have.
+        problems.add("search.warm_start", f"must be unset with search.objectives (an earlier study's trials carry "
+                                          f"one value, this study needs one per objective), but got "
+                                          f"{values['warm_start']!r}")
+        out["warm_start"] = None
+    else:
+        out["warm_start"] = _warm_start(values.get("warm_start"), out["algorithm"], problems)
+    out["objectives"] = objectives
     return out
+
+
+def _objectives(value: Any, problems: _Problems) -> tuple[tuple[str, str], ...] | None:
+    """``search.objectives`` as ``(metric, mode)`` pairs in the file's order; None when not given,
+    ``()`` when given but invalid (its problems added)."""
+    if value is None:
+        return None
+    example = "{val/acc1: max, samples/backprop: min}"
+    if not isinstance(value, dict):
+        problems.add("search.objectives", f"expected a mapping of metrics to max or min, such as {example}, "
+                                          f"but got {value!r}")
+        return ()
+    if len(value) < 2:
+        problems.add("search.objectives", f"needs two or more metrics, each with max or min, such as {example} "
+                                          f"(for one, set search.metric and search.mode), but got {value!r}")
+        return ()
+    ok = True
+    for metric, mode in value.items():
+        if metric not in OBJECTIVE_METRICS:
+            problems.add(f"search.objectives.{metric}", f"unknown metric{did_you_mean(metric, OBJECTIVE_METRICS)} "
+                                                        f"(objectives take: {', '.join(OBJECTIVE_METRICS)})")
+            ok = False
+        elif mode not in MODES:
+            problems.add(f"search.objectives.{metric}", f"must be one of {', '.join(MODES)}, but got {mode!r}")
+            ok = False
+    if ok and not any(metric in METRICS for metric in value):
+        problems.add("search.objectives", f"needs one of {', '.join(METRICS)} (what the trial learned, to set "
+                                          f"its cost against), but got only {', '.join(map(str, value))}")
+        ok = False
+    return tuple(value.items()) if ok else ()
 
 
 def _warm_start(value: Any, algorithm: str, problems: _Problems) -> str | None:
@@ -305,8 +363,30 @@ def _grid_size(space: Space, problems: _Problems) -> int:
         return 0
 
 
-def _check_scheduler(values: dict, epochs: int | None, problems: _Problems) -> dict[str, Any]:
-    defaults = SECTIONS["scheduler"]
+def _primary_first(objectives: tuple[tuple[str, str], ...], values: dict,
+                   problems: _Problems) -> tuple[tuple[str, str], ...]:
+    """Valid objectives with the search's metric first: ``search.metric`` when given, else the
+    first objective of what the trial learned (``METRICS``; not a cost), which stays the first even
+    when a program writes the file with its keys sorted. That metric is what Tune, the status
+    lines' best and best.json's trial rank by; ``search.mode``, when given, must be its direction."""
+    given = dict(objectives)
+    metric = values.get("metric")
+    if metric is None or metric not in METRICS:  # an invalid metric is reported by _check_search already
+        metric = next(m for m, _ in objectives if m in METRICS)
+    elif metric not in given:
+        problems.add("search.metric", f"must be one of the metrics of search.objectives ({', '.join(given)}), or "
+                                      f"left out, but got {metric!r}")
+        return objectives
+    mode = values.get("mode")
+    if mode in MODES and mode != given[metric]:
+        problems.add("search.mode", f"must be left out with search.objectives, or be {metric}'s direction there "
+                                    f"({given[metric]}), but got {mode!r}")
+    return ((metric, given[metric]), *((m, d) for m, d in objectives if m != metric))
+
+
+def _check_scheduler(values: dict, epochs: int | None, problems: _Problems,
+                     default_type: str | None = None) -> dict[str, Any]:
+    defaults = {**SECTIONS["scheduler"], **({"type": default_type} if default_type else {})}
     kind = _one_of(values, "type", defaults, SCHEDULERS, "scheduler", problems)
     default_grace = max(1, (epochs or RunConfig.epochs) // 8)
     grace = _integer(values, "grace_period", default_grace, "scheduler.grace_period", problems, 1)
@@ -332,6 +412,31 @@ def _check_combination(search: dict, scheduler: dict, space: Space, problems: _P
         problems.add("search.max_concurrent", f"must be unset with scheduler.type hyperband (paused trials count "
                                               f"against it), but got {search['max_concurrent']}; the resources "
                                               "per trial limit how many run at once")
+
+
+def _check_objectives(objectives: tuple[tuple[str, str], ...], scheduler: dict, confirm: dict, fixed: dict,
+                      space: Space, problems: _Problems) -> None:
+    """What cannot go with several objectives. Any algorithm can: tpe and gp are Optuna samplers
+    that model several objectives (MOTPE; GP with log-EHVI), random and grid learn from no value,
+    and the front is computed from the results table either way."""
+    if scheduler["type"] in STOPPING_SCHEDULERS:
+        # ASHA, Hyperband and the median rule compare trials on one metric, so they would stop the
+        # cheap, slightly less accurate trials the front is for; and a stopped trial's cost is that
+        # of fewer epochs, which would look like a cheap trial on the front.
+        problems.add("scheduler.type", f"must be none with search.objectives (early stopping ranks trials by one "
+                                       f"metric, and a stopped trial's cost counts fewer epochs), but got "
+                                       f"{scheduler['type']!r}")
+    if isinstance(confirm["top_k"], int) and confirm["top_k"] > 0:
+        # The top k of a front is not defined: its trials are each best at some trade-off.
+        problems.add("confirm.top_k", f"must be 0 with search.objectives (a Pareto front has no top k; re-run a "
+                                      f"front trial with kdtune train --from-search FOLDER --trial ID --seeds N), "
+                                      f"but got {confirm['top_k']}")
+    if any(metric == "samples/scored" for metric, _ in objectives):
+        samplers = list(space.samplers) if space.samplers is not None else [fixed.get("sampler", RunConfig.sampler)]
+        others = [s for s in samplers if s != "kdas"]
+        if others:
+            problems.add("search.objectives.samples/scored", f"needs sampler kdas in every trial (only KDAS scores "
+                                                             f"samples), but got sampler {others[0]!r}")
 
 
 def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray.tune import Callback
 
-from kdtune.search.records import (OBJECTIVE_METRIC, PARENT_TAG, RUN_FILE, STATUS_TAG, STATUSES, TRIAL_TAG,
-                                   is_better, run_metrics, trial_status)
+from kdtune.search.records import (NOT_METRICS, OBJECTIVE_METRIC, PARENT_TAG, RUN_FILE, STATUS_TAG, STATUSES,
+                                   TRIAL_TAG, is_better, run_metrics, trial_status)
 
 
 # MLflow 3 opens an experiment without this tag on its GenAI view; a search is model development.
@@ -78,10 +78,14 @@ def start_parent_run(client: MlflowClient, spec, tags: dict[str, str], teacher: 
     the searched ones), the spec file and the resolved spec, the teacher. ``opened(client, run_id)``
     is called as soon as the run exists (the driver then closes it if anything later fails)."""
     exp = experiment_id(client, spec.name)
+    # several objectives: named in a tag of their own (the first is also kdtune.objective, the metric
+    # each child run's `objective` holds); the front is tagged when the search ends
+    objectives = ({"kdtune.objectives": ", ".join(f"{m} ({d})" for m, d in spec.objectives)}
+                  if getattr(spec, "objectives", ()) else {})
     parent = client.create_run(exp, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={**tags, "kdtune.kind": "search", "kdtune.algorithm": spec.algorithm,
                                      "kdtune.objective": f"{spec.metric} ({spec.mode}) at the last epoch trained",
-                                     "mlflow.note.content": OBJECTIVE_NOTE.format(metric=spec.metric)})
+                                     **objectives, "mlflow.note.content": OBJECTIVE_NOTE.format(metric=spec.metric)})
     parent_id = parent.info.run_id
     if opened is not None:
         opened(client, parent_id)
@@ -111,8 +115,10 @@ class TrialTracker(Callback):
     """Tune callback that mirrors every trial into an MLflow child run of ``parent_run_id``."""
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, tags: dict[str, str],
-                 max_epochs: int, metric: str, mode: str, run_config=None) -> None:
+                 max_epochs: int, metric: str, mode: str, run_config=None,
+                 objectives: tuple[tuple[str, str], ...] = ()) -> None:
         self.tracking_uri = tracking_uri
+        self.objectives = tuple(objectives)  # search.objectives: (metric, mode) pairs; () for one objective
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.tags = tags
@@ -245,6 +251,11 @@ class TrialTracker(Callback):
             # the objective: the metric at the last epoch trained (records.OBJECTIVE)
             epochs = int(last.get("training_iteration", 0))
             objective = [Metric(OBJECTIVE_METRIC, float(value), int(time.time() * 1000), epochs)]
+            # An objective that is Tune's bookkeeping (time_total_s) is no per-epoch metric of the
+            # run: its final value is logged here, under its own name, so MLflow has every objective.
+            objective += [Metric(m, float(last[m]), int(time.time() * 1000), epochs)
+                          for m, _ in getattr(self, "objectives", ()) if m in NOT_METRICS
+                          and isinstance(last.get(m), (int, float)) and math.isfinite(last[m])]
         self.client.log_batch(run_id, metrics=objective, tags=[RunTag(STATUS_TAG, status)])
         self.client.set_terminated(run_id, status=run_status(status))
         self.counts[status] += 1
