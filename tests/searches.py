@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -75,12 +76,34 @@ def search_cmd(folder: Path, space: Path, *extra: str) -> list[str]:
             "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", *extra]
 
 
+def seed_store(folder: Path) -> None:
+    """``folder/mlflow.db``, unless it exists: a copy of an empty MLflow store made once per test
+    process (in the session's cache folder, conftest's KDTUNE_CACHE_DIR). A new store costs about
+    3 s of CPU in MLflow's schema migrations, in every search that makes one; a search then finds a
+    real, current store, as a user's second search does. The searches that make their store
+    themselves (tests/test_faults.py, the plugin search, ``seed=False`` here) keep that path tested."""
+    db = folder / "mlflow.db"
+    if db.exists():
+        return
+    template = Path(os.environ["KDTUNE_CACHE_DIR"]) / "mlflow-template.db"
+    if not template.exists():
+        from mlflow import MlflowClient
+
+        made = template.with_suffix(".making.db")
+        MlflowClient(f"sqlite:///{made}").search_experiments()  # creates and migrates the store
+        made.replace(template)
+    shutil.copyfile(template, db)
+
+
 def start_search(folder: Path, space: Path, *extra: str, ray=None,
-                 env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+                 env_extra: dict[str, str] | None = None, seed: bool = True) -> subprocess.Popen:
     """The search as a user runs it, started: on the session's shared Ray instance when ``ray``
     is given (the ``shared_ray`` fixture), else on a private local one that the search starts (in
     the session's own RAY_TMPDIR, set by conftest). Its output goes to files in ``folder``, so
-    that searches run at once never block on a full pipe."""
+    that searches run at once never block on a full pipe. ``seed``: its MLflow store is made from
+    a template (:func:`seed_store`)."""
+    if seed:
+        seed_store(folder)
     e = {**(ray.env if ray else env()), **(env_extra or {})}
     if ray is not None:
         extra = (*extra, "--address", ray.address)
@@ -102,9 +125,10 @@ def finish_search(folder: Path, proc: subprocess.Popen, timeout: int = 600) -> s
 
 
 def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 600,
-               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+               env_extra: dict[str, str] | None = None, seed: bool = True) -> subprocess.CompletedProcess:
     """:func:`start_search`, waited for."""
-    return finish_search(folder, start_search(folder, space, *extra, ray=ray, env_extra=env_extra), timeout)
+    return finish_search(folder, start_search(folder, space, *extra, ray=ray, env_extra=env_extra, seed=seed),
+                         timeout)
 
 
 def mlflow_run_count(folder: Path, kind: str | None = None) -> int:

@@ -312,7 +312,9 @@ def test_curves_one_row_per_trial_and_epoch(e2e_search: SearchRun) -> None:
 @pytest.mark.slow
 def test_importance_of_the_searched_parameters(e2e_search: SearchRun) -> None:
     found = analysis.load_search(e2e_search.folder)
-    importance = analysis.param_importance(found.trials, found)
+    # a few resamples: the interval itself is tested on made trials (and the report's default, 30,
+    # by the report command and the notebooks)
+    importance = analysis.param_importance(found.trials, found, bootstrap=3)
     scopes = {scope: set(g["param"]) for scope, g in importance.groupby("scope")}
     assert scopes["all"] == {"method", "lr"}
     assert scopes["method=kd"] == {"temperature", "lr"}
@@ -328,7 +330,7 @@ def test_every_plot_writes_a_png(e2e_search: SearchRun, tmp_path: Path) -> None:
     extra = curves.assign(**{"ctkd/temperature": curves["epoch"] + 1.0, "ctkd/temperature_min": 1.0,
                              "ctkd/temperature_max": curves["epoch"] + 3.0, "ctkd/lambda": curves["epoch"] / 4,
                              "sakd/gate_logits": 0.5, "sakd/gate_stage3": curves["epoch"] / 8})
-    importance = analysis.param_importance(trials, found)
+    importance = analysis.param_importance(trials, found, bootstrap=3)
     made = {
         "learning_curves": plots.learning_curves(curves, found.metric, found.milestones, tmp_path / "lc.png"),
         "accuracy_vs_params": plots.accuracy_vs_params(trials, log=found.log_params, path=tmp_path / "ap.png"),

@@ -38,7 +38,7 @@ def child_runs(tmp_path: Path, name: str = "e2e") -> list:
 
 def test_invalid_space_exits_2_naming_the_key(tmp_path: Path) -> None:
     space = write_space(tmp_path, search__mode="maximize", space={"temprature": {"type": "float", "low": 1, "high": 8}})
-    r = run_search(tmp_path, space)
+    r = run_search(tmp_path, space, seed=False)
     assert r.returncode == 2, r.stderr
     assert "search.mode" in r.stderr and "maximize" in r.stderr
     assert "temprature" in r.stderr and "temperature" in r.stderr
@@ -46,7 +46,7 @@ def test_invalid_space_exits_2_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_spec_and_space(tmp_path: Path) -> None:
-    r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run", "--num-samples", "3")
+    r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run", "--num-samples", "3", seed=False)
     assert r.returncode == 0, r.stderr
     assert "num_samples: 3" in r.stdout and "temperature" in r.stdout and "FloatDistribution" in r.stdout
     assert "# a real run would be the search 'e2e'" in r.stdout
@@ -54,7 +54,7 @@ def test_dry_run_prints_spec_and_space(tmp_path: Path) -> None:
     # with a search of that name stored, the dry run names the new search a real run would start
     (tmp_path / "ray" / "e2e").mkdir(parents=True)
     (tmp_path / "ray" / "e2e" / "kdtune_search.json").write_text("{}")
-    r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run")
+    r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run", seed=False)
     assert r.returncode == 0, r.stderr
     assert "# a real run would be the search 'e2e-2': a search named 'e2e' exists" in r.stdout
     assert sorted(os.listdir(tmp_path / "ray")) == ["e2e"] and not (tmp_path / "mlflow.db").exists()
@@ -662,18 +662,23 @@ def test_a_worker_lost_outside_a_trial_restores_the_search(fault_searches) -> No
 # instance: each one's start-up (imports, teacher, MLflow) overlaps the others' trials. They also
 # carry the algorithms that need no search of their own: KDAS's is driven by Optuna's GP sampler,
 # CTKD's by the median-stopping rule, the diverging one by Hyperband.
+# Four searches at once on the shared instance's 2 CPUs: one trial at a time each (a second
+# slot would only start a second trial process, seconds of imports, to wait for a CPU).
 SHORT_SEARCHES = {
     "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
                  space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
                         "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
-                 search__num_samples=3, search__algorithm="gp", scheduler={"type": "none"}),
+                 search={**SPACE["search"], "num_samples": 3, "algorithm": "gp", "max_concurrent": 1},
+                 scheduler={"type": "none"}),
     "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
                  space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
                         "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
-                 search__num_samples=3, scheduler={"type": "median", "grace_period": 1}),
-    "sakd": dict(fixed={**SPACE["fixed"], "teacher": "resnet14", "method": "sakd", "epochs": 3},
+                 search={**SPACE["search"], "num_samples": 3, "max_concurrent": 1},
+                 scheduler={"type": "median", "grace_period": 1}),
+    "sakd": dict(fixed={**SPACE["fixed"], "method": "sakd", "epochs": 3},
                  space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
-                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"}, scheduler={"type": "none"}),
+                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max", "max_concurrent": 1},
+                 scheduler={"type": "none"}),
     "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
                       search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
                       scheduler={"type": "hyperband", "reduction_factor": 2}),

@@ -1,7 +1,7 @@
 """``kdtune bench --overhead``: what the search machinery costs a trial, beyond its training.
 
 Each trial's training is replaced by a fixed sleep (``--step-s``, default 0: a no-op) in a
-trainable that subclasses kdtune's (:class:`NoopTrainable`); everything else is the real
+trainable that subclasses kdtune's (:class:`kdtune.search.noop_trainable.NoopTrainable`); everything else is the real
 ``kdtune search`` path: a private Ray instance, Tune with ``reuse_actors``, the searcher with its
 Optuna study stored in SQLite, ASHA or no scheduler, the MLflow tracker, a checkpoint per epoch,
 the progress lines, the results table. Per algorithm and number of trials it prints
@@ -29,63 +29,8 @@ from typing import Any
 
 import yaml
 
-from kdtune.search.trainable import KDTrainable
-
 ALGORITHMS = ("tpe", "random", "grid")
 WINDOW = 50  # trials per window for the first/last comparison
-
-
-class NoopTrainable(KDTrainable):
-    """A trial whose epoch is ``step_s`` seconds of sleep: no data, no model, no teacher. Its
-    checkpoint is the size of a resnet8's weights and momentum (what a digits trial saves), so the
-    per-epoch checkpoint costs what it costs in a real search."""
-
-    step_s = 0.0
-
-    def _build(self, config: dict[str, Any]) -> None:
-        import torch
-
-        self._last_checkpoint = time.monotonic()
-        self.config_values = dict(config)
-        self.epoch = 0
-        self.max_epochs = self.spec.max_epochs
-        self.state = torch.zeros(2 * 78_000)  # resnet8: 78k parameters, plus SGD momentum
-
-    def _accuracy(self) -> float:
-        lr = float(self.config_values.get("lr") or 0.1)
-        wd = float(self.config_values.get("weight_decay") or 5e-4)
-        # best near lr 0.1, weight decay 5e-4; approaches its final value epoch by epoch
-        final = 95.0 - 12.0 * (math.log10(lr) + 1.0) ** 2 - 4.0 * (math.log10(wd) + 3.3) ** 2
-        return max(final, 10.0) * (1.0 - 0.5 ** self.epoch)
-
-    def step(self) -> dict[str, Any]:
-        if self.step_s > 0:
-            time.sleep(self.step_s)
-        self.epoch += 1
-        acc = self._accuracy()
-        return self.checkpoint_when_due({"val/acc1": acc, "train/loss": 2.3 * (1.0 - acc / 100.0), "train/lr": 0.1,
-                                         "diverged": 0.0, "samples/backprop": 0,
-                                         "done": self.epoch >= self.max_epochs})
-
-    def save_checkpoint(self, checkpoint_dir: str) -> None:
-        import torch
-
-        torch.save({"epoch": self.epoch, "state": self.state}, os.path.join(checkpoint_dir, "noop.pth"))
-        self._last_checkpoint = time.monotonic()
-
-    def load_checkpoint(self, checkpoint: str) -> None:
-        import torch
-
-        saved = torch.load(os.path.join(checkpoint, "noop.pth"), weights_only=True)
-        self.epoch, self.state = saved["epoch"], saved["state"]
-
-
-def sleeping(step_s: float) -> type[NoopTrainable]:
-    """NoopTrainable with this epoch time (a class attribute: Tune pickles the class by reference)."""
-    if step_s <= 0:
-        return NoopTrainable
-    return type(f"NoopTrainable{int(step_s * 1000)}ms", (NoopTrainable,), {"step_s": step_s,
-                                                                            "__module__": __name__})
 
 
 def write_space(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: int, scheduler: str) -> Path:
@@ -119,6 +64,8 @@ def measure(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: 
     from kdtune.search.tracking import child_runs
 
     import pandas as pd
+
+    from kdtune.search.noop_trainable import sleeping
 
     space = write_space(folder, algorithm, trials, epochs, concurrent, scheduler)
     tracking = f"sqlite:///{folder / 'mlflow.db'}"
@@ -179,16 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="default asha, as kdtune's")
     p.add_argument("--keep", default=None, help="keep the searches' folders here (default: a temporary folder)")
     args = p.parse_args(argv)
+    # checked before anything heavy is imported: a mistyped flag costs a second, not a search
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     try:
         counts = [int(t) for t in args.trials.split(",") if t.strip()]
     except ValueError:
         counts = []
+    problems = []
     bad = [a for a in algorithms if a not in ALGORITHMS]
-    if bad or not algorithms or not counts or min(counts) < 2 or args.epochs < 1 or args.step_s < 0 \
-            or args.max_concurrent < 1:
-        print(f"error: --algorithms takes {', '.join(ALGORITHMS)} (got {args.algorithms!r}); --trials integers >= 2 "
-              f"(got {args.trials!r}); --epochs and --max-concurrent >= 1; --step-s >= 0", file=sys.stderr)
+    if bad or not algorithms:
+        problems.append(f"--algorithms {args.algorithms!r}: expected a comma-separated list from "
+                        f"{', '.join(ALGORITHMS)}" + (f" (unknown: {', '.join(bad)})" if bad else ""))
+    if not counts or min(counts) < 2:
+        problems.append(f"--trials {args.trials!r}: expected comma-separated integers >= 2")
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--max-concurrent", args.max_concurrent, 1),
+                             ("--step-s", args.step_s, 0)):
+        if value < low:
+            problems.append(f"{flag} {value!r}: expected a number >= {low}")
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
         return 2
     if (os.cpu_count() or 1) < args.max_concurrent:
         print(f"error: --max-concurrent {args.max_concurrent}: this machine has {os.cpu_count()} CPUs",
