@@ -178,8 +178,10 @@ class Search:
 
 def _objectives(spec: dict) -> list[tuple[str, str]]:
     given = spec["search"].get("objectives") or {}
+    if not given:  # a single-objective spec may be partial (tables made by hand)
+        return []
     metric, mode = spec["search"]["metric"], spec["search"]["mode"]
-    return [(metric, mode), *((m, d) for m, d in given.items() if m != metric)] if given else []
+    return [(metric, mode), *((m, d) for m, d in given.items() if m != metric)]
 
 
 def asha_milestones(max_epochs: int, grace_period: int, reduction_factor: float) -> list[int]:
