@@ -22,6 +22,10 @@ from kdtune.distillers import Distiller
 SCHEDULES = ("step", "cosine", "constant")
 
 
+# An SGD parameter group's settings (base_lr: kdtune's, the LR before the schedule's factor)
+OPTIMIZER_SETTINGS = ("base_lr", "momentum", "weight_decay", "nesterov", "dampening")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Optimiser and schedule. Defaults are the CIFAR-100 reference (mdistiller) recipe.
@@ -265,12 +269,21 @@ class Engine:
             state["sampler"] = self.sampler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], keep_hyperparameters: bool = False) -> None:
+        """Continue from ``state``. ``keep_hyperparameters``: this engine's optimizer settings (base
+        LR, momentum, weight decay per parameter group) over those saved with the state, whose
+        weights and momentum buffers are still taken: what a PBT trial needs after copying another
+        trial's checkpoint with mutated hyperparameters (the method's and sampler's own come from
+        their constructors either way)."""
         loader_rng = self._loader_rng(state["loader"])  # checked before anything is changed
+        own = [{k: g[k] for k in OPTIMIZER_SETTINGS if k in g} for g in self.optimizer.param_groups]
         self.epoch = state["epoch"]
         self.samples_backprop = state["samples_backprop"]
         self.distiller.load_trainable_state_dict(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if keep_hyperparameters:
+            for group, settings in zip(self.optimizer.param_groups, own):
+                group.update(settings)
         # RNG states go back as CPU ByteTensors whatever the checkpoint was mapped to (a state
         # loaded with map_location=<cuda device> would otherwise fail here with a TypeError).
         self.loader.load_state_dict({**state["loader"], "generator": loader_rng})

@@ -126,3 +126,25 @@ def test_cuda_settings_bf16_and_channels_last_run_on_cpu(digits, teacher) -> Non
     plain = run(amp=False, channels_last=False)
     assert math.isfinite(fast["train/loss"])
     assert abs(fast["train/loss"] - plain["train/loss"]) < 0.1 * plain["train/loss"]
+
+
+def test_a_copied_checkpoint_keeps_the_trials_own_hyperparameters(digits, teacher, tmp_path) -> None:
+    """What a PBT trial does after copying another trial's checkpoint: that trial's weights and
+    momentum, its own (mutated) learning rate, weight decay and temperature."""
+    donor = build_engine(_cfg(epochs=4, lr=0.05, weight_decay=5e-4), digits, teacher)
+    _losses(donor, epochs=2)
+    state = donor.state_dict()
+    mutated = build_engine(_cfg(epochs=4, lr=0.08, weight_decay=1e-3, temperature=6.0), digits, teacher)
+    mutated.load_state_dict(state, keep_hyperparameters=True)
+    assert mutated.epoch == 2
+    assert [g["base_lr"] for g in mutated.optimizer.param_groups] == [0.08]
+    assert [g["weight_decay"] for g in mutated.optimizer.param_groups] == [1e-3]
+    assert mutated.distiller.temperature == 6.0
+    for p, q in zip(mutated.distiller.student.parameters(), donor.distiller.student.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(mutated.optimizer.state[p]["momentum_buffer"], donor.optimizer.state[q]["momentum_buffer"])
+    assert next(mutated.run())["lr"] == pytest.approx(0.08 * mutated.recipe.lr_factor(3))
+    # without the flag, the checkpoint's settings come back (an exact resume of the same run)
+    plain = build_engine(_cfg(epochs=4, lr=0.08), digits, teacher)
+    plain.load_state_dict(state)
+    assert [g["base_lr"] for g in plain.optimizer.param_groups] == [0.05]

@@ -124,6 +124,7 @@ def test_gp_hyperband_and_median_are_the_libraries_objects(tmp_path: Path) -> No
 class _Trial:
     def __init__(self, trial_id: str, status: str, config: dict, last: dict | None) -> None:
         self.trial_id, self.status, self.config, self.last_result = trial_id, status, config, last
+        self.path = f"/ray_results/e2e/KDTrainable_{trial_id}"
 
 
 def test_progress_lines_count_trials_and_round_floats() -> None:
@@ -147,12 +148,15 @@ def test_progress_lines_count_trials_and_round_floats() -> None:
     # Tune starts a crashed trial again (and a resumed one): no new trial, not counted again
     progress.on_trial_start(0, trials, running)
     fresh.status = "PENDING"
-    progress.on_trial_start(0, trials, fresh)  # crashed before its first epoch
+    progress.on_trial_recover(0, trials, fresh)  # crashed before its first epoch
+    progress.on_trial_start(0, trials, fresh)
+    progress.on_trial_start(0, trials, running)  # a pause ending (Hyperband, PBT): nothing to say
     lines = out.getvalue().splitlines()
     assert lines[0] == ("[kdtune] trial bbb stopped early after epoch 1: val/acc1 40.00 | "
                         "best 91.25 (trial aaa: lr 0.0462)")
     assert lines[2:] == ["[kdtune] trial eee started (5 of 5): lr 0.01, temperature 4",
                          "[kdtune] trial ddd restarted from its checkpoint after epoch 2",
+                         f"[kdtune] trial eee crashed; retrying from its last checkpoint (its error: {fresh.path}/error.txt)",
                          "[kdtune] trial eee restarted from its first epoch"]
     status = lines[1]
     assert status.startswith("[kdtune] status ") and "\x1b" not in status and "\r" not in status
@@ -679,6 +683,14 @@ SHORT_SEARCHES = {
                  space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
                  search={"algorithm": "grid", "metric": "val/acc1", "mode": "max", "max_concurrent": 1},
                  scheduler={"type": "none"}),
+    # a population of 4 (two at a time: synchronous PBT pauses each trial at every epoch until all
+    # four are there), the bottom half copying the top half
+    "pbt": dict(space={**SPACE["space"], "temperature": {"type": "float", "low": 1.0, "high": 8.0}},
+                search={**SPACE["search"], "algorithm": "random", "num_samples": 4, "max_concurrent": None},
+                scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5}),
+    "pb2": dict(search={**SPACE["search"], "algorithm": "random", "num_samples": 3, "max_concurrent": None},
+                fixed={**SPACE["fixed"], "epochs": 3},
+                scheduler={"type": "pb2", "perturbation_interval": 1, "quantile_fraction": 0.5}),
     "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
                       search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
                       scheduler={"type": "hyperband", "reduction_factor": 2}),
@@ -708,6 +720,47 @@ def test_diverging_trial_ends_clearly_and_search_goes_on(short_searches, shared_
     statuses = {run.data.params["lr"]: (run.data.tags["kdtune.status"], run.info.status) for run in runs}
     assert statuses["1000000000000.0"] == ("diverged", "FAILED")
     assert statuses["0.05"] == ("completed", "FINISHED")
+
+
+@pytest.mark.slow
+def test_pbt_trials_copy_and_mutate_in_a_real_search(short_searches) -> None:
+    tmp_path = short_searches["pbt"].dir
+    table = load_results(tmp_path / "ray" / "e2e").set_index("trial_id")
+    assert len(table) == 4 and (table["status"] == "completed").all() and (table["epochs"] == 4).all()
+    client, runs = child_runs(tmp_path)
+    runs = {run.data.tags["kdtune.trial_id"]: run for run in runs}
+    mutated = table[table["mutations"].fillna("") != ""]
+    assert len(mutated), table["mutations"]  # with half the population copying every epoch, some trial did
+    for tid, row in table.iterrows():
+        run = runs[tid]
+        history = row["mutations"] if isinstance(row["mutations"], str) else ""
+        assert run.data.tags["kdtune.mutations"] == (history or "none")
+        lrs = sorted(client.get_metric_history(run.info.run_id, "pbt/lr"), key=lambda m: m.step)
+        temps = sorted(client.get_metric_history(run.info.run_id, "pbt/temperature"), key=lambda m: m.step)
+        assert [m.step for m in lrs] == [m.step for m in temps] == [1, 2, 3, 4]
+        # the table holds the values in force at the last epoch; the run's params the first ones
+        assert lrs[-1].value == pytest.approx(row["lr"]) and temps[-1].value == pytest.approx(row["temperature"])
+        assert lrs[0].value == pytest.approx(float(run.data.params["lr"]))
+        if history:
+            # "epoch E from <trial>: lr a -> b, temperature c -> d": copied from a trial of this search,
+            # within the space's ranges
+            assert re.match(r"epoch [1-3] from \S+: (lr|temperature) ", history), history
+            assert set(re.findall(r"from (\S+):", history)) <= set(table.index), history
+            assert 0.01 <= row["lr"] <= 0.2 and 1.0 <= row["temperature"] <= 8.0
+        else:
+            assert {m.value for m in lrs} == {float(run.data.params["lr"])}  # never changed
+
+
+@pytest.mark.slow
+def test_pb2_trials_in_a_real_search(short_searches) -> None:
+    tmp_path = short_searches["pb2"].dir
+    assert load_search(tmp_path / "ray" / "e2e").spec["scheduler"]["type"] == "pb2"
+    table = load_results(tmp_path / "ray" / "e2e")
+    assert len(table) == 3 and (table["status"] == "completed").all() and "mutations" in table
+    assert table["lr"].between(0.01, 0.2).all()
+    client, runs = child_runs(tmp_path)
+    for run in runs:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "pbt/lr")] == [1, 2, 3]
 
 
 @pytest.mark.slow

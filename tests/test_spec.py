@@ -129,8 +129,9 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
     (["search.max_concurrent=0"], "--set search.max_concurrent=0: search.max_concurrent: must be >= 1, but got 0"),
     (["scheduler.reduction_factor=1"],
      "--set scheduler.reduction_factor=1: scheduler.reduction_factor: must be > 1, but got 1.0"),
-    (["scheduler.type=pbt"],
-     "--set scheduler.type=pbt: scheduler.type: must be one of asha, hyperband, median, none, but got 'pbt'"),
+    (["scheduler.type=pbt2"],
+     "--set scheduler.type=pbt2: scheduler.type: must be one of asha, hyperband, median, pbt, pb2, none, but got "
+     "'pbt2'"),
     (["scheduler.type=median", "fixed.epochs=10"],
      "space.yaml: scheduler.grace_period: must be <= fixed.epochs (10), but got 12"),
     (["scheduler.type=hyperband", "search.max_concurrent=2"],
@@ -462,8 +463,9 @@ MULTI_BROKEN = [  # (overrides, the one line expected)
     (["scheduler.type=median"],
      "--set scheduler.type=median: scheduler.type: must be none with search.objectives (early stopping ranks trials "
      "by one metric, and a stopped trial's cost counts fewer epochs), but got 'median'"),
-    (["scheduler.type=pbt"],
-     "--set scheduler.type=pbt: scheduler.type: must be one of asha, hyperband, median, none, but got 'pbt'"),
+    (["scheduler.type=pbt", "search.algorithm=random"],
+     "--set scheduler.type=pbt: scheduler.type: must be none with search.objectives (PBT ranks trials by one metric "
+     "and copies the strong ones' weights over the weak ones'), but got 'pbt'"),
     (["search.metric=val/loss"],
      "--set search.metric=val/loss: search.metric: must be one of the metrics of search.objectives (val/acc1, "
      "samples/backprop), or left out, but got 'val/loss'"),
@@ -482,7 +484,7 @@ MULTI_BROKEN = [  # (overrides, the one line expected)
 ]
 
 
-@pytest.mark.parametrize("overrides, expected", MULTI_BROKEN, ids=[o[0] for o, _ in MULTI_BROKEN])
+@pytest.mark.parametrize("overrides, expected", MULTI_BROKEN, ids=[" ".join(o) for o, _ in MULTI_BROKEN])
 def test_broken_objectives_are_one_line_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str],
                                              expected: str) -> None:
     monkeypatch.chdir(tmp_path)
@@ -537,3 +539,76 @@ def test_samples_scored_needs_kdas_in_every_trial(tmp_path: Path) -> None:
     problems = problems_of(write(tmp_path, {**KDAS_SEARCH, "search": {"objectives": scored}}))
     assert problems == [f"{tmp_path / 'space.yaml'}: search.objectives.samples/scored: needs sampler kdas in every "
                         f"trial (only KDAS scores samples), but got sampler 'none'"]
+
+
+# --------------------------------------------------------------------------- pbt and pb2
+
+PBT = {**BASE, "search": {"algorithm": "random", "num_samples": 4}, "scheduler": {"type": "pbt"}}
+PBT_BROKEN = [  # (overrides, the one line expected)
+    (["search.algorithm=tpe"],
+     "--set search.algorithm=tpe: search.algorithm: must be random with scheduler.type pbt (the population starts at "
+     "random and then evolves by copying and mutating), but got 'tpe'"),
+    (["scheduler.perturbation_interval=16"],
+     "--set scheduler.perturbation_interval=16: scheduler.perturbation_interval: must be < fixed.epochs (16): a "
+     "trial is exploited between epochs, but got 16"),
+    (["scheduler.quantile_fraction=0.75"],
+     "--set scheduler.quantile_fraction=0.75: scheduler.quantile_fraction: must be in (0, 0.5] (the bottom fraction "
+     "copies the top one), but got 0.75"),
+    (["scheduler.resample_probability=2"],
+     "--set scheduler.resample_probability=2: scheduler.resample_probability: must be in [0, 1], but got 2.0"),
+    (["scheduler.type=pb2", "scheduler.resample_probability=0.5"],
+     "--set scheduler.resample_probability=0.5: scheduler.resample_probability: applies to pbt only (PB2 picks new "
+     "values with its Gaussian-process bandit)"),
+    (["scheduler.mutate=[kd_weight, temprature]"],
+     "--set scheduler.mutate=[kd_weight, temprature]: scheduler.mutate: 'temprature' is not searched; did you "
+     "mean 'temperature'? (searched: temperature, kd_weight)"),
+    (["space.batch_size={type: int, low: 32, high: 128}", "scheduler.mutate=[batch_size]"],
+     "--set scheduler.mutate=[batch_size]: scheduler.mutate: 'batch_size' cannot change mid-run: a run setting a "
+     "checkpoint fixes (mutable ones: lr, momentum, weight_decay, lr_min, lr_decay_rate)"),
+    (["search.max_concurrent=2"],
+     "--set search.max_concurrent=2: search.max_concurrent: must be unset with scheduler.type pbt (paused trials "
+     "count against it), but got 2; the resources per trial limit how many run at once"),
+    (["confirm.top_k=2"],
+     "--set confirm.top_k=2: confirm.top_k: must be 0 with scheduler.type pbt (a trial's result comes from its "
+     "mutation history, which re-running one configuration does not reproduce), but got 2"),
+    (["scheduler.type=asha", "scheduler.mutate=[temperature]"],
+     "--set scheduler.mutate=[temperature]: scheduler.mutate: applies to scheduler.type pbt and pb2 only, but the type is "
+     "'asha'"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", PBT_BROKEN, ids=[" ".join(o) for o, _ in PBT_BROKEN])
+def test_broken_pbt_settings_are_one_line_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str],
+                                               expected: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, PBT)
+    assert problems_of(Path("space.yaml"), overrides) == [expected]
+
+
+def test_pbt_mutates_every_searched_parameter_that_can_change_mid_run(tmp_path: Path) -> None:
+    space = {**BASE["space"], "batch_size": {"type": "int", "low": 32, "high": 128, "step": 32}}
+    spec = load_spec(write(tmp_path, {**PBT, "space": space}))
+    assert spec.scheduler == "pbt" and spec.mutate == ("temperature", "kd_weight")  # not batch_size
+    assert spec.perturbation_interval == 4  # a quarter of 16 epochs
+    assert spec.resolved["scheduler"]["mutate"] == ["temperature", "kd_weight"]
+    # other schedulers' resolved specs (and their --resume checks) keep their keys
+    assert set(load_spec(write(tmp_path, BASE)).resolved["scheduler"]) == {"type", "grace_period", "reduction_factor"}
+    pb2 = load_spec(write(tmp_path, {**PBT, "scheduler": {"type": "pb2", "perturbation_interval": 2}}))
+    assert pb2.scheduler == "pb2" and pb2.perturbation_interval == 2 and pb2.resample_probability is None
+
+
+def test_pbt_refuses_a_space_with_sub_spaces(tmp_path: Path) -> None:
+    problems = problems_of(write(tmp_path, {**CONDITIONAL, "search": {"algorithm": "random"},
+                                            "scheduler": {"type": "pbt"}}))
+    assert any("scheduler.type pbt needs one fixed set of parameters" in p for p in problems), problems
+
+
+def test_pbt_mutations_stay_in_the_space() -> None:
+    from kdtune.search.pbt import WithinSpace
+    from kdtune.search.space import Param
+
+    explore = WithinSpace([Param("lr", "float", 0.01, 0.2, log=True), Param("warmup", "int", 0, 10),
+                           Param("temperature", "float", 1.0, 8.0, step=0.5)])
+    assert explore({"lr": 0.24, "warmup": 3.6, "temperature": 0.8}) == {"lr": 0.2, "warmup": 4, "temperature": 1.0}
+    assert explore({"lr": 0.05, "warmup": -2, "temperature": 4.3}) == {"lr": 0.05, "warmup": 0, "temperature": 4.5}
+    assert explore({"lr": None}) == {"lr": None}  # an inactive value stays unset

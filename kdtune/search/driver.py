@@ -342,7 +342,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     # On --resume the tracker, progress, searcher and scheduler come back from the experiment state.
     callbacks = None if resume else [
         TrialTracker(tracking_uri, spec.name, parent_id, tags, spec.max_epochs, spec.metric, spec.mode,
-                     run_config=functools.partial(flat_run_config, spec), objectives=spec.objectives),
+                     run_config=functools.partial(flat_run_config, spec), objectives=spec.objectives,
+                     mutate=spec.mutate),
         Progress(spec.num_samples, spec.max_epochs, spec.metric, spec.mode, every_s=status_every,
                  objectives=spec.objectives)]
     tracker = None if resume else callbacks[0]
@@ -448,7 +449,10 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: 
             log_to_file=True, sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=0),
             # Trials ask for their checkpoints (checkpoint_every_s, KDTrainable.checkpoint_when_due):
             # crashed trials retry from the last one and --resume continues from it.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # PBT copies a top trial's latest checkpoint into a weak one, which restores it later:
+            # with one kept, the top trial's next checkpoint could delete it first (Tune warns
+            # below 3).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=3 if spec.scheduler in ("pbt", "pb2") else 1),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
 
 
@@ -492,6 +496,11 @@ def results_table(results, spec: SearchSpec, ended: set[str]):
                     and isinstance(v, (int, float)) and not isinstance(v, bool)})
         rows.append(row)
     table = pd.DataFrame(rows)
+    if spec.mutate and len(table):  # pbt / pb2: each trial's exploits, read from Tune's policy files
+        from kdtune.search.pbt import HISTORY_COLUMN, history_text, trial_history
+
+        table[HISTORY_COLUMN] = [history_text(trial_history(t, analysis.trials, list(spec.mutate)))
+                                 for t in analysis.trials]
     if spec.objectives and len(table):  # after the objectives it is computed from
         table.insert(table.columns.get_loc(f"best_{spec.metric}"), PARETO_COLUMN,
                      pareto_column(table, spec.objectives))

@@ -37,6 +37,9 @@ class Progress(Callback):
         self.start = time.monotonic()
         self.last_status = self.start
         self.seen: set[str] = set()  # trials started at least once
+        # trials whose next start continues from a checkpoint after a crash or a --resume (another
+        # start of a seen trial is a scheduler's pause ending, Hyperband's or PBT's: not news)
+        self.continuing: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "stream": None}  # Tune pickles callbacks into its experiment state
@@ -44,6 +47,7 @@ class Progress(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.pop("started", None)  # the count an experiment state saved by an earlier kdtune holds
         self.__dict__.update({"seen": set(), **state})
+        self.continuing = set(self.seen)  # unpickled: a resumed search, whose trials continue
 
     def setup(self, **info: Any) -> None:
         self.start = self.last_status = time.monotonic()  # a resumed search counts from its restart
@@ -57,8 +61,13 @@ class Progress(Callback):
         # Tune starts a trial again after a crash (a retry) and after --resume: that is not a
         # new trial, so it is not counted again.
         epochs = (trial.last_result or {}).get("training_iteration", 0)
-        restarted = trial.trial_id in self.seen or epochs
-        self.seen.add(trial.trial_id)
+        tid = trial.trial_id
+        restarted = tid in getattr(self, "continuing", set()) or (epochs and tid not in self.seen)
+        paused = tid in self.seen and not restarted
+        self.seen.add(tid)
+        self.__dict__.setdefault("continuing", set()).discard(tid)
+        if paused:
+            return
         if restarted:
             self.say(f"trial {trial.trial_id} restarted from its checkpoint after epoch {epochs}" if epochs else
                      f"trial {trial.trial_id} restarted from its first epoch")
@@ -69,6 +78,7 @@ class Progress(Callback):
         self.say(f"trial {trial.trial_id} started ({started} of {self.total}): {fmt_config(config) or '-'}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.__dict__.setdefault("continuing", set()).add(trial.trial_id)
         self.say(f"trial {trial.trial_id} crashed; retrying from its last checkpoint "
                  f"(its error: {trial.path}/error.txt)")
 

@@ -27,7 +27,10 @@ from kdtune.search.space import Param, Space, parse_space
 SECTIONS = {  # section -> its keys with their defaults (None: computed)
     "search": {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max", "seed": 0,
                "max_concurrent": None, "warm_start": None, "objectives": None},
-    "scheduler": {"type": "asha", "grace_period": None, "reduction_factor": 3},
+    "scheduler": {"type": "asha", "grace_period": None, "reduction_factor": 3,
+                  # pbt and pb2 only (kdtune.search.pbt)
+                  "perturbation_interval": None, "quantile_fraction": 0.25, "resample_probability": 0.25,
+                  "mutate": None},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
     # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
     "confirm": {"top_k": 0, "seeds": 3},
@@ -45,8 +48,10 @@ MODES = ("max", "min")
 # search.objectives: the metrics above (what a trial learned) and what it cost (records.COST_METRICS)
 OBJECTIVE_METRICS = (*METRICS, *COST_METRICS)
 # Schedulers that stop trials early by comparing them on one metric; see _check_objectives.
-STOPPING_SCHEDULERS = ("asha", "hyperband", "median")
-SCHEDULERS = ("asha", "hyperband", "median", "none")
+STOPPING_SCHEDULERS = ("asha", "hyperband", "median", "pbt", "pb2")
+SCHEDULERS = ("asha", "hyperband", "median", "pbt", "pb2", "none")
+POPULATION_SCHEDULERS = ("pbt", "pb2")  # trials copy each other's checkpoints (kdtune.search.pbt)
+PBT_KEYS = ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate")
 PATH_KEYS = ("data_root", "teacher_checkpoint", "cache_dir")
 # Run settings a search must not vary, and why.
 NOT_SEARCHABLE = {
@@ -93,6 +98,12 @@ class SearchSpec:
     confirm_seeds: int = 0  # more seeds per confirmed trial
     # search.objectives as (metric, mode) pairs, (metric, mode) first; empty: one objective
     objectives: tuple[tuple[str, str], ...] = ()
+    # scheduler.type pbt / pb2: epochs between exploits, the fraction copied from and to, PBT's
+    # chance to resample instead of perturb, and the searched parameters a trial may change
+    perturbation_interval: int = 0
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.25
+    mutate: tuple[str, ...] = ()
 
     @property
     def max_epochs(self) -> int:
@@ -109,7 +120,7 @@ class SearchSpec:
         trials reach each next rung (its idealised count: asynchronous promotion lets a few more
         through, so this errs low, towards running the teacher live)."""
         n, top = float(self.trials), self.max_epochs
-        if self.scheduler != "asha":
+        if self.scheduler != "asha":  # pbt and pb2 run every trial to the end, as does none
             return n * top
         total, done, rung = 0.0, 0, self.grace_period
         while rung < top and n >= 1:
@@ -155,6 +166,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     scheduler = _check_scheduler(sections["scheduler"], epochs, problems, default_type="none" if multi else None)
     resources = _check_resources(sections["resources"], problems)
     _check_combination(search, scheduler, space, problems)
+    population = _check_population(search, scheduler, space, epochs, problems)
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
     checkpoint_every_s = _number(raw, "checkpoint_every_s", CHECKPOINT_EVERY_S, "checkpoint_every_s", problems)
     if checkpoint_every_s is not None and checkpoint_every_s < 0:
@@ -162,11 +174,19 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     confirm = _check_confirm(sections["confirm"], problems)
     if multi:
         _check_objectives(search["objectives"], scheduler, confirm, fixed, space, problems)
+    if scheduler["type"] in POPULATION_SCHEDULERS and isinstance(confirm["top_k"], int) and confirm["top_k"] > 0:
+        # A PBT trial's result comes from a schedule of hyperparameters (its mutations) on weights
+        # copied across trials; re-running one configuration from scratch does not reproduce it.
+        problems.add("confirm.top_k", f"must be 0 with scheduler.type {scheduler['type']} (a trial's result comes "
+                                      f"from its mutation history, which re-running one configuration does not "
+                                      f"reproduce), but got {confirm['top_k']}")
     if problems:
         raise ConfigError(problems.render())
     objectives = search.pop("objectives") or ()
     # warm_start and objectives only when set: the resolved spec of a search without them (and its
     # --resume check) stays as it was
+    if scheduler["type"] in POPULATION_SCHEDULERS:  # their keys only then: other searches' resolved specs stay as they were
+        scheduler = {**scheduler, **population}
     resolved = {"name": name, "fixed": fixed, "space": space.to_dict(),
                 "search": {k: v for k, v in search.items() if k != "warm_start" or v is not None},
                 "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
@@ -181,7 +201,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         scheduler=scheduler["type"], grace_period=scheduler["grace_period"],
         reduction_factor=scheduler["reduction_factor"], **resources, max_failures=max_failures,
         checkpoint_every_s=checkpoint_every_s, resolved=copy.deepcopy(resolved), confirm_top_k=confirm["top_k"],
-        confirm_seeds=confirm["seeds"] if confirm["top_k"] else 0, objectives=tuple(objectives))
+        confirm_seeds=confirm["seeds"] if confirm["top_k"] else 0, objectives=tuple(objectives),
+        **({k: population[k] for k in ("perturbation_interval", "quantile_fraction", "resample_probability")}
+           | {"mutate": tuple(population["mutate"])} if scheduler["type"] in POPULATION_SCHEDULERS else {}))
 
 
 # --------------------------------------------------------------------------- problems
@@ -396,7 +418,8 @@ def _check_scheduler(values: dict, epochs: int | None, problems: _Problems,
                      problems)
     if factor is not None and not factor > 1:
         problems.add("scheduler.reduction_factor", f"must be > 1, but got {factor!r}")
-    return {"type": kind, "grace_period": grace, "reduction_factor": factor}
+    # "_given": the section as written, for _check_population (popped there)
+    return {"type": kind, "grace_period": grace, "reduction_factor": factor, "_given": values}
 
 
 def _check_combination(search: dict, scheduler: dict, space: Space, problems: _Problems) -> None:
@@ -414,6 +437,79 @@ def _check_combination(search: dict, scheduler: dict, space: Space, problems: _P
                                               "per trial limit how many run at once")
 
 
+def _check_population(search: dict, scheduler: dict, space: Space, epochs: int | None,
+                      problems: _Problems) -> dict[str, Any]:
+    """scheduler.type pbt / pb2: their settings, and what they cannot go with. Their keys given
+    with another scheduler are refused (they would do nothing)."""
+    from kdtune.search.pbt import mutable
+
+    values, kind = scheduler.pop("_given"), scheduler["type"]
+    if kind not in POPULATION_SCHEDULERS:
+        for key in PBT_KEYS:
+            if key in values:
+                problems.add(f"scheduler.{key}", f"applies to scheduler.type pbt and pb2 only, but the type is "
+                                                 f"{kind!r}")
+        return {}
+    defaults = SECTIONS["scheduler"]
+    top = epochs or RunConfig.epochs
+    interval = _integer(values, "perturbation_interval", max(1, top // 4), "scheduler.perturbation_interval",
+                        problems, 1)
+    if isinstance(interval, int) and interval >= top:
+        problems.add("scheduler.perturbation_interval", f"must be < fixed.epochs ({top}): a trial is exploited "
+                                                        f"between epochs, but got {interval}")
+    fraction = _number(values, "quantile_fraction", defaults["quantile_fraction"], "scheduler.quantile_fraction",
+                       problems)
+    if fraction is not None and not 0 < fraction <= 0.5:
+        problems.add("scheduler.quantile_fraction", f"must be in (0, 0.5] (the bottom fraction copies the top one), "
+                                                    f"but got {fraction!r}")
+    resample = _number(values, "resample_probability", defaults["resample_probability"],
+                       "scheduler.resample_probability", problems)
+    if kind == "pb2" and "resample_probability" in values:
+        problems.add("scheduler.resample_probability", "applies to pbt only (PB2 picks new values with its "
+                                                        "Gaussian-process bandit)")
+    elif resample is not None and not 0 <= resample <= 1:
+        problems.add("scheduler.resample_probability", f"must be in [0, 1], but got {resample!r}")
+    if search["algorithm"] != "random":
+        # Tune refuses a searcher beside PBT (its population starts random, then evolves); a grid
+        # is a fixed set of points that exploits would overwrite.
+        problems.add("search.algorithm", f"must be random with scheduler.type {kind} (the population starts at "
+                                         f"random and then evolves by copying and mutating), but got "
+                                         f"{search['algorithm']!r}")
+    if search["max_concurrent"] is not None:
+        # The population waits for its slowest trial at every perturbation epoch (synchronous PBT,
+        # kdtune.search.pbt.build); paused trials count against the limit, so a cap below the
+        # population would leave every trial waiting.
+        problems.add("search.max_concurrent", f"must be unset with scheduler.type {kind} (paused trials count "
+                                              f"against it), but got {search['max_concurrent']}; the resources "
+                                              "per trial limit how many run at once")
+    if space.conditionals:
+        problems.add("space", f"scheduler.type {kind} needs one fixed set of parameters (a trial copies another's "
+                              f"checkpoint, which must be of the same method and sampler), but the space searches "
+                              f"{', '.join(space.conditionals)} with sub-spaces")
+        return {}
+    names = values.get("mutate")
+    candidates = {n: p for n, p in space.params.items() if mutable(n, p) is None}
+    if names is None:
+        names = list(candidates)
+        if not names:
+            problems.add("scheduler.mutate", f"scheduler.type {kind} needs a searched parameter that can change "
+                                             f"mid-run, but none of {', '.join(space.params) or 'the space'} can: "
+                                             + "; ".join(f"{n}: {mutable(n, p)}" for n, p in space.params.items()))
+    elif not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        problems.add("scheduler.mutate", f"expected a list of searched parameters, such as [lr, temperature], "
+                                         f"but got {names!r}")
+        names = []
+    else:
+        for n in names:
+            if n not in space.params:
+                problems.add("scheduler.mutate", f"{n!r} is not searched{did_you_mean(n, list(space.params))} "
+                                                 f"(searched: {', '.join(space.params)})")
+            elif mutable(n, space.params[n]) is not None:
+                problems.add("scheduler.mutate", f"{n!r} cannot change mid-run: {mutable(n, space.params[n])}")
+    return {"perturbation_interval": interval, "quantile_fraction": fraction,
+            "resample_probability": resample if kind == "pbt" else None, "mutate": list(names)}
+
+
 def _check_objectives(objectives: tuple[tuple[str, str], ...], scheduler: dict, confirm: dict, fixed: dict,
                       space: Space, problems: _Problems) -> None:
     """What cannot go with several objectives. Any algorithm can: tpe and gp are Optuna samplers
@@ -422,9 +518,12 @@ def _check_objectives(objectives: tuple[tuple[str, str], ...], scheduler: dict, 
     if scheduler["type"] in STOPPING_SCHEDULERS:
         # ASHA, Hyperband and the median rule compare trials on one metric, so they would stop the
         # cheap, slightly less accurate trials the front is for; and a stopped trial's cost is that
-        # of fewer epochs, which would look like a cheap trial on the front.
-        problems.add("scheduler.type", f"must be none with search.objectives (early stopping ranks trials by one "
-                                       f"metric, and a stopped trial's cost counts fewer epochs), but got "
+        # of fewer epochs, which would look like a cheap trial on the front. PBT and PB2 rank on
+        # one metric too, and replace the weak trials' weights with the strong ones'.
+        why = ("PBT ranks trials by one metric and copies the strong ones' weights over the weak ones'"
+               if scheduler["type"] in POPULATION_SCHEDULERS else
+               "early stopping ranks trials by one metric, and a stopped trial's cost counts fewer epochs")
+        problems.add("scheduler.type", f"must be none with search.objectives ({why}), but got "
                                        f"{scheduler['type']!r}")
     if isinstance(confirm["top_k"], int) and confirm["top_k"] > 0:
         # The top k of a front is not defined: its trials are each best at some trade-off.

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray.tune import Callback
 
+from kdtune.search.pbt import METRIC_PREFIX as PBT_PREFIX
 from kdtune.search.records import (NOT_METRICS, OBJECTIVE_METRIC, PARENT_TAG, RUN_FILE, STATUS_TAG, STATUSES,
                                    TRIAL_TAG, is_better, run_metrics, trial_status)
 
@@ -116,8 +117,11 @@ class TrialTracker(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, tags: dict[str, str],
                  max_epochs: int, metric: str, mode: str, run_config=None,
-                 objectives: tuple[tuple[str, str], ...] = ()) -> None:
+                 objectives: tuple[tuple[str, str], ...] = (), mutate: tuple[str, ...] = ()) -> None:
         self.tracking_uri = tracking_uri
+        # scheduler pbt / pb2: the parameters a trial may change mid-run, logged each epoch
+        # (pbt/<name>: the value it trained with) and, when it ends, its exploits (a tag)
+        self.mutate = tuple(mutate)
         self.objectives = tuple(objectives)  # search.objectives: (metric, mode) pairs; () for one objective
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -230,6 +234,8 @@ class TrialTracker(Callback):
         if epoch > self.logged.get(tid, 0):
             ts = int(time.time() * 1000)
             metrics = [Metric(k, float(v), ts, epoch) for k, v in run_metrics(result, finite=True).items()]
+            metrics += [Metric(f"{PBT_PREFIX}{name}", float(trial.config[name]), ts, epoch)
+                        for name in getattr(self, "mutate", ()) if isinstance(trial.config.get(name), (int, float))]
             # Synchronous, a few ms of SQLite: MLflow's asynchronous logging costs more, because
             # closing a run (set_terminated) joins its logging thread, which polls its queue once a
             # second; that stalled Tune's loop about a second per trial (kdtune bench --overhead).
@@ -256,7 +262,14 @@ class TrialTracker(Callback):
             objective += [Metric(m, float(last[m]), int(time.time() * 1000), epochs)
                           for m, _ in getattr(self, "objectives", ()) if m in NOT_METRICS
                           and isinstance(last.get(m), (int, float)) and math.isfinite(last[m])]
-        self.client.log_batch(run_id, metrics=objective, tags=[RunTag(STATUS_TAG, status)])
+        tags = [RunTag(STATUS_TAG, status)]
+        if getattr(self, "mutate", ()):
+            from kdtune.search.pbt import HISTORY_TAG, history_text, trial_history
+
+            # MLflow caps a tag's value (5,000 characters in MLflow 2); the results table has it all
+            text = history_text(trial_history(trial, trials, list(self.mutate)))
+            tags.append(RunTag(HISTORY_TAG, (text or "none")[:5000]))
+        self.client.log_batch(run_id, metrics=objective, tags=tags)
         self.client.set_terminated(run_id, status=run_status(status))
         self.counts[status] += 1
         if self.best_series:

@@ -101,7 +101,11 @@ class KDTrainable(tune.Trainable):
         self._last_checkpoint = time.monotonic()
 
     def load_checkpoint(self, checkpoint: str) -> None:
-        self.engine.load_state_dict(read_engine_state(os.path.join(checkpoint, "engine.pth")))
+        # The trial's own hyperparameters (its config) over the checkpoint's: the same values when a
+        # trial resumes or retries; under PBT the checkpoint is another trial's, and the config
+        # that trial's hyperparameters mutated (kdtune.search.pbt), which must take effect.
+        self.engine.load_state_dict(read_engine_state(os.path.join(checkpoint, "engine.pth")),
+                                    keep_hyperparameters=True)
         self._last_checkpoint = time.monotonic()
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
