@@ -118,6 +118,21 @@ def e2e_search(tmp_path_factory, shared_ray):
     return e2e_search(tmp_path_factory.mktemp("e2e"), shared_ray)
 
 
+@pytest.fixture(scope="session")
+def short_searches(tmp_path_factory, shared_ray):
+    """The short searches, the multi-objective one and the faulty ones, run at once on the
+    session's shared Ray instance (tests/searches.py: SHORT_SEARCHES, MO_SPACE, FAULTS)."""
+    import searches
+
+    return searches.short_searches(tmp_path_factory, shared_ray)
+
+
+@pytest.fixture(scope="session")
+def fault_searches(short_searches):
+    """The searches with a fault ("crashed", "lost"): part of the short searches' batch."""
+    return short_searches
+
+
 # A session fixture is made once per xdist worker: the tests that read one shared search run in
 # one worker (an xdist group named after the fixture), or the search would run once per worker.
 SHARED_SEARCHES = ("e2e_search", "short_searches", "fault_searches")

@@ -184,3 +184,132 @@ def e2e_search(folder: Path, ray) -> SearchRun:
     start a private local instance, the default a user gets, are in test_search and test_faults)."""
     r = run_search(folder, write_space(folder, E2E_SPACE), "--status-every", "2", ray=ray)
     return SearchRun.of(folder, r)
+
+
+FLAKY_PLUGIN = '''
+"""A KD variant that crashes in epoch 2: once (like a lost worker), or every time."""
+from pathlib import Path
+
+from kdtune.distillers import METHODS
+from kdtune.distillers.kd import KD
+
+
+@METHODS.register("flaky_kd")
+class FlakyKD(KD):
+    def __init__(self, student, teacher, *, crash_always: bool = False, temperature: float = 4.0) -> None:
+        super().__init__(student, teacher, temperature=temperature)
+        self.crash_always = crash_always
+
+    def on_epoch_start(self, epoch, num_epochs):
+        super().on_epoch_start(epoch, num_epochs)
+        print(f"flaky_kd epoch {epoch}")
+        marker = Path(__file__).parent / f"crashed-{self.crash_always}"
+        if epoch == 2 and (self.crash_always or not marker.exists()):
+            marker.touch()
+            raise RuntimeError("simulated crash")
+'''
+
+
+LOST_WORKER_PLUGIN = '''
+"""In the search's driver only: Ray raises ActorUnavailableError out of Tuner.fit once, after a
+trial reported its first epoch, as it did once under load (issue 14)."""
+import os
+from pathlib import Path
+
+from ray.exceptions import ActorUnavailableError
+
+from kdtune.search.progress import Progress
+
+_on_step_end = Progress.on_step_end
+
+
+def on_step_end(self, iteration, trials, **info):
+    marker = Path(os.environ["LOST_MARKER"])
+    if not marker.exists() and any(t.last_result.get("training_iteration", 0) >= 1 for t in trials):
+        marker.touch()
+        raise ActorUnavailableError("RpcError: Socket closed (simulated)", None)
+    return _on_step_end(self, iteration, trials, **info)
+
+
+Progress.on_step_end = on_step_end
+'''
+
+
+# The short searches run at once on the shared instance (the ``short_searches`` fixture): each
+# one's start-up (imports, teacher, MLflow) and its waits overlap the others' trials. They carry the
+# methods (KDAS, CTKD, SAKD), the algorithms and schedulers that need no search of their own
+# (Optuna's GP sampler, the median-stopping rule, Hyperband with a diverging trial, PBT, PB2),
+# several objectives, and the faults (a crashing trial, a worker lost in the driver). On the
+# instance's 2 CPUs, one trial at a time each where a search allows it (a second slot would only
+# start a second trial process, seconds of imports, to wait for a CPU).
+#
+# Several objectives: 4 trials of KD + KDAS on digits, 2 epochs each (the ratio goes from
+# start_rate to end_rate), two at a time: trials that train on fewer samples for a little accuracy,
+# or not (tests/test_multiobjective.py reads it).
+MO_SPACE = {**SPACE,
+            "fixed": {**FIXED, "sampler": "kdas", "epochs": 2},
+            "space": {"start_rate": {"type": "float", "low": 0.4, "high": 1.0},
+                      "end_rate": {"type": "float", "low": 0.1, "high": 0.4}},
+            "search": {"algorithm": "tpe", "num_samples": 4, "seed": 0, "max_concurrent": 2,
+                       "objectives": {"val/acc1": "max", "samples/backprop": "min"}},
+            "scheduler": {"type": "none"}}
+SHORT_SEARCHES = {
+    "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
+                 space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
+                        "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
+                 search={**SPACE["search"], "num_samples": 3, "algorithm": "gp", "max_concurrent": 1},
+                 scheduler={"type": "none"}),
+    "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
+                 space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
+                        "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
+                 search={**SPACE["search"], "num_samples": 3, "max_concurrent": 1},
+                 scheduler={"type": "median", "grace_period": 1}),
+    "sakd": dict(fixed={**SPACE["fixed"], "method": "sakd", "epochs": 3},
+                 space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
+                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max", "max_concurrent": 1},
+                 scheduler={"type": "none"}),
+    # a population of 4 (two at a time: synchronous PBT pauses each trial at every epoch until all
+    # four are there), the bottom half copying the top half
+    "pbt": dict(space={**SPACE["space"], "temperature": {"type": "float", "low": 1.0, "high": 8.0}},
+                search={**SPACE["search"], "algorithm": "random", "num_samples": 4, "max_concurrent": None},
+                scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5}),
+    "pb2": dict(search={**SPACE["search"], "algorithm": "random", "num_samples": 3, "max_concurrent": None},
+                fixed={**SPACE["fixed"], "epochs": 3},
+                scheduler={"type": "pb2", "perturbation_interval": 1, "quantile_fraction": 0.5}),
+    "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
+                      search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                      scheduler={"type": "hyperband", "reduction_factor": 2}),
+}
+# searches with a fault: their plugin, written into their folder (the search forwards KDTUNE_PLUGINS
+# to the cluster's workers, and Ray puts the search's folder on their path), and its environment
+FAULTS = {
+    # one trial crashes once, one always (a plugin method)
+    "crashed": (dict(fixed={**SPACE["fixed"], "method": "flaky_kd", "epochs": 3},
+                     space={"crash_always": {"type": "categorical", "choices": [False, True]}},
+                     search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                     scheduler={"type": "none"}, max_failures=1, checkpoint_every_s=0),
+                ("flaky_plugin", FLAKY_PLUGIN), {}),
+    # a RayActorError escapes Tune in the driver once
+    "lost": (dict(search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=3),
+             ("lost_worker", LOST_WORKER_PLUGIN), {"LOST_MARKER": "{folder}/lost"}),
+}
+
+
+def short_searches(tmp_path_factory, ray) -> dict[str, SearchRun]:
+    """Every search of SHORT_SEARCHES, MO_SPACE ("objectives") and FAULTS, run at once on ``ray``;
+    each finished one's exit status checked, except the faults' (their tests check them)."""
+    started = {}
+    for name, changes in {**SHORT_SEARCHES, "objectives": dict(base=MO_SPACE)}.items():
+        folder = tmp_path_factory.mktemp(name)
+        started[name] = (folder, start_search(folder, write_space(folder, **changes), "--status-every", "60", ray=ray))
+    for name, (changes, (module, code), extra) in FAULTS.items():
+        folder = tmp_path_factory.mktemp(name)
+        (folder / f"{module}.py").write_text(code)
+        env_extra = {"KDTUNE_PLUGINS": module, "PYTHONPATH": os.pathsep.join([str(folder), ray.env["PYTHONPATH"]]),
+                     **{k: v.format(folder=folder) for k, v in extra.items()}}
+        started[name] = (folder, start_search(folder, write_space(folder, **changes), ray=ray, env_extra=env_extra))
+    runs = run_at_once(started)
+    for name, run in runs.items():
+        if name not in FAULTS:
+            run.check()
+    return runs

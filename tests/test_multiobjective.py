@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from kdtune.search.records import dominates, fmt_config, pareto_column, pareto_front
 from kdtune.search.spec import load_spec
-from searches import FIXED, SPACE, SearchRun, run_search, write_space
+from searches import FIXED, SPACE
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -171,15 +171,6 @@ def test_the_reports_front_table_puts_the_search_metric_first() -> None:
 # ---------------------------------------------------------------------------- a real search
 
 
-# 4 trials of KD + KDAS on digits, 2 epochs each (the ratio goes from start_rate to end_rate), two
-# at a time: trials that train on fewer samples for a little accuracy, or not.
-MO_SPACE = {**SPACE,
-            "fixed": {**FIXED, "sampler": "kdas", "epochs": 2},
-            "space": {"start_rate": {"type": "float", "low": 0.4, "high": 1.0},
-                      "end_rate": {"type": "float", "low": 0.1, "high": 0.4}},
-            "search": {"algorithm": "tpe", "num_samples": 4, "seed": 0, "max_concurrent": 2,
-                       "objectives": {"val/acc1": "max", "samples/backprop": "min"}},
-            "scheduler": {"type": "none"}}
 TRAIN_IMAGES = 1138  # digits' training split: its 1,797 images less the test split (20 %) and 300 for validation
 
 
@@ -193,10 +184,10 @@ def _mlflow_tags(db: Path, key: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_a_search_with_two_objectives_reports_its_pareto_front(tmp_path: Path, shared_ray) -> None:
-    r = SearchRun.of(tmp_path, run_search(tmp_path, write_space(tmp_path, MO_SPACE), "--status-every", "60",
-                                          ray=shared_ray))
-    r.check()
+def test_a_search_with_two_objectives_reports_its_pareto_front(short_searches) -> None:
+    # MO_SPACE: 4 trials of KD + KDAS on digits, 2 epochs each (tests/searches.py)
+    r = short_searches["objectives"]
+    tmp_path = r.dir
     table = pd.read_csv(r.folder / "results.csv")
     columns = list(table.columns)
     # each objective's column, then the front's, after the first objective (and before best_<metric>)

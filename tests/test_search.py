@@ -24,7 +24,7 @@ from kdtune.analysis import load_mlflow, load_results, load_search
 from kdtune.search.spec import load_spec
 import processes
 from ray_instance import RayInstance, short_tmpdir
-from searches import (E2E_SPACE, SPACE, SearchRun, env, finish_search, mlflow_run_count, run_at_once, run_search, search_cmd,
+from searches import (E2E_SPACE, SPACE, env, finish_search, mlflow_run_count, run_search, search_cmd,
                       start_search, write_space)
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
@@ -542,54 +542,6 @@ def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu
     assert (load_search(tmp_path / "ray" / "e2e").trials["gpus_per_trial"] == 0.25).all()
 
 
-FLAKY_PLUGIN = '''
-"""A KD variant that crashes in epoch 2: once (like a lost worker), or every time."""
-from pathlib import Path
-
-from kdtune.distillers import METHODS
-from kdtune.distillers.kd import KD
-
-
-@METHODS.register("flaky_kd")
-class FlakyKD(KD):
-    def __init__(self, student, teacher, *, crash_always: bool = False, temperature: float = 4.0) -> None:
-        super().__init__(student, teacher, temperature=temperature)
-        self.crash_always = crash_always
-
-    def on_epoch_start(self, epoch, num_epochs):
-        super().on_epoch_start(epoch, num_epochs)
-        print(f"flaky_kd epoch {epoch}")
-        marker = Path(__file__).parent / f"crashed-{self.crash_always}"
-        if epoch == 2 and (self.crash_always or not marker.exists()):
-            marker.touch()
-            raise RuntimeError("simulated crash")
-'''
-
-
-@pytest.fixture(scope="session")
-def fault_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
-    """Two searches with a fault, run at once on the shared instance: "crashed" (a plugin method:
-    one trial crashes once, one always; the search forwards KDTUNE_PLUGINS to the cluster's
-    workers, and Ray puts the search's folder on their path) and "lost" (a RayActorError escapes
-    Tune in the driver once)."""
-    crashed, lost = tmp_path_factory.mktemp("crashed"), tmp_path_factory.mktemp("lost")
-    (crashed / "flaky_plugin.py").write_text(FLAKY_PLUGIN)
-    (lost / "lost_worker.py").write_text(LOST_WORKER_PLUGIN)
-    return run_at_once({
-        "crashed": (crashed, start_search(
-            crashed, write_space(crashed, fixed={**SPACE["fixed"], "method": "flaky_kd", "epochs": 3},
-                                 space={"crash_always": {"type": "categorical", "choices": [False, True]}},
-                                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
-                                 scheduler={"type": "none"}, max_failures=1, checkpoint_every_s=0),
-            ray=shared_ray, env_extra={"KDTUNE_PLUGINS": "flaky_plugin",
-                                       "PYTHONPATH": os.pathsep.join([str(crashed), shared_ray.env["PYTHONPATH"]])})),
-        "lost": (lost, start_search(
-            lost, write_space(lost, search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=3),
-            ray=shared_ray, env_extra={"KDTUNE_PLUGINS": "lost_worker", "LOST_MARKER": str(lost / "lost"),
-                                       "PYTHONPATH": os.pathsep.join([str(lost), shared_ray.env["PYTHONPATH"]])})),
-    })
-
-
 @pytest.mark.slow
 def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(fault_searches) -> None:
     fault_searches["crashed"].check()
@@ -618,31 +570,6 @@ def test_crashed_trial_is_retried_from_its_checkpoint_then_failed(fault_searches
     assert by_value["True"].info.status == "FAILED" and by_value["True"].data.tags["kdtune.status"] == "failed"
 
 
-LOST_WORKER_PLUGIN = '''
-"""In the search's driver only: Ray raises ActorUnavailableError out of Tuner.fit once, after a
-trial reported its first epoch, as it did once under load (issue 14)."""
-import os
-from pathlib import Path
-
-from ray.exceptions import ActorUnavailableError
-
-from kdtune.search.progress import Progress
-
-_on_step_end = Progress.on_step_end
-
-
-def on_step_end(self, iteration, trials, **info):
-    marker = Path(os.environ["LOST_MARKER"])
-    if not marker.exists() and any(t.last_result.get("training_iteration", 0) >= 1 for t in trials):
-        marker.touch()
-        raise ActorUnavailableError("RpcError: Socket closed (simulated)", None)
-    return _on_step_end(self, iteration, trials, **info)
-
-
-Progress.on_step_end = on_step_end
-'''
-
-
 @pytest.mark.slow
 def test_a_worker_lost_outside_a_trial_restores_the_search(fault_searches) -> None:
     fault_searches["lost"].check()
@@ -660,52 +587,6 @@ def test_a_worker_lost_outside_a_trial_restores_the_search(fault_searches) -> No
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")) == [1, 2, 3]
     parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
-
-
-# The short searches (KDAS, CTKD, SAKD, one with a diverging trial) run at once on the shared
-# instance: each one's start-up (imports, teacher, MLflow) overlaps the others' trials. They also
-# carry the algorithms that need no search of their own: KDAS's is driven by Optuna's GP sampler,
-# CTKD's by the median-stopping rule, the diverging one by Hyperband.
-# Four searches at once on the shared instance's 2 CPUs: one trial at a time each (a second
-# slot would only start a second trial process, seconds of imports, to wait for a CPU).
-SHORT_SEARCHES = {
-    "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
-                 space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
-                        "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
-                 search={**SPACE["search"], "num_samples": 3, "algorithm": "gp", "max_concurrent": 1},
-                 scheduler={"type": "none"}),
-    "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
-                 space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
-                        "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},
-                 search={**SPACE["search"], "num_samples": 3, "max_concurrent": 1},
-                 scheduler={"type": "median", "grace_period": 1}),
-    "sakd": dict(fixed={**SPACE["fixed"], "method": "sakd", "epochs": 3},
-                 space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
-                 search={"algorithm": "grid", "metric": "val/acc1", "mode": "max", "max_concurrent": 1},
-                 scheduler={"type": "none"}),
-    # a population of 4 (two at a time: synchronous PBT pauses each trial at every epoch until all
-    # four are there), the bottom half copying the top half
-    "pbt": dict(space={**SPACE["space"], "temperature": {"type": "float", "low": 1.0, "high": 8.0}},
-                search={**SPACE["search"], "algorithm": "random", "num_samples": 4, "max_concurrent": None},
-                scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5}),
-    "pb2": dict(search={**SPACE["search"], "algorithm": "random", "num_samples": 3, "max_concurrent": None},
-                fixed={**SPACE["fixed"], "epochs": 3},
-                scheduler={"type": "pb2", "perturbation_interval": 1, "quantile_fraction": 0.5}),
-    "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
-                      search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
-                      scheduler={"type": "hyperband", "reduction_factor": 2}),
-}
-
-
-@pytest.fixture(scope="session")
-def short_searches(tmp_path_factory, shared_ray) -> dict[str, SearchRun]:
-    """Each short search, finished (its exit status checked)."""
-    folders = {name: tmp_path_factory.mktemp(name) for name in SHORT_SEARCHES}
-    runs = run_at_once({name: (folder, start_search(folder, write_space(folder, **SHORT_SEARCHES[name]),
-                                                    ray=shared_ray)) for name, folder in folders.items()})
-    for run in runs.values():
-        run.check()
-    return runs
 
 
 @pytest.mark.slow
