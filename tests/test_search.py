@@ -45,18 +45,26 @@ def test_invalid_space_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert not (tmp_path / "ray").exists()
 
 
-def test_dry_run_prints_spec_and_space(tmp_path: Path) -> None:
-    r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run", "--num-samples", "3", seed=False)
-    assert r.returncode == 0, r.stderr
-    assert "num_samples: 3" in r.stdout and "temperature" in r.stdout and "FloatDistribution" in r.stdout
-    assert "# a real run would be the search 'e2e'" in r.stdout
+def test_dry_run_prints_spec_and_space(tmp_path: Path, capsys) -> None:
+    from kdtune.search.driver import main
+
+    # in this process (a dry run starts nothing): the command's own main, as `kdtune search` calls it
+    def dry_run(*extra: str) -> tuple[int, str]:
+        rc = main([str(write_space(tmp_path, E2E_SPACE)), "--storage-path", str(tmp_path / "ray"),
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--dry-run", *extra])
+        return rc, capsys.readouterr().out
+
+    rc, out = dry_run("--num-samples", "3")
+    assert rc == 0, out
+    assert "num_samples: 3" in out and "temperature" in out and "FloatDistribution" in out
+    assert "# a real run would be the search 'e2e'" in out
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
     # with a search of that name stored, the dry run names the new search a real run would start
     (tmp_path / "ray" / "e2e").mkdir(parents=True)
     (tmp_path / "ray" / "e2e" / "kdtune_search.json").write_text("{}")
-    r = run_search(tmp_path, write_space(tmp_path, E2E_SPACE), "--dry-run", seed=False)
-    assert r.returncode == 0, r.stderr
-    assert "# a real run would be the search 'e2e-2': a search named 'e2e' exists" in r.stdout
+    rc, out = dry_run()
+    assert rc == 0, out
+    assert "# a real run would be the search 'e2e-2': a search named 'e2e' exists" in out
     assert sorted(os.listdir(tmp_path / "ray")) == ["e2e"] and not (tmp_path / "mlflow.db").exists()
 
 
