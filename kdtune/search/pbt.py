@@ -103,8 +103,22 @@ def original_tags(trials: list) -> dict[str, str]:
 
 
 def trial_history(trial, trials: list, names: list[str]) -> list[dict[str, Any]]:
-    """:func:`history` of a Tune ``trial`` among ``trials``."""
-    return history(Path(trial.local_experiment_path), trial.trial_id, names, original_tags(trials))
+    """:func:`history` of a Tune ``trial`` among ``trials``. Tune writes the policy files in the
+    driver's staging folder and copies them to the search's folder: after a --resume the new
+    staging folder holds only the trials exploited since, so the search's folder is read for
+    the others."""
+    tags = original_tags(trials)
+    folders = []
+    try:
+        folders.append(Path(trial.local_experiment_path))
+    except AssertionError:  # Tune names its staging folder only while Ray is up
+        pass
+    if trial.path and "://" not in str(trial.path):
+        folders.append(Path(trial.path).parent)
+    for folder in folders:
+        if (folder / POLICY_FILE.format(trial_id=trial.trial_id)).is_file():
+            return history(folder, trial.trial_id, names, tags)
+    return []
 
 
 def history(experiment: Path, trial_id: str, names: list[str], tags: dict[str, str]) -> list[dict[str, Any]]:
