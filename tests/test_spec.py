@@ -484,14 +484,6 @@ MULTI_BROKEN = [  # (overrides, the one line expected)
 ]
 
 
-@pytest.mark.parametrize("overrides, expected", MULTI_BROKEN, ids=[" ".join(o) for o, _ in MULTI_BROKEN])
-def test_broken_objectives_are_one_line_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str],
-                                             expected: str) -> None:
-    monkeypatch.chdir(tmp_path)
-    write(tmp_path, MULTI)
-    assert problems_of(Path("space.yaml"), overrides) == [expected]
-
-
 def test_objectives_resolve_with_the_first_metric_as_the_search_metric(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, MULTI))
     assert spec.objectives == (("val/acc1", "max"), ("samples/backprop", "min"))
@@ -577,11 +569,15 @@ PBT_BROKEN = [  # (overrides, the one line expected)
 ]
 
 
-@pytest.mark.parametrize("overrides, expected", PBT_BROKEN, ids=[" ".join(o) for o, _ in PBT_BROKEN])
-def test_broken_pbt_settings_are_one_line_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str],
-                                               expected: str) -> None:
+ONE_LINE = [("objectives", MULTI, o, e) for o, e in MULTI_BROKEN] + [("pbt", PBT, o, e) for o, e in PBT_BROKEN]
+
+
+@pytest.mark.parametrize("base, overrides, expected", [case[1:] for case in ONE_LINE],
+                         ids=[f"{name}: {' '.join(o)}" for name, _, o, _ in ONE_LINE])
+def test_broken_objectives_and_pbt_settings_are_one_line_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              base: dict, overrides: list[str], expected: str) -> None:
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, PBT)
+    write(tmp_path, base)
     assert problems_of(Path("space.yaml"), overrides) == [expected]
 
 
