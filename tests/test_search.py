@@ -638,6 +638,12 @@ def test_pbt_trials_copy_and_mutate_in_a_real_search(short_searches) -> None:
             assert 0.01 <= row["lr"] <= 0.2 and 1.0 <= row["temperature"] <= 8.0
         else:
             assert {m.value for m in lrs} == {float(run.data.params["lr"])}  # never changed
+    # read back from MLflow: the same final values and histories as the search's folder
+    from_mlflow = load_search("e2e", tracking_uri=short_searches["pbt"].uri).trials.set_index("trial_id")
+    text = lambda value: value if isinstance(value, str) else ""  # noqa: E731 (NaN, None: no history)
+    for tid, row in table.iterrows():
+        assert from_mlflow.loc[tid, ["lr", "temperature"]].tolist() == pytest.approx([row["lr"], row["temperature"]])
+        assert text(from_mlflow.loc[tid, "mutations"]) == text(row["mutations"])
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from kdtune.search.records import (NOT_METRICS, OBJECTIVE_METRIC, PARENT_TAG, PA
                                    STATE_FILE, STATUS_TAG, TRIAL_TAG, is_own_metric, objective_column, pareto_column,
                                    resolve_tracking_uri, run_metrics)
 from kdtune.search.space import parse_space
+from kdtune.search.pbt import HISTORY_COLUMN, HISTORY_TAG, METRIC_PREFIX as PBT_PREFIX
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
 FINISHED = ("completed", "stopped early")
@@ -108,6 +109,13 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
         # After the metrics: a hyperparameter named like a metric (``lr``, also the scheduled
         # learning rate of the last epoch) keeps the trial's value.
         row.update(run.data.params)
+        # PBT (kdtune.search.pbt): the values in force at the last epoch, as the results table holds
+        # them (the params are the first ones), and the trial's mutation history
+        for key, value in run.data.metrics.items():
+            if key.startswith(PBT_PREFIX):
+                row[key[len(PBT_PREFIX):]] = value
+        if HISTORY_TAG in run.data.tags:  # "none": never copied another trial (an empty cell, as in results.csv)
+            row[HISTORY_COLUMN] = None if run.data.tags[HISTORY_TAG] == "none" else run.data.tags[HISTORY_TAG]
         rows.append(row)
     df = pd.DataFrame(rows)
     declared = space.declared() if space is not None else {}
