@@ -166,7 +166,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     scheduler = _check_scheduler(sections["scheduler"], epochs, problems, default_type="none" if multi else None)
     resources = _check_resources(sections["resources"], problems)
     _check_combination(search, scheduler, space, problems)
-    population = _check_population(search, scheduler, space, epochs, problems)
+    population = _check_population(search, scheduler, sections["scheduler"], space, epochs, problems)
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
     checkpoint_every_s = _number(raw, "checkpoint_every_s", CHECKPOINT_EVERY_S, "checkpoint_every_s", problems)
     if checkpoint_every_s is not None and checkpoint_every_s < 0:
@@ -418,8 +418,7 @@ def _check_scheduler(values: dict, epochs: int | None, problems: _Problems,
                      problems)
     if factor is not None and not factor > 1:
         problems.add("scheduler.reduction_factor", f"must be > 1, but got {factor!r}")
-    # "_given": the section as written, for _check_population (popped there)
-    return {"type": kind, "grace_period": grace, "reduction_factor": factor, "_given": values}
+    return {"type": kind, "grace_period": grace, "reduction_factor": factor}
 
 
 def _check_combination(search: dict, scheduler: dict, space: Space, problems: _Problems) -> None:
@@ -437,13 +436,14 @@ def _check_combination(search: dict, scheduler: dict, space: Space, problems: _P
                                               "per trial limit how many run at once")
 
 
-def _check_population(search: dict, scheduler: dict, space: Space, epochs: int | None,
+def _check_population(search: dict, scheduler: dict, values: dict, space: Space, epochs: int | None,
                       problems: _Problems) -> dict[str, Any]:
-    """scheduler.type pbt / pb2: their settings, and what they cannot go with. Their keys given
-    with another scheduler are refused (they would do nothing)."""
+    """scheduler.type pbt / pb2: their settings (``values``: the scheduler section as written), and
+    what they cannot go with. Their keys given with another scheduler are refused (they would do
+    nothing)."""
     from kdtune.search.pbt import mutable
 
-    values, kind = scheduler.pop("_given"), scheduler["type"]
+    kind = scheduler["type"]
     if kind not in POPULATION_SCHEDULERS:
         for key in PBT_KEYS:
             if key in values:
