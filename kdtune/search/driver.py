@@ -497,10 +497,10 @@ def results_table(results, spec: SearchSpec, ended: set[str]):
         rows.append(row)
     table = pd.DataFrame(rows)
     if spec.mutate and len(table):  # pbt / pb2: each trial's exploits, read from Tune's policy files
-        from kdtune.search.pbt import HISTORY_COLUMN, history_text, trial_history
+        from kdtune.search.pbt import HISTORY_COLUMN, history_text, original_tags, trial_history
 
-        table[HISTORY_COLUMN] = [history_text(trial_history(t, analysis.trials, list(spec.mutate)))
-                                 for t in analysis.trials]
+        tags = original_tags(analysis.trials)
+        table[HISTORY_COLUMN] = [history_text(trial_history(t, tags, list(spec.mutate))) for t in analysis.trials]
     if spec.objectives and len(table):  # after the objectives it is computed from
         table.insert(table.columns.get_loc(f"best_{spec.metric}"), PARETO_COLUMN,
                      pareto_column(table, spec.objectives))

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kdtune.search.space import Param, Space
+from kdtune.search.space import Param
 
 # Run settings a mutation may change: read every epoch (the LR) or by the optimizer's step.
 MUTABLE_RUN = ("lr", "momentum", "weight_decay", "lr_min", "lr_decay_rate")
@@ -73,14 +73,14 @@ def within(p: Param, value: float) -> float | int:
     return int(round(value)) if p.kind == "int" else float(value)
 
 
-def build(spec, space: Space) -> Any:
+def build(spec) -> Any:
     """Tune's PBT or PB2 scheduler for ``spec`` (``scheduler.type`` pbt or pb2)."""
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
 
     from kdtune.search.schedulers import TIME_ATTR
 
-    params = [space.params[name] for name in spec.mutate]  # PBT spaces have no sub-spaces (spec.py)
+    params = [spec.space.params[name] for name in spec.mutate]  # PBT spaces have no sub-spaces (spec.py)
     # Synchronous: every trial pauses at each perturbation epoch until the whole population is
     # there, so a trial only ever copies a checkpoint of its own epoch. Asynchronous PBT lets a
     # trial copy one that is epochs ahead (or finished) when the population cannot all run at once,
@@ -102,12 +102,12 @@ def original_tags(trials: list) -> dict[str, str]:
     return {t.experiment_tag.split("@")[0]: t.trial_id for t in trials}
 
 
-def trial_history(trial, trials: list, names: list[str]) -> list[dict[str, Any]]:
-    """:func:`history` of a Tune ``trial`` among ``trials``. Tune writes the policy files in the
+def trial_history(trial, tags: dict[str, str], names: list[str]) -> list[dict[str, Any]]:
+    """:func:`history` of a Tune ``trial`` (``tags``: :func:`original_tags` of its search's
+    trials, made once by the caller). Tune writes the policy files in the
     driver's staging folder and copies them to the search's folder: after a --resume the new
     staging folder holds only the trials exploited since, so the search's folder is read for
     the others."""
-    tags = original_tags(trials)
     folders = []
     try:
         folders.append(Path(trial.local_experiment_path))

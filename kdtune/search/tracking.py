@@ -140,14 +140,18 @@ class TrialTracker(Callback):
         # Made in this process for a new search: a trial it has no run for has none in MLflow
         # either, so none is searched for. An unpickled tracker (a restored search) searches.
         self._fresh = True
+        self._created: set[str] = set()  # runs this process created (RUNNING and tagged already)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None  # clients hold connections: recreate after unpickling
         state["_experiment_id"] = None
-        state["_fresh"] = False
-        state.pop("_created", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a restored search: its runs may exist in MLflow already (and a state pickled by an
+        # earlier kdtune may lack these keys)
+        self.__dict__.update({"mutate": (), "objectives": (), **state, "_fresh": False, "_created": set()})
 
     @property
     def client(self) -> MlflowClient:
@@ -171,7 +175,7 @@ class TrialTracker(Callback):
                 self.logged[tid] = self.last_logged_epoch(self.runs[tid])
             return self.runs[tid]
         parent = self.parent_for(trial)
-        found = [] if getattr(self, "_fresh", False) else self.client.search_runs(
+        found = [] if self._fresh else self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_TAG}` = '{tid}'")
         if found:
@@ -185,7 +189,7 @@ class TrialTracker(Callback):
             run = self.client.create_run(self.experiment_id,
                                          run_name=f"{trial.trial_id}-{method}", tags=tags)
             run_id = run.info.run_id
-            self.__dict__.setdefault("_created", set()).add(run_id)
+            self._created.add(run_id)
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
             self.save_run_config(run_id, trial)
             self.logged[tid] = 0
@@ -220,7 +224,7 @@ class TrialTracker(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         known = trial.trial_id in self.runs
         run_id = self.run_for(trial)
-        if known or run_id not in self.__dict__.get("_created", ()):  # a run made now is RUNNING, tagged running
+        if known or run_id not in self._created:  # a run made now is RUNNING, tagged running
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, STATUS_TAG, "running")
 
@@ -235,7 +239,7 @@ class TrialTracker(Callback):
             ts = int(time.time() * 1000)
             metrics = [Metric(k, float(v), ts, epoch) for k, v in run_metrics(result, finite=True).items()]
             metrics += [Metric(f"{PBT_PREFIX}{name}", float(trial.config[name]), ts, epoch)
-                        for name in getattr(self, "mutate", ()) if isinstance(trial.config.get(name), (int, float))]
+                        for name in self.mutate if isinstance(trial.config.get(name), (int, float))]
             # Synchronous, a few ms of SQLite: MLflow's asynchronous logging costs more, because
             # closing a run (set_terminated) joins its logging thread, which polls its queue once a
             # second; that stalled Tune's loop about a second per trial (kdtune bench --overhead).
@@ -260,14 +264,14 @@ class TrialTracker(Callback):
             # An objective that is Tune's bookkeeping (time_total_s) is no per-epoch metric of the
             # run: its final value is logged here, under its own name, so MLflow has every objective.
             objective += [Metric(m, float(last[m]), int(time.time() * 1000), epochs)
-                          for m, _ in getattr(self, "objectives", ()) if m in NOT_METRICS
+                          for m, _ in self.objectives if m in NOT_METRICS
                           and isinstance(last.get(m), (int, float)) and math.isfinite(last[m])]
         tags = [RunTag(STATUS_TAG, status)]
-        if getattr(self, "mutate", ()):
-            from kdtune.search.pbt import HISTORY_TAG, history_text, trial_history
+        if self.mutate:
+            from kdtune.search.pbt import HISTORY_TAG, history_text, original_tags, trial_history
 
             # MLflow caps a tag's value (5,000 characters in MLflow 2); the results table has it all
-            text = history_text(trial_history(trial, trials, list(self.mutate)))
+            text = history_text(trial_history(trial, original_tags(trials), list(self.mutate)))
             tags.append(RunTag(HISTORY_TAG, (text or "none")[:5000]))
         self.client.log_batch(run_id, metrics=objective, tags=tags)
         self.client.set_terminated(run_id, status=run_status(status))
