@@ -24,6 +24,29 @@ def test_digits_splits_are_disjoint_seeded_and_complete() -> None:
     assert len(final.train) == len(data.train) + len(data.val) and len(final.val) == 0
 
 
+def test_digits_read_without_scikit_learn_equal_load_digits() -> None:
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from kdtune.data import digits
+
+    bunch = load_digits()
+    raw = digits()
+    images = torch.cat([raw.train.images, raw.test.images]).flatten(1)
+    labels = torch.cat([raw.train.labels, raw.test.labels])
+    expected = torch.as_tensor(bunch.data * (255.0 / 16.0)).round().to(torch.uint8)
+    order = labels.argsort(stable=True)  # the splits reorder the images: compare as multisets per class
+    ref_order = torch.as_tensor(bunch.target).argsort(stable=True)
+    assert torch.equal(labels[order], torch.as_tensor(bunch.target)[ref_order])
+    assert sorted(map(tuple, images.tolist())) == sorted(map(tuple, expected.tolist()))
+    # and a process that loads digits never imports scikit-learn (1.5 s of CPU per trial)
+    code = "import sys\nfrom kdtune.data import digits\ndigits()\nprint('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
 def test_synthetic_any_shape() -> None:
     data = load_dataset("synthetic", options=dict(num_classes=7, image_size=12, channels=2,
                                                   train_size=50, test_size=10), val_size=5)
