@@ -48,7 +48,8 @@ class RayInstance:
     def start(cls, num_cpus: int = 2, num_gpus: int = 0, env_extra: dict[str, str] | None = None) -> "RayInstance":
         """``env_extra``: more environment for the instance's workers (and its searches)."""
         temp_dir, port, env = short_tmpdir(), free_port(), base_env()
-        env.update(env_extra or {}, RAY_TMPDIR=temp_dir)
+        # no idle workers started for the first driver (kdtune's own private instance does the same)
+        env.update(env_extra or {}, RAY_TMPDIR=temp_dir, RAY_prestart_worker_first_driver="0")
         # start_new_session: `ray start` leads a new process group that its daemons (GCS, raylet,
         # workers) inherit, so the teardown can signal exactly them.
         proc = subprocess.Popen(
