@@ -785,3 +785,22 @@ def test_warm_start_carries_an_earlier_studys_finished_trials(tmp_path: Path, ca
 
     with pytest.raises(ConfigError, match="search.warm_start: expected an earlier search's folder holding optuna.db"):
         load_spec(write_space(tmp_path, search__warm_start=str(tmp_path / "nowhere")))
+
+
+def test_tunes_error_for_a_staging_file_that_vanished_mid_upload_is_dropped() -> None:
+    import logging
+    import sys
+
+    from kdtune.search.driver import _vanished_staging_file
+
+    def record(error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            return logging.LogRecord("ray.tune.execution.experiment_state", logging.ERROR, __file__, 1,
+                                     "Saving experiment state to storage failed", None, sys.exc_info())
+
+    vanished = FileNotFoundError(2, "Failed to open local file '/r/driver_artifacts/.ab-tmp-searcher-state-x.pkl'")
+    assert not _vanished_staging_file(record(vanished))
+    assert _vanished_staging_file(record(FileNotFoundError(2, "Failed to open local file '/r/results.csv'")))
+    assert _vanished_staging_file(record(PermissionError(13, "denied")))

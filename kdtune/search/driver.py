@@ -221,6 +221,17 @@ def quiet_libraries(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # a notice about Ray's default, logged as a warning at every start
     logging.getLogger(internals.RAY_AUTH_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_vanished_staging_file)
+
+
+def _vanished_staging_file(record: logging.LogRecord) -> bool:
+    """False for Tune's error (with a traceback) when a file vanished from its staging folder
+    while it uploaded the experiment state: the upload runs in a thread while the next snapshot
+    writes its files under temporary names there, and a temporary file renamed mid-copy fails
+    that upload. Nothing is lost: each snapshot uploads the whole folder again, and the last one,
+    which Tune waits for, has no writer beside it. Seen on a loaded 2-core machine."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, FileNotFoundError) and "-tmp-" in str(error))
 
 
 def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
