@@ -18,10 +18,15 @@ import processes
 processes.become_subreaper()
 
 # Runs that keep the default cache_dir (teacher-output caches of the tests' random teachers) write
-# into a folder of this test session, never into ~/.cache/kdtune; subprocesses inherit it.
-_SESSION_CACHE = tempfile.mkdtemp(prefix="kdtune-test-cache-")
-os.environ["KDTUNE_CACHE_DIR"] = _SESSION_CACHE
-atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+# into a folder of this test session, never into ~/.cache/kdtune; subprocesses inherit it. The
+# first process of the session (pytest itself, or xdist's controller) makes it and removes it at
+# exit; xdist's workers inherit its name and share it, so the teachers the searches train, their
+# output caches and the MLflow template store are made once per session, not once per worker
+# (two processes that train one teacher at once each save the same file atomically).
+if "KDTUNE_TEST_SESSION_CACHE" not in os.environ:
+    os.environ["KDTUNE_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="kdtune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["KDTUNE_TEST_SESSION_CACHE"], ignore_errors=True)
+os.environ["KDTUNE_CACHE_DIR"] = os.environ["KDTUNE_TEST_SESSION_CACHE"]
 # Ray's default temp dir (/tmp/ray) is the machine's: a search that starts its own Ray instance
 # puts it in this session's instead (short: Ray's socket paths must stay under 108 bytes).
 _SESSION_RAY_TMP = tempfile.mkdtemp(prefix="kdt", dir="/tmp")
@@ -59,14 +64,15 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def trained_resnet8(tmp_path_factory):
+def trained_resnet8():
     """A resnet8 teacher trained for 2 epochs on digits (~88 % val acc), for the tests that show a
     method learns: distilling a random network teaches little."""
     from kdtune.data import load_dataset
     from kdtune.teachers import resolve_teacher
 
     model, _ = resolve_teacher("resnet8", load_dataset("digits", val_size=200), checkpoint=None,
-                               cache_dir=tmp_path_factory.mktemp("trained-teacher"), epochs=2, log=lambda *_: None)
+                               cache_dir=Path(os.environ["KDTUNE_CACHE_DIR"]) / "teacher-cache", epochs=2,
+                               log=lambda *_: None)  # trained once per session (the workers share the folder)
     return model
 
 

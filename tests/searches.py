@@ -44,9 +44,9 @@ E2E_SPACE = {**SPACE,
 
 def write_space(folder: Path, base: dict = SPACE, cache_dir: Path | None = None, **changes) -> Path:
     """``folder/space.yaml``: ``base`` with ``changes`` (``section=value`` replaces a section,
-    ``section__key=value`` one key of it). The teacher cache defaults to one folder beside the
-    test's (pytest's base temp dir), so the session's searches train a teacher once per recipe,
-    as the cache is meant to work."""
+    ``section__key=value`` one key of it). The teacher cache defaults to a folder in the
+    session's cache folder (conftest's KDTUNE_CACHE_DIR, shared by xdist's workers), so the
+    session's searches train a teacher once per recipe, as the cache is meant to work."""
     space = json.loads(json.dumps(base))
     for key, value in changes.items():
         section, _, leaf = key.partition("__")
@@ -54,7 +54,7 @@ def write_space(folder: Path, base: dict = SPACE, cache_dir: Path | None = None,
             space[section][leaf] = value
         else:
             space[section] = value
-    space["fixed"]["cache_dir"] = str(cache_dir or folder.parent / "teacher-cache")
+    space["fixed"]["cache_dir"] = str(cache_dir or Path(os.environ["KDTUNE_CACHE_DIR"]) / "teacher-cache")
     path = folder / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
@@ -78,10 +78,11 @@ def search_cmd(folder: Path, space: Path, *extra: str) -> list[str]:
 
 def seed_store(folder: Path) -> None:
     """``folder/mlflow.db``, unless it exists: a copy of an empty MLflow store made once per test
-    process (in the session's cache folder, conftest's KDTUNE_CACHE_DIR). A new store costs about
-    3 s of CPU in MLflow's schema migrations, in every search that makes one; a search then finds a
-    real, current store, as a user's second search does. The searches that make their store
-    themselves (tests/test_faults.py, the plugin search, ``seed=False`` here) keep that path tested."""
+    session (in the session's cache folder, conftest's KDTUNE_CACHE_DIR, which xdist's workers
+    share). A new store costs about 3 s of CPU in MLflow's schema migrations, in every search that
+    makes one; a search then finds a real, current store, as a user's second search does. The
+    searches that make their store themselves (tests/test_faults.py, the plugin search,
+    ``seed=False`` here) keep that path tested."""
     db = folder / "mlflow.db"
     if db.exists():
         return
@@ -89,7 +90,7 @@ def seed_store(folder: Path) -> None:
     if not template.exists():
         from mlflow import MlflowClient
 
-        made = template.with_suffix(".making.db")
+        made = template.with_suffix(f".making-{os.getpid()}.db")  # xdist's workers share the folder
         MlflowClient(f"sqlite:///{made}").search_experiments()  # creates and migrates the store
         made.replace(template)
     shutil.copyfile(template, db)

@@ -398,7 +398,7 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     (tmp_path / "gate").mkdir()
     plugin_env = {"KDTUNE_PLUGINS": "gate_plugin",
                   "PYTHONPATH": os.pathsep.join([str(tmp_path), env()["PYTHONPATH"]])}
-    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "gated_kd"}, search__num_samples=12)
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "gated_kd"}, search__num_samples=6)
     # its own process group and RAY_TMPDIR: the checks below look at this search's processes only
     ray_tmp = short_tmpdir()
     e = {**env(), **plugin_env, "RAY_TMPDIR": ray_tmp}
@@ -476,7 +476,7 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client, after = child_runs(tmp_path)
     trial_ids = [run.data.tags["kdtune.trial_id"] for run in after]
-    assert len(trial_ids) == len(set(trial_ids)) == 12  # no duplicate runs
+    assert len(trial_ids) == len(set(trial_ids)) == 6  # no duplicate runs
     assert all(run.info.status == "FINISHED" for run in after), [
         (run.data.tags["kdtune.trial_id"], run.info.status, run.data.tags["kdtune.status"]) for run in after]
     for run in after:
@@ -486,7 +486,7 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
         if tid in ended:
             assert len(steps) == ended[tid]  # finished trials were not re-run
     table = load_results(tmp_path / "ray" / "e2e")
-    assert len(table) == 12
+    assert len(table) == 6
     # the Optuna study lives in its storage and went on across the restart: one trial per Tune trial
     studied = optuna_trials(tmp_path)
     assert set(studied) == set(table["trial_id"])
