@@ -214,8 +214,10 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
     _known(DATASETS, "dataset", cfg["dataset"], problems)
     if (method is not None and needs_teacher and cfg["teacher_cache"] == "on"
             and not getattr(METHODS.get(method), "teacher_logits_only", False)):
+        why = ("also trains on a strong view, which has no finite set of views to cache"
+               if getattr(METHODS.get(method), "strong_view", None) is not None else "reads the teacher's features")
         problems.append(Problem("teacher_cache", f"'on' needs a method that uses only the teacher's logits, but "
-                                                 f"method {method!r} reads the teacher's features (use auto or off)"))
+                                                 f"method {method!r} {why} (use auto or off)"))
     problems += _check_ranges(cfg)
     ckpt = cfg["teacher_checkpoint"]
     if ckpt is not None and not Path(ckpt).expanduser().is_file():
@@ -240,9 +242,15 @@ def _check_ranges(cfg: dict[str, Any]) -> list[Problem]:
 
 
 def hparam_owners(key: str) -> list[str]:
-    """``"method 'kd'"``, ``"sampler 'kdas'"``, ...: every method and sampler that takes ``key``."""
-    return [f"{field_name} {name!r}" for field_name, registry in OWNERS.items()
-            for name in registry.names() if key in registry.hparams(name)]
+    """``"methods 'dkd' and 'kd'"``, ``"sampler 'kdas'"``: the methods and samplers that take
+    ``key``, one phrase per kind."""
+    phrases = []
+    for field_name, registry in OWNERS.items():
+        names = [repr(name) for name in registry.names() if key in registry.hparams(name)]
+        if names:
+            listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+            phrases.append(f"{field_name}{'s' if len(names) > 1 else ''} {listed}")
+    return phrases
 
 
 def _elsewhere(key: str) -> bool:
@@ -257,7 +265,7 @@ def _unknown_key(key: str, owners: dict[str, tuple[str | None, Schema]]) -> Prob
                       and (field_name == "method" or name != "none"))
     elsewhere = hparam_owners(key)
     if elsewhere:
-        hint += f"; it is a hyperparameter of {' and '.join(elsewhere)}"
+        hint += f"; it is a hyperparameter of {'; and of '.join(elsewhere)}"
     return Problem(key, f"unknown key{hint}" + (f" ({takes})" if takes else ""))
 
 

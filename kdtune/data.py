@@ -12,7 +12,7 @@ import inspect
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -326,6 +326,11 @@ class _Normalizer:
         return (x.float() - self.shift) * self.scale
 
 
+# The strong view's generator is seeded with the run's seed plus this, so that its stream is not
+# the loader's own (which draws the batch order and the weak views).
+_STRONG_SEED_OFFSET = 0x5EED
+
+
 class TrainLoader:
     """Shuffled, augmented batches of the train split, held on ``device``.
 
@@ -337,10 +342,17 @@ class TrainLoader:
     (CIFAR: 81 offsets x 2 flips = 162 views; digits: 9 offsets, no flip). Randomness comes from
     a private generator whose state is part of :meth:`state_dict`, so a resumed run draws the
     same batches as an uninterrupted one.
+
+    ``strong_view``: a method that trains on a second, strongly augmented view of each image
+    (MLKD) passes its augmentation, ``f(pixels, generator) -> pixels`` on a batch of crops with
+    values 0..255; :meth:`strong_images` then makes that view with its own crop and flip. It
+    draws from a generator of its own, so the batches and weak views are the same with or
+    without it; without it (every other method) nothing of it exists.
     """
 
     def __init__(self, data: ImageData, *, batch_size: int, device: torch.device | str,
-                 seed: int, augment: bool = True, channels_last: bool = False) -> None:
+                 seed: int, augment: bool = True, channels_last: bool = False,
+                 strong_view: Callable[[Tensor, torch.Generator], Tensor] | None = None) -> None:
         self.device = torch.device(device)
         self.batch_size = batch_size
         p = data.crop_padding if augment else 0
@@ -371,6 +383,9 @@ class TrainLoader:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.flips = 2 if self.flip else 1
         self.num_views = (2 * p + 1) ** 2 * self.flips
+        self.strong_view = strong_view
+        if strong_view is not None:
+            self.strong_generator = torch.Generator(device=self.device).manual_seed(seed + _STRONG_SEED_OFFSET)
 
     def batches(self, indices: Tensor | None = None,
                 batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -387,16 +402,18 @@ class TrainLoader:
             views = self.draw_views(idx.shape[0])
             yield self.view_images(idx, views), self.labels[idx], idx, views
 
-    def draw_views(self, b: int) -> Tensor:
+    def draw_views(self, b: int, generator: torch.Generator | None = None) -> Tensor:
         """Random views for ``b`` samples (int64 on the device). The draws (offsets, then
-        mirrors) are the ones the loader has always made, so batches did not change."""
+        mirrors) are the ones the loader has always made, so batches did not change.
+        ``generator``: another stream than the loader's own (the strong view's)."""
+        generator = self.generator if generator is None else generator
         p = self.pad
         views = torch.zeros(b, dtype=torch.long, device=self.device)
         if p:
-            shift = torch.randint(0, 2 * p + 1, (2, b), device=self.device, generator=self.generator)
+            shift = torch.randint(0, 2 * p + 1, (2, b), device=self.device, generator=generator)
             views = shift[0] * (2 * p + 1) + shift[1]
         if self.flip:
-            mirror = torch.randint(0, 2, (b,), device=self.device, generator=self.generator)
+            mirror = torch.randint(0, 2, (b,), device=self.device, generator=generator)
             views = views * 2 + mirror
         return views
 
@@ -407,6 +424,16 @@ class TrainLoader:
     def view_images(self, idx: Tensor, views: Tensor) -> Tensor:
         """Normalised images of train-split indices ``idx`` in views ``views`` (float32, NCHW
         shape; NHWC memory with ``channels_last``)."""
+        return self.normalize(self.view_pixels(idx, views))
+
+    def strong_images(self, idx: Tensor) -> Tensor:
+        """The strong view of train-split indices ``idx`` (only with ``strong_view``): a crop and
+        flip of its own, then ``strong_view`` on the pixels, normalised as :meth:`view_images`."""
+        views = self.draw_views(idx.shape[0], self.strong_generator)
+        return self.normalize(self.strong_view(self.view_pixels(idx, views), self.strong_generator))
+
+    def view_pixels(self, idx: Tensor, views: Tensor) -> Tensor:
+        """The uint8 pixels of :meth:`view_images`, before normalisation."""
         b, p = idx.shape[0], self.pad
         base = idx * self.image_stride
         offset = views // self.flips  # dy * (2p + 1) + dx
@@ -417,13 +444,18 @@ class TrainLoader:
         x = self.flat.take(base[:, None] + offsets).view(b, *self.out_shape)
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)
-        return self.normalize(x)
+        return x
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self.strong_view is not None:
+            state["strong_generator"] = self.strong_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        if self.strong_view is not None:  # a CPU ByteTensor, wherever the checkpoint was mapped to
+            self.strong_generator.set_state(state["strong_generator"].to("cpu", torch.uint8))
 
 
 def eval_batches(split: Split, data: ImageData, *, batch_size: int,

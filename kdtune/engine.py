@@ -130,8 +130,15 @@ class Engine:
         if cuda:
             torch.backends.cudnn.benchmark = True
         distiller.to(memory_format=self.memory_format)
+        # A method that trains on a strong view too (MLKD) names its augmentation; only then
+        # does the loader make that view (TrainLoader.strong_images).
         self.loader = TrainLoader(data, batch_size=recipe.batch_size, device=self.device, seed=seed,
-                                  channels_last=channels_last)
+                                  channels_last=channels_last,
+                                  strong_view=distiller.strong_view)
+        if distiller.needs_indices:
+            # A method with a memory over the training set (CRD) sizes it from the split trained on
+            # here (train+val in a final run), and is handed each batch's indices (_distill).
+            distiller.bind_train_set(data.train.labels)
         eval_split = data.test if final else data.val
         self.eval_set = eval_batches(eval_split, data, batch_size=eval_batch_size, device=self.device)
         groups = distiller.param_groups()
@@ -179,6 +186,8 @@ class Engine:
         seen = 0
         for x, y, idx, views, teacher in batches:
             x = x.contiguous(memory_format=self.memory_format)
+            strong = (self.loader.strong_images(idx).contiguous(memory_format=self.memory_format)
+                      if self.loader.strong_view is not None else None)
             if teacher is None and cache is not None:
                 teacher = cache.lookup(idx, views)  # a device gather; no teacher forward
             with self.autocast():
@@ -187,9 +196,9 @@ class Engine:
                 if self.compiled is not None and y.shape[0] == self.recipe.batch_size:
                     if self.device.type == "cuda":  # a new step: CUDA-graph outputs of the last may be reused
                         torch.compiler.cudagraph_mark_step_begin()
-                    logits, losses = self.compiled(x, y, teacher)
+                    logits, losses = self.compiled(x, y, teacher, idx, strong)
                 else:
-                    logits, losses = self._distill(x, y, teacher)
+                    logits, losses = self._distill(x, y, teacher, idx, strong)
             weights = sampler.weights(teacher, y, epoch) if sampler is not None else None
             if weights is not None:  # per-sample weights scale the distillation terms, never CE
                 keep = self.distiller.unweighted_terms
@@ -227,8 +236,14 @@ class Engine:
         metrics["time/epoch_s"] = time.perf_counter() - start
         return metrics
 
-    def _distill(self, x: Tensor, y: Tensor, teacher: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.distiller(x, y, teacher_logits=teacher)
+    def _distill(self, x: Tensor, y: Tensor, teacher: Tensor | None, idx: Tensor,
+                 strong: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        extra: dict[str, Tensor] = {}
+        if self.distiller.needs_indices:  # memory rows (CRD)
+            extra["indices"] = idx
+        if strong is not None:  # the strong view of the same samples (MLKD)
+            extra["strong"] = strong
+        return self.distiller(x, y, teacher_logits=teacher, **extra)
 
     def teacher_logits(self, x: Tensor, indices: Tensor, views: Tensor) -> Tensor:
         """The teacher's logits for images ``x`` (train ``indices`` in ``views``): from the

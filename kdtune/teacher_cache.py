@@ -65,6 +65,9 @@ def use_cache(setting: str, method: str, sampler: str = "none") -> tuple[bool, s
         return False, f"teacher cache: not used (method {method!r} trains without a teacher)"
     if setting == "off":
         return False, "teacher cache: off (teacher_cache: off); the teacher runs live every step"
+    if getattr(cls, "strong_view", None) is not None:
+        return False, (f"teacher cache: not used (method {method!r} also trains on a strong view, random "
+                       f"augmentations with no finite set of views to cache); the teacher runs live every step")
     if not getattr(cls, "teacher_logits_only", False):
         return False, (f"teacher cache: not used (method {method!r} reads the teacher's features, not only "
                        f"its logits); the teacher runs live every step")

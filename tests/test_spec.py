@@ -234,7 +234,8 @@ shceduler: {type: asha}
         "dkd": {"beta": {"type": "float", "low": -1, "high": 8}}}}}},
      "space.method.choices.dkd.beta.low: beta: must be >= 0, but got -1.0"),
     ({"fixed": {**CONDITIONAL["fixed"], "temperature": 4}},
-     "fixed.temperature: unknown key; it is a hyperparameter of method 'dkd' and method 'kd'"),
+     "fixed.temperature: unknown key; it is a hyperparameter of methods 'crd', 'dist', 'dkd', 'kd', 'mlkd' and "
+     "'sakd'"),
     ({"search": {"algorithm": "gp"}},
      "search.algorithm: gp needs one fixed set of parameters, but the space searches method with sub-spaces; "
      "use tpe"),

@@ -1,7 +1,7 @@
 """The distiller interface: a student, a frozen teacher and per-sample loss terms."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,14 @@ class Distiller(Configurable, nn.Module):
     # Terms a sample policy (KDAS) leaves unweighted: the label loss, and batch-level terms
     # that are not a per-sample distillation signal (SAKD's routing loss).
     unweighted_terms: tuple[str, ...] = ("ce",)
+    # A method with a memory over the training set (CRD): the engine calls
+    # ``bind_train_set(labels)`` with the labels of the split it trains on, and passes each
+    # batch's training-set indices to ``forward`` as ``indices=``.
+    needs_indices = False
+    # A method that also trains on a strongly augmented view of each image (MLKD) names the
+    # augmentation, ``f(pixels, generator) -> pixels``; only then does the loader make that view,
+    # and ``forward`` gets it as ``strong=``.
+    strong_view: Callable[[Tensor, torch.Generator], Tensor] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,6 +1,8 @@
 """Pieces feature distillers share: the student->teacher ``ConvReg`` connector and a shape probe."""
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Sequence
 
 import torch
@@ -8,6 +10,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.models.base import Features
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``: feature losses and embeddings compute in float32."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def num_stages(model_name: str) -> int:
+    """The number of stages of a registered model (SAKD's and ReviewKD's spots depend on it)."""
+    from kdtune.models import build_model
+
+    with torch.device("meta"):  # the stage count without allocating or initialising weights
+        return build_model(model_name).num_stages
 
 
 def _chw(shape: Sequence[int]) -> tuple[int, int, int]:

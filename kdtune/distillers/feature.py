@@ -25,7 +25,6 @@ Two layers, so that SAKD can reuse the losses with its own gates:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, ClassVar, Sequence
 
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.distillers.base import CE_WEIGHT, METHODS, Distiller
-from kdtune.distillers.connectors import ConvReg, feature_shapes
+from kdtune.distillers.connectors import ConvReg, feature_shapes, no_autocast
 from kdtune.hparams import Configurable, Schema, hp
 from kdtune.models.base import Features
 from kdtune.registry import Registry
@@ -80,12 +79,6 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     return f_s, f_t
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class FeatureLoss(Configurable, nn.Module):
     """Base of the feature losses (see the module docstring for the contract). A loss's own
     options are hyperparameters (``hparams``) of its standalone method."""
@@ -112,7 +105,7 @@ class FeatureLoss(Configurable, nn.Module):
         if len(s_feats) < self.num_spots or len(t_feats) < self.num_spots:
             raise ValueError(f"{type(self).__name__} expects {self.num_spots} spot tensors per model, "
                              f"got {len(s_feats)} and {len(t_feats)}")
-        with _no_autocast(s_feats[0].device):
+        with no_autocast(s_feats[0].device):
             s = [f.float() for f in s_feats[: self.num_spots]]
             t = [f.detach().float() for f in t_feats[: self.num_spots]]
             return [self.spot_loss(i, f_s, f_t) for i, (f_s, f_t) in enumerate(zip(s, t))]

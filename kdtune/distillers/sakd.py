@@ -15,7 +15,6 @@ same schedule).
 """
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.distillers.base import CE_WEIGHT, METHODS, Distiller
-from kdtune.distillers.connectors import ConvReg, feature_shapes
+from kdtune.distillers.connectors import ConvReg, feature_shapes, num_stages
 from kdtune.distillers.feature import FEATURE_LOSSES, spot_indices
 from kdtune.distillers.functional import kd_loss
 from kdtune.hparams import Problem, Schema, hp
@@ -68,14 +67,6 @@ def frozen(model: nn.Module) -> Iterator[None]:
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_stages(model_name: str) -> int:
-    from kdtune.models import build_model
-
-    with torch.device("meta"):  # the stage count without allocating or initialising weights
-        return build_model(model_name).num_stages
 
 
 def _mix_shape(gate: Tensor, like: Tensor) -> Tensor:
@@ -269,7 +260,7 @@ class SAKD(Distiller):
 
     @classmethod
     def check_models(cls, teacher: str, student: str, params: dict[str, Any]) -> list[str]:
-        stages = {name: _num_stages(name) for name in (teacher, student)}
+        stages = {name: num_stages(name) for name in (teacher, student)}
         problems = []
         if stages[teacher] != stages[student]:
             problems.append(f"method: 'sakd' mixes teacher and student stage by stage, but teacher "
