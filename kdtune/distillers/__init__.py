@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from kdtune.distillers import ctkd, dkd, feature, kd, sakd  # noqa: F401  (registration)
+from kdtune.distillers import crd, ctkd, dist, dkd, feature, kd, mlkd, reviewkd, sakd, wttm  # noqa: F401  (registration)
 from kdtune.distillers.base import METHODS, Distiller, Vanilla
 from kdtune.plugins import load_plugins
 
