@@ -6,6 +6,10 @@
         --kdas        PATH/kdas_iccv                (byungchul-chae/kdas_iccv) \\
         --ctkd        PATH/CTKD                     (zhengli97/CTKD) \\
         --sa          PATH/spot-adaptive-pytorch    (zju-vipa/spot-adaptive-pytorch) \\
+        [--repdistiller PATH/RepDistiller]          (HobbitLong/RepDistiller: CRD's cross-check) \\
+        [--mlkd PATH/Multi-Level-Logit-Distillation] (Jin-Ying/Multi-Level-Logit-Distillation) \\
+        [--dist PATH/DIST_KD]                       (hunto/DIST_KD, with --recurse-submodules) \\
+        [--ttm PATH/TTM]                            (zkxufo/TTM) \\
         [--out tests/data]
 
 Each PATH is a git checkout of that repository; its commit (``git rev-parse HEAD``) is written
@@ -28,7 +32,10 @@ reference_kdas.json (ratio schedule, scoring epochs, exclusion, selection, penal
 kdas_iccv), reference_ctkd.json (curricula, global temperature and its reversed gradient: CTKD),
 reference_feature_weights.json (mdistiller's standalone feature-loss weights, SA's SAKD
 weights), mdistiller_cifar_shapes.json (the model manifest: state-dict key -> shape and
-parameter count of every model in mdistiller's cifar_model_dict).
+parameter count of every model in mdistiller's cifar_model_dict); and through the generators
+beside this file (each also runs alone: ``python tests/tools/goldens_<method>.py --help``):
+reference_crd.json and reference_reviewkd.json (mdistiller), reference_mlkd.json (MLKD and LS),
+reference_dist.json (DIST_KD) and reference_wttm.json (TTM).
 """
 from __future__ import annotations
 
@@ -383,14 +390,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for flag in ("mdistiller", "ls", "kdas", "ctkd", "sa"):
         p.add_argument(f"--{flag}", type=Path, required=True)
+    # the newer methods: each file is made when its checkouts are given
+    p.add_argument("--repdistiller", type=Path, help="HobbitLong/RepDistiller (CRD, cross-checked with mdistiller)")
+    p.add_argument("--mlkd", type=Path, help="Jin-Ying/Multi-Level-Logit-Distillation (MLKD, with --ls)")
+    p.add_argument("--dist", type=Path, help="hunto/DIST_KD, with its classification submodule (DIST)")
+    p.add_argument("--ttm", type=Path, help="zkxufo/TTM (WTTM)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data")
     args = p.parse_args(argv)
+    # The per-method generators (goldens_<method>.py, beside this file) import this module by
+    # name: run as a script it is __main__, so they get this one (and its list of stubs).
+    sys.modules.setdefault("reference_goldens", sys.modules[__name__])
+    import goldens_crd
+    import goldens_dist
+    import goldens_mlkd
+    import goldens_reviewkd
+    import goldens_wttm
+
     torch.manual_seed(0)
     makers = {"reference_losses.json": lambda: losses(args.mdistiller, args.ls),
               "reference_kdas.json": lambda: kdas(args.kdas),
               "reference_ctkd.json": lambda: ctkd(args.ctkd),
               "reference_feature_weights.json": lambda: feature_weights(args.mdistiller, args.sa),
-              "mdistiller_cifar_shapes.json": lambda: manifest(args.mdistiller)}
+              "mdistiller_cifar_shapes.json": lambda: manifest(args.mdistiller),
+              "reference_reviewkd.json": lambda: goldens_reviewkd.generate(args.mdistiller),
+              "reference_crd.json": lambda: goldens_crd.generate(args.mdistiller, args.repdistiller)}
+    if args.mlkd:
+        makers["reference_mlkd.json"] = lambda: goldens_mlkd.generate(args.mlkd, args.ls)
+    if args.dist:
+        makers["reference_dist.json"] = lambda: goldens_dist.generate(args.dist)
+    if args.ttm:
+        makers["reference_wttm.json"] = lambda: goldens_wttm.generate(args.ttm)
     for name, make in makers.items():
         before = len(STUBBED)
         payload = make()
