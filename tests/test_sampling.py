@@ -142,6 +142,15 @@ def test_kdas_runs_with_any_logit_method(digits, trained_resnet8, method, params
     assert metrics[0]["kdas/mean_weight"] < 1.0  # the penalty is applied to the DKD/LS terms too
 
 
+@pytest.mark.parametrize("method", ["mlkd", "dist", "wttm", "crd", "reviewkd"])
+def test_kdas_runs_with_the_methods_whose_terms_are_per_sample(digits, trained_resnet8, method) -> None:
+    # one scoring epoch: KDAS trains on its selection and weights the per-sample terms; the
+    # batch-level ones (DIST's intra, MLKD's bc and cc) are in the method's unweighted_terms
+    m = next(_engine(digits, trained_resnet8, method=method, epochs=2, batch_size=128).run())
+    assert math.isfinite(m["train/loss"]) and m["kdas/scoring_epoch"] and m["kdas/mean_weight"] < 1.0
+    assert m["samples/epoch"] == m["kdas/cache_size"] < len(digits.train)
+
+
 def test_kdas_resumes_exactly(digits, teacher, tmp_path) -> None:
     full = [m["train/loss"] for m in _engine(digits, teacher, epochs=6).run()]
     first = _engine(digits, teacher, epochs=6)

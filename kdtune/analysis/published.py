@@ -20,7 +20,8 @@ COLUMNS = ["dataset", "teacher", "student", "method", "acc1", "time_change", "so
 # How the papers name kdtune's methods, for sentences such as "published KD + CTKD 73.52".
 LABELS = {"none": "student alone", "kd": "KD", "dkd": "DKD", "ctkd": "KD + CTKD", "ctkd_dkd": "DKD + CTKD",
           "kd+ls": "KD + LS", "dkd+ls": "DKD + LS", "ctkd+ls": "CTKD + LS", "kd+ls+kdas": "LS + KDAS",
-          "kd+kdas": "KD + KDAS", "dkd+kdas": "DKD + KDAS"}
+          "kd+kdas": "KD + KDAS", "dkd+kdas": "DKD + KDAS", "mlkd": "MLKD", "mlkd+ls": "MLKD + LS",
+          "dist": "DIST", "wttm": "WTTM", "crd": "CRD", "reviewkd": "ReviewKD"}
 
 
 def variant(method: str, logit_stand: Any = False, sampler: Any = "none") -> str:
