@@ -175,7 +175,12 @@ def optuna_sampler(algorithm: str, seed: int | None, conditional: bool = False) 
     """The Optuna sampler behind ``search.algorithm`` (also used by the replay benchmark)."""
     if algorithm == "tpe":
         # group=True lets multivariate TPE model conditional (per-method/sampler) sub-spaces jointly.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, group=conditional)
+        # multivariate and group are experimental in Optuna; the warnings say only that, at each start.
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, group=conditional)
     if algorithm == "gp":
         # A Gaussian process with log-EI (torch + scipy). It fits COMPLETE trials only: under ASHA
         # the pruned ones teach it nothing, so it suits full-length trials or a late grace period.
