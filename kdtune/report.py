@@ -29,7 +29,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=VALUE",
                    help="a reference accuracy used when the searches have no such trials, e.g. none=93.1 "
                         "(the student alone) or kd=95.4 (plain KD); repeatable")
+    p.add_argument("--bootstrap", type=_count, default=30, metavar="N",
+                   help="resamples behind each parameter importance's 5-95 %% interval (default 30; 0: no interval)")
     return p.parse_args(argv)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

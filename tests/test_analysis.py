@@ -353,7 +353,8 @@ def test_every_plot_writes_a_png(e2e_search: SearchRun, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_report_command(e2e_search: SearchRun, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "kdtune.report", str(e2e_search.folder), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "kdtune.report", str(e2e_search.folder), "--out", str(out),
+                        "--bootstrap", "3"],
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
@@ -365,9 +366,15 @@ def test_report_command(e2e_search: SearchRun, tmp_path: Path) -> None:
     for name in ("learning_curves", "accuracy_vs_params", "importance", "accuracy_vs_cost"):
         assert (out / f"{name}.png").read_bytes().startswith(PNG)
 
-    bad = subprocess.run([sys.executable, "-m", "kdtune.report", str(tmp_path / "no-such-search")], cwd=tmp_path,
-                         env=env(), capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and str(tmp_path / "no-such-search") in bad.stderr
+
+def test_report_refuses_a_missing_search_and_a_bad_bootstrap(tmp_path: Path, capsys) -> None:
+    from kdtune import report
+
+    assert report.main([str(tmp_path / "no-such-search")]) == 2
+    assert str(tmp_path / "no-such-search") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path), "--bootstrap", "-1"])
+    assert e.value.code == 2 and "--bootstrap: expected a whole number >= 0, got '-1'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -378,7 +385,8 @@ def test_notebook_runs_headless(e2e_search: SearchRun, notebook: str, monkeypatc
 
     # compare: the search folder against the same search read back from MLflow
     results = str(e2e_search.folder) if notebook == "overview" else os.pathsep.join([str(e2e_search.folder), NAME])
-    for key, value in env(KDTUNE_RESULTS=results, MLFLOW_TRACKING_URI=e2e_search.uri).items():
+    # 3 resamples per importance interval, not 30: the interval is there, at a tenth of the fits
+    for key, value in env(KDTUNE_RESULTS=results, MLFLOW_TRACKING_URI=e2e_search.uri, KDTUNE_BOOTSTRAP="3").items():
         monkeypatch.setenv(key, value)  # the kernel inherits them
     nb = nbformat.read(ROOT / "analysis" / f"{notebook}.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit without outputs"

@@ -18,7 +18,7 @@ import pandas as pd
 
 from kdtune import analysis
 from kdtune.analysis import plots, selection
-from kdtune.analysis.importance import MIN_TRIALS
+from kdtune.analysis.importance import BOOTSTRAP, MIN_TRIALS
 from kdtune.report import parse_args
 
 # Plot captions, in report order.
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else _default_out(searches)
-    written = write_report(searches, out, baselines)
+    written = write_report(searches, out, baselines, bootstrap=args.bootstrap)
     print(f"[kdtune] report: {written['html']} ({len(written) - 2} plots; markdown: {written['md']})")
     return 0
 
@@ -74,8 +74,9 @@ def _default_out(searches: list[analysis.Search]) -> Path:
 
 
 def write_report(searches: list[analysis.Search], out: str | Path,
-                 baselines: dict[str, float] | None = None) -> dict[str, Path]:
-    """Write the plots, ``report.md`` and ``report.html`` into ``out``; returns {name: path}."""
+                 baselines: dict[str, float] | None = None, bootstrap: int = BOOTSTRAP) -> dict[str, Path]:
+    """Write the plots, ``report.md`` and ``report.html`` into ``out``; returns {name: path}.
+    ``bootstrap``: resamples behind each importance's interval (:func:`kdtune.analysis.importance_table`)."""
     import matplotlib
 
     matplotlib.use("Agg")  # a script: never look for a display
@@ -83,7 +84,7 @@ def write_report(searches: list[analysis.Search], out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     trials, curves = analysis.trials_table(searches), analysis.curves_table(searches)
     metric, mode = searches[0].metric, searches[0].mode
-    importance = analysis.importance_table(searches)
+    importance = analysis.importance_table(searches, bootstrap=bootstrap)
     images = plots.plot_all(trials, curves, importance, out, metric, analysis.milestones(searches),
                             analysis.log_params(searches), objectives=searches[0].objectives)
     blocks = _blocks(searches, trials, importance, images, metric, mode, baselines)
