@@ -244,22 +244,18 @@ Progress.on_step_end = on_step_end
 # instance's 2 CPUs, one trial at a time each where a search allows it (a second slot would only
 # start a second trial process, seconds of imports, to wait for a CPU).
 #
-# Several objectives: 4 trials of KD + KDAS on digits, 2 epochs each (the ratio goes from
-# start_rate to end_rate), two at a time: trials that train on fewer samples for a little accuracy,
-# or not (tests/test_multiobjective.py reads it).
+# Several objectives, and KDAS in a real search: 4 trials of KD + KDAS on digits, 4 epochs each
+# (the ratio goes from start_rate to end_rate; scoring epochs 1 and 3), one at a time, proposed by
+# Optuna's GP sampler: trials that train on fewer samples for a little accuracy, or not
+# (tests/test_multiobjective.py and test_search.py's KDAS test read it).
 MO_SPACE = {**SPACE,
-            "fixed": {**FIXED, "sampler": "kdas", "epochs": 2},
+            "fixed": {**FIXED, "sampler": "kdas", "sampling_period": 2},
             "space": {"start_rate": {"type": "float", "low": 0.4, "high": 1.0},
                       "end_rate": {"type": "float", "low": 0.1, "high": 0.4}},
-            "search": {"algorithm": "tpe", "num_samples": 4, "seed": 0, "max_concurrent": 2,
+            "search": {"algorithm": "gp", "num_samples": 4, "seed": 0, "max_concurrent": 1,
                        "objectives": {"val/acc1": "max", "samples/backprop": "min"}},
             "scheduler": {"type": "none"}}
 SHORT_SEARCHES = {
-    "kdas": dict(fixed={**SPACE["fixed"], "sampler": "kdas", "sampling_period": 2},
-                 space={"start_rate": {"type": "float", "low": 0.6, "high": 0.9},
-                        "end_rate": {"type": "float", "low": 0.2, "high": 0.6}},
-                 search={**SPACE["search"], "num_samples": 3, "algorithm": "gp", "max_concurrent": 1},
-                 scheduler={"type": "none"}),
     "ctkd": dict(fixed={**SPACE["fixed"], "method": "ctkd", "curriculum_epochs": 2},
                  space={"temperature_mode": {"type": "categorical", "choices": ["global", "instance"]},
                         "lambda_max": {"type": "float", "low": 0.5, "high": 2.0}},

@@ -662,12 +662,13 @@ def test_pb2_trials_in_a_real_search(short_searches) -> None:
 def test_kdas_trials_in_a_real_search(short_searches) -> None:
     import optuna
 
-    tmp_path = short_searches["kdas"].dir
+    # the search with two objectives (tests/searches.py: MO_SPACE) is the KDAS search too
+    tmp_path = short_searches["objectives"].dir
     assert load_search(tmp_path / "ray" / "e2e").spec["search"]["algorithm"] == "gp"
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'ray' / 'e2e' / 'optuna.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # the GP search's study, stored
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4  # the GP search's study, stored
     table = load_results(tmp_path / "ray" / "e2e")
-    assert len(table) == 3 and (table["status"] == "completed").all()
+    assert len(table) == 4 and (table["status"] == "completed").all()
     assert (table["end_rate"] <= table["start_rate"]).all()
     n = 1138  # digits train split
     assert (table["samples_backprop"] < 4 * n).all() and (table["samples/scored"] == 2 * n).all()
