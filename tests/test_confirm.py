@@ -107,8 +107,8 @@ def test_a_search_with_a_confirmation_stage_chooses_by_the_mean(tmp_path: Path, 
 
     from searches import SearchRun, run_search
 
-    space = write_space(tmp_path, SPACE, search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=2,
-                        confirm={"top_k": 1, "seeds": 1})
+    space = write_space(tmp_path, SPACE, search__num_samples=2, search__max_concurrent=1, scheduler={"type": "none"},
+                        fixed__epochs=2, confirm={"top_k": 1, "seeds": 1})  # one trial process at a time
     run = SearchRun.of(tmp_path, run_search(tmp_path, space, ray=shared_ray))
     run.check()
     out = run.result.stdout

@@ -76,7 +76,8 @@ def test_a_dataset_builder_that_declares_root_gets_data_root(tmp_path: Path) -> 
 def test_plugin_in_a_two_trial_search(tmp_path: Path) -> None:
     space = {"name": "plugin", "fixed": {**RUN, "cache_dir": str(tmp_path / "cache")},
              "space": {"ramp_start": {"type": "categorical", "choices": [0.2, 1.0]}},
-             "search": {"algorithm": "grid", "metric": "val/acc1", "mode": "max", "seed": 0, "max_concurrent": 2},
+             # one trial at a time: a second trial process would cost seconds of imports on 2 cores
+             "search": {"algorithm": "grid", "metric": "val/acc1", "mode": "max", "seed": 0, "max_concurrent": 1},
              "scheduler": {"type": "none"}, "resources": {"cpus_per_trial": 1}}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))

@@ -398,7 +398,8 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
     (tmp_path / "gate").mkdir()
     plugin_env = {"KDTUNE_PLUGINS": "gate_plugin",
                   "PYTHONPATH": os.pathsep.join([str(tmp_path), env()["PYTHONPATH"]])}
-    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "gated_kd"}, search__num_samples=6)
+    space = write_space(tmp_path, fixed={**SPACE["fixed"], "method": "gated_kd"}, search__num_samples=6,
+                        search__max_concurrent=1)  # one trial process per run of the search
     # its own process group and RAY_TMPDIR: the checks below look at this search's processes only
     ray_tmp = short_tmpdir()
     e = {**env(), **plugin_env, "RAY_TMPDIR": ray_tmp}
