@@ -274,7 +274,7 @@ SHORT_SEARCHES = {
                 fixed={**SPACE["fixed"], "epochs": 3},
                 scheduler={"type": "pb2", "perturbation_interval": 1, "quantile_fraction": 0.5}),
     "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
-                      search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                      search={"algorithm": "grid", "metric": "val/acc1", "mode": "max", "max_concurrent": 1},
                       scheduler={"type": "hyperband", "reduction_factor": 2}),
 }
 # searches with a fault: their plugin, written into their folder (the search forwards KDTUNE_PLUGINS
@@ -283,11 +283,11 @@ FAULTS = {
     # one trial crashes once, one always (a plugin method)
     "crashed": (dict(fixed={**SPACE["fixed"], "method": "flaky_kd", "epochs": 3},
                      space={"crash_always": {"type": "categorical", "choices": [False, True]}},
-                     search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
+                     search={"algorithm": "grid", "metric": "val/acc1", "mode": "max", "max_concurrent": 1},
                      scheduler={"type": "none"}, max_failures=1, checkpoint_every_s=0),
                 ("flaky_plugin", FLAKY_PLUGIN), {}),
     # a RayActorError escapes Tune in the driver once
-    "lost": (dict(search__num_samples=2, scheduler={"type": "none"}, fixed__epochs=3),
+    "lost": (dict(search__num_samples=2, search__max_concurrent=1, scheduler={"type": "none"}, fixed__epochs=3),
              ("lost_worker", LOST_WORKER_PLUGIN), {"LOST_MARKER": "{folder}/lost"}),
 }
 
