@@ -32,9 +32,11 @@ SPACE = {
 }
 # The end-to-end search: the method searched with a conditional sub-space (temperature exists
 # only in kd trials, and the student-alone baseline, method none, comes from the search itself),
-# 6 TPE trials, ASHA over 4 epochs (rungs at 1 and 2).
+# 6 TPE trials one at a time, ASHA over 4 epochs (rungs at 1 and 2).
 E2E_SPACE = {**SPACE,
              "fixed": {k: v for k, v in FIXED.items() if k != "method"},
+             # one trial at a time: one trial process (a second costs seconds of imports on 2 cores)
+             "search": {**SPACE["search"], "max_concurrent": 1},
              "space": {"method": {"type": "categorical",
                                   "choices": {"none": {},
                                               "kd": {"temperature": {"type": "float", "low": 1, "high": 8,
