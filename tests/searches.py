@@ -276,7 +276,7 @@ SHORT_SEARCHES = {
                 fixed={**SPACE["fixed"], "epochs": 3},
                 scheduler={"type": "pb2", "perturbation_interval": 1, "quantile_fraction": 0.5}),
     "diverging": dict(space={"lr": {"type": "categorical", "choices": [0.05, 1.0e12]}},
-                      search={"algorithm": "grid", "metric": "val/acc1", "mode": "max", "max_concurrent": 1},
+                      search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
                       scheduler={"type": "hyperband", "reduction_factor": 2}),
 }
 # searches with a fault: their plugin, written into their folder (the search forwards KDTUNE_PLUGINS
