@@ -272,11 +272,11 @@ def bench_steps_side_by_side(pairs: list[tuple[str, str]], device: torch.device,
                              compile: bool, methods: list[str]) -> None:
     """KD step img/s with the teacher live, with the teacher-output cache, and with cache + compile."""
     head = "live        cache  (x live)" + ("   cache+compile  (x live)" if compile else "")
-    print(f"{'step':<10}{'pair':<24}{head}")
+    print(f"{'step':<14}{'pair':<24}{head}")
     for teacher, student in pairs:
         live = bench_step("kd", teacher, student, device, batch_size, steps)
         cached = bench_step("kd", teacher, student, device, batch_size, steps, cache=True)
-        line = f"{'kd step':<10}{teacher + '->' + student:<24}{live:8,.0f}  {cached:9,.0f}  ({cached / live:4.2f}x)"
+        line = f"{'kd step':<14}{teacher + '->' + student:<24}{live:8,.0f}  {cached:9,.0f}  ({cached / live:4.2f}x)"
         if compile:
             both = bench_step("kd", teacher, student, device, batch_size, steps, cache=True, compile=True)
             line += f"   {both:13,.0f}  ({both / live:4.2f}x)"
@@ -284,7 +284,7 @@ def bench_steps_side_by_side(pairs: list[tuple[str, str]], device: torch.device,
         for m in methods:
             if m != "kd":
                 ips = bench_step(m, teacher, student, device, batch_size, steps)
-                print(f"{m + ' step':<10}{teacher + '->' + student:<24}{ips:8,.0f} img/s live "
+                print(f"{m + ' step':<14}{teacher + '->' + student:<24}{ips:8,.0f} img/s live "
                       f"({live / ips:.2f}x KD's step time)", flush=True)
 
 
