@@ -72,7 +72,7 @@ def execute(args, trainable: type | None = None) -> tuple[int, Path | None]:
     spec = renamed(spec, name)
     own = local_dir(storage, spec.name)
     if is_running(storage, spec.name):  # refused at once, naming the running search (its lock says who)
-        preflight.SearchLock(own, spec.name)
+        preflight.SearchLock(own, spec.name).release()  # (released at once if that search just ended)
     preflight.check_storage(storage, own)
     stored = preflight.read_state(own / STATE_FILE) if args.resume and (own / STATE_FILE).is_file() else None
     if stored is not None and stored["spec"] != spec.resolved:
@@ -102,14 +102,14 @@ def execute(args, trainable: type | None = None) -> tuple[int, Path | None]:
     made = not own.exists()
     # Held until the search ends: makes the existence checks below and the creation of the
     # search atomic (a second search of this name stops here, before MLflow).
-    lock = preflight.SearchLock(own, spec.name)  # noqa: F841
-    try:
-        return locked_search(spec, args, storage, tracking_uri, own, optuna_url, trainable), own
-    finally:
-        # Refused (or stopped) before it was recorded: the folder this search made goes, so that
-        # nothing is left of it (only the holder of the lock may remove it).
-        if made and not (own / STATE_FILE).exists():
-            shutil.rmtree(own, ignore_errors=True)
+    with preflight.SearchLock(own, spec.name):
+        try:
+            return locked_search(spec, args, storage, tracking_uri, own, optuna_url, trainable), own
+        finally:
+            # Refused (or stopped) before it was recorded: the folder this search made goes, so
+            # that nothing is left of it (only the holder of the lock may remove it).
+            if made and not (own / STATE_FILE).exists():
+                shutil.rmtree(own, ignore_errors=True)
 
 
 def locked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: Path, optuna_url: str,

@@ -34,7 +34,7 @@ class PreflightError(RuntimeError):
 
 
 class SearchLock:
-    """``flock`` on ``<own>/.kdtune_search.lock``, held until released or garbage-collected."""
+    """``flock`` on ``<own>/.kdtune_search.lock``, held for a ``with`` block (or until released)."""
 
     def __init__(self, own: Path, name: str) -> None:
         self.path = own / LOCK_FILE
@@ -73,7 +73,15 @@ class SearchLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    __del__ = release  # the driver holds it in main() until the search ends
+    def __enter__(self) -> SearchLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # A lock dropped without release (an error between acquiring it and entering a with block)
+    # is released when collected, not held by a forgotten descriptor.
+    __del__ = release
 
 
 def check_storage(storage: str, own: Path) -> None:
