@@ -36,13 +36,18 @@ def test_bad_input_exits_2_before_any_search() -> None:
 
 @pytest.mark.slow
 def test_noop_trials_run_through_the_real_search_path(tmp_path) -> None:
+    (tmp_path / "cwd").mkdir()
     r = subprocess.run([sys.executable, "-m", "kdtune.bench", "--overhead", "--trials", "4", "--algorithms", "random",
-                        "--keep", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env())
+                        "--keep", str(tmp_path / "kept")], capture_output=True, text=True, timeout=300, env=env(),
+                       cwd=tmp_path / "cwd")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     row = re.search(r"^random\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)", r.stdout, re.M)
     assert row, r.stdout[-2000:]
     wall, startup, epochs, training, overhead = map(float, row.groups())
     assert 0 < startup < wall and 1 <= epochs <= 2 and training < 0.5 and overhead > 0
     # the real path: the search's own MLflow store, Optuna-free random search, results table
-    assert (tmp_path / "random-4" / "mlflow.db").is_file()
-    assert (tmp_path / "random-4" / "ray" / "overhead-random-4" / "results.csv").is_file()
+    kept = tmp_path / "kept" / "random-4"
+    assert (kept / "mlflow.db").is_file()
+    assert (kept / "ray" / "overhead-random-4" / "results.csv").is_file()
+    # its MLflow artifacts beside its store, nothing in the directory it ran from
+    assert (kept / "mlruns").is_dir() and not any((tmp_path / "cwd").iterdir())

@@ -61,7 +61,7 @@ def measure(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: 
     from kdtune.search.api import options
     from kdtune.search.driver import execute
     from kdtune.search.records import RESULTS_FILE
-    from kdtune.search.tracking import child_runs
+    from kdtune.search.tracking import EXPERIMENT_KIND, child_runs
 
     import pandas as pd
 
@@ -69,6 +69,9 @@ def measure(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: 
 
     space = write_space(folder, algorithm, trials, epochs, concurrent, scheduler)
     tracking = f"sqlite:///{folder / 'mlflow.db'}"
+    # The store's artifacts beside it: MLflow's default is ./mlruns of wherever the bench runs.
+    MlflowClient(tracking).create_experiment(yaml.safe_load(space.read_text())["name"], tags=EXPERIMENT_KIND,
+                                             artifact_location=(folder / "mlruns").as_uri())
     args = options(space, storage_path=str(folder / "ray"), tracking_uri=tracking, status_every=3600.0)
     start = time.time()
     code, own = execute(args, trainable=sleeping(step_s))
