@@ -81,6 +81,13 @@ def save_teacher(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _in_own_folder(tmp_path: Path, monkeypatch) -> None:
+    """The reruns make MLflow stores whose artifacts default to ./mlruns: the test's folder, not
+    the checkout pytest runs from."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def threads():
     """final.main sets torch's thread count to the trial's CPUs; the test process gets its own back."""
