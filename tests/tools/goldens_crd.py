@@ -182,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     payload = generate(args.mdistiller.resolve(), args.repdistiller and args.repdistiller.resolve())
-    payload["_meta"]["generator"] = "tests/tools/goldens_crd.py"
-    payload["_meta"]["stubbed_imports"] = list(rg.STUBBED)
-    rg.dump(args.out, payload)
+    rg.write_golden(args.out, payload, "tests/tools/goldens_crd.py", list(rg.STUBBED))
     return 0
 
 

@@ -212,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with rg.cuda_is_identity():
         payload = generate(args.mlkd, args.ls)
-    payload["_meta"]["stubbed_imports"] = list(rg.STUBBED)
-    rg.dump(args.out, payload)
+    rg.write_golden(args.out, payload, "tests/tools/goldens_mlkd.py", list(rg.STUBBED))
     return 0
 
 

@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     payload = generate(args.mdistiller.resolve())
-    payload["_meta"]["generator"] = "tests/tools/goldens_reviewkd.py"
-    payload["_meta"]["stubbed_imports"] = list(rg.STUBBED)
-    rg.dump(args.out, payload)
+    rg.write_golden(args.out, payload, "tests/tools/goldens_reviewkd.py", list(rg.STUBBED))
     return 0
 
 

@@ -138,6 +138,14 @@ def dump(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def write_golden(path: Path, payload: dict[str, Any], generator: str, stubbed: list[str]) -> None:
+    """``payload`` to ``path``, its ``_meta`` naming the script that made it and the imports its
+    reference needed stubbed."""
+    payload["_meta"]["generator"] = generator
+    payload["_meta"]["stubbed_imports"] = stubbed
+    dump(path, payload)
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -423,9 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in makers.items():
         before = len(STUBBED)
         payload = make()
-        payload["_meta"]["generator"] = "tests/tools/reference_goldens.py"
-        payload["_meta"]["stubbed_imports"] = STUBBED[before:]  # the imports this file's reference needed
-        dump(args.out / name, payload)
+        # the imports this file's reference needed
+        write_golden(args.out / name, payload, "tests/tools/reference_goldens.py", STUBBED[before:])
     return 0
 
 
