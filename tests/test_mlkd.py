@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +22,11 @@ from kdtune.run import build_engine
 from kdtune.teacher_cache import use_cache
 from learning import assert_learns
 
+sys.path.insert(0, str(Path(__file__).parent / "tools"))
+from goldens_mlkd import Half  # noqa: E402  (the stored logits as "models", as the goldens ran the release)
+
 GOLDEN = json.loads((Path(__file__).parent / "data" / "reference_mlkd.json").read_text())
 EXTRA = [3.0, 5.0, 2.0, 6.0]  # the release's fixed temperatures after cfg.KD.TEMPERATURE
-
-
-class _Half(torch.nn.Module):
-    """The stored logits as a "model": the student reads the first half of each row, the teacher
-    the second (how the goldens ran the release's forward)."""
-
-    def __init__(self, second: bool) -> None:
-        super().__init__()
-        self.second = second
-
-    def forward(self, x: torch.Tensor):
-        c = x.shape[1] // 2
-        return (x[:, c:] if self.second else x[:, :c]), {}
 
 
 def _inputs(i: int) -> dict[str, torch.Tensor]:
@@ -55,7 +46,7 @@ RELEASED = {"mask_mode": "released", "released_strong_kd": True}
 def test_released_arithmetic_equals_the_release_loss_and_gradient(case) -> None:
     x = _inputs(case["input"])
     s_w, s_s = x["s_w"].clone().requires_grad_(True), x["s_s"].clone().requires_grad_(True)
-    mlkd = _mlkd(_Half(False), _Half(True), case, **RELEASED).train()
+    mlkd = _mlkd(Half(False), Half(True), case, **RELEASED).train()
     logits, terms = mlkd(torch.cat([s_w, x["t_w"]], 1), x["target"], strong=torch.cat([s_s, x["t_s"]], 1))
     assert torch.equal(logits, s_w) and all(v.shape == (len(s_w),) for v in terms.values())
     got = {"loss_ce": terms["ce"].mean(), "loss_kd": terms["kd_weak"].mean() + terms["kd_strong"].mean(),
@@ -71,7 +62,7 @@ def test_released_arithmetic_equals_the_release_loss_and_gradient(case) -> None:
 def test_select_masks_apply_the_releases_unreduced_terms_per_sample_and_row(ref) -> None:
     x = _inputs(ref["input"])
     case = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 1.0, "logit_stand": False}
-    mlkd = _mlkd(_Half(False), _Half(True), case).train()
+    mlkd = _mlkd(Half(False), Half(True), case).train()
     _, terms = mlkd(torch.cat([x["s_w"], x["t_w"]], 1), x["target"], strong=torch.cat([x["s_s"], x["t_s"]], 1))
     p_t = F.softmax(x["t_w"], dim=1).numpy()
     confidence, per_class = p_t.max(1), p_t.sum(0)

@@ -50,7 +50,7 @@ NOTE = ("cases: the releases' forward_train on the stored weak/strong logits (lo
         "augment: the release's RandAugment operations and Cutout on a stored uint8 image")
 
 
-class _Half(torch.nn.Module):
+class Half(torch.nn.Module):
     """Returns one half of each input row as the "logits" (student: first, teacher: second)."""
 
     def __init__(self, second: bool) -> None:
@@ -84,7 +84,7 @@ SETTINGS = [  # (repository, temperature, ce_weight, kd_weight, logit_stand)
 
 def _run_case(cls, inputs: dict[str, torch.Tensor], setting: tuple) -> dict[str, Any]:
     _, temperature, ce, kd, ls = setting
-    distiller = cls(_Half(False), _Half(True), _cfg(temperature, ce, kd, ls))
+    distiller = cls(Half(False), Half(True), _cfg(temperature, ce, kd, ls))
     s_w, s_s = inputs["s_w"].clone().requires_grad_(True), inputs["s_s"].clone().requires_grad_(True)
     weak, strong = torch.cat([s_w, inputs["t_w"]], 1), torch.cat([s_s, inputs["t_s"]], 1)
     _, losses = distiller.forward_train(image_weak=weak, image_strong=strong, target=inputs["target"])
