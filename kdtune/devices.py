@@ -79,54 +79,6 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def teacher_info(cfg: Any) -> Any:
-    """The ``TeacherInfo`` of ``cfg``'s teacher (trained and cached first if needed)."""
-    from kdtune.run import load_data, load_teacher
-
-    return load_teacher(cfg, load_data(cfg))[1]
-
-
-def resolve_teacher_info(cfg: Any) -> Any:
-    """:func:`teacher_info`, in a child process when the teacher would go on a GPU."""
-    from kdtune.engine import resolve_device
-
-    if resolve_device(cfg.device).type == "cuda":
-        return in_fresh_process(teacher_info, cfg)
-    return teacher_info(cfg)
-
-
-def teacher_records(cfg: Any, cache_cfg: Any = None, cache_device: str | None = None,
-                    planned: float | None = None) -> dict[str, Any]:
-    """What the search driver records of the teacher: its ``TeacherInfo`` fields and, with
-    ``cache_cfg``, those of the teacher-output cache built (or found) for the runs of ``cache_cfg``
-    on ``cache_device``: built once here, so that no trial builds it, and under ``auto`` only
-    when the search's ``planned`` trial-epochs pay for the build."""
-    from kdtune.engine import resolve_device
-    from kdtune.run import load_data, load_teacher, prepare_cache
-
-    data = load_data(cfg)
-    teacher, info = load_teacher(cfg, data)
-    record = dict(info.__dict__)
-    if cache_cfg is not None:
-        cache = prepare_cache(cache_cfg, data, teacher, resolve_device(cache_device or cache_cfg.device),
-                              log=lambda msg: print(msg, flush=True), planned=planned)
-        if cache is not None:
-            record.update(cache_path=str(cache.path), cache_description=cache.describe(), **cache.records())
-    return record
-
-
-def resolve_teacher_records(cfg: Any, cache_cfg: Any = None, cache_device: str | None = None,
-                            planned: float | None = None) -> dict[str, Any]:
-    """:func:`teacher_records`, in a child process when the teacher or its cache would use a GPU,
-    so that the driver holds no CUDA context or cached blocks during the search."""
-    from kdtune.engine import resolve_device
-
-    devices = [cfg.device] + ([cache_device or cache_cfg.device] if cache_cfg is not None else [])
-    if any(resolve_device(d).type == "cuda" for d in devices):
-        return in_fresh_process(teacher_records, cfg, cache_cfg, cache_device, planned)
-    return teacher_records(cfg, cache_cfg, cache_device, planned)
-
-
 @contextmanager
 def cudnn_autotune(allowed: bool) -> Iterator[None]:
     """Turn ``cudnn.benchmark`` off inside the block unless ``allowed``.

@@ -5,13 +5,14 @@ teacher they already hold so that they are loaded once, not once per trial.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from kdtune.config import RunConfig
 from kdtune.data import ImageData, TrainLoader, load_dataset
+from kdtune.devices import in_fresh_process
 from kdtune.distillers import METHODS, build_distiller
 from kdtune.engine import Engine, resolve_device
 from kdtune.models import build_model
@@ -107,3 +108,30 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
         engine.teacher_cache_opener = opener
     quiet(f"[kdtune] {reason}")
     return engine
+
+
+def teacher_records(cfg: RunConfig, cache_cfg: RunConfig | None = None, cache_device: str | None = None,
+                    planned: float | None = None) -> dict[str, Any]:
+    """What the search driver records of the teacher: its ``TeacherInfo`` fields and, with
+    ``cache_cfg``, those of the teacher-output cache built (or found) for the runs of ``cache_cfg``
+    on ``cache_device``: built once here, so that no trial builds it, and under ``auto`` only
+    when the search's ``planned`` trial-epochs pay for the build."""
+    data = load_data(cfg)
+    teacher, info = load_teacher(cfg, data)
+    record = dict(info.__dict__)
+    if cache_cfg is not None:
+        cache = prepare_cache(cache_cfg, data, teacher, resolve_device(cache_device or cache_cfg.device),
+                              log=lambda msg: print(msg, flush=True), planned=planned)
+        if cache is not None:
+            record.update(cache_path=str(cache.path), cache_description=cache.describe(), **cache.records())
+    return record
+
+
+def resolve_teacher_records(cfg: RunConfig, cache_cfg: RunConfig | None = None, cache_device: str | None = None,
+                            planned: float | None = None) -> dict[str, Any]:
+    """:func:`teacher_records`, in a child process when the teacher or its cache would use a GPU,
+    so that the driver holds no CUDA context or cached blocks during the search."""
+    devices = [cfg.device] + ([cache_device or cache_cfg.device] if cache_cfg is not None else [])
+    if any(resolve_device(d).type == "cuda" for d in devices):
+        return in_fresh_process(teacher_records, cfg, cache_cfg, cache_device, planned)
+    return teacher_records(cfg, cache_cfg, cache_device, planned)

@@ -269,13 +269,14 @@ def test_packed_trials_with_their_contexts_fit_the_card(card_gib: int, trials: i
 
 
 def test_teacher_resolution_on_a_gpu_runs_in_a_child_process(monkeypatch) -> None:
-    import kdtune.engine
+    import kdtune.run
 
     calls = []
-    monkeypatch.setattr(devices, "in_fresh_process", lambda fn, *a: calls.append((fn, a)) or "info")
-    monkeypatch.setattr(kdtune.engine, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(kdtune.run, "in_fresh_process", lambda fn, *a: calls.append((fn, a)) or "records")
+    monkeypatch.setattr(kdtune.run, "resolve_device", lambda name: torch.device("cuda"))
     cfg = SimpleNamespace(device="auto")
-    assert devices.resolve_teacher_info(cfg) == "info" and calls == [(devices.teacher_info, (cfg,))]
+    assert kdtune.run.resolve_teacher_records(cfg) == "records"
+    assert calls == [(kdtune.run.teacher_records, (cfg, None, None, None))]
 
 
 def test_fresh_process_returns_the_childs_result_and_raises_its_error() -> None:

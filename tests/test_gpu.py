@@ -173,14 +173,14 @@ def test_the_driver_keeps_no_cuda_memory_after_resolving_the_teacher(tmp_path) -
     out = _python(f"""
         import json, torch
         from kdtune.config import RunConfig
-        from kdtune.devices import resolve_teacher_info, teacher_info
+        from kdtune.run import resolve_teacher_records, teacher_records
         cfg = RunConfig.from_dict(dict(dataset="synthetic", val_size=64, dataset_options=dict(
             num_classes=10, image_size=32, channels=3, train_size=576, test_size=16), teacher="resnet20",
             teacher_epochs=1, student="resnet8", cache_dir={str(tmp_path)!r}, device="cuda"))
-        info = resolve_teacher_info(cfg)  # trains and caches the teacher in a child process
+        info = resolve_teacher_records(cfg)  # trains and caches the teacher in a child process
         isolated = torch.cuda.is_initialized()
-        again = teacher_info(cfg)  # the old in-process way, for comparison (cached now)
-        print(json.dumps({{"source": info.source, "initialized": isolated, "same": again.path == info.path,
+        again = teacher_records(cfg)  # the old in-process way, for comparison (cached now)
+        print(json.dumps({{"source": info["source"], "initialized": isolated, "same": again["path"] == info["path"],
                           "in_process_reserved": torch.cuda.memory_reserved()}}))
     """)
     result = json.loads(out.strip().splitlines()[-1])

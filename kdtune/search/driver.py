@@ -238,7 +238,7 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
     """Resolve (train and cache, if needed) the teacher once, before any trial starts, and build
     the teacher-output cache the trials will read (once here, not once per trial). On a GPU both
     run in a child process, so the driver keeps no CUDA memory during the search."""
-    from kdtune.devices import resolve_teacher_records
+    from kdtune.run import resolve_teacher_records
     from kdtune.distillers import METHODS
     from kdtune.teacher_cache import use_cache
 
