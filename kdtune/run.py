@@ -5,6 +5,7 @@ teacher they already hold so that they are loaded once, not once per trial.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,8 @@ from kdtune.sampling import SAMPLERS
 from kdtune.teacher_cache import TeacherCache, open_cache, use_cache
 from kdtune.teachers import TeacherInfo, resolve_teacher
 
+logger = logging.getLogger(__name__)
+
 
 def load_data(cfg: RunConfig) -> ImageData:
     return load_dataset(cfg.dataset, root=cfg.data_root, val_size=cfg.val_size,
@@ -31,7 +34,7 @@ def teacher_seed(cfg: RunConfig) -> int:
     return cfg.seed if cfg.teacher_seed is None else cfg.teacher_seed
 
 
-def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = print, *, train: bool = True
+def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = logger.info, *, train: bool = True
                  ) -> tuple[nn.Module | None, TeacherInfo | None]:
     """The run's teacher, or ``(None, None)`` for methods that train without one. With
     ``train=False`` a teacher that is neither given nor cached is not trained:
@@ -58,7 +61,7 @@ def planned_epochs(cfg: RunConfig, planned: float | None = None) -> float | None
 
 
 def prepare_cache(cfg: RunConfig, data: ImageData, teacher: nn.Module | None, device: torch.device | None = None,
-                  log: Callable[[str], None] = print, planned: float | None = None) -> TeacherCache | None:
+                  log: Callable[[str], None] = logger.info, planned: float | None = None) -> TeacherCache | None:
     """Open (building it if needed and, under ``auto``, if the ``planned`` trial-epochs pay for
     it) the teacher-output cache a run of ``cfg`` reads, or None when the run does not use one.
     The loader is set up as the Engine sets up its own (same train split, views, device,
@@ -121,7 +124,7 @@ def teacher_records(cfg: RunConfig, cache_cfg: RunConfig | None = None, cache_de
     record = dict(info.__dict__)
     if cache_cfg is not None:
         cache = prepare_cache(cache_cfg, data, teacher, resolve_device(cache_device or cache_cfg.device),
-                              log=lambda msg: print(msg, flush=True), planned=planned)
+                              planned=planned)
         if cache is not None:
             record.update(cache_path=str(cache.path), cache_description=cache.describe(), **cache.records())
     return record

@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.data import TrainLoader
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"KDTUNE-TEACHER-LOGITS\n"
 HEADER_BYTES = 4096
@@ -244,7 +247,7 @@ def _build(path: Path, key: str, shape: tuple[int, int, int], dtype: str, teache
 
 def open_cache(teacher: nn.Module, loader: TrainLoader, *, cache_dir: str | Path, amp: bool,
                memory_format: torch.memory_format = torch.contiguous_format, dtype: str = "float32",
-               build_batch_size: int | None = None, log: Callable[[str], None] = print,
+               build_batch_size: int | None = None, log: Callable[[str], None] = logger.info,
                planned_epochs: float | None = None) -> TeacherCache | None:
     """Open the cache for ``teacher`` over ``loader``'s train images and views, building it first
     when it is missing, partial or corrupt. With ``planned_epochs`` (``teacher_cache: auto``) a

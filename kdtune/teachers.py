@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from kdtune.data import ImageData, eval_batches
 from kdtune.distillers import Vanilla
 from kdtune.engine import Engine, Recipe, evaluate_model
 from kdtune.models import build_model
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "kdtune-teacher-v1"
 # The reference recipe trains MobileNetV2 and the ShuffleNets with lr 0.01 instead of 0.05.
@@ -125,7 +128,7 @@ def evaluate_accuracy(model: nn.Module, data: ImageData, device: torch.device) -
 
 def resolve_teacher(model_name: str, data: ImageData, *, checkpoint: str | None, cache_dir: str | Path,
                     seed: int = 0, epochs: int = 240, device: torch.device | str = "cpu",
-                    log: Callable[[str], None] = print, train: bool = True) -> tuple[nn.Module, TeacherInfo]:
+                    log: Callable[[str], None] = logger.info, train: bool = True) -> tuple[nn.Module, TeacherInfo]:
     """The frozen teacher for this run, in eval mode on ``device``.
 
     With ``checkpoint`` the file is loaded; otherwise the cache is looked up by (dataset

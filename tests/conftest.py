@@ -12,6 +12,11 @@ import pytest
 import torch
 
 import processes
+from kdtune.logs import configure
+
+# In-process tests call library functions and command mains directly and read their lines as
+# the command prints them: kdtune's handler, at INFO, as `kdtune` installs it.
+configure()
 
 # Whatever a test starts stays this process's descendant, even when it daemonizes (Ray's
 # daemons): tests find what they left among their own processes (tests/processes.py).

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kdtune.analysis import plots, report
 from kdtune import analysis
+from kdtune.analysis import plots
+from kdtune.cli import main as kdtune
 from searches import E2E_SPACE, SearchRun, env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,19 +214,19 @@ def test_mlflow_params_take_the_types_their_space_declares() -> None:
 
 
 def test_bad_results_path_is_named_and_exits_2(tmp_path: Path, capsys) -> None:
-    assert report.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert kdtune(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nowhere") in err and "does not exist" in err and "kdtune_search.json" in err
     # a storage path in place of a search folder: the searches below it are named
     (tmp_path / "ray" / "x").mkdir(parents=True)
     (tmp_path / "ray" / "x" / "kdtune_search.json").write_text(json.dumps({"spec": {"name": "x"},
                                                                           "parent_run_id": "0"}))
-    assert report.main([str(tmp_path / "ray")]) == 2
+    assert kdtune(["report", str(tmp_path / "ray")]) == 2
     assert str(tmp_path / "ray" / "x") in capsys.readouterr().err
     # a search that has not ended: no results.csv yet
-    assert report.main([str(tmp_path / "ray" / "x")]) == 2
+    assert kdtune(["report", str(tmp_path / "ray" / "x")]) == 2
     assert "no results.csv" in capsys.readouterr().err
-    assert report.main([str(tmp_path / "ray" / "x"), "--baseline", "none"]) == 2
+    assert kdtune(["report", str(tmp_path / "ray" / "x"), "--baseline", "none"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -368,12 +369,10 @@ def test_report_command(e2e_search: SearchRun, tmp_path: Path) -> None:
 
 
 def test_report_refuses_a_missing_search_and_a_bad_bootstrap(tmp_path: Path, capsys) -> None:
-    from kdtune import report
-
-    assert report.main([str(tmp_path / "no-such-search")]) == 2
+    assert kdtune(["report", str(tmp_path / "no-such-search")]) == 2
     assert str(tmp_path / "no-such-search") in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        report.main([str(tmp_path), "--bootstrap", "-1"])
+        kdtune(["report", str(tmp_path), "--bootstrap", "-1"])
     assert e.value.code == 2 and "--bootstrap: expected a whole number >= 0, got '-1'" in capsys.readouterr().err
 
 

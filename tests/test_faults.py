@@ -161,7 +161,9 @@ def search(folder: Path, space: Path | str, *args: str, **kw) -> Outcome:
 def search_here(capsys, folder: Path, space: Path | str, *args: str) -> Outcome:
     """The search command in this process: for cases that fail before Ray starts (and start no
     process), at a fraction of a subprocess's cost."""
-    from kdtune.search.driver import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['search', *argv])  # noqa: E731
 
     if "--tracking-uri" not in args:
         args = (*args, "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}")
@@ -204,7 +206,9 @@ def test_cifar_reader_refuses_code_and_reads_every_pickle_protocol(tmp_path: Pat
 
 
 def test_train_refuses_a_cifar_file_that_would_run_code(tmp_path: Path, capsys) -> None:
-    from kdtune.train import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['train', *argv])  # noqa: E731
 
     write_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
     victim = tmp_path / "pwned"
@@ -351,7 +355,9 @@ def test_read_only_tracking_store(tmp_path: Path) -> None:
 
 def test_storage_path_below_a_file(tmp_path: Path, capsys) -> None:
     (tmp_path / "afile").write_text("")
-    from kdtune.search.driver import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['search', *argv])  # noqa: E731
 
     start = time.perf_counter()
     rc = main([str(write_space(tmp_path)), "--storage-path", str(tmp_path / "afile" / "rr"),
@@ -417,14 +423,18 @@ def _in_process(capsys, main, argv: list[str]) -> tuple[int, str, float]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_train_on_cuda_without_cuda(tmp_path: Path, capsys) -> None:
-    from kdtune.train import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['train', *argv])  # noqa: E731
 
     rc, err, seconds = _in_process(capsys, main, ["--device", "cuda", "--output-dir", str(tmp_path / "out")])
     assert rc == 2 and "device: 'cuda' asked for, but CUDA is not available" in err and seconds < QUICK_S
 
 
 def test_train_output_dir_below_a_file_fails_before_loading_anything(tmp_path: Path, capsys) -> None:
-    from kdtune.train import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['train', *argv])  # noqa: E731
 
     (tmp_path / "afile").write_text("")
     # CIFAR files that do not exist: had the data been loaded first, the message would be about them
@@ -434,7 +444,9 @@ def test_train_output_dir_below_a_file_fails_before_loading_anything(tmp_path: P
 
 
 def test_train_resume_with_a_truncated_checkpoint(tmp_path: Path, capsys) -> None:
-    from kdtune.train import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['train', *argv])  # noqa: E731
 
     out = tmp_path / "out"
     out.mkdir()
@@ -446,7 +458,9 @@ def test_train_resume_with_a_truncated_checkpoint(tmp_path: Path, capsys) -> Non
 
 
 def test_train_refuses_a_teacher_checkpoint_that_would_run_code(tmp_path: Path, capsys) -> None:
-    from kdtune.train import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['train', *argv])  # noqa: E731
 
     victim = tmp_path / "pwned"
     torch.save({"model": Pwned(victim)}, tmp_path / "teacher.pth")
@@ -456,7 +470,9 @@ def test_train_refuses_a_teacher_checkpoint_that_would_run_code(tmp_path: Path, 
 
 
 def test_bench_unknown_model_and_zero_steps(capsys) -> None:
-    from kdtune.bench import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['bench', *argv])  # noqa: E731
 
     rc, err, _ = _in_process(capsys, main, ["--skip-pipeline", "--pairs", "nosuchnet:resnet8"])
     assert rc == 2 and "--pairs 'nosuchnet:resnet8': teacher: unknown model 'nosuchnet'" in err
@@ -467,7 +483,9 @@ def test_bench_unknown_model_and_zero_steps(capsys) -> None:
 
 
 def test_report_names_a_corrupt_search_record(tmp_path: Path, capsys) -> None:
-    from kdtune.analysis.report import main
+    from kdtune.cli import main as kdtune
+
+    main = lambda argv: kdtune(['report', *argv])  # noqa: E731
 
     folder = tmp_path / "rr" / "faults"
     folder.mkdir(parents=True)

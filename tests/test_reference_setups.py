@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from kdtune import train
+from kdtune import cli
+from kdtune.cli import train
 from kdtune.config import RunConfig
 from kdtune.models import build_model
 from kdtune.run import build_engine, load_data, load_teacher
-from kdtune.search import driver
 from kdtune.search.spec import load_spec
 from tests.conftest import write_cifar
 
@@ -105,7 +105,7 @@ def test_run_file_validates_and_builds(path: Path, workdir: Path, monkeypatch) -
     text = path.read_text()
     assert text.startswith("#") and f"kdtune train {rel(path)}" in text  # says how to run it
     monkeypatch.chdir(workdir)
-    args = train.parse_args([str(path), "--final", *[f"--set={k}={v}" for k, v in SMALL.items()],
+    args = cli.parse_args(["train", str(path), "--final", *[f"--set={k}={v}" for k, v in SMALL.items()],
                              f"--set=cache_dir={workdir / 'cache'}"])
     cfg, _ = train.resolve_config(args)
     values = yaml.safe_load(text)
@@ -123,7 +123,7 @@ def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path,
     assert text.startswith("#") and f"kdtune search {rel(path)}" in text
     monkeypatch.chdir(workdir)
     # a dry run checks resources and reads the data: no GPU here, and 60 fabricated train images
-    assert driver.main([str(path), "--dry-run", "--gpus-per-trial", "0", "--set", "fixed.val_size=10"]) == 0
+    assert cli.main(["search", str(path), "--dry-run", "--gpus-per-trial", "0", "--set", "fixed.val_size=10"]) == 0
     assert "# translated space" in capsys.readouterr().out
     overrides = [f"fixed.{k}={v}" for k, v in SMALL.items()] + [f"fixed.cache_dir={workdir / 'cache'}"]
     spec = load_spec(path, overrides)
@@ -148,7 +148,7 @@ def test_docs_name_existing_files() -> None:
 def test_a_missing_teacher_file_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # no download_ckpts/ here
     path = REFERENCE / "ctkd" / "vgg13-vgg8-ctkd.yaml"
-    assert train.main([str(path)]) == 2
+    assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "teacher_checkpoint: file not found: 'download_ckpts/cifar_teachers/vgg13_vanilla/ckpt_epoch_240.pth'" in err
 
@@ -222,7 +222,7 @@ def test_sakd_pairs_are_the_released_at_configs(name: str, lr: float, homo: bool
 def test_sakd_anti_is_one_override(workdir: Path, monkeypatch) -> None:
     monkeypatch.chdir(workdir)
     path = REFERENCE / "sakd" / "at" / "vgg13-vgg8.yaml"
-    cfg, _ = train.resolve_config(train.parse_args([str(path), "--set", "gates=anti"]))
+    cfg, _ = train.resolve_config(cli.parse_args(["train", str(path), "--set", "gates=anti"]))
     assert cfg.method_params["gates"] == "anti"
 
 

@@ -46,11 +46,11 @@ def test_invalid_space_exits_2_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_spec_and_space(tmp_path: Path, capsys) -> None:
-    from kdtune.search.driver import main
+    from kdtune.cli import main as kdtune
 
-    # in this process (a dry run starts nothing): the command's own main, as `kdtune search` calls it
+    # in this process (a dry run starts nothing): the command line's main, as `kdtune search` calls it
     def dry_run(*extra: str) -> tuple[int, str]:
-        rc = main([str(write_space(tmp_path, E2E_SPACE)), "--storage-path", str(tmp_path / "ray"),
+        rc = kdtune(["search", str(write_space(tmp_path, E2E_SPACE)), "--storage-path", str(tmp_path / "ray"),
                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--dry-run", *extra])
         return rc, capsys.readouterr().out
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -41,6 +42,8 @@ from kdtune.search.records import (NOT_METRICS, OBJECTIVE_METRIC, PARENT_TAG, PA
                                    resolve_tracking_uri, run_metrics)
 from kdtune.search.space import parse_space
 from kdtune.search.pbt import HISTORY_COLUMN, HISTORY_TAG, METRIC_PREFIX as PBT_PREFIX
+
+logger = logging.getLogger(__name__)
 
 # Trials that ran normally; "diverged" and "failed" trials carry no comparable value.
 FINISHED = ("completed", "stopped early")
@@ -339,7 +342,7 @@ def _curves_from_ray(folder: Path) -> pd.DataFrame | None:
             try:
                 result = json.loads(line)
             except ValueError:  # e.g. the last line of a trial killed mid-write
-                print(f"[kdtune] {file}: line {number} is not JSON; skipped", file=sys.stderr)
+                logger.warning(f"{file}: line {number} is not JSON; skipped")
                 continue
             row = run_metrics(result)
             row.update(trial_id=result["trial_id"], epoch=int(result["training_iteration"]),

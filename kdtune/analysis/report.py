@@ -1,16 +1,16 @@
-"""``kdtune report RESULTS [RESULTS ...]``: a short report of one or several searches.
+"""The report of one or several searches, the library under ``kdtune report`` (its command line
+is :mod:`kdtune.cli.report`).
 
 RESULTS is a search folder (``<storage-path>/<name>``, e.g. ``ray_results/quickstart-digits``) or
-the name of an MLflow experiment. Writes the plots (PNG), ``report.md`` and ``report.html`` (the
-same text, the images embedded) into ``--out``: best configuration, gap to the baselines,
-parameter importance, cost. A RESULTS that is neither exits with status 2.
+the name of an MLflow experiment (:func:`kdtune.analysis.load_searches`). :func:`write_report`
+writes the plots (PNG), ``report.md`` and ``report.html`` (the same text, the images embedded):
+best configuration, gap to the baselines, parameter importance, cost.
 """
 from __future__ import annotations
 
 import base64
 import html
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import pandas as pd
 from kdtune import analysis
 from kdtune.analysis import plots, selection
 from kdtune.analysis.importance import BOOTSTRAP, MIN_TRIALS
-from kdtune.report import parse_args
 
 # Plot captions, in report order.
 CAPTIONS = {
@@ -40,21 +39,8 @@ CAPTIONS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        baselines = _baselines(args.baseline)
-        searches = analysis.load_searches(args.results, args.tracking_uri)
-    except (analysis.SearchNotFound, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else _default_out(searches)
-    written = write_report(searches, out, baselines, bootstrap=args.bootstrap)
-    print(f"[kdtune] report: {written['html']} ({len(written) - 2} plots; markdown: {written['md']})")
-    return 0
-
-
-def _baselines(texts: list[str]) -> dict[str, float]:
+def parse_baselines(texts: list[str]) -> dict[str, float]:
+    """``--baseline NAME=VALUE`` values as {name: accuracy}; ValueError names a malformed one."""
     out = {}
     for text in texts:
         name, sep, value = text.partition("=")
@@ -67,7 +53,8 @@ def _baselines(texts: list[str]) -> dict[str, float]:
     return out
 
 
-def _default_out(searches: list[analysis.Search]) -> Path:
+def default_out(searches: list[analysis.Search]) -> Path:
+    """Where the report goes without --out: into the one search's folder, else ./kdtune_report."""
     if len(searches) == 1 and searches[0].folder is not None:
         return searches[0].folder / "report"
     return Path("kdtune_report")
@@ -269,6 +256,3 @@ def _html(blocks: list[tuple], folder: Path) -> str:
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>kdtune report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,6 @@
+"""``python -m kdtune.search``: the same as ``kdtune search`` (kdtune.cli)."""
 import sys
 
-from kdtune.search.cli import main
+from kdtune.cli import main
 
-sys.exit(main())
+sys.exit(main(["search", *sys.argv[1:]]))

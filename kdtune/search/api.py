@@ -76,8 +76,10 @@ def run(space: str | Path, *, overrides: Sequence[str] = (), storage_path: str =
         kdtune.search.preflight.PreflightError: the search cannot start (resources, storage,
             tracking store, data or teacher checkpoint); nothing was made.
     """
+    from kdtune.logs import default_handler
     from kdtune.search.driver import execute
 
+    default_handler()  # progress lines, unless the program configured logging (kdtune.logs)
     code, folder = execute(options(space, overrides=overrides, storage_path=storage_path, tracking_uri=tracking_uri,
                                    address=address, resume=resume, optuna_storage=optuna_storage,
                                    num_samples=num_samples, max_concurrent=max_concurrent,

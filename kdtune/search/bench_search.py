@@ -115,23 +115,6 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    args_in = sys.argv[1:] if argv is None else argv
-    if any(a.split("=")[0] == "--record-curves" for a in args_in):
-        # The learning-curve table the replay benchmark reads (kdtune.search.curves).
-        from kdtune.search.curves import main as record_curves
-        return record_curves(argv)
-    if "--overhead" in args_in:  # the search machinery's own cost per trial (no training)
-        from kdtune.search.bench_overhead import main as overhead
-        return overhead(argv)
-    if "--winners-curse" in args_in:  # before --replay: the winner's-curse bench has a --replay of its own
-        from kdtune.search.bench_winners import main as winners_curse
-        return winners_curse(argv)
-    if any(a == "--replay" or a.startswith("--replay=") for a in args_in):
-        # Searches against a recorded table in simulated time: no Ray cluster, no training.
-        from kdtune.search.replay import main as replay
-        return replay(argv)
     p = argparse.ArgumentParser(prog="kdtune bench --search", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--search", action="store_true", help=argparse.SUPPRESS)

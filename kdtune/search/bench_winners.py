@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import random
 import statistics
@@ -30,17 +31,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
+
+DESCRIPTION = """kdtune bench --winners-curse: how much a search's single-run best overstates
+itself, and how often it is not the best configuration, with and without the
+confirmation stage."""
+EXAMPLES = """examples:
+  kdtune bench --winners-curse
+  kdtune bench --winners-curse --configs 8 --seeds 5 --output runs.json
+  kdtune bench --winners-curse --replay runs.json --top-k 5"""
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kdtune bench --winners-curse", description=__doc__.split("\n\n")[0])
-    p.add_argument("--winners-curse", action="store_true", required=True)
+    p = argparse.ArgumentParser(prog="kdtune bench --winners-curse", description=DESCRIPTION,
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--winners-curse", action="store_true", help=argparse.SUPPRESS)  # names this benchmark (prog)
     p.add_argument("--space", default=str(Path(__file__).resolve().parents[2] / "search_spaces" / "quickstart.yaml"),
                    help="space file whose fixed settings and space are used (default: the quickstart)")
     p.add_argument("--configs", type=int, default=12, help="configurations drawn from the space (a search's trials)")
     p.add_argument("--seeds", type=int, default=6, help="runs per configuration (>= 2 + --confirm-seeds)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the space file's)")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--confirm-seeds", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=3, help="trials a confirmation re-runs (default 3)")
+    p.add_argument("--confirm-seeds", type=int, default=2,
+                   help="more seeds per confirmed trial (default 2)")
     p.add_argument("--draws", type=int, default=2000, help="searches replayed from the table of runs")
     p.add_argument("--output", default=None, help="write every run's value and the figures here (JSON)")
     p.add_argument("--replay", metavar="JSON", default=None,
@@ -142,16 +156,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --replay {args.replay}: {args.seeds} seeds per configuration; --confirm-seeds "
                   f"{args.confirm_seeds} needs at least {args.confirm_seeds + 2}", file=sys.stderr)
             return 2
-        print(f"[kdtune] winner's curse: replaying {args.replay} ({args.configs} configurations x {args.seeds} seeds)")
+        logger.info(f"winner's curse: replaying {args.replay} ({args.configs} configurations x {args.seeds} seeds)")
     else:
         import torch
 
         torch.set_num_threads(1)  # as a trial with one CPU trains
         configs = draw_configs(spec, args.configs)
         epochs = args.epochs or spec.max_epochs
-        print(f"[kdtune] winner's curse on {spec.fixed.get('dataset')}: {args.configs} configurations of {spec.path} "
-              f"x {args.seeds} seeds, {epochs} epochs each, one teacher", flush=True)
-        values = train_table(spec, configs, args.seeds, args.epochs, say=lambda m: print(m, flush=True))
+        logger.info(f"winner's curse on {spec.fixed.get('dataset')}: {args.configs} configurations of {spec.path} "
+                    f"x {args.seeds} seeds, {epochs} epochs each, one teacher")
+        values = train_table(spec, configs, args.seeds, args.epochs, say=logger.info)
     figures = replay(values, spec.mode, args.top_k, args.confirm_seeds, args.draws)
     means = [statistics.fmean(r) for r in values]
     stds = [statistics.stdev(r) for r in values]

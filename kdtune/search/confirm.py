@@ -19,12 +19,15 @@ candidate with the best mean over its N + 1 seeds, the search's own run included
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 from kdtune.search.records import objective_column
+
+logger = logging.getLogger(__name__)
 
 CONFIRM_TAG = "kdtune.confirms"  # on a confirmation run: the trial id it confirms
 FOLDER = "confirm"  # in <storage>/<name>: the confirmation trials (a Tune experiment)
@@ -283,8 +286,8 @@ def run_confirmation(spec, table, storage: str, own, client, parent_id: str, tag
         return None, True
     configs, confirms, base = points(spec, table, ids, own)
     path = f"{storage.rstrip('/')}/{spec.name}/{FOLDER}"
-    print(f"[kdtune] confirmation: trials {', '.join(ids)} re-run with {spec.confirm_seeds} more seeds each "
-          f"({len(configs)} runs, the same teacher and resources)", flush=True)
+    logger.info(f"confirmation: trials {', '.join(ids)} re-run with {spec.confirm_seeds} more seeds each "
+                f"({len(configs)} runs, the same teacher and resources)")
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:

@@ -264,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     p = argparse.ArgumentParser(prog="kdtune bench --record-curves",
-                                description="record the learning-curve table the replay benchmark reads")
+                                description="kdtune bench --record-curves OUT: record the learning-curve table "
+                                "that kdtune bench --search --replay reads",
+                                epilog="examples:\n  kdtune bench --record-curves curves.csv.gz\n"
+                                "  kdtune bench --record-curves quick.csv.gz --limit 4 --seeds 0",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--record-curves", metavar="OUT", required=True, help="the table to write (.csv.gz)")
     p.add_argument("--seeds", default="0,1", help="student seeds per configuration (default 0,1)")
     p.add_argument("--cache-dir", default=os.environ.get("KDTUNE_CACHE_DIR", "~/.cache/kdtune"),

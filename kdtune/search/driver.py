@@ -17,22 +17,21 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kdtune.config import ConfigError
 from kdtune.search import preflight
 from kdtune.search.preflight import PreflightError
 from kdtune.search.records import (BEST_FILE, OBJECTIVE, OBJECTIVE_METRIC, OPTUNA_FILE, PARETO_COLUMN, PARETO_TAG,
                                    RESULTS_FILE, RUN_FILE, STATE_FILE, fmt_config, fmt_objective, is_own_metric,
                                    objective_column, objective_value, pareto_column, resolve_tracking_uri)
-from kdtune.search.cli import FLAG_OVERRIDES, parse_args
 from kdtune.search import instance, internals
 from kdtune.search.spec import SearchSpec, load_spec
+
+logger = logging.getLogger(__name__)
 
 def resolve_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
@@ -43,18 +42,15 @@ def local_dir(storage: str, name: str) -> Path:
     return Path(storage) / name if "://" not in storage else Path.cwd() / "kdtune_searches" / name
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``kdtune search``: the command line over :func:`execute`; a refusal is one line, exit 2."""
-    try:
-        return execute(parse_args(argv))[0]
-    except (ConfigError, PreflightError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+# The command's flags that are shorthands for spec overrides (kdtune.cli.search declares them).
+FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
+                  "gpus_per_trial": "resources.gpus_per_trial", "cpus_per_trial": "resources.cpus_per_trial",
+                  "confirm_top_k": "confirm.top_k", "confirm_seeds": "confirm.seeds"}
 
 
 def execute(args, trainable: type | None = None) -> tuple[int, Path | None]:
     """Run (or dry-run) the search ``args`` describe (the command's options: the fields of
-    :func:`kdtune.search.cli.parse_args`); ``(exit status, the search's folder)``: 0 done, 130
+    :mod:`kdtune.cli.search`); ``(exit status, the search's folder)``: 0 done, 130
     interrupted. Bad input raises :class:`ConfigError` or :class:`PreflightError` before anything
     is made. ``trainable``: a subclass of :class:`~kdtune.search.trainable.KDTrainable` to run the
     trials (the overhead benchmark's no-op trials); default KDTrainable."""
@@ -96,9 +92,9 @@ def execute(args, trainable: type | None = None) -> tuple[int, Path | None]:
         print(f"# a real run would be the search {spec.name!r}" + (f": {note}" if note else ""))
         return 0, None
     if note:
-        print(f"[kdtune] {note}", flush=True)
+        logger.info(note)
     for line in instance.end_leftovers(storage):
-        print(f"[kdtune] {line}", flush=True)
+        logger.info(line)
     made = not own.exists()
     # Held until the search ends: makes the existence checks below and the creation of the
     # search atomic (a second search of this name stops here, before MLflow).
@@ -134,8 +130,8 @@ def locked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: 
                           trainable)
     except KeyboardInterrupt:
         preflight.close_parent("KILLED")
-        print(f"\n[kdtune] interrupted; continue with: kdtune search {spec.path} --resume "
-              f"--storage-path {storage}", file=sys.stderr)
+        logger.warning(f"\ninterrupted; continue with: kdtune search {spec.path} --resume "
+                       f"--storage-path {storage}")
         return 130
     except BaseException:
         preflight.close_parent("FAILED")  # never leave the search's run RUNNING
@@ -253,13 +249,13 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
     # Build for the device the trials use: CPU-only trials on a GPU host see no GPU.
     cache_device = "cpu" if spec.gpus_per_trial == 0 and cfg.device == "auto" else cfg.device
     record = resolve_teacher_records(cfg, cache_cfg, cache_device, spec.planned_trial_epochs())
-    print(f"[kdtune] teacher {record['model']} ({record['source']}: {record['path']}) val acc "
-          f"{record['val_acc']:.2f}", flush=True)
+    logger.info(f"teacher {record['model']} ({record['source']}: {record['path']}) val acc "
+                f"{record['val_acc']:.2f}")
     if "cache_description" in record:
-        print(f"[kdtune] teacher cache for {', '.join(cached)}: {record.pop('cache_description')}", flush=True)
+        logger.info(f"teacher cache for {', '.join(cached)}: {record.pop('cache_description')}")
     # the trials say the same in their own output (their folders); said here, it is seen
     for reason in dict.fromkeys(why for on, why in decisions.values() if not on):
-        print(f"[kdtune] {reason}", flush=True)
+        logger.info(reason)
     return record
 
 
@@ -291,7 +287,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         # path on this machine; on other nodes, install it).
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
         ray.init(address=address, **quiet, **({"runtime_env": {"env_vars": forwarded}} if forwarded else {}))
-        print(f"[kdtune] connected to the Ray cluster at {address}", flush=True)
+        logger.info(f"connected to the Ray cluster at {address}")
     else:
         # "local" never attaches to a cluster that happens to be running (or a stale one).
         # Loopback only: with the node IP 127.0.0.1 Ray 2.60 binds its GCS, raylet, object manager
@@ -305,7 +301,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         ray.init(address="local", include_dashboard=False, object_store_memory=256 * 1024**2,
                  _node_ip_address="127.0.0.1", **quiet)
-        print("[kdtune] started a private local Ray instance", flush=True)
+        logger.info("started a private local Ray instance")
 
 
 def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str | None, resume: bool,
@@ -340,16 +336,16 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
                                                   "folder": str(own),
                                                   "optuna_storage": optuna_url, "spec": spec.resolved}, indent=2))
     if spec.objectives:
-        print(f"[kdtune] search {spec.name}: objectives {', '.join(f'{m} ({d})' for m, d in spec.objectives)}, "
-              f"each at the last epoch the trial trained; the result is their Pareto front", flush=True)
+        logger.info(f"search {spec.name}: objectives {', '.join(f'{m} ({d})' for m, d in spec.objectives)}, "
+                    f"each at the last epoch the trial trained; the result is their Pareto front")
     else:
-        print(f"[kdtune] search {spec.name}: objective {spec.metric} ({spec.mode}), {OBJECTIVE}", flush=True)
+        logger.info(f"search {spec.name}: objective {spec.metric} ({spec.mode}), {OBJECTIVE}")
     trials = trials_url(client, spec.name, parent_id, spec.mode)
     client.set_tag(parent_id, "kdtune.trials_url", trials)
-    print(f"[kdtune] MLflow: this search's trials, best first: {trials} (after: mlflow ui --backend-store-uri "
-          f"{tracking_uri})", flush=True)
+    logger.info(f"MLflow: this search's trials, best first: {trials} (after: mlflow ui --backend-store-uri "
+                f"{tracking_uri})")
     if optuna_url:
-        print(f"[kdtune] Optuna study {spec.name!r}: optuna-dashboard {optuna_url}", flush=True)
+        logger.info(f"Optuna study {spec.name!r}: optuna-dashboard {optuna_url}")
 
     trainable = tune.with_resources(tune.with_parameters(trainable_class or KDTrainable, spec=spec),
                                     {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
@@ -389,8 +385,8 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
         close_stale_trials(optuna_url, spec.name)
     wall = time.perf_counter() - start
     if verbose and tracker is not None and tracker.results_logged:
-        print(f"[kdtune] MLflow logging on the driver: {1000 * tracker.log_seconds / tracker.results_logged:.1f} ms "
-              f"per reported epoch ({tracker.results_logged} results)")
+        logger.info(f"MLflow logging on the driver: {1000 * tracker.log_seconds / tracker.results_logged:.1f} ms "
+                    f"per reported epoch ({tracker.results_logged} results)")
     return report(spec, table, expected, client, parent_id, own, tracking_uri, experiment_path, wall, selection,
                   confirm_ended)
 
@@ -422,8 +418,8 @@ def fit(spec: SearchSpec, experiment_path: str, trainable, make_tuner=None):
             if lost is None or attempt > spec.max_failures:
                 raise
             reason = (str(lost).strip().splitlines() or [""])[0][:200]
-            print(f"[kdtune] Ray lost a worker outside a trial ({type(lost).__name__}: {reason}); restoring the "
-                  f"search from its saved state ({attempt} of {spec.max_failures})", file=sys.stderr, flush=True)
+            logger.warning(f"Ray lost a worker outside a trial ({type(lost).__name__}: {reason}); restoring the "
+                           f"search from its saved state ({attempt} of {spec.max_failures})")
             tuner = restored()
 
 
@@ -546,24 +542,24 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
     client.log_artifact(parent_id, str(csv))
     interrupted = len(table) < expected or (table["status"] == "interrupted").any() or not confirm_ended
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items()) if len(table) else "no trials"
-    print(f"\n[kdtune] search {spec.name}: {len(table)} trials ({counts}) in {wall:.0f}s")
+    logger.info(f"\nsearch {spec.name}: {len(table)} trials ({counts}) in {wall:.0f}s")
     front = pareto_records(spec, table) if spec.objectives else []
     if spec.objectives:
         for line in pareto_lines(spec, table, front):
-            print(f"[kdtune] {line}")
+            logger.info(line)
         mark_pareto_runs(client, spec.name, parent_id, front)
     if len(ranked):
         best = table.set_index("trial_id", drop=False).loc[selection.chosen]
         for line in selection.lines():
-            print(f"[kdtune] {line}")
+            logger.info(line)
         config = _plain({n: best[n] for n in spec.space.names() if n in best and not _missing(best[n])})
         value = float(best[column])
         chosen = selection.candidates[0]
         by_mean = (f"; mean {chosen.mean:.2f}" + (f" ± {chosen.std:.2f}" if chosen.n > 1 else "")
                    + f" over {chosen.n} seeds" if selection.confirmed else "")
-        print(f"[kdtune] best trial {best['trial_id']}: {spec.metric} {value:.2f} at its last epoch "
-              f"({int(best['epochs'])} of {spec.max_epochs}){by_mean}")
-        print(f"[kdtune] best configuration: {fmt_config(config)}")
+        logger.info(f"best trial {best['trial_id']}: {spec.metric} {value:.2f} at its last epoch "
+                    f"({int(best['epochs'])} of {spec.max_epochs}){by_mean}")
+        logger.info(f"best configuration: {fmt_config(config)}")
         folder = trial_folder(own, best["trial_id"])
         # the trial's own run.yaml (written when it started) is the exact configuration
         full = (yaml.safe_load((folder / RUN_FILE).read_text()) if folder is not None and (folder / RUN_FILE).is_file()
@@ -587,16 +583,16 @@ def report(spec: SearchSpec, table, expected: int, client, parent_id: str, own: 
                             RunTag("kdtune.selection_rule", selection.rule)])
         client.log_artifact(parent_id, str(own / BEST_FILE))
         if folder is not None:
-            print(f"[kdtune] final model: kdtune train --from-search {own} --final --seeds 3")
+            logger.info(f"final model: kdtune train --from-search {own} --final --seeds 3")
             if spec.objectives and len(front) > 1:
-                print(f"[kdtune] another trial of the front: add --trial ID (the best {spec.metric} is the default)")
+                logger.info(f"another trial of the front: add --trial ID (the best {spec.metric} is the default)")
     client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
-    print(f"[kdtune] results table: {csv}")
-    print(f"[kdtune] MLflow: experiment {spec.name!r} at {tracking_uri} "
-          f"(browse: mlflow ui --backend-store-uri {tracking_uri})")
+    logger.info(f"results table: {csv}")
+    logger.info(f"MLflow: experiment {spec.name!r} at {tracking_uri} "
+                f"(browse: mlflow ui --backend-store-uri {tracking_uri})")
     if interrupted:
-        print(f"[kdtune] the search was interrupted; continue it with: kdtune search {spec.path} "
-              f"--resume --storage-path {experiment_path.rsplit('/', 1)[0]}", file=sys.stderr)
+        logger.warning(f"the search was interrupted; continue it with: kdtune search {spec.path} "
+                       f"--resume --storage-path {experiment_path.rsplit('/', 1)[0]}")
         return 130
     return 0
 
@@ -680,6 +676,3 @@ def _missing(v: Any) -> bool:
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v.item() if hasattr(v, "item") else v for k, v in d.items()}
 
-
-if __name__ == "__main__":
-    sys.exit(main())

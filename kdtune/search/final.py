@@ -19,6 +19,7 @@ MLflow is imported only here, so ``kdtune.train`` itself never loads it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -30,6 +31,10 @@ import yaml
 
 from kdtune.config import ConfigError, RunConfig
 from kdtune.search.records import BEST_FILE, OBJECTIVE, OPTUNA_FILE, RESULTS_FILE, RUN_FILE, STATE_FILE
+
+logger = logging.getLogger(__name__)
+# a seed's own lines (epochs, teacher), bare as kdtune.train prints them (kdtune.logs)
+run_lines = logging.getLogger("kdtune.train")
 
 
 
@@ -155,8 +160,8 @@ def main(search_dir: str, trial: str | None, final: bool, seeds: int, output_dir
     out_root = Path(output_dir or f"runs/{name}-{trial_id}" + ("-final" if final else "")).resolve()
     split = "test" if final else "val"
     seed_list = [seed for seed, _ in runs]
-    print(f"[kdtune] re-running trial {trial_id} of search {name} ({'final: train+val, test' if final else 'val'}) "
-          f"with seeds {seed_list}; output {out_root}; MLflow {uri}", flush=True)
+    logger.info(f"re-running trial {trial_id} of search {name} ({'final: train+val, test' if final else 'val'}) "
+                f"with seeds {seed_list}; output {out_root}; MLflow {uri}")
     # The trial trained with as many torch threads as it had CPUs (the trainable sets them); CPU
     # kernels sum in another order with another thread count, so the re-run uses the same count.
     import torch
@@ -167,7 +172,7 @@ def main(search_dir: str, trial: str | None, final: bool, seeds: int, output_dir
     first = runs[0][1]
     try:
         data = load_data(first)
-        teacher = load_teacher(first, data, log=lambda msg: print(msg, flush=True), train=train_teacher)
+        teacher = load_teacher(first, data, train=train_teacher)
     except TeacherNotCached as e:
         print(f"error: {e}; the search's teacher is gone (another cache_dir, or the cache was cleared): "
               f"give its file with --set teacher_checkpoint=PATH, or add --train-teacher to train it again "
@@ -177,8 +182,8 @@ def main(search_dir: str, trial: str | None, final: bool, seeds: int, output_dir
         print(f"error: {e}", file=sys.stderr)
         return 2
     if teacher[1] is not None:
-        print(f"[kdtune] every seed distils from teacher {teacher[1].model} ({teacher[1].source}: "
-              f"{teacher[1].path})", flush=True)
+        logger.info(f"every seed distils from teacher {teacher[1].model} ({teacher[1].source}: "
+                    f"{teacher[1].path})")
     tags = {k: v for k, v in version_tags().items() if k in ("kdtune.version", "mlflow.source.git.commit")}
     tracker = FinalTracker(uri, name, str(state.get("parent_run_id", "")), trial_id, final, tags)
     tracker.start()
@@ -192,7 +197,7 @@ def main(search_dir: str, trial: str | None, final: bool, seeds: int, output_dir
             (out / "log.txt").write_text("")
 
             def log(msg: str, out: Path = out) -> None:  # the terminal, and the seed's own log file
-                print(msg, flush=True)
+                run_lines.info(msg)
                 with open(out / "log.txt", "a") as f:
                     f.write(msg + "\n")
 
@@ -204,7 +209,7 @@ def main(search_dir: str, trial: str | None, final: bool, seeds: int, output_dir
                              on_epoch=lambda m, rid=rid: tracker.epoch(rid, m))
                 code = 0 if result["status"] == "completed" else 1
             except RunInputError as e:
-                print(f"error: seed {seed}: {e}", file=sys.stderr)
+                logger.error(f"error: seed {seed}: {e}")
                 result, code = {}, 2
             codes.append(code)
             tracker.end_seed(rid, out, "FINISHED" if code == 0 else "FAILED")
@@ -214,8 +219,8 @@ def main(search_dir: str, trial: str | None, final: bool, seeds: int, output_dir
             mean = statistics.fmean(done)
             std = statistics.stdev(done) if len(done) > 1 else math.nan
             spread = f" ± {std:.2f} (std over {len(done)} seeds)" if len(done) > 1 else " (1 seed: no spread)"
-            print(f"[kdtune] trial {trial_id}: {split}/acc1 {mean:.2f}{spread}; per seed "
-                  + ", ".join(f"{v:.2f}" for v in values))
+            logger.info(f"trial {trial_id}: {split}/acc1 {mean:.2f}{spread}; per seed "
+                        + ", ".join(f"{v:.2f}" for v in values))
             summary = {"trial_id": trial_id, "search": name, "final": final, "split": split,
                        "objective": OBJECTIVE, "search_metric": metric, f"{split}/acc1": values,
                        "mean": mean, "std": std, "seeds": seed_list,
@@ -225,12 +230,12 @@ def main(search_dir: str, trial: str | None, final: bool, seeds: int, output_dir
         tracker.end(summary, summary_file, "FINISHED" if all(c == 0 for c in codes) else "FAILED")
     except KeyboardInterrupt:
         tracker.abandon("KILLED")
-        print(f"[kdtune] interrupted; the seeds that finished are in {out_root}", file=sys.stderr)
+        logger.warning(f"interrupted; the seeds that finished are in {out_root}")
         return 130
     except BaseException:
         tracker.abandon("FAILED")
         raise
     if tracker.failed is not None:
-        print(f"[kdtune] MLflow logging failed ({tracker.failed}); the results are in {out_root}", file=sys.stderr)
+        logger.warning(f"MLflow logging failed ({tracker.failed}); the results are in {out_root}")
         return 1
     return 0 if all(c == 0 for c in codes) else 1

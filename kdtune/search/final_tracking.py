@@ -13,13 +13,15 @@ failure is said on one line, and nothing more is sent to that store by this comm
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from kdtune.search.records import PARENT_TAG, RUN_FILE, run_metrics
+
+logger = logging.getLogger(__name__)
 
 FINAL_TAG = "kdtune.final_of"  # on a re-run: the trial id it re-runs
 SEARCH_TAG = "kdtune.search_run"  # on a re-run: the search's parent run id
@@ -54,8 +56,8 @@ class FinalTracker:
             from kdtune.search.preflight import _first_line, shorten
 
             self.failed = f"{what}: {type(e).__name__}: {_first_line(e)}"
-            print(f"error: MLflow logging to {shorten(self.uri)} failed ({self.failed}); every seed's results are "
-                  f"still written to its folder, and this command logs nothing more to MLflow", file=sys.stderr)
+            logger.error(f"error: MLflow logging to {shorten(self.uri)} failed ({self.failed}); every seed's results "
+                         f"are still written to its folder, and this command logs nothing more to MLflow")
             return None
 
     def start(self) -> str | None:

@@ -16,14 +16,16 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 from kdtune.checks import device_problem, shorten, writable_dir_problem
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".kdtune_search.lock"  # in the search's own folder, next to kdtune_search.json
 TRACKING_TIMEOUT_S = 10  # an unreachable tracking server fails within this (plus connection setup)
@@ -273,5 +275,5 @@ def close_parent(status: str) -> None:
             if client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, status=status)
         except Exception as e:  # the store itself may be what failed
-            print(f"[kdtune] could not mark MLflow run {run_id} {status}: {_first_line(e)}", file=sys.stderr)
+            logger.warning(f"could not mark MLflow run {run_id} {status}: {_first_line(e)}")
     _OPEN_PARENT.clear()

@@ -7,14 +7,16 @@ same. Everything is computed from Tune's trial list, so the lines stay right aft
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from typing import Any, TextIO
 
 from ray.tune import Callback
 
 from kdtune.search.records import STATUSES, fmt, fmt_config, fmt_objective, is_better, trial_status
+
+logger = logging.getLogger(__name__)
 
 
 def clock(seconds: float) -> str:
@@ -53,7 +55,10 @@ class Progress(Callback):
         self.start = self.last_status = time.monotonic()  # a resumed search counts from its restart
 
     def say(self, text: str) -> None:
-        print(f"[kdtune] {text}", file=self.stream or sys.stdout, flush=True)
+        if self.stream is not None:  # a stream of its own (tests): the lines as the handler prints them
+            print(f"[kdtune] {text}", file=self.stream, flush=True)
+        else:
+            logger.info(text)
 
     # ------------------------------------------------------------------ events
 

@@ -416,8 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     p = argparse.ArgumentParser(prog="kdtune bench --search --replay",
-                                description="whole searches against a recorded learning-curve table, in simulated "
-                                "time, with Ray Tune's schedulers and kdtune's Optuna searchers")
+                                description="kdtune bench --search --replay: whole searches against a recorded "
+                                "learning-curve table, in simulated time, with Ray Tune's schedulers and kdtune's "
+                                "Optuna searchers",
+                                epilog="examples:\n  kdtune bench --search --replay digits\n"
+                                "  kdtune bench --search --replay digits --strategies tpe+asha,random --seeds 5\n"
+                                "  kdtune bench --search --replay curves.csv.gz --fidelity",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--search", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--replay", metavar="TABLE", required=True,
                    help="a table from `kdtune bench --record-curves` ('digits': the one shipped with kdtune)")

@@ -6,6 +6,7 @@ unpickled by a later ``--resume``.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -16,6 +17,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kdtune.search.internals import optuna_study, optuna_trials, storage_id, study_storage, told_trials
 from kdtune.search.spec import SearchSpec
+
+logger = logging.getLogger(__name__)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -208,7 +211,7 @@ def build_searcher(spec: SearchSpec, storage_url: str | None = None) -> tuple[Se
         if spec.warm_start and not optuna_study(searcher).trials:  # not again on --resume
             from kdtune.search.warm_start import warm_start
 
-            print(warm_start(optuna_study(searcher), spec.warm_start, space), flush=True)
+            logger.info(warm_start(optuna_study(searcher), spec.warm_start, space))
         return searcher, {}, spec.num_samples
     # Tune's max_concurrent_trials only limits a Searcher (it warns and ignores it for a variant
     # generator), so random and grid searches get the limit here.

@@ -17,9 +17,12 @@ from ray import tune
 
 from kdtune.config import RunConfig
 from kdtune.devices import hide_gpus_from_cpu_trial, limit_trial_memory, read_engine_state
+from kdtune.logs import default_handler
 from kdtune.run import build_engine, load_data, load_teacher, teacher_seed
 from kdtune.search.records import PENALTY
 from kdtune.search.spec import SearchSpec
+
+logger = logging.getLogger(__name__)
 
 # Per-process caches: (dataset settings) -> ImageData, (teacher settings) -> frozen teacher.
 _DATA: dict[tuple, Any] = {}
@@ -45,7 +48,7 @@ def _teacher(cfg: RunConfig, data):
     # A trial of a method without a teacher (none) gets None for the same key: never kept, or
     # the next trial of this worker that needs the teacher would get None too.
     if _TEACHERS.get(key) is None:
-        _TEACHERS[key] = load_teacher(cfg, data, log=lambda msg: print(msg, flush=True))[0]
+        _TEACHERS[key] = load_teacher(cfg, data)[0]
     return _TEACHERS[key]
 
 
@@ -55,6 +58,7 @@ class KDTrainable(tune.Trainable):
 
     def setup(self, config: dict[str, Any], spec: SearchSpec) -> None:
         self.spec = spec
+        default_handler()  # the trial's lines (teacher, cache) in its output; a Ray worker configures no logging
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
         if not os.environ.get("KDTUNE_VERBOSE"):
             # "Trainable.setup took 15 s ... consider reuse_actors=True": it is on; the time is the
@@ -74,7 +78,7 @@ class KDTrainable(tune.Trainable):
         cfg = self.spec.run_config(config)
         data = _data(cfg)
         teacher = _teacher(cfg, data) if cfg.teacher is not None else None
-        self.engine = build_engine(cfg, data, teacher, log=lambda msg: print(msg, flush=True))
+        self.engine = build_engine(cfg, data, teacher, log=logger.info)
 
     def step(self) -> dict[str, Any]:
         metrics = self.engine.train_epoch()

@@ -80,7 +80,7 @@ def warm_start(study: Any, folder: str, space: Any) -> str:
             value=t.value if t.state == TrialState.COMPLETE else None,
             intermediate_values=t.intermediate_values, state=t.state, user_attrs={"warm_start": folder}))
         added += 1
-    note = f"[kdtune] warm start: {added} finished trials from {folder}"
+    note = f"warm start: {added} finished trials from {folder}"
     if outside:
         note += f"; {outside} left out (a value outside the new space)"
     if dropped:

@@ -1,11 +1,12 @@
-"""The command line of ``kdtune search`` (``python -m kdtune.search`` runs it too): its arguments, parsed in a
-module that imports nothing heavy, so ``--help`` and usage errors answer before torch, Ray or MLflow
-load; then :mod:`kdtune.search.driver` runs the search."""
+"""``kdtune search SPACE.yaml``: its arguments, declared in a module that imports nothing heavy, so
+that ``--help`` and usage errors answer before torch, Ray or MLflow load; then the search driver
+(:func:`kdtune.search.driver.execute`, what :func:`kdtune.search.run` calls) runs the search."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+HELP = "search hyperparameters of a distillation method (Ray Tune, Optuna, MLflow)"
 DESCRIPTION = """kdtune search SPACE.yaml: search distillation hyperparameters. Ray Tune runs
 the trials, Optuna's TPE proposes configurations, ASHA stops weak trials
 early, and every trial is an MLflow run."""
@@ -16,15 +17,8 @@ EXAMPLES = """examples:
   kdtune search search_spaces/kd.yaml --resume"""
 
 
-# Flags that are shorthands for spec overrides.
-FLAG_OVERRIDES = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
-                  "gpus_per_trial": "resources.gpus_per_trial", "cpus_per_trial": "resources.cpus_per_trial",
-                  "confirm_top_k": "confirm.top_k", "confirm_seeds": "confirm.seeds"}
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kdtune search", description=DESCRIPTION,
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("space", help="search-space YAML file (see search_spaces/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the file by its dotted path, e.g. fixed.epochs=20 (repeatable)")
@@ -48,14 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "e.g. a shared PostgreSQL/MySQL database for a cluster")
     p.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
                    help="print a status line this often (default 30)")
-    p.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's own logging")
     p.add_argument("--dry-run", action="store_true", help="print the resolved spec and translated space, then stop")
-    return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parse_args(argv)  # exits on --help and usage errors, before the driver's imports
-    from kdtune.search.driver import main as run
+def run(args: argparse.Namespace) -> int:
+    """The search ``args`` describe; a refusal (invalid file or override, a failed preflight
+    check) is one line and exit 2, before anything is made."""
+    from kdtune.config import ConfigError
+    from kdtune.search.driver import execute
+    from kdtune.search.preflight import PreflightError
 
-    return run(argv)
+    try:
+        return execute(args)[0]
+    except (ConfigError, PreflightError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,6 @@
+"""``python -m kdtune``: the ``kdtune`` command (kdtune.cli)."""
+import sys
+
+from kdtune.cli import main
+
+sys.exit(main())

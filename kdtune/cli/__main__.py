@@ -1,0 +1,6 @@
+"""``python -m kdtune.cli``: the ``kdtune`` command."""
+import sys
+
+from kdtune.cli import main
+
+sys.exit(main())
