@@ -41,8 +41,7 @@ def command(name: str):
 def verbosity() -> argparse.ArgumentParser:
     """The options every command has: how much of kdtune's own logging shows (kdtune.logs)."""
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("output")
-    loud = g.add_mutually_exclusive_group()
+    loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true",
                       help="more detail: kdtune's debug lines; for a search also Ray's and MLflow's own logging "
                            "and the trials' output")
