@@ -17,7 +17,6 @@ EXAMPLES = """examples:
   kdtune search search_spaces/kd.yaml --resume"""
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("space", help="search-space YAML file (see search_spaces/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
