@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
