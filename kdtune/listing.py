@@ -27,10 +27,10 @@ def markdown() -> str:
 def text(names: list[str] | None = None) -> str:
     """The listing for a terminal; ``names`` picks methods or samplers, or ``run`` for the run
     settings that have a rule (default: all)."""
-    from kdtune.config import _FIELD_RULES
+    from kdtune.config import RUN_KEYS
 
     lines = []
-    run = [("run settings", Schema(**_FIELD_RULES))] if not names or "run" in names else []
+    run = [("run settings", RUN_KEYS)] if not names or "run" in names else []
     for owner, schema in run + owners():
         name = owner.split("`")[1] if "`" in owner else "run"
         if names and name not in names:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdtune import config
 from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override, validate
 from kdtune.distillers import METHODS
 from kdtune.hparams import Problem, coerce, did_you_mean
@@ -52,15 +53,10 @@ STOPPING_SCHEDULERS = ("asha", "hyperband", "median", "pbt", "pb2")
 SCHEDULERS = ("asha", "hyperband", "median", "pbt", "pb2", "none")
 POPULATION_SCHEDULERS = ("pbt", "pb2")  # trials copy each other's checkpoints (kdtune.search.pbt)
 PBT_KEYS = ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate")
-PATH_KEYS = ("data_root", "teacher_checkpoint", "cache_dir")
-# Run settings a search must not vary, and why.
-NOT_SEARCHABLE = {
-    "epochs": "it is the budget that early stopping and max_epochs count in; set it under fixed",
-    "final": "a final run reports test accuracy, which a search must never select on",
-    "method_params": "method hyperparameters are searched by their own flat names",
-    "sampler_params": "sampler hyperparameters are searched by their own flat names",
-}
-RUN_KEYS = tuple(k for k in RunConfig.__dataclass_fields__ if k not in ("method_params", "sampler_params"))
+PATH_KEYS = tuple(k for k, e in config.RUN_KEYS.items() if e.path)
+# Run settings a search must not vary, and why (their declarations say so).
+NOT_SEARCHABLE = {k: e.not_searchable for k, e in config.RUN_KEYS.items() if e.not_searchable}
+RUN_KEYS = tuple(k for k in config.RUN_KEYS if k not in config.NESTED_KEYS)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _MISSING = object()
 
