@@ -137,6 +137,7 @@ class HP:
     name: str = ""
     path: bool = False  # a file or folder (a search file's relative path is made absolute)
     not_searchable: str = ""  # why a search must not vary it (empty: it may be searched)
+    why: str = ""  # the reason for the range, said with it when a value is outside
 
     def but(self, default: Any) -> HP:
         """The same hyperparameter with another default (checked against its rule)."""
@@ -182,6 +183,8 @@ class HP:
             # means the choice "off", not a type error.
             value = "on" if value else "off"
         coerced, ok = coerce(value, self.types)
+        if not ok and self.choices is not None:  # the choices say more than their type
+            return value, [Problem(path, f"must be {self.rule()}", value)]
         if not ok:
             return value, [Problem(path, f"expected {type_name(self.types)}", value)]
         if coerced is None:
@@ -191,7 +194,8 @@ class HP:
             return value, [Problem(path, "expected a finite number", value)]
         if not self.in_range(coerced):
             null = f" (or null for {self.null_means})" if self.null_means else ""
-            return coerced, [Problem(path, f"must be {self.rule()}{null}", coerced)]
+            why = f" ({self.why})" if self.why else ""
+            return coerced, [Problem(path, f"must be {self.rule()}{null}{why}", coerced)]
         if self.parse is not None:
             try:
                 self.parse(coerced)
@@ -208,14 +212,15 @@ def hp(default: Any, *, help: str, type: type | tuple[type, ...] | None = None, 
        gt: float | None = None, ge: float | None = None, lt: float | None = None,
        le: float | None = None, choices: tuple | list | None = None,
        parse: Callable[[Any], Any] | None = None, null_means: str = "", path: bool = False,
-       not_searchable: str = "") -> HP:
+       not_searchable: str = "", why: str = "") -> HP:
     """A hyperparameter: its default, a one-line ``help``, and optionally its range
     (``gt``/``ge``/``lt``/``le``: >, >=, <, <=) or ``choices``.
 
     The type is the default's (an int default takes integers only, a float one any number)
     unless ``type`` says otherwise; ``null_means`` allows null and says what it stands for.
     ``parse`` validates values a range cannot describe (it raises ValueError). ``path`` marks a
-    file or folder; ``not_searchable`` says why a search must not vary the key.
+    file or folder; ``not_searchable`` says why a search must not vary the key; ``why`` is the
+    reason for the range, said with it when a value is outside.
     """
     if type is None:
         if default is None:
@@ -226,7 +231,7 @@ def hp(default: Any, *, help: str, type: type | tuple[type, ...] | None = None, 
     if default is None or null_means:
         types = (*types, builtins_type(None)) if builtins_type(None) not in types else types
     spec = HP(default, help, types, gt, ge, lt, le, None if choices is None else tuple(choices), parse, null_means,
-              path=path, not_searchable=not_searchable)
+              path=path, not_searchable=not_searchable, why=why)
     if default is not None:
         _, problems = spec.validate(default, path="default")
         if problems:
