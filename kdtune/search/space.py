@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +33,24 @@ MAX_GRID = 10_000  # more grid points than any search here could run
 CONDITIONAL_KEYS = ("method", "sampler")
 
 
+class ParamError(ValueError):
+    """A :class:`Param` that cannot be built; ``problems`` name the keys (``low``, ``step``...)."""
+
+    def __init__(self, name: str, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid parameter {name!r}: " + "; ".join(str(p) for p in problems))
+
+
 @dataclass(frozen=True)
 class Param:
-    """One searched hyperparameter: a float or int range (bounds inclusive) or a set of choices."""
+    """One searched hyperparameter: a float or int range (bounds inclusive) or a set of choices,
+    in its YAML form, standing for an Optuna distribution (:attr:`distribution`).
+
+    Building one builds that distribution: Optuna's constructor holds the rules of a range (low
+    <= high, low > 0 on a log scale, step > 0 and not with log), and its ValueError becomes a
+    :class:`ParamError` whose problems name the key. kdtune adds one rule of its own: high - low
+    is a multiple of step (Optuna would quietly lower high).
+    """
 
     name: str
     kind: str
@@ -48,7 +64,19 @@ class Param:
         object.__setattr__(self, "choices", tuple(self.choices))
         problems = _param_problems(self)
         if problems:
-            raise ValueError(f"invalid parameter {self.name!r}: " + "; ".join(str(p) for p in problems))
+            raise ParamError(self.name, problems)
+
+    @property
+    def distribution(self) -> Any:
+        """The Optuna distribution (``FloatDistribution``, ``IntDistribution`` or
+        ``CategoricalDistribution``) this parameter is sampled from."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "float":
+            return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return IntDistribution(self.low, self.high, log=self.log, step=1 if self.step is None else self.step)
+        return CategoricalDistribution(self.choices)
 
     def suggest(self, trial: Any) -> Any:
         """Draw this parameter from an Optuna trial (``Trial``, ``FixedTrial``, ...)."""
@@ -264,11 +292,10 @@ def parse_param(name: str, raw: Any, path: str) -> tuple[Param | None, list[Prob
             bad("log", f"expected true or false, but got {values['log']!r}")
     if problems:
         return None, problems
-    problems = [p.under(path) for p in _range_problems(kind, values.get("low"), values.get("high"),
-                                                          values.get("log", False), values.get("step"))]
-    if problems:
-        return None, problems
-    return Param(name, kind, **values), []
+    try:
+        return Param(name, kind, **values), []
+    except ParamError as e:
+        return None, [p.under(path) for p in e.problems]
 
 
 def parse_space(raw: Any, path: str = "space") -> tuple[Space, list[Problem]]:
@@ -362,15 +389,23 @@ def _conditional_problems(conditionals: dict[str, dict[str, dict[str, Param]]], 
                 elif name not in first:
                     first[name] = (choice, param)
                     owner[name] = key
-                elif _signature(param) != _signature(first[name][1]):
+                elif not _compatible(first[name][1], param):
                     other, ref = first[name]
                     problems.append(Problem(f"{where}", f"Optuna keeps one distribution per name, so it must be "
                                     f"{_describe(ref)} as under {other!r}, but got {_describe(param)}"))
     return problems
 
 
-def _signature(p: Param) -> tuple:
-    return (p.kind, p.choices) if p.kind == "categorical" else (p.kind, p.log)
+def _compatible(first: Param, other: Param) -> bool:
+    """Whether an Optuna study can hold both under one name (the same kind, log scale, and
+    choices; Optuna's own rule, which a study applies when a trial suggests the name)."""
+    from optuna.distributions import check_distribution_compatibility
+
+    try:
+        check_distribution_compatibility(first.distribution, other.distribution)
+    except ValueError:
+        return False
+    return True
 
 
 def _describe(p: Param) -> str:
@@ -410,26 +445,35 @@ def _number(raw: dict, key: str, types: tuple[type, ...], bad: Any) -> Any:
     return value
 
 
-def _range_problems(kind: str, low: Any, high: Any, log: bool, step: Any) -> list[Problem]:
-    """Problems of a range (paths: low, high, step)."""
-    if kind == "categorical":
-        return []
-    problems = []
-    if low > high:
-        problems.append(Problem("low", f"must be <= high, but got low={low!r}, high={high!r}"))
-    if log and low <= 0:
-        problems.append(Problem("low", f"must be > 0 when log is true, but got {low!r}"))
-    if step is not None:
-        minimum = "> 0" if kind == "float" else ">= 1"
-        if step <= 0:
-            problems.append(Problem("step", f"must be {minimum}, but got {step!r}"))
-        elif log and (kind == "float" or step != 1):
-            problems.append(Problem("step", f"cannot be combined with log: true (Optuna has no stepped log "
-                                            f"scale), but got step={step!r}"))
-        elif low <= high and not _is_multiple(high - low, step):
-            problems.append(Problem("step", f"high - low must be a multiple of step, but got low={low!r}, "
-                            f"high={high!r}, step={step!r}"))
-    return problems
+# Optuna's constructors name the rule a range breaks; each is said here at its key, with the values.
+_OPTUNA_RULES = (  # (words of Optuna's message, key, kdtune's message)
+    ("not supported when `log` is true", "step", "cannot be combined with log: true (Optuna has no stepped log "
+                                                 "scale), but got step={step!r}"),
+    ("step is 1 when `log`", "step", "cannot be combined with log: true (Optuna has no stepped log scale), "
+                                     "but got step={step!r}"),
+    ("`low <= high` must hold", "low", "must be <= high, but got low={low!r}, high={high!r}"),
+    ("`low > 0` must hold for `log=True`", "low", "must be > 0 when log is true, but got {low!r}"),
+    ("`low >= 1` must hold for `log=True`", "low", "must be >= 1 when log is true, but got {low!r}"),
+    ("`step > 0` must hold", "step", "must be {positive}, but got {step!r}"),
+)
+
+
+def _distribution_problems(p: Param) -> list[Problem]:
+    """Problems of ``p``'s range: the distribution's constructor's, then whether it kept high."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna warns when it lowers high to the step's grid
+            distribution = p.distribution
+    except ValueError as e:
+        values = {"low": p.low, "high": p.high, "step": p.step, "positive": "> 0" if p.kind == "float" else ">= 1"}
+        for words, key, message in _OPTUNA_RULES:
+            if words in str(e):
+                return [Problem(key, message.format(**values))]
+        return [Problem("", str(e))]  # a rule of a newer Optuna: its own words
+    if p.kind != "categorical" and distribution.high != p.high:
+        return [Problem("step", f"high - low must be a multiple of step, but got low={p.low!r}, high={p.high!r}, "
+                                f"step={p.step!r}")]
+    return []
 
 
 def _param_problems(p: Param) -> list[Problem]:
@@ -440,13 +484,8 @@ def _param_problems(p: Param) -> list[Problem]:
             return [Problem("choices", "must be a non-empty list", ())]
         return []
     number = (int, float) if p.kind == "float" else (int,)
-    for key in ("low", "high"):
+    for key in ("low", "high", "step"):
         value = getattr(p, key)
-        if isinstance(value, bool) or not isinstance(value, number):
+        if (key != "step" or value is not None) and (isinstance(value, bool) or not isinstance(value, number)):
             return [Problem(key, f"expected {'a number' if p.kind == 'float' else 'an integer'}", value)]
-    return _range_problems(p.kind, p.low, p.high, p.log, p.step)
-
-
-def _is_multiple(span: float, step: float) -> bool:
-    ratio = span / step
-    return abs(ratio - round(ratio)) <= 1e-9 * max(1.0, abs(ratio))
+    return _distribution_problems(p)
