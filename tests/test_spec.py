@@ -610,3 +610,14 @@ def test_pbt_mutations_stay_in_the_space() -> None:
     assert explore({"lr": 0.24, "warmup": 3.6, "temperature": 0.8}) == {"lr": 0.2, "warmup": 4, "temperature": 1.0}
     assert explore({"lr": 0.05, "warmup": -2, "temperature": 4.3}) == {"lr": 0.05, "warmup": 0, "temperature": 4.5}
     assert explore({"lr": None}) == {"lr": None}  # an inactive value stays unset
+
+
+def test_pbt_builds_tunes_scheduler_counting_epochs(tmp_path: Path) -> None:
+    # (PB2 is built by the same function; importing it costs seconds of scikit-learn, so it is left out)
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from kdtune.search.schedulers import TIME_ATTR, build_scheduler
+
+    pbt = build_scheduler(load_spec(write(tmp_path, PBT)))
+    assert type(pbt) is PopulationBasedTraining and pbt._time_attr == TIME_ATTR
+    assert pbt._perturbation_interval == 4 and set(pbt._hyperparam_mutations) == {"temperature", "kd_weight"}
