@@ -62,8 +62,8 @@ class RunConfig:
     against their registries (plugins add to them) by :func:`validate`."""
 
     # what is distilled
-    dataset: str = declare("digits", help="a registered dataset: digits, synthetic, cifar10, cifar100, or a plugin's")
-    data_root: str | None = declare(None, type=str, path=True, null_means="none (datasets built in memory)",
+    dataset: str = declare("digits", help="the dataset: a registered one (kdtune.data; plugins add more)")
+    data_root: str | None = declare(None, type=str, path=True, null_means="no folder (digits, synthetic)",
                                     help="folder of the dataset's files (CIFAR: needed; download fetches them there)")
     download: bool = declare(False, help="download the dataset when data_root lacks it")
     val_size: int | None = declare(None, type=int, ge=0, null_means="the dataset's default",
@@ -105,7 +105,7 @@ class RunConfig:
     device: str = declare("auto", parse=_device, help="torch device: auto = cuda when available, else cpu")
     amp: bool | None = declare(None, type=bool, null_means="on for CUDA, off on the CPU",
                                help="bf16 autocast for training (evaluation is fp32)")
-    final: bool = declare(False, help="train on train+val and report test accuracy (never searched on)",
+    final: bool = declare(False, help="train on train+val and report test accuracy",
                           not_searchable="a final run reports test accuracy, which a search must never select on")
     # Teachers, their accuracy records and teacher-output caches live here. $KDTUNE_CACHE_DIR,
     # when set, replaces the default (a node's scratch disk; the test suite's private folder).

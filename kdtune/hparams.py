@@ -138,6 +138,7 @@ class HP:
     path: bool = False  # a file or folder (a search file's relative path is made absolute)
     not_searchable: str = ""  # why a search must not vary it (empty: it may be searched)
     why: str = ""  # the reason for the range, said with it when a value is outside
+    required: bool = False  # no default: the input must give it (the default, None, is no value)
 
     def but(self, default: Any) -> HP:
         """The same hyperparameter with another default (checked against its rule)."""
@@ -212,7 +213,7 @@ def hp(default: Any, *, help: str, type: type | tuple[type, ...] | None = None, 
        gt: float | None = None, ge: float | None = None, lt: float | None = None,
        le: float | None = None, choices: tuple | list | None = None,
        parse: Callable[[Any], Any] | None = None, null_means: str = "", path: bool = False,
-       not_searchable: str = "", why: str = "") -> HP:
+       not_searchable: str = "", why: str = "", required: bool = False) -> HP:
     """A hyperparameter: its default, a one-line ``help``, and optionally its range
     (``gt``/``ge``/``lt``/``le``: >, >=, <, <=) or ``choices``.
 
@@ -220,7 +221,8 @@ def hp(default: Any, *, help: str, type: type | tuple[type, ...] | None = None, 
     unless ``type`` says otherwise; ``null_means`` allows null and says what it stands for.
     ``parse`` validates values a range cannot describe (it raises ValueError). ``path`` marks a
     file or folder; ``not_searchable`` says why a search must not vary the key; ``why`` is the
-    reason for the range, said with it when a value is outside.
+    reason for the range, said with it when a value is outside. ``required`` (with default None):
+    there is no default; the input must give a value (of ``type``).
     """
     if type is None:
         if default is None:
@@ -228,10 +230,10 @@ def hp(default: Any, *, help: str, type: type | tuple[type, ...] | None = None, 
         types: tuple[type, ...] = (builtins_type(default),)
     else:
         types = type if isinstance(type, tuple) else (type,)
-    if default is None or null_means:
+    if (default is None and not required) or null_means:
         types = (*types, builtins_type(None)) if builtins_type(None) not in types else types
     spec = HP(default, help, types, gt, ge, lt, le, None if choices is None else tuple(choices), parse, null_means,
-              path=path, not_searchable=not_searchable, why=why)
+              path=path, not_searchable=not_searchable, why=why, required=required)
     if default is not None:
         _, problems = spec.validate(default, path="default")
         if problems:
@@ -438,14 +440,24 @@ def schema_of(builder: Any) -> Schema:
     return declared if isinstance(declared, Schema) else signature_hparams(builder)
 
 
-def table(rows: list[tuple[str, Schema]]) -> str:
-    """A Markdown table of hyperparameters: owner, name, type, default, range, description."""
-    lines = ["| | hyperparameter | type | default | range | what it does |", "|---|---|---|---|---|---|"]
+def notes(e: HP) -> str:
+    """What null stands for and the flags, as ``" (null: ...; a path)"``, or ``""``."""
+    found = ["required" if e.required else "", f"null: {e.null_means}" if e.null_means else "", "a path" if e.path else "",
+             "not searchable" if e.not_searchable else ""]
+    found = [n for n in found if n]
+    return f" ({'; '.join(found)})" if found else ""
+
+
+def table(rows: list[tuple[str, Schema]], what: str = "hyperparameter") -> str:
+    """A Markdown table of declarations: owner, name, type, default, range, description (with
+    what null stands for and the flags)."""
+    lines = [f"| | {what} | type | default | range | what it does |", "|---|---|---|---|---|---|"]
     for owner, schema in rows:
         for name, e in schema.items():
-            default = "null" if e.default is None else str(e.default).lower() if isinstance(e.default, bool) \
-                else _num(e.default) if isinstance(e.default, float) else str(e.default)
-            cells = [owner, f"`{name}`", e.type, default, e.rule() or "—", e.help]
+            default = "—" if e.required else "null" if e.default is None else str(e.default).lower() if isinstance(e.default, bool) \
+                else _num(e.default) if isinstance(e.default, float) \
+                else str(list(e.default)) if isinstance(e.default, tuple) else str(e.default)  # YAML's form
+            cells = [owner, f"`{name}`", e.type, default, e.rule() or "—", e.help + notes(e)]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
             owner = ""
     return "\n".join(lines)

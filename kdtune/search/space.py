@@ -19,9 +19,20 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdtune.hparams import Problem, coerce, did_you_mean
+from kdtune.hparams import Problem, Schema, coerce, did_you_mean, hp
 
 KINDS = ("float", "int", "categorical")
+# A searched parameter's keys in YAML (a range's numbers are floats or ints by its type).
+PARAM = Schema(
+    type=hp(None, type=str, choices=KINDS, required=True, help="a float or int range, or categorical choices"),
+    low=hp(None, type=float, required=True, help="the lowest value, inclusive (float and int)"),
+    high=hp(None, type=float, required=True, help="the highest value, inclusive (float and int)"),
+    log=hp(False, help="sample on a log scale (low > 0, no step)"),
+    step=hp(None, type=float, gt=0, null_means="a continuous float; 1 for an int",
+            help="values are low + k * step; high - low must be a multiple of it"),
+    choices=hp(None, type=list, required=True,
+               help="categorical's values: strings, numbers, true/false (method, sampler: each with its sub-space)"),
+)
 # The keys each kind of parameter takes in YAML.
 PARAM_KEYS = {
     "float": ("type", "low", "high", "log", "step"),
@@ -287,9 +298,8 @@ def parse_param(name: str, raw: Any, path: str) -> tuple[Param | None, list[Prob
     else:
         types = (float,) if kind == "float" else (int,)
         values = {key: _number(raw, key, types, bad) for key in ("low", "high", "step")}
-        values["log"] = raw.get("log", False)
-        if not isinstance(values["log"], bool):
-            bad("log", f"expected true or false, but got {values['log']!r}")
+        values["log"], found = PARAM["log"].validate(raw.get("log", False), path=f"{path}.log")
+        problems += found
     if problems:
         return None, problems
     try:
