@@ -450,6 +450,13 @@ def test_optunas_rules_become_problems_at_the_key() -> None:
     # Optuna's constructor finds these (one per parameter: its first); kdtune says them at the key
     _, problems = parse_param("x", {"type": "int", "low": 0, "high": 8, "log": True}, "space.method.choices.kd.x")
     assert [str(p) for p in problems] == ["space.method.choices.kd.x.low: must be >= 1 when log is true, but got 0"]
+    # Optuna stops at the first rule broken; every one is reported, each at its key
+    _, problems = parse_param("x", {"type": "float", "low": 8, "high": 1, "log": True, "step": 2}, "space.x")
+    assert [str(p) for p in problems] == [
+        "space.x.low: must be <= high, but got low=8.0, high=1.0",
+        "space.x.step: cannot be combined with log: true (Optuna has no stepped log scale), but got step=2.0"]
+    _, problems = parse_param("x", {"type": "float", "low": -8, "high": -9, "log": True}, "space.x")
+    assert [p.path for p in problems] == ["space.x.low", "space.x.low"]  # above high, and not > 0
     # the rule Optuna lacks (it lowers high, with a warning): refused
     _, problems = parse_param("x", {"type": "float", "low": 0.1, "high": 1.0, "step": 0.2}, "space.x")
     assert [str(p) for p in problems] == ["space.x.step: high - low must be a multiple of step, but got low=0.1, "

@@ -81,13 +81,7 @@ class Param:
     def distribution(self) -> Any:
         """The Optuna distribution (``FloatDistribution``, ``IntDistribution`` or
         ``CategoricalDistribution``) this parameter is sampled from."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-        if self.kind == "float":
-            return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
-        if self.kind == "int":
-            return IntDistribution(self.low, self.high, log=self.log, step=1 if self.step is None else self.step)
-        return CategoricalDistribution(self.choices)
+        return _distribution(self.kind, self.low, self.high, self.log, self.step, self.choices)
 
     def suggest(self, trial: Any) -> Any:
         """Draw this parameter from an Optuna trial (``Trial``, ``FixedTrial``, ...)."""
@@ -455,35 +449,54 @@ def _number(raw: dict, key: str, types: tuple[type, ...], bad: Any) -> Any:
     return value
 
 
+def _distribution(kind: str, low: Any, high: Any, log: bool, step: Any, choices: tuple) -> Any:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if kind == "float":
+        return FloatDistribution(low, high, log=log, step=step)
+    if kind == "int":
+        return IntDistribution(low, high, log=log, step=1 if step is None else step)
+    return CategoricalDistribution(choices)
+
+
 # Optuna's constructors name the rule a range breaks; each is said here at its key, with the values.
-_OPTUNA_RULES = (  # (words of Optuna's message, key, kdtune's message)
+# Optuna stops at the first: what broke it is then set aside (the last column) to find the next.
+_OPTUNA_RULES = (  # (words of Optuna's message, key, kdtune's message, values that set it aside)
     ("not supported when `log` is true", "step", "cannot be combined with log: true (Optuna has no stepped log "
-                                                 "scale), but got step={step!r}"),
+                                                 "scale), but got step={step!r}", {"step": None}),
     ("step is 1 when `log`", "step", "cannot be combined with log: true (Optuna has no stepped log scale), "
-                                     "but got step={step!r}"),
-    ("`low <= high` must hold", "low", "must be <= high, but got low={low!r}, high={high!r}"),
-    ("`low > 0` must hold for `log=True`", "low", "must be > 0 when log is true, but got {low!r}"),
-    ("`low >= 1` must hold for `log=True`", "low", "must be >= 1 when log is true, but got {low!r}"),
-    ("`step > 0` must hold", "step", "must be {positive}, but got {step!r}"),
+                                     "but got step={step!r}", {"step": None}),
+    ("`low <= high` must hold", "low", "must be <= high, but got low={low!r}, high={high!r}", {"high": "low"}),
+    ("`low > 0` must hold for `log=True`", "low", "must be > 0 when log is true, but got {low!r}", {"log": False}),
+    ("`low >= 1` must hold for `log=True`", "low", "must be >= 1 when log is true, but got {low!r}", {"log": False}),
+    ("`step > 0` must hold", "step", "must be {positive}, but got {step!r}", {"step": None}),
 )
 
 
 def _distribution_problems(p: Param) -> list[Problem]:
-    """Problems of ``p``'s range: the distribution's constructor's, then whether it kept high."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna warns when it lowers high to the step's grid
-            distribution = p.distribution
-    except ValueError as e:
-        values = {"low": p.low, "high": p.high, "step": p.step, "positive": "> 0" if p.kind == "float" else ">= 1"}
-        for words, key, message in _OPTUNA_RULES:
-            if words in str(e):
-                return [Problem(key, message.format(**values))]
-        return [Problem("", str(e))]  # a rule of a newer Optuna: its own words
-    if p.kind != "categorical" and distribution.high != p.high:
-        return [Problem("step", f"high - low must be a multiple of step, but got low={p.low!r}, high={p.high!r}, "
-                                f"step={p.step!r}")]
-    return []
+    """Problems of ``p``'s range: every rule of the distribution's constructor it breaks, then
+    (when it breaks none) whether the distribution kept its high."""
+    given = {"low": p.low, "high": p.high, "log": p.log, "step": p.step}
+    shown = {**given, "positive": "> 0" if p.kind == "float" else ">= 1"}
+    problems: list[Problem] = []
+    for _ in range(len(_OPTUNA_RULES) + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna warns when it lowers high to the step's grid
+                distribution = _distribution(p.kind, choices=p.choices, **given)
+        except ValueError as e:
+            rule = next((r for r in _OPTUNA_RULES if r[0] in str(e)), None)
+            if rule is None:
+                return [*problems, Problem("", str(e))]  # a rule of a newer Optuna: its own words
+            _, key, message, aside = rule
+            problems.append(Problem(key, message.format(**shown)))
+            given.update({k: given[v] if v in given else v for k, v in aside.items()})
+            continue
+        if not problems and p.kind != "categorical" and distribution.high != p.high:
+            problems.append(Problem("step", f"high - low must be a multiple of step, but got low={p.low!r}, "
+                                            f"high={p.high!r}, step={p.step!r}"))
+        break
+    return sorted(problems, key=lambda found: ("low", "high", "step", "").index(found.path))
 
 
 def _param_problems(p: Param) -> list[Problem]:
