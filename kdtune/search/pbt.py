@@ -39,7 +39,7 @@ def mutable(name: str, param: Param) -> str | None:
     """Why ``param`` cannot change mid-run, or None when it can."""
     from kdtune.config import RUN_KEYS
 
-    if param.kind not in ("float", "int"):
+    if not param.numeric:
         return "a choice (PBT mutates numbers)"
     if name in FIXED_BY_CHECKPOINT:
         return "it sizes or initialises a module whose state the checkpoint holds"
@@ -60,15 +60,8 @@ class WithinSpace:
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
         for p in self.params:
             if config.get(p.name) is not None:
-                config[p.name] = within(p, config[p.name])
+                config[p.name] = p.nearest(config[p.name])
         return config
-
-
-def within(p: Param, value: float) -> float | int:
-    value = min(max(float(value), p.low), p.high)
-    if p.step:
-        value = min(p.low + round((value - p.low) / p.step) * p.step, p.high)
-    return int(round(value)) if p.kind == "int" else float(value)
 
 
 def build(spec, time_attr: str) -> Any:

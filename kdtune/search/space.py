@@ -83,6 +83,31 @@ class Param:
         ``CategoricalDistribution``) this parameter is sampled from."""
         return _distribution(self.kind, self.low, self.high, self.log, self.step, self.choices)
 
+    @property
+    def numeric(self) -> bool:
+        """A float or int range (not a set of choices)."""
+        return self.kind != "categorical"
+
+    @property
+    def enumerable(self) -> bool:
+        """Whether its values can be listed (a grid): choices, an int range, a stepped float range."""
+        return self.kind != "float" or self.step is not None
+
+    def probes(self) -> list[tuple[str, Any]]:
+        """``(YAML key, value)`` pairs that stand for every value in a rule that is an interval
+        (RunConfig's are): the bounds of a range, every choice of a set."""
+        if self.numeric:
+            return [("low", self.low), ("high", self.high)]
+        return [(f"choices[{i}]", c) for i, c in enumerate(self.choices)]
+
+    def nearest(self, value: float) -> float | int:
+        """The value of this range nearest ``value``: clipped to the bounds, put on the step, and
+        an int for an int range (what PBT's mutations are brought back to)."""
+        value = min(max(float(value), self.low), self.high)
+        if self.step:
+            value = min(self.low + round((value - self.low) / self.step) * self.step, self.high)
+        return int(round(value)) if self.kind == "int" else float(value)
+
     def suggest(self, trial: Any) -> Any:
         """Draw this parameter from an Optuna trial (``Trial``, ``FixedTrial``, ...)."""
         if self.kind == "float":
@@ -122,7 +147,7 @@ class Param:
             return len(self.choices)
         if self.kind == "int":
             return (self.high - self.low) // (self.step or 1) + 1
-        if self.step is not None:
+        if self.enumerable:
             return round((self.high - self.low) / self.step) + 1
         raise ValueError(f"{self.name}: a float range has no values to enumerate for grid search; "
                          f"use type: categorical with choices, or type: int")

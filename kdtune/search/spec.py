@@ -22,7 +22,7 @@ from kdtune.hparams import Problem, Schema, coerce, did_you_mean, hp, table
 from kdtune.plugins import load_plugins
 from kdtune.sampling import SAMPLERS
 from kdtune.search.records import COST_METRICS
-from kdtune.search.space import PARAM, Param, Space, parse_space
+from kdtune.search.space import PARAM, Space, parse_space
 
 # A trial checkpoints when this many seconds have passed since its last checkpoint (0: every
 # epoch). Each checkpoint of a trial also makes Tune snapshot the whole experiment (its state of
@@ -411,7 +411,7 @@ def _warm_start(value: Any, algorithm: str, problems: _Problems) -> str | None:
 
 
 def _grid_size(space: Space, problems: _Problems) -> int:
-    floats = [(path, p) for path, _, p in space.entries() if p.kind == "float" and p.step is None]
+    floats = [(path, p) for path, _, p in space.entries() if not p.enumerable]
     for path, _ in floats:
         problems.add(path, "grid search needs values to enumerate, but got a float range "
                            "(use type: categorical with choices, type: int, or a step)")
@@ -666,7 +666,7 @@ def _check_space(space: Space, fixed: dict[str, Any], problems: _Problems) -> No
                 problems.add(path, _unknown_param(param.name, missing, shared))
                 continue
         for combo in mine:
-            for label, value in _probes(param):
+            for label, value in param.probes():
                 found = _run_problems({**fixed, **combo, param.name: value})
                 for p in found:
                     if p not in base[_frozen(combo)]:
@@ -728,13 +728,6 @@ def _unknown_param(name: str, methods: list[str], shared: bool) -> str:
              if shared and not hint else "")
     return (f"unknown hyperparameter for method{'s' if len(methods) > 1 else ''} "
             f"{', '.join(repr(m) for m in methods)}{hint} ({lists}; or a run setting such as lr){where}")
-
-
-def _probes(param: Param) -> list[tuple[str, Any]]:
-    """The values that stand for the whole range in RunConfig's checks (its rules are intervals)."""
-    if param.kind == "categorical":
-        return [(f"choices[{i}]", c) for i, c in enumerate(param.choices)]
-    return [("low", param.low), ("high", param.high)]
 
 
 def _run_problems(values: dict[str, Any]) -> list[Problem]:
