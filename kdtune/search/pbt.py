@@ -69,7 +69,6 @@ def build(spec, time_attr: str) -> Any:
     ``time_attr`` (kdtune.search.schedulers passes its own: this module is below it, read by
     spec.py's validation)."""
     from ray.tune.schedulers import PopulationBasedTraining
-    from ray.tune.schedulers.pb2 import PB2
 
     params = [spec.space.params[name] for name in spec.mutate]  # PBT spaces have no sub-spaces (spec.py)
     # Synchronous: every trial pauses at each perturbation epoch until the whole population is
@@ -77,6 +76,8 @@ def build(spec, time_attr: str) -> Any:
     # trial copy one that is epochs ahead (or finished) when the population cannot all run at once,
     # as on a few CPUs, and its epochs then no longer count one schedule.
     if spec.scheduler == "pb2":
+        from ray.tune.schedulers.pb2 import PB2  # imports scikit-learn (seconds): only for pb2
+
         return PB2(time_attr=time_attr, perturbation_interval=spec.perturbation_interval,
                    hyperparam_bounds={p.name: [p.low, p.high] for p in params}, synch=True,
                    quantile_fraction=spec.quantile_fraction, custom_explore_fn=WithinSpace(params))
