@@ -12,12 +12,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from kdtune.data import DATASETS
 from kdtune.distillers import METHODS
-from kdtune.engine import SCHEDULES, Recipe
-from kdtune.hparams import HP, Problem, Schema, as_problems, coerce, did_you_mean, hp, render, type_name
+from kdtune.engine import RECIPE, Recipe
+from kdtune.hparams import Problem, Schema, as_problems, coerce, declare, did_you_mean, render
 from kdtune.models import MODELS
 from kdtune.plugins import load_plugins
 from kdtune.registry import Registry
@@ -36,75 +37,93 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
 
 
-def run_field(default: Any, *, help: str, **rule: Any) -> Any:  # noqa: A002
-    """A RunConfig field with its rule (:func:`kdtune.hparams.hp`), checked by :func:`validate`."""
-    return field(default=default, metadata={"hp": hp(default, help=help, **rule)})
+def _device(value: str) -> None:
+    if value != "auto":
+        try:
+            torch.device(value)
+        except RuntimeError as e:  # torch's message lists its device types
+            raise ValueError(f"must be auto or a torch device such as cpu, cuda or cuda:1, but got {value!r}") from e
 
 
-def _milestones(value: Any) -> None:
-    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in value):
-        raise ValueError(f"must be a list of positive integers, but got {value!r}")
+def _recipe(name: str) -> Any:
+    """RunConfig's field for a recipe key: its declaration is :class:`kdtune.engine.Recipe`'s."""
+    entry = RECIPE[name]
+    return field(default=entry.default, metadata={"hp": entry})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one distillation run needs. Method and sampler hyperparameters live in
-    ``method_params`` and ``sampler_params`` (flat in files: see :meth:`from_dict`)."""
+    ``method_params`` and ``sampler_params`` (flat in files: see :meth:`from_dict`).
+
+    Every field is declared once, with its type, default, rule and help (:func:`declare`;
+    :data:`RUN_KEYS` reads them): :func:`validate`, ``kdtune train --list`` and the docs' table
+    all read that declaration. The names of models, datasets, methods and samplers are checked
+    against their registries (plugins add to them) by :func:`validate`."""
 
     # what is distilled
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    val_size: int | None = run_field(None, type=int, ge=0, null_means="the dataset's default",
-                                     help="training images moved to the validation split")
-    split_seed: int = 0
-    dataset_options: dict = field(default_factory=dict)
-    teacher: str | None = "resnet20"
-    teacher_checkpoint: str | None = None
-    teacher_epochs: int = run_field(240, ge=1, help="recipe length when kdtune trains the teacher itself")
+    dataset: str = declare("digits", help="the dataset: a registered one (kdtune.data; plugins add more)")
+    data_root: str | None = declare(None, type=str, path=True, null_means="no folder (digits, synthetic)",
+                                    help="folder of the dataset's files (CIFAR: needed; download fetches them there)")
+    download: bool = declare(False, help="download the dataset when data_root lacks it")
+    val_size: int | None = declare(None, type=int, ge=0, null_means="the dataset's default",
+                                   help="training images moved to the validation split")
+    split_seed: int = declare(0, ge=0, help="seed of the train/validation split")
+    dataset_options: dict = declare({}, help="keyword arguments of the dataset's builder (synthetic, plugins)",
+                                    not_searchable="it is a mapping of builder options; set it under fixed")
+    teacher: str | None = declare("resnet20", type=str, null_means="no teacher (method none)",
+                                  help="the teacher: a registered model (kdtune.models; plugins add more)")
+    teacher_checkpoint: str | None = declare(None, type=str, path=True,
+                                             null_means="kdtune trains the teacher and caches it",
+                                             help="the teacher's weights: a file written by kdtune train")
+    teacher_epochs: int = declare(240, ge=1, help="recipe length when kdtune trains the teacher itself")
     # A setting of its own so that re-running a configuration with other seeds (train
     # --from-search --seeds N) distils from the same teacher, not from one trained per seed.
-    teacher_seed: int | None = run_field(None, type=int, ge=0, null_means="the run's seed",
-                                         help="seed of the teacher kdtune trains itself (no teacher_checkpoint)")
-    student: str = "resnet8"
-    method: str = "kd"
-    method_params: dict = field(default_factory=dict)
-    sampler: str = "none"  # which samples each epoch trains on: none (all) or kdas
-    sampler_params: dict = field(default_factory=dict)
-    # the recipe: kdtune.engine.Recipe's fields, flat, with its defaults
-    epochs: int = run_field(Recipe.epochs, ge=1, help="training epochs")
-    batch_size: int = run_field(Recipe.batch_size, ge=1, help="images per SGD step")
-    lr: float = run_field(Recipe.lr, gt=0, help="base learning rate")
-    momentum: float = run_field(Recipe.momentum, ge=0, lt=1, help="SGD momentum")
-    weight_decay: float = run_field(Recipe.weight_decay, ge=0, help="SGD weight decay")
-    nesterov: bool = Recipe.nesterov
-    schedule: str = run_field(Recipe.schedule, choices=SCHEDULES, help="learning-rate schedule")
-    lr_decay_epochs: tuple = run_field(Recipe.lr_decay_epochs, type=(list, tuple), parse=_milestones,
-                                       help="step-schedule milestones, given for 240 epochs")
-    lr_decay_rate: float = run_field(Recipe.lr_decay_rate, gt=0, le=1, help="step-schedule factor")
-    lr_min: float = run_field(Recipe.lr_min, ge=0, help="cosine floor (must also be < lr)")
-    warmup_epochs: int = run_field(Recipe.warmup_epochs, ge=0, help="linear warm-up epochs (must be < epochs)")
+    teacher_seed: int | None = declare(None, type=int, ge=0, null_means="the run's seed",
+                                       help="seed of the teacher kdtune trains itself (no teacher_checkpoint)")
+    student: str = declare("resnet8", help="the student: a registered model (kdtune.models; plugins add more)")
+    method: str = declare("kd", help="distillation method (kdtune train --list shows each one's keys)")
+    method_params: dict = declare({}, help="the method's hyperparameters as a mapping (usually written flat)",
+                                  not_searchable="method hyperparameters are searched by their own flat names")
+    sampler: str = declare("none", help="which samples each epoch trains on: none (all) or kdas")
+    sampler_params: dict = declare({}, help="the sampler's hyperparameters as a mapping (usually written flat)",
+                                   not_searchable="sampler hyperparameters are searched by their own flat names")
+    # the recipe: kdtune.engine.Recipe's fields, flat, declared there
+    epochs: int = _recipe("epochs")
+    batch_size: int = _recipe("batch_size")
+    lr: float = _recipe("lr")
+    momentum: float = _recipe("momentum")
+    weight_decay: float = _recipe("weight_decay")
+    nesterov: bool = _recipe("nesterov")
+    schedule: str = _recipe("schedule")
+    lr_decay_epochs: tuple = _recipe("lr_decay_epochs")
+    lr_decay_rate: float = _recipe("lr_decay_rate")
+    lr_min: float = _recipe("lr_min")
+    warmup_epochs: int = _recipe("warmup_epochs")
     # how it runs
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | None = None
-    final: bool = False
+    seed: int = declare(0, ge=0, help="seed of the student's initialisation, batch order and augmentation")
+    device: str = declare("auto", parse=_device, help="torch device: auto = cuda when available, else cpu")
+    amp: bool | None = declare(None, type=bool, null_means="on for CUDA, off on the CPU",
+                               help="bf16 autocast for training (evaluation is fp32)")
+    final: bool = declare(False, help="train on train+val and report test accuracy",
+                          not_searchable="a final run reports test accuracy, which a search must never select on")
     # Teachers, their accuracy records and teacher-output caches live here. $KDTUNE_CACHE_DIR,
     # when set, replaces the default (a node's scratch disk; the test suite's private folder).
-    cache_dir: str = field(default_factory=lambda: os.environ.get("KDTUNE_CACHE_DIR", "~/.cache/kdtune"))
+    cache_dir: str = declare("~/.cache/kdtune", path=True,
+                             factory=lambda: os.environ.get("KDTUNE_CACHE_DIR", "~/.cache/kdtune"),
+                             help="teachers and teacher-output caches ($KDTUNE_CACHE_DIR replaces the default)")
     # The exact teacher-output cache (kdtune.teacher_cache): auto = on for methods that use only
     # the teacher's logits (kd, dkd, ctkd, ctkd_dkd, and KDAS with them); feature methods and
     # SAKD run the teacher live.
-    teacher_cache: str = run_field("auto", choices=("auto", "on", "off"),
-                                   help="exact teacher-output cache: auto = on for logit-only methods")
-    teacher_cache_dtype: str = run_field("float32", choices=("float32", "float16"),
-                                         help="storage precision of the teacher-output cache")
-    compile: str = run_field("auto", choices=("auto", "on", "off"),
-                             help="torch.compile of the step: auto = on for CUDA, off on the CPU")
+    teacher_cache: str = declare("auto", choices=("auto", "on", "off"),
+                                 help="exact teacher-output cache: auto = on for logit-only methods")
+    teacher_cache_dtype: str = declare("float32", choices=("float32", "float16"),
+                                       help="storage precision of the teacher-output cache")
+    compile: str = declare("auto", choices=("auto", "on", "off"),
+                           help="torch.compile of the step: auto = on for CUDA, off on the CPU")
 
     def recipe(self) -> Recipe:
-        names = {f.name for f in fields(Recipe)}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        values = {name: getattr(self, name) for name in RECIPE}
         values["lr_decay_epochs"] = tuple(values["lr_decay_epochs"])
         return Recipe(**values)
 
@@ -124,16 +143,11 @@ class RunConfig:
         return cls(**out)
 
 
-# Each field's rule where it declares one (run_field), else its type from the annotation.
-_FIELD_RULES: dict[str, HP] = {f.name: dataclasses.replace(f.metadata["hp"], name=f.name)
-                               for f in fields(RunConfig) if "hp" in f.metadata}
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {}
-for _f in fields(RunConfig):
-    _FIELD_TYPES[_f.name] = {
-        "str": (str,), "str | None": (str, type(None)), "bool": (bool,), "int": (int,),
-        "int | None": (int, type(None)), "float": (float,), "bool | None": (bool, type(None)),
-        "dict": (dict,), "tuple": (list, tuple),
-    }[str(_f.type)]
+RUN_KEYS = Schema.of(RunConfig)  # every run key with its declaration, in field order
+# The keys written as mappings of hyperparameters; in files they are usually flat.
+NESTED_KEYS = ("method_params", "sampler_params")
+if [k for k in RUN_KEYS if k in RECIPE] != list(RECIPE):
+    raise TypeError("RunConfig must take every field of kdtune.engine.Recipe, in its order")
 
 OWNERS = {"method": METHODS, "sampler": SAMPLERS}  # the fields whose choice brings hyperparameters
 
@@ -166,22 +180,15 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
     owners = _owners(values, problems)
     given: dict[str, dict[str, Any]] = {field_name: {} for field_name in owners}
     # Flat keys, plus nested method_params / sampler_params mappings (same rules).
-    items = [(k, v) for k, v in values.items() if k not in ("method_params", "sampler_params")]
-    for nested in ("method_params", "sampler_params"):
+    items = [(k, v) for k, v in values.items() if k not in NESTED_KEYS]
+    for nested in NESTED_KEYS:
         items += list((values.get(nested) or {}).items())
     for key, value in items:
-        if key in _FIELD_RULES:
-            out[key], found = _FIELD_RULES[key].validate(value)
+        if key in RUN_KEYS:
+            out[key], found = RUN_KEYS[key].validate(value)
             problems += found
             if found and found[0].rule.startswith("expected "):
                 del out[key]  # the default stands in for the cross-field rules below
-            continue
-        if key in _FIELD_TYPES:
-            coerced, ok = coerce(value, _FIELD_TYPES[key])
-            if ok:
-                out[key] = coerced
-            else:
-                problems.append(Problem(key, f"expected {type_name(_FIELD_TYPES[key])}", value))
             continue
         owner = next((f for f, (_, schema) in owners.items() if key in schema), None)
         if owner is None:
@@ -218,7 +225,7 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
                if getattr(METHODS.get(method), "strong_view", None) is not None else "reads the teacher's features")
         problems.append(Problem("teacher_cache", f"'on' needs a method that uses only the teacher's logits, but "
                                                  f"method {method!r} {why} (use auto or off)"))
-    problems += _check_ranges(cfg)
+    problems += Recipe.check(cfg)
     ckpt = cfg["teacher_checkpoint"]
     if ckpt is not None and not Path(ckpt).expanduser().is_file():
         problems.append(Problem("teacher_checkpoint", f"file not found: {ckpt!r}"))
@@ -226,19 +233,6 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
     if "lr_decay_epochs" in out:
         out["lr_decay_epochs"] = tuple(out["lr_decay_epochs"])
     return out, list(dict.fromkeys(problems))
-
-
-def _check_ranges(cfg: dict[str, Any]) -> list[Problem]:
-    """The rules across run settings (each setting's own rule is its field's)."""
-    problems = []
-    if cfg["lr_min"] >= cfg["lr"] > 0:
-        problems.append(Problem("lr_min", "must be in [0, lr)", cfg["lr_min"]))
-    if cfg["warmup_epochs"] >= cfg["epochs"] >= 1:
-        problems.append(Problem("warmup_epochs", "must be in [0, epochs)", cfg["warmup_epochs"]))
-    if cfg["nesterov"] and cfg["momentum"] == 0:
-        problems.append(Problem("nesterov", "must be false when momentum is 0 (SGD requires momentum > 0)",
-                                cfg["nesterov"]))
-    return problems
 
 
 def hparam_owners(key: str) -> list[str]:
@@ -258,7 +252,7 @@ def _elsewhere(key: str) -> bool:
 
 
 def _unknown_key(key: str, owners: dict[str, tuple[str | None, Schema]]) -> Problem:
-    known = set(_FIELD_TYPES) | {p for _, schema in owners.values() for p in schema}
+    known = set(RUN_KEYS) | {p for _, schema in owners.values() for p in schema}
     hint = did_you_mean(key, sorted(known))
     takes = "; ".join(f"{field_name} {name!r} takes: {', '.join(schema) or 'nothing'}"
                       for field_name, (name, schema) in owners.items() if name is not None

@@ -18,6 +18,7 @@ from torch import Tensor
 from kdtune.data import ImageData, TrainLoader, eval_batches
 from kdtune.devices import cpu_rng_state
 from kdtune.distillers import Distiller
+from kdtune.hparams import Problem, Schema, declare
 
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -26,25 +27,48 @@ SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZER_SETTINGS = ("base_lr", "momentum", "weight_decay", "nesterov", "dampening")
 
 
+def _milestones(value: Any) -> None:
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in value):
+        raise ValueError(f"must be a list of positive integers, but got {value!r}")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Optimiser and schedule. Defaults are the CIFAR-100 reference (mdistiller) recipe.
 
     ``lr_decay_epochs`` are given for a 240-epoch run and scaled to ``epochs``, so a
-    24-epoch run decays at 15/18/21.
+    24-epoch run decays at 15/18/21. Each field is declared here once (:data:`RECIPE` reads
+    them); :class:`kdtune.config.RunConfig` takes them as flat keys with these rules.
     """
 
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "step"
-    lr_decay_epochs: tuple[int, ...] = (150, 180, 210)
-    lr_decay_rate: float = 0.1
-    lr_min: float = 1e-5  # cosine floor (the KDAS code's eta_min)
-    warmup_epochs: int = 0  # linear LR warm-up
+    epochs: int = declare(240, ge=1, help="training epochs", not_searchable=(
+        "it is the budget that early stopping and max_epochs count in; set it under fixed"))
+    batch_size: int = declare(64, ge=1, help="images per SGD step")
+    lr: float = declare(0.05, gt=0, help="base learning rate")
+    momentum: float = declare(0.9, ge=0, lt=1, help="SGD momentum")
+    weight_decay: float = declare(5e-4, ge=0, help="SGD weight decay")
+    nesterov: bool = declare(False, help="Nesterov momentum (needs momentum > 0)")
+    schedule: str = declare("step", choices=SCHEDULES, help="learning-rate schedule")
+    lr_decay_epochs: tuple[int, ...] = declare((150, 180, 210), type=(list, tuple), parse=_milestones,
+                                               help="step-schedule milestones, given for 240 epochs")
+    lr_decay_rate: float = declare(0.1, gt=0, le=1, help="step-schedule factor")
+    # the KDAS code's eta_min
+    lr_min: float = declare(1e-5, ge=0, help="cosine floor (must also be < lr)")
+    warmup_epochs: int = declare(0, ge=0, help="linear warm-up epochs (must be < epochs)")
+
+    @staticmethod
+    def check(values: dict[str, Any]) -> list[Problem]:
+        """The rules across the recipe's fields (each field's own rule is its declaration);
+        ``values`` holds every field, of the right type."""
+        problems = []
+        if values["lr_min"] >= values["lr"] > 0:
+            problems.append(Problem("lr_min", "must be in [0, lr)", values["lr_min"]))
+        if values["warmup_epochs"] >= values["epochs"] >= 1:
+            problems.append(Problem("warmup_epochs", "must be in [0, epochs)", values["warmup_epochs"]))
+        if values["nesterov"] and values["momentum"] == 0:
+            problems.append(Problem("nesterov", "must be false when momentum is 0 (SGD requires momentum > 0)",
+                                    values["nesterov"]))
+        return problems
 
     def lr_factor(self, epoch: int) -> float:
         """LR multiplier for 1-based ``epoch``."""
@@ -57,6 +81,9 @@ class Recipe:
             cos = (1 + math.cos(math.pi * (epoch - 1) / self.epochs)) / 2
             return (self.lr_min + (self.lr - self.lr_min) * cos) / self.lr
         return 1.0
+
+
+RECIPE = Schema.of(Recipe)  # the recipe's keys, as RunConfig, --list and the docs read them
 
 
 class SamplePolicy(Protocol):

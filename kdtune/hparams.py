@@ -7,6 +7,12 @@ hyperparameters in a :class:`Schema` of :func:`hp` entries::
         hparams = Schema(gamma=hp(0.5, ge=0, le=1, help="share of the loss on hard samples"))
         drop_hparams = ("temperature",)   # inherited from KD, but not a knob here
 
+The same entries declare every other key a user writes: :func:`declare` makes one a dataclass
+field (``engine.Recipe``, ``config.RunConfig``) and :meth:`Schema.of` reads them back; the search
+file's sections (``kdtune.search.spec``) are Schemas too. Flags say what a key is beyond its
+value: ``path`` (a file or folder, made absolute where a search file is read) and
+``not_searchable`` (why a search must not vary it).
+
 A subclass inherits its parents' entries (``hparams`` adds to them, ``drop_hparams`` removes
 some), so nothing is written twice. Parameters with a default that a constructor spells out in
 its signature, positional or keyword, count as declared too (typed by their default). Everything else reads the schema: the constructors (each
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
@@ -128,6 +135,10 @@ class HP:
     parse: Callable[[Any], Any] | None = None  # raises ValueError for a bad value
     null_means: str = ""  # what null stands for, when the default is null
     name: str = ""
+    path: bool = False  # a file or folder (a search file's relative path is made absolute)
+    not_searchable: str = ""  # why a search must not vary it (empty: it may be searched)
+    why: str = ""  # the reason for the range, said with it when a value is outside
+    required: bool = False  # no default: the input must give it (the default, None, is no value)
 
     def but(self, default: Any) -> HP:
         """The same hyperparameter with another default (checked against its rule)."""
@@ -173,13 +184,19 @@ class HP:
             # means the choice "off", not a type error.
             value = "on" if value else "off"
         coerced, ok = coerce(value, self.types)
+        if not ok and self.choices is not None:  # the choices say more than their type
+            return value, [Problem(path, f"must be {self.rule()}", value)]
         if not ok:
             return value, [Problem(path, f"expected {type_name(self.types)}", value)]
         if coerced is None:
             return coerced, []
+        if isinstance(coerced, float) and not math.isfinite(coerced):
+            # YAML's .inf and .nan are floats, and no range below catches nan
+            return value, [Problem(path, "expected a finite number", value)]
         if not self.in_range(coerced):
             null = f" (or null for {self.null_means})" if self.null_means else ""
-            return coerced, [Problem(path, f"must be {self.rule()}{null}", coerced)]
+            why = f" ({self.why})" if self.why else ""
+            return coerced, [Problem(path, f"must be {self.rule()}{null}{why}", coerced)]
         if self.parse is not None:
             try:
                 self.parse(coerced)
@@ -195,13 +212,17 @@ def _num(x: float) -> str:
 def hp(default: Any, *, help: str, type: type | tuple[type, ...] | None = None,  # noqa: A002
        gt: float | None = None, ge: float | None = None, lt: float | None = None,
        le: float | None = None, choices: tuple | list | None = None,
-       parse: Callable[[Any], Any] | None = None, null_means: str = "") -> HP:
+       parse: Callable[[Any], Any] | None = None, null_means: str = "", path: bool = False,
+       not_searchable: str = "", why: str = "", required: bool = False) -> HP:
     """A hyperparameter: its default, a one-line ``help``, and optionally its range
     (``gt``/``ge``/``lt``/``le``: >, >=, <, <=) or ``choices``.
 
     The type is the default's (an int default takes integers only, a float one any number)
     unless ``type`` says otherwise; ``null_means`` allows null and says what it stands for.
-    ``parse`` validates values a range cannot describe (it raises ValueError).
+    ``parse`` validates values a range cannot describe (it raises ValueError). ``path`` marks a
+    file or folder; ``not_searchable`` says why a search must not vary the key; ``why`` is the
+    reason for the range, said with it when a value is outside. ``required`` (with default None):
+    there is no default; the input must give a value (of ``type``).
     """
     if type is None:
         if default is None:
@@ -209,9 +230,10 @@ def hp(default: Any, *, help: str, type: type | tuple[type, ...] | None = None, 
         types: tuple[type, ...] = (builtins_type(default),)
     else:
         types = type if isinstance(type, tuple) else (type,)
-    if default is None or null_means:
+    if (default is None and not required) or null_means:
         types = (*types, builtins_type(None)) if builtins_type(None) not in types else types
-    spec = HP(default, help, types, gt, ge, lt, le, None if choices is None else tuple(choices), parse, null_means)
+    spec = HP(default, help, types, gt, ge, lt, le, None if choices is None else tuple(choices), parse, null_means,
+              path=path, not_searchable=not_searchable, why=why, required=required)
     if default is not None:
         _, problems = spec.validate(default, path="default")
         if problems:
@@ -220,6 +242,20 @@ def hp(default: Any, *, help: str, type: type | tuple[type, ...] | None = None, 
 
 
 builtins_type = type
+
+
+def declare(default: Any, *, help: str, factory: Callable[[], Any] | None = None, **rule: Any) -> Any:  # noqa: A002
+    """A dataclass field declared by its :func:`hp` entry (read back with :meth:`Schema.of`).
+
+    ``factory`` makes the dataclass's default when it is computed or mutable (``{}``, an
+    environment variable); ``default`` is then what the docs and ``--list`` show.
+    """
+    entry = hp(default, help=help, **rule)
+    if factory is None and isinstance(default, (dict, list)):
+        factory = lambda: type(default)(default)  # noqa: E731 -- a fresh copy per instance
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"hp": entry})
+    return dataclasses.field(default=default, metadata={"hp": entry})
 
 
 class Schema:
@@ -231,6 +267,17 @@ class Schema:
                 raise TypeError(f"hyperparameter {name!r}: declare it with hp(default, help=...), "
                                 f"not {entry!r}")
         self._entries = {name: dataclasses.replace(e, name=name) for name, e in entries.items()}
+
+    @classmethod
+    def of(cls, dataclass_type: type) -> Schema:
+        """The entries of a dataclass whose fields are declared (:func:`declare`), in field order. A
+        field declared otherwise is a mistake, refused here (where it is written)."""
+        entries = {}
+        for f in dataclasses.fields(dataclass_type):
+            if "hp" not in f.metadata:
+                raise TypeError(f"{dataclass_type.__name__}.{f.name}: declare it with declare(default, help=...)")
+            entries[f.name] = f.metadata["hp"]
+        return cls(**entries)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -262,6 +309,9 @@ class Schema:
 
     def defaults(self) -> dict[str, Any]:
         return {name: e.default for name, e in self._entries.items()}
+
+    def only(self, *names: str) -> Schema:
+        return Schema(**{n: self._entries[n] for n in names})
 
     def without(self, *names: str) -> Schema:
         return Schema(**{n: e for n, e in self._entries.items() if n not in names})
@@ -390,14 +440,24 @@ def schema_of(builder: Any) -> Schema:
     return declared if isinstance(declared, Schema) else signature_hparams(builder)
 
 
-def table(rows: list[tuple[str, Schema]]) -> str:
-    """A Markdown table of hyperparameters: owner, name, type, default, range, description."""
-    lines = ["| | hyperparameter | type | default | range | what it does |", "|---|---|---|---|---|---|"]
+def notes(e: HP) -> str:
+    """What null stands for and the flags, as ``" (null: ...; a path)"``, or ``""``."""
+    found = ["required" if e.required else "", f"null: {e.null_means}" if e.null_means else "", "a path" if e.path else "",
+             "not searchable" if e.not_searchable else ""]
+    found = [n for n in found if n]
+    return f" ({'; '.join(found)})" if found else ""
+
+
+def table(rows: list[tuple[str, Schema]], what: str = "hyperparameter") -> str:
+    """A Markdown table of declarations: owner, name, type, default, range, description (with
+    what null stands for and the flags)."""
+    lines = [f"| | {what} | type | default | range | what it does |", "|---|---|---|---|---|---|"]
     for owner, schema in rows:
         for name, e in schema.items():
-            default = "null" if e.default is None else str(e.default).lower() if isinstance(e.default, bool) \
-                else _num(e.default) if isinstance(e.default, float) else str(e.default)
-            cells = [owner, f"`{name}`", e.type, default, e.rule() or "—", e.help]
+            default = "—" if e.required else "null" if e.default is None else str(e.default).lower() if isinstance(e.default, bool) \
+                else _num(e.default) if isinstance(e.default, float) \
+                else str(list(e.default)) if isinstance(e.default, tuple) else str(e.default)  # YAML's form
+            cells = [owner, f"`{name}`", e.type, default, e.rule() or "—", e.help + notes(e)]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
             owner = ""
     return "\n".join(lines)

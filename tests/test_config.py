@@ -53,3 +53,35 @@ def test_parse_override_reads_yaml_values() -> None:
     assert parse_override("lr_decay_epochs=[1, 2]") == ("lr_decay_epochs", [1, 2])
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+def test_every_run_key_is_declared_once_with_help_and_the_recipe_is_the_engines() -> None:
+    from dataclasses import fields
+
+    from kdtune.config import RUN_KEYS
+    from kdtune.engine import RECIPE, Recipe
+
+    assert list(RUN_KEYS) == [f.name for f in fields(RunConfig)]
+    assert all(entry.help for _, entry in RUN_KEYS.items())
+    assert all(RUN_KEYS[name] == RECIPE[name] for name in RECIPE)  # taken from Recipe, not declared again
+    assert RunConfig().recipe() == Recipe() and RECIPE.defaults() == {f.name: getattr(Recipe(), f.name)
+                                                                      for f in fields(Recipe)}
+    cfg = RunConfig.from_dict({"lr": 0.1, "schedule": "cosine", "lr_decay_epochs": [2, 3]})
+    assert cfg.recipe() == Recipe(lr=0.1, schedule="cosine", lr_decay_epochs=(2, 3))
+    # the defaults each declaration shows are the dataclass's (a computed one, cache_dir, aside)
+    assert {k: v for k, v in RUN_KEYS.defaults().items() if k != "cache_dir"} == \
+        {k: v for k, v in RunConfig().__dict__.items() if k != "cache_dir"}
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"seed": -1}, "seed: must be >= 0, but got -1"),
+    ({"device": "gpu"}, "device: must be auto or a torch device such as cpu, cuda or cuda:1, but got 'gpu'"),
+    ({"lr": float("inf")}, "lr: expected a finite number, but got inf"),
+    ({"lr_min": 0.1}, "lr_min: must be in [0, lr), but got 0.1"),  # the recipe's own rule across its keys
+    ({"amp": "yes"}, "amp: expected true or false or null, but got 'yes'"),
+    ({"dataset_options": [1]}, "dataset_options: expected a mapping, but got [1]"),
+])
+def test_each_run_key_is_checked_by_its_declaration(values: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict(values, "run.yaml")
+    assert e.value.problems == [f"run.yaml: {expected}"]

@@ -1,7 +1,6 @@
 """The hyperparameter schema: declared once, inherited, read by validation, the listing and the docs' table."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,19 +13,8 @@ from kdtune.hparams import NO_VALUE, Problem, Schema, did_you_mean, hp, render
 from kdtune.models import build_model
 from kdtune.sampling import SAMPLERS
 
-METHODS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
-
-
 def _pair():
     return build_model("resnet8", num_classes=10, in_channels=1), build_model("resnet8", num_classes=10, in_channels=1)
-
-
-def test_docs_table_is_what_the_schemas_generate() -> None:
-    text = METHODS_PAGE.read_text()
-    start = text.index(listing.README_BEGIN) + len(listing.README_BEGIN) + 1
-    end = text.index(listing.README_END)
-    assert text[start:end].strip() == listing.markdown(), (
-        "docs/methods.md's hyperparameter table is stale: paste kdtune.listing.markdown() between its markers")
 
 
 def test_listing_covers_every_method_and_sampler_hyperparameter() -> None:
@@ -138,4 +126,39 @@ def test_unquoted_on_and_off_mean_the_choices() -> None:
     values, problems = validate(yaml.safe_load("teacher_cache: off\ncompile: on\nmethod: kd"))
     assert not problems and values["teacher_cache"] == "off" and values["compile"] == "on"
     _, problems = validate({"schedule": False})  # a string setting without on/off: still a type error
-    assert [p.rule for p in problems] == ["expected a string"]
+    assert [p.rule for p in problems] == ["must be one of step, cosine, constant"]
+
+
+def test_declared_dataclass_fields_are_a_schema() -> None:
+    from dataclasses import dataclass, field
+
+    from kdtune.hparams import declare
+
+    @dataclass(frozen=True)
+    class Settings:
+        size: int = declare(3, ge=1, help="how many")
+        names: list = declare([], help="which", not_searchable="a list")
+        root: str = declare("~", path=True, help="where")
+
+    schema = Schema.of(Settings)
+    assert schema.names() == ["size", "names", "root"] and schema.defaults() == {"size": 3, "names": [], "root": "~"}
+    assert Settings().names is not Settings().names  # a mutable default is a fresh copy per instance
+    assert schema["root"].path and schema["names"].not_searchable == "a list"
+
+    @dataclass
+    class Undeclared:
+        size: int = field(default=3)
+
+    with pytest.raises(TypeError, match="Undeclared.size: declare it with declare"):
+        Schema.of(Undeclared)
+
+
+def test_range_reasons_required_keys_and_choices_in_messages() -> None:
+    share = hp(0.0, ge=0, le=1, why="a share of one GPU", help="GPUs per trial")
+    assert [str(p) for p in share.validate(2, "gpus")[1]] == ["gpus: must be in [0, 1] (a share of one GPU), but got 2.0"]
+    name = hp(None, type=str, required=True, help="the name")
+    assert name.types == (str,) and [str(p) for p in name.validate(None, "name")[1]] == \
+        ["name: expected a string, but got None"]
+    mode = hp("max", choices=("max", "min"), help="direction")
+    assert [str(p) for p in mode.validate(1, "mode")[1]] == ["mode: must be one of max, min, but got 1"]
+    assert [str(p) for p in hp(1.0, help="x").validate(float("nan"), "x")[1]] == ["x: expected a finite number, but got nan"]

@@ -427,3 +427,38 @@ def test_conditional_sampler_space_problems(sampler: dict, expected: str) -> Non
         "kd": {"temperature": {"type": "float", "low": 1, "high": 8}}}},
         "sampler": sampler, "lr": {"type": "float", "low": 0.01, "high": 0.1}})
     assert any(str(p).startswith(expected) for p in problems), problems
+
+
+def test_a_param_stands_for_its_optuna_distribution() -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    space = _space()
+    assert space.params["lr"].distribution == FloatDistribution(0.001, 0.1, log=True)
+    assert space.params["lr_decay_rate"].distribution == FloatDistribution(0.1, 0.5, step=0.1)
+    assert space.params["split_seed"].distribution == IntDistribution(1, 31, step=10)
+    assert space.params["warmup_epochs"].distribution == IntDistribution(0, 3)
+    assert space.params["schedule"].distribution == CategoricalDistribution(["step", "cosine", "constant"])
+    # the trials Optuna draws (define-by-run) hold the same distributions
+    study = optuna.create_study(sampler=RandomSampler(seed=0))
+    trial = study.ask()
+    space.suggest(trial)
+    for name, dist in trial.distributions.items():
+        assert dist == space.declared()[name].distribution, name
+
+
+def test_optunas_rules_become_problems_at_the_key() -> None:
+    # Optuna's constructor finds these (one per parameter: its first); kdtune says them at the key
+    _, problems = parse_param("x", {"type": "int", "low": 0, "high": 8, "log": True}, "space.method.choices.kd.x")
+    assert [str(p) for p in problems] == ["space.method.choices.kd.x.low: must be >= 1 when log is true, but got 0"]
+    # Optuna stops at the first rule broken; every one is reported, each at its key
+    _, problems = parse_param("x", {"type": "float", "low": 8, "high": 1, "log": True, "step": 2}, "space.x")
+    assert [str(p) for p in problems] == [
+        "space.x.low: must be <= high, but got low=8.0, high=1.0",
+        "space.x.step: cannot be combined with log: true (Optuna has no stepped log scale), but got step=2.0"]
+    _, problems = parse_param("x", {"type": "float", "low": -8, "high": -9, "log": True}, "space.x")
+    assert [p.path for p in problems] == ["space.x.low", "space.x.low"]  # above high, and not > 0
+    # the rule Optuna lacks (it lowers high, with a warning): refused
+    _, problems = parse_param("x", {"type": "float", "low": 0.1, "high": 1.0, "step": 0.2}, "space.x")
+    assert [str(p) for p in problems] == ["space.x.step: high - low must be a multiple of step, but got low=0.1, "
+                                          "high=1.0, step=0.2"]
+    assert parse_param("x", {"type": "float", "low": 0.1, "high": 0.9, "step": 0.2}, "space.x")[1] == []

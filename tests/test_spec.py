@@ -114,10 +114,10 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
      "--set search.num_samples=abc: search.num_samples: expected an integer, but got 'abc'"),
     (["fixed.epochs=10"], "space.yaml: scheduler.grace_period: must be <= fixed.epochs (10), but got 12"),
     (["resources.gpus_per_trial=1.5"],
-     "--set resources.gpus_per_trial=1.5: resources.gpus_per_trial: must be between 0 and 1 (a share of one "
+     "--set resources.gpus_per_trial=1.5: resources.gpus_per_trial: must be in [0, 1] (a share of one "
      "GPU: a trial trains on one GPU), but got 1.5"),
     (["resources.gpus_per_trial=2"],
-     "--set resources.gpus_per_trial=2: resources.gpus_per_trial: must be between 0 and 1 (a share of one "
+     "--set resources.gpus_per_trial=2: resources.gpus_per_trial: must be in [0, 1] (a share of one "
      "GPU: a trial trains on one GPU), but got 2.0"),
     (["resources.cpus_per_trial=0"], "--set resources.cpus_per_trial=0: resources.cpus_per_trial: must be > 0, "
                                      "but got 0.0"),
@@ -126,7 +126,8 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
     (["search.algorithm=bayes"],
      "--set search.algorithm=bayes: search.algorithm: must be one of tpe, gp, random, grid, but got 'bayes'"),
     (["search.seed=1.5"], "--set search.seed=1.5: search.seed: expected an integer, but got 1.5"),
-    (["search.max_concurrent=0"], "--set search.max_concurrent=0: search.max_concurrent: must be >= 1, but got 0"),
+    (["search.max_concurrent=0"], "--set search.max_concurrent=0: search.max_concurrent: must be >= 1 (or null for as many as the "
+                                  "resources allow), but got 0"),
     (["scheduler.reduction_factor=1"],
      "--set scheduler.reduction_factor=1: scheduler.reduction_factor: must be > 1, but got 1.0"),
     (["scheduler.type=pbt2"],
@@ -139,7 +140,7 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
      "trials count against it), but got 2"),
     (["max_failures=-1"], "--set max_failures=-1: max_failures: must be >= 0, but got -1"),
     (["checkpoint_every_s=-5"], "--set checkpoint_every_s=-5: checkpoint_every_s: must be >= 0 (0: a checkpoint "
-                                "every epoch), but got -5"),
+                                "every epoch), but got -5.0"),
     (["checkpoint_every_s=often"], "--set checkpoint_every_s=often: checkpoint_every_s: expected a number, "
                                    "but got 'often'"),
     (["name=a/b"], "--set name=a/b: name: must be made of letters, digits, '_', '.' and '-', but got 'a/b'"),
@@ -609,3 +610,14 @@ def test_pbt_mutations_stay_in_the_space() -> None:
     assert explore({"lr": 0.24, "warmup": 3.6, "temperature": 0.8}) == {"lr": 0.2, "warmup": 4, "temperature": 1.0}
     assert explore({"lr": 0.05, "warmup": -2, "temperature": 4.3}) == {"lr": 0.05, "warmup": 0, "temperature": 4.5}
     assert explore({"lr": None}) == {"lr": None}  # an inactive value stays unset
+
+
+def test_pbt_builds_tunes_scheduler_counting_epochs(tmp_path: Path) -> None:
+    # (PB2 is built by the same function; importing it costs seconds of scikit-learn, so it is left out)
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from kdtune.search.schedulers import TIME_ATTR, build_scheduler
+
+    pbt = build_scheduler(load_spec(write(tmp_path, PBT)))
+    assert type(pbt) is PopulationBasedTraining and pbt._time_attr == TIME_ATTR
+    assert pbt._perturbation_interval == 4 and set(pbt._hyperparam_mutations) == {"temperature", "kd_weight"}

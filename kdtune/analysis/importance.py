@@ -178,15 +178,9 @@ def _importance_scopes(space, trials: pd.DataFrame):
 
 def _distribution(param):
     """The Optuna distribution of a Param (or of a conditional key's choices, a tuple)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import CategoricalDistribution
 
-    if isinstance(param, tuple):
-        return CategoricalDistribution(list(param))
-    if param.kind == "float":
-        return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
-    if param.kind == "int":
-        return IntDistribution(param.low, param.high, log=param.log, step=param.step or 1)
-    return CategoricalDistribution(list(param.choices))
+    return CategoricalDistribution(list(param)) if isinstance(param, tuple) else param.distribution
 
 
 def _optuna_trial(row: pd.Series, params: dict[str, Any], value: float):

@@ -75,7 +75,7 @@ def _typed(column: pd.Series, param) -> pd.Series:
     """A searched param (MLflow keeps strings) back in the type its search space declares: the
     choice itself for a categorical (``"1"`` stays a string when the choices are strings), a
     number for a range; missing (NaN) in the trials that do not take it."""
-    if param.kind == "categorical":
+    if not param.numeric:
         by_text = {str(choice): choice for choice in param.choices}
         return column.map(lambda text: by_text.get(text, text) if isinstance(text, str) else text)
     return pd.to_numeric(column, errors="coerce")

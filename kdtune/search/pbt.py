@@ -37,15 +37,13 @@ HISTORY_TAG = "kdtune.mutations"  # MLflow: the same text on the trial's run
 
 def mutable(name: str, param: Param) -> str | None:
     """Why ``param`` cannot change mid-run, or None when it can."""
-    import dataclasses
+    from kdtune.config import RUN_KEYS
 
-    from kdtune.config import RunConfig
-
-    if param.kind not in ("float", "int"):
+    if not param.numeric:
         return "a choice (PBT mutates numbers)"
     if name in FIXED_BY_CHECKPOINT:
         return "it sizes or initialises a module whose state the checkpoint holds"
-    if name in {f.name for f in dataclasses.fields(RunConfig)} and name not in MUTABLE_RUN:
+    if name in RUN_KEYS and name not in MUTABLE_RUN:
         return f"a run setting a checkpoint fixes (mutable ones: {', '.join(MUTABLE_RUN)})"
     return None
 
@@ -62,23 +60,15 @@ class WithinSpace:
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
         for p in self.params:
             if config.get(p.name) is not None:
-                config[p.name] = within(p, config[p.name])
+                config[p.name] = p.nearest(config[p.name])
         return config
 
 
-def within(p: Param, value: float) -> float | int:
-    value = min(max(float(value), p.low), p.high)
-    if p.step:
-        value = min(p.low + round((value - p.low) / p.step) * p.step, p.high)
-    return int(round(value)) if p.kind == "int" else float(value)
-
-
-def build(spec) -> Any:
-    """Tune's PBT or PB2 scheduler for ``spec`` (``scheduler.type`` pbt or pb2)."""
+def build(spec, time_attr: str) -> Any:
+    """Tune's PBT or PB2 scheduler for ``spec`` (``scheduler.type`` pbt or pb2), counting time in
+    ``time_attr`` (kdtune.search.schedulers passes its own: this module is below it, read by
+    spec.py's validation)."""
     from ray.tune.schedulers import PopulationBasedTraining
-    from ray.tune.schedulers.pb2 import PB2
-
-    from kdtune.search.schedulers import TIME_ATTR
 
     params = [spec.space.params[name] for name in spec.mutate]  # PBT spaces have no sub-spaces (spec.py)
     # Synchronous: every trial pauses at each perturbation epoch until the whole population is
@@ -86,10 +76,12 @@ def build(spec) -> Any:
     # trial copy one that is epochs ahead (or finished) when the population cannot all run at once,
     # as on a few CPUs, and its epochs then no longer count one schedule.
     if spec.scheduler == "pb2":
-        return PB2(time_attr=TIME_ATTR, perturbation_interval=spec.perturbation_interval,
+        from ray.tune.schedulers.pb2 import PB2  # imports scikit-learn (seconds): only for pb2
+
+        return PB2(time_attr=time_attr, perturbation_interval=spec.perturbation_interval,
                    hyperparam_bounds={p.name: [p.low, p.high] for p in params}, synch=True,
                    quantile_fraction=spec.quantile_fraction, custom_explore_fn=WithinSpace(params))
-    return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=spec.perturbation_interval, synch=True,
+    return PopulationBasedTraining(time_attr=time_attr, perturbation_interval=spec.perturbation_interval, synch=True,
                                    hyperparam_mutations={p.name: p.to_tune() for p in params},
                                    quantile_fraction=spec.quantile_fraction,
                                    resample_probability=spec.resample_probability,

@@ -33,5 +33,5 @@ def build_scheduler(spec: SearchSpec) -> Any:
     if spec.scheduler in ("pbt", "pb2"):
         from kdtune.search import pbt
 
-        return pbt.build(spec)
+        return pbt.build(spec, TIME_ATTR)
     return FIFOScheduler()

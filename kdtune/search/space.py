@@ -15,12 +15,24 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdtune.hparams import Problem, coerce, did_you_mean
+from kdtune.hparams import Problem, Schema, coerce, did_you_mean, hp
 
 KINDS = ("float", "int", "categorical")
+# A searched parameter's keys in YAML (a range's numbers are floats or ints by its type).
+PARAM = Schema(
+    type=hp(None, type=str, choices=KINDS, required=True, help="a float or int range, or categorical choices"),
+    low=hp(None, type=float, required=True, help="the lowest value, inclusive (float and int)"),
+    high=hp(None, type=float, required=True, help="the highest value, inclusive (float and int)"),
+    log=hp(False, help="sample on a log scale (low > 0, no step)"),
+    step=hp(None, type=float, gt=0, null_means="a continuous float; 1 for an int",
+            help="values are low + k * step; high - low must be a multiple of it"),
+    choices=hp(None, type=list, required=True,
+               help="categorical's values: strings, numbers, true/false (method, sampler: each with its sub-space)"),
+)
 # The keys each kind of parameter takes in YAML.
 PARAM_KEYS = {
     "float": ("type", "low", "high", "log", "step"),
@@ -32,9 +44,24 @@ MAX_GRID = 10_000  # more grid points than any search here could run
 CONDITIONAL_KEYS = ("method", "sampler")
 
 
+class ParamError(ValueError):
+    """A :class:`Param` that cannot be built; ``problems`` name the keys (``low``, ``step``...)."""
+
+    def __init__(self, name: str, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid parameter {name!r}: " + "; ".join(str(p) for p in problems))
+
+
 @dataclass(frozen=True)
 class Param:
-    """One searched hyperparameter: a float or int range (bounds inclusive) or a set of choices."""
+    """One searched hyperparameter: a float or int range (bounds inclusive) or a set of choices,
+    in its YAML form, standing for an Optuna distribution (:attr:`distribution`).
+
+    Building one builds that distribution: Optuna's constructor holds the rules of a range (low
+    <= high, low > 0 on a log scale, step > 0 and not with log), and its ValueError becomes a
+    :class:`ParamError` whose problems name the key. kdtune adds one rule of its own: high - low
+    is a multiple of step (Optuna would quietly lower high).
+    """
 
     name: str
     kind: str
@@ -48,7 +75,38 @@ class Param:
         object.__setattr__(self, "choices", tuple(self.choices))
         problems = _param_problems(self)
         if problems:
-            raise ValueError(f"invalid parameter {self.name!r}: " + "; ".join(str(p) for p in problems))
+            raise ParamError(self.name, problems)
+
+    @property
+    def distribution(self) -> Any:
+        """The Optuna distribution (``FloatDistribution``, ``IntDistribution`` or
+        ``CategoricalDistribution``) this parameter is sampled from."""
+        return _distribution(self.kind, self.low, self.high, self.log, self.step, self.choices)
+
+    @property
+    def numeric(self) -> bool:
+        """A float or int range (not a set of choices)."""
+        return self.kind != "categorical"
+
+    @property
+    def enumerable(self) -> bool:
+        """Whether its values can be listed (a grid): choices, an int range, a stepped float range."""
+        return self.kind != "float" or self.step is not None
+
+    def probes(self) -> list[tuple[str, Any]]:
+        """``(YAML key, value)`` pairs that stand for every value in a rule that is an interval
+        (RunConfig's are): the bounds of a range, every choice of a set."""
+        if self.numeric:
+            return [("low", self.low), ("high", self.high)]
+        return [(f"choices[{i}]", c) for i, c in enumerate(self.choices)]
+
+    def nearest(self, value: float) -> float | int:
+        """The value of this range nearest ``value``: clipped to the bounds, put on the step, and
+        an int for an int range (what PBT's mutations are brought back to)."""
+        value = min(max(float(value), self.low), self.high)
+        if self.step:
+            value = min(self.low + round((value - self.low) / self.step) * self.step, self.high)
+        return int(round(value)) if self.kind == "int" else float(value)
 
     def suggest(self, trial: Any) -> Any:
         """Draw this parameter from an Optuna trial (``Trial``, ``FixedTrial``, ...)."""
@@ -89,7 +147,7 @@ class Param:
             return len(self.choices)
         if self.kind == "int":
             return (self.high - self.low) // (self.step or 1) + 1
-        if self.step is not None:
+        if self.enumerable:
             return round((self.high - self.low) / self.step) + 1
         raise ValueError(f"{self.name}: a float range has no values to enumerate for grid search; "
                          f"use type: categorical with choices, or type: int")
@@ -259,16 +317,14 @@ def parse_param(name: str, raw: Any, path: str) -> tuple[Param | None, list[Prob
     else:
         types = (float,) if kind == "float" else (int,)
         values = {key: _number(raw, key, types, bad) for key in ("low", "high", "step")}
-        values["log"] = raw.get("log", False)
-        if not isinstance(values["log"], bool):
-            bad("log", f"expected true or false, but got {values['log']!r}")
+        values["log"], found = PARAM["log"].validate(raw.get("log", False), path=f"{path}.log")
+        problems += found
     if problems:
         return None, problems
-    problems = [p.under(path) for p in _range_problems(kind, values.get("low"), values.get("high"),
-                                                          values.get("log", False), values.get("step"))]
-    if problems:
-        return None, problems
-    return Param(name, kind, **values), []
+    try:
+        return Param(name, kind, **values), []
+    except ParamError as e:
+        return None, [p.under(path) for p in e.problems]
 
 
 def parse_space(raw: Any, path: str = "space") -> tuple[Space, list[Problem]]:
@@ -362,15 +418,23 @@ def _conditional_problems(conditionals: dict[str, dict[str, dict[str, Param]]], 
                 elif name not in first:
                     first[name] = (choice, param)
                     owner[name] = key
-                elif _signature(param) != _signature(first[name][1]):
+                elif not _compatible(first[name][1], param):
                     other, ref = first[name]
                     problems.append(Problem(f"{where}", f"Optuna keeps one distribution per name, so it must be "
                                     f"{_describe(ref)} as under {other!r}, but got {_describe(param)}"))
     return problems
 
 
-def _signature(p: Param) -> tuple:
-    return (p.kind, p.choices) if p.kind == "categorical" else (p.kind, p.log)
+def _compatible(first: Param, other: Param) -> bool:
+    """Whether an Optuna study can hold both under one name (the same kind, log scale, and
+    choices; Optuna's own rule, which a study applies when a trial suggests the name)."""
+    from optuna.distributions import check_distribution_compatibility
+
+    try:
+        check_distribution_compatibility(first.distribution, other.distribution)
+    except ValueError:
+        return False
+    return True
 
 
 def _describe(p: Param) -> str:
@@ -410,26 +474,54 @@ def _number(raw: dict, key: str, types: tuple[type, ...], bad: Any) -> Any:
     return value
 
 
-def _range_problems(kind: str, low: Any, high: Any, log: bool, step: Any) -> list[Problem]:
-    """Problems of a range (paths: low, high, step)."""
-    if kind == "categorical":
-        return []
-    problems = []
-    if low > high:
-        problems.append(Problem("low", f"must be <= high, but got low={low!r}, high={high!r}"))
-    if log and low <= 0:
-        problems.append(Problem("low", f"must be > 0 when log is true, but got {low!r}"))
-    if step is not None:
-        minimum = "> 0" if kind == "float" else ">= 1"
-        if step <= 0:
-            problems.append(Problem("step", f"must be {minimum}, but got {step!r}"))
-        elif log and (kind == "float" or step != 1):
-            problems.append(Problem("step", f"cannot be combined with log: true (Optuna has no stepped log "
-                                            f"scale), but got step={step!r}"))
-        elif low <= high and not _is_multiple(high - low, step):
-            problems.append(Problem("step", f"high - low must be a multiple of step, but got low={low!r}, "
-                            f"high={high!r}, step={step!r}"))
-    return problems
+def _distribution(kind: str, low: Any, high: Any, log: bool, step: Any, choices: tuple) -> Any:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if kind == "float":
+        return FloatDistribution(low, high, log=log, step=step)
+    if kind == "int":
+        return IntDistribution(low, high, log=log, step=1 if step is None else step)
+    return CategoricalDistribution(choices)
+
+
+# Optuna's constructors name the rule a range breaks; each is said here at its key, with the values.
+# Optuna stops at the first: what broke it is then set aside (the last column) to find the next.
+_OPTUNA_RULES = (  # (words of Optuna's message, key, kdtune's message, values that set it aside)
+    ("not supported when `log` is true", "step", "cannot be combined with log: true (Optuna has no stepped log "
+                                                 "scale), but got step={step!r}", {"step": None}),
+    ("step is 1 when `log`", "step", "cannot be combined with log: true (Optuna has no stepped log scale), "
+                                     "but got step={step!r}", {"step": None}),
+    ("`low <= high` must hold", "low", "must be <= high, but got low={low!r}, high={high!r}", {"high": "low"}),
+    ("`low > 0` must hold for `log=True`", "low", "must be > 0 when log is true, but got {low!r}", {"log": False}),
+    ("`low >= 1` must hold for `log=True`", "low", "must be >= 1 when log is true, but got {low!r}", {"log": False}),
+    ("`step > 0` must hold", "step", "must be {positive}, but got {step!r}", {"step": None}),
+)
+
+
+def _distribution_problems(p: Param) -> list[Problem]:
+    """Problems of ``p``'s range: every rule of the distribution's constructor it breaks, then
+    (when it breaks none) whether the distribution kept its high."""
+    given = {"low": p.low, "high": p.high, "log": p.log, "step": p.step}
+    shown = {**given, "positive": "> 0" if p.kind == "float" else ">= 1"}
+    problems: list[Problem] = []
+    for _ in range(len(_OPTUNA_RULES) + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna warns when it lowers high to the step's grid
+                distribution = _distribution(p.kind, choices=p.choices, **given)
+        except ValueError as e:
+            rule = next((r for r in _OPTUNA_RULES if r[0] in str(e)), None)
+            if rule is None:
+                return [*problems, Problem("", str(e))]  # a rule of a newer Optuna: its own words
+            _, key, message, aside = rule
+            problems.append(Problem(key, message.format(**shown)))
+            given.update({k: given[v] if v in given else v for k, v in aside.items()})
+            continue
+        if not problems and p.kind != "categorical" and distribution.high != p.high:
+            problems.append(Problem("step", f"high - low must be a multiple of step, but got low={p.low!r}, "
+                                            f"high={p.high!r}, step={p.step!r}"))
+        break
+    return sorted(problems, key=lambda found: ("low", "high", "step", "").index(found.path))
 
 
 def _param_problems(p: Param) -> list[Problem]:
@@ -440,13 +532,8 @@ def _param_problems(p: Param) -> list[Problem]:
             return [Problem("choices", "must be a non-empty list", ())]
         return []
     number = (int, float) if p.kind == "float" else (int,)
-    for key in ("low", "high"):
+    for key in ("low", "high", "step"):
         value = getattr(p, key)
-        if isinstance(value, bool) or not isinstance(value, number):
+        if (key != "step" or value is not None) and (isinstance(value, bool) or not isinstance(value, number)):
             return [Problem(key, f"expected {'a number' if p.kind == 'float' else 'an integer'}", value)]
-    return _range_problems(p.kind, p.low, p.high, p.log, p.step)
-
-
-def _is_multiple(span: float, step: float) -> bool:
-    ratio = span / step
-    return abs(ratio - round(ratio)) <= 1e-9 * max(1.0, abs(ratio))
+    return _distribution_problems(p)

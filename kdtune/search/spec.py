@@ -9,33 +9,21 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdtune import config
 from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override, validate
 from kdtune.distillers import METHODS
-from kdtune.hparams import Problem, coerce, did_you_mean
+from kdtune.hparams import Problem, Schema, coerce, did_you_mean, hp, table
 from kdtune.plugins import load_plugins
 from kdtune.sampling import SAMPLERS
 from kdtune.search.records import COST_METRICS
-from kdtune.search.space import Param, Space, parse_space
+from kdtune.search.space import PARAM, Space, parse_space
 
-SECTIONS = {  # section -> its keys with their defaults (None: computed)
-    "search": {"algorithm": "tpe", "num_samples": 32, "metric": "val/acc1", "mode": "max", "seed": 0,
-               "max_concurrent": None, "warm_start": None, "objectives": None},
-    "scheduler": {"type": "asha", "grace_period": None, "reduction_factor": 3,
-                  # pbt and pb2 only (kdtune.search.pbt)
-                  "perturbation_interval": None, "quantile_fraction": 0.25, "resample_probability": 0.25,
-                  "mutate": None},
-    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
-    # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
-    "confirm": {"top_k": 0, "seeds": 3},
-}
-TOP_KEYS = ("name", "fixed", "space", *SECTIONS, "max_failures", "checkpoint_every_s")
 # A trial checkpoints when this many seconds have passed since its last checkpoint (0: every
 # epoch). Each checkpoint of a trial also makes Tune snapshot the whole experiment (its state of
 # every trial), a cost that grows with the search: at one per epoch, a 1,000-trial search of short
@@ -52,15 +40,76 @@ STOPPING_SCHEDULERS = ("asha", "hyperband", "median", "pbt", "pb2")
 SCHEDULERS = ("asha", "hyperband", "median", "pbt", "pb2", "none")
 POPULATION_SCHEDULERS = ("pbt", "pb2")  # trials copy each other's checkpoints (kdtune.search.pbt)
 PBT_KEYS = ("perturbation_interval", "quantile_fraction", "resample_probability", "mutate")
-PATH_KEYS = ("data_root", "teacher_checkpoint", "cache_dir")
-# Run settings a search must not vary, and why.
-NOT_SEARCHABLE = {
-    "epochs": "it is the budget that early stopping and max_epochs count in; set it under fixed",
-    "final": "a final run reports test accuracy, which a search must never select on",
-    "method_params": "method hyperparameters are searched by their own flat names",
-    "sampler_params": "sampler hyperparameters are searched by their own flat names",
+
+# Every key of a search file's sections, declared once (kdtune.hparams). Numbers' defaults are
+# written as the types they resolve to (3.0, not 3): the resolved spec, which --resume compares,
+# holds them as they are. A null default is computed from other keys (null_means says how).
+SECTIONS: dict[str, Schema] = {
+    "search": Schema(
+        algorithm=hp("tpe", choices=ALGORITHMS, help="Optuna's TPE or GP sampler, random sampling, or a grid"),
+        num_samples=hp(32, ge=1, help="trials to run (a grid runs each of its points once instead)"),
+        metric=hp("val/acc1", choices=METRICS, help="the metric trials are ranked by"),
+        mode=hp("max", choices=MODES, help="whether the metric is maximised or minimised"),
+        seed=hp(0, ge=0, help="seed of the search algorithm"),
+        max_concurrent=hp(None, type=int, ge=1, null_means="as many as the resources allow",
+                          help="trials running at once"),
+        warm_start=hp(None, type=str, path=True, null_means="a study that starts empty",
+                      help="an earlier search's folder whose finished trials seed the study (tpe, gp)"),
+        objectives=hp(None, type=dict, null_means="one objective: metric and mode",
+                      help="two or more {metric: max or min}: the search finds their Pareto front"),
+    ),
+    "scheduler": Schema(
+        type=hp("asha", choices=SCHEDULERS, help="early stopping (asha, hyperband, median), population-based "
+                                                 "training (pbt, pb2) or none (none with search.objectives)"),
+        grace_period=hp(None, type=int, ge=1, null_means="fixed.epochs // 8, at least 1",
+                        help="epochs a trial runs before it can be stopped (asha, median)"),
+        reduction_factor=hp(3.0, gt=1, help="ASHA and Hyperband keep 1/reduction_factor of the trials at each rung"),
+        perturbation_interval=hp(None, type=int, ge=1, null_means="fixed.epochs // 4, at least 1",
+                                 help="epochs between exploits (pbt, pb2)"),
+        quantile_fraction=hp(0.25, gt=0, le=0.5, why="the bottom fraction copies the top one",
+                             help="the fraction of trials that copy and are copied (pbt, pb2)"),
+        resample_probability=hp(0.25, ge=0, le=1, help="chance that a mutation resamples instead of perturbs (pbt)"),
+        mutate=hp(None, type=list, null_means="every searched parameter that can change mid-run",
+                  help="the searched parameters an exploit may change (pbt, pb2)"),
+    ),
+    "resources": Schema(
+        cpus_per_trial=hp(1.0, gt=0, help="CPUs Ray reserves for each trial"),
+        # A trial's engine trains on one device: more than 1 would reserve GPUs it never uses.
+        gpus_per_trial=hp(0.0, ge=0, le=1, why="a share of one GPU: a trial trains on one GPU",
+                          help="GPUs Ray reserves for each trial (a share: 0.25 runs four per GPU)"),
+    ),
+    # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
+    "confirm": Schema(
+        top_k=hp(0, ge=0, help="best trials re-run with more seeds after the search (0: none)"),
+        seeds=hp(3, ge=1, help="more seeds each confirmed trial runs with"),
+    ),
 }
-RUN_KEYS = tuple(k for k in RunConfig.__dataclass_fields__ if k not in ("method_params", "sampler_params"))
+# The top-level keys with a value of their own (name, fixed and space are read by their own rules).
+TOP = Schema(
+    max_failures=hp(2, ge=0, help="times a failed trial is retried from its last checkpoint"),
+    checkpoint_every_s=hp(CHECKPOINT_EVERY_S, ge=0, why="0: a checkpoint every epoch",
+                          help="seconds between a trial's checkpoints (what a crash or --resume re-runs at most)"),
+)
+# The keys that hold the rest (each read by its own rules).
+FILE = Schema(
+    name=hp(None, type=str, required=True,
+            help="the experiment: MLflow experiment and storage folder (letters, digits, _ . -)"),
+    fixed=hp(None, type=dict, required=True, help="the run settings that are not searched (flat keys)"),
+    space=hp(None, type=dict, required=True, help="the searched hyperparameters, each name: {type, ...} as below"),
+)
+TOP_KEYS = (*FILE, *SECTIONS, *TOP)
+MARKDOWN_BEGIN = "<!-- search-file keys: generated by kdtune.search.spec.markdown(); tests/test_docs.py checks it -->"
+MARKDOWN_END = "<!-- end of generated search-file keys -->"
+
+
+def markdown() -> str:
+    """The Markdown table of a search file's keys (docs/search-spaces.md holds a copy)."""
+    rows = [(f"`{section}`", schema) for section, schema in SECTIONS.items()]
+    return table([("top level", FILE), *rows, ("top level", TOP), ("`space.<name>`", PARAM)], what="key")
+PATH_KEYS = tuple(k for k, e in config.RUN_KEYS.items() if e.path)
+# Run settings a search must not vary, and why (their declarations say so).
+NOT_SEARCHABLE = {k: e.not_searchable for k, e in config.RUN_KEYS.items() if e.not_searchable}
+RUN_KEYS = tuple(k for k in config.RUN_KEYS if k not in config.NESTED_KEYS)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _MISSING = object()
 
@@ -159,7 +208,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     problems.extend(found)
     fixed, epochs = _check_fixed(raw.get("fixed", _MISSING), space, problems)
     _check_space(space, fixed, problems)
-    sections = {s: _section(raw, s, problems) for s in SECTIONS}
+    sections = {s: _section(raw, s, problems) for s in SECTIONS}  # as written
     search = _check_search(sections["search"], space, problems)
     multi = search["objectives"] is not None  # given, valid or not: the checks below then apply
     # Several objectives run every trial to its end: no early stopping unless asked for (and refused).
@@ -167,10 +216,8 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     resources = _check_resources(sections["resources"], problems)
     _check_combination(search, scheduler, space, problems)
     population = _check_population(search, scheduler, sections["scheduler"], space, epochs, problems)
-    max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
-    checkpoint_every_s = _number(raw, "checkpoint_every_s", CHECKPOINT_EVERY_S, "checkpoint_every_s", problems)
-    if checkpoint_every_s is not None and checkpoint_every_s < 0:
-        problems.add("checkpoint_every_s", f"must be >= 0 (0: a checkpoint every epoch), but got {checkpoint_every_s:g}")
+    top = _read(TOP, raw, "", problems)
+    max_failures, checkpoint_every_s = top["max_failures"], top["checkpoint_every_s"]
     confirm = _check_confirm(sections["confirm"], problems)
     if multi:
         _check_objectives(search["objectives"], scheduler, confirm, fixed, space, problems)
@@ -284,7 +331,7 @@ def _section(raw: dict, section: str, problems: _Problems) -> dict[str, Any]:
     if not isinstance(values, dict):
         problems.add(section, f"expected a mapping, but got {values!r}")
         values = {}
-    known = SECTIONS[section]
+    known = list(SECTIONS[section])
     for key in values:
         if key not in known:
             problems.add(f"{section}.{key}", f"unknown key{did_you_mean(key, known)} "
@@ -293,16 +340,8 @@ def _section(raw: dict, section: str, problems: _Problems) -> dict[str, Any]:
 
 
 def _check_search(values: dict, space: Space, problems: _Problems) -> dict[str, Any]:
-    defaults = SECTIONS["search"]
-    out = {
-        "algorithm": _one_of(values, "algorithm", defaults, ALGORITHMS, "search", problems),
-        "num_samples": _integer(values, "num_samples", defaults["num_samples"], "search.num_samples", problems, 1),
-        "metric": _one_of(values, "metric", defaults, METRICS, "search", problems),
-        "mode": _one_of(values, "mode", defaults, MODES, "search", problems),
-        "seed": _integer(values, "seed", defaults["seed"], "search.seed", problems, 0),
-        "max_concurrent": _integer(values, "max_concurrent", None, "search.max_concurrent", problems, 1,
-                                   nullable=True),
-    }
+    # warm_start and objectives: read below, by rules that say more than their types
+    out = _read(SECTIONS["search"].without("warm_start", "objectives"), values, "search.", problems)
     if out["algorithm"] == "grid":
         out["num_samples"] = _grid_size(space, problems)  # the grid decides the number of trials
     objectives = _objectives(values.get("objectives"), problems)
@@ -372,7 +411,7 @@ def _warm_start(value: Any, algorithm: str, problems: _Problems) -> str | None:
 
 
 def _grid_size(space: Space, problems: _Problems) -> int:
-    floats = [(path, p) for path, _, p in space.entries() if p.kind == "float" and p.step is None]
+    floats = [(path, p) for path, _, p in space.entries() if not p.enumerable]
     for path, _ in floats:
         problems.add(path, "grid search needs values to enumerate, but got a float range "
                            "(use type: categorical with choices, type: int, or a step)")
@@ -408,17 +447,15 @@ def _primary_first(objectives: tuple[tuple[str, str], ...], values: dict,
 
 def _check_scheduler(values: dict, epochs: int | None, problems: _Problems,
                      default_type: str | None = None) -> dict[str, Any]:
-    defaults = {**SECTIONS["scheduler"], **({"type": default_type} if default_type else {})}
-    kind = _one_of(values, "type", defaults, SCHEDULERS, "scheduler", problems)
-    default_grace = max(1, (epochs or RunConfig.epochs) // 8)
-    grace = _integer(values, "grace_period", default_grace, "scheduler.grace_period", problems, 1)
+    schema = SECTIONS["scheduler"].only("type", "grace_period", "reduction_factor")
+    out = _read(schema, {"type": default_type, **values} if default_type and "type" not in values else values,
+                "scheduler.", problems)
+    if out["grace_period"] is None:
+        out["grace_period"] = max(1, (epochs or RunConfig.epochs) // 8)
+    kind, grace = out["type"], out["grace_period"]
     if kind in ("asha", "median") and epochs is not None and isinstance(grace, int) and grace > epochs:
         problems.add("scheduler.grace_period", f"must be <= fixed.epochs ({epochs}), but got {grace}")
-    factor = _number(values, "reduction_factor", defaults["reduction_factor"], "scheduler.reduction_factor",
-                     problems)
-    if factor is not None and not factor > 1:
-        problems.add("scheduler.reduction_factor", f"must be > 1, but got {factor!r}")
-    return {"type": kind, "grace_period": grace, "reduction_factor": factor}
+    return out
 
 
 def _check_combination(search: dict, scheduler: dict, space: Space, problems: _Problems) -> None:
@@ -450,25 +487,18 @@ def _check_population(search: dict, scheduler: dict, values: dict, space: Space,
                 problems.add(f"scheduler.{key}", f"applies to scheduler.type pbt and pb2 only, but the type is "
                                                  f"{kind!r}")
         return {}
-    defaults = SECTIONS["scheduler"]
     top = epochs or RunConfig.epochs
-    interval = _integer(values, "perturbation_interval", max(1, top // 4), "scheduler.perturbation_interval",
-                        problems, 1)
+    read = _read(SECTIONS["scheduler"].only("perturbation_interval", "quantile_fraction", "resample_probability"),
+                 values, "scheduler.", problems)
+    interval, fraction, resample = read["perturbation_interval"], read["quantile_fraction"], read["resample_probability"]
+    if interval is None:
+        interval = max(1, top // 4)
     if isinstance(interval, int) and interval >= top:
         problems.add("scheduler.perturbation_interval", f"must be < fixed.epochs ({top}): a trial is exploited "
                                                         f"between epochs, but got {interval}")
-    fraction = _number(values, "quantile_fraction", defaults["quantile_fraction"], "scheduler.quantile_fraction",
-                       problems)
-    if fraction is not None and not 0 < fraction <= 0.5:
-        problems.add("scheduler.quantile_fraction", f"must be in (0, 0.5] (the bottom fraction copies the top one), "
-                                                    f"but got {fraction!r}")
-    resample = _number(values, "resample_probability", defaults["resample_probability"],
-                       "scheduler.resample_probability", problems)
     if kind == "pb2" and "resample_probability" in values:
         problems.add("scheduler.resample_probability", "applies to pbt only (PB2 picks new values with its "
                                                         "Gaussian-process bandit)")
-    elif resample is not None and not 0 <= resample <= 1:
-        problems.add("scheduler.resample_probability", f"must be in [0, 1], but got {resample!r}")
     if search["algorithm"] != "random":
         # Tune refuses a searcher beside PBT (its population starts random, then evolves); a grid
         # is a fixed set of points that exploits would overwrite.
@@ -539,52 +569,25 @@ def _check_objectives(objectives: tuple[tuple[str, str], ...], scheduler: dict, 
 
 
 def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
-    cpus = _number(values, "cpus_per_trial", 1, "resources.cpus_per_trial", problems)
-    if cpus is not None and not cpus > 0:
-        problems.add("resources.cpus_per_trial", f"must be > 0, but got {cpus!r}")
-    gpus = _number(values, "gpus_per_trial", 0, "resources.gpus_per_trial", problems)
-    if gpus is not None and not 0 <= gpus <= 1:
-        # A trial's engine trains on one device: more than 1 would reserve GPUs it never uses.
-        problems.add("resources.gpus_per_trial", f"must be between 0 and 1 (a share of one GPU: a trial "
-                                                 f"trains on one GPU), but got {gpus!r}")
-    return {"cpus_per_trial": cpus, "gpus_per_trial": gpus}
+    return _read(SECTIONS["resources"], values, "resources.", problems)
 
 
 def _check_confirm(values: dict, problems: _Problems) -> dict[str, Any]:
-    defaults = SECTIONS["confirm"]
-    return {"top_k": _integer(values, "top_k", defaults["top_k"], "confirm.top_k", problems, 0),
-            "seeds": _integer(values, "seeds", defaults["seeds"], "confirm.seeds", problems, 1)}
+    return _read(SECTIONS["confirm"], values, "confirm.", problems)
 
 
-def _one_of(values: dict, key: str, defaults: dict, options: tuple[str, ...], section: str,
-            problems: _Problems) -> str:
-    value = values.get(key, defaults[key])
-    if value not in options:
-        problems.add(f"{section}.{key}", f"must be one of {', '.join(options)}, but got {value!r}")
-    return value
-
-
-def _integer(values: dict, key: str, default: Any, path: str, problems: _Problems, minimum: int,
-             nullable: bool = False) -> Any:
-    value = values.get(key, default)
-    if value is None and nullable:
-        return None
-    number, ok = coerce(value, (int,))
-    if not ok:
-        problems.add(path, f"expected an integer{' or null' if nullable else ''}, but got {value!r}")
-        return value
-    if number < minimum:
-        problems.add(path, f"must be >= {minimum}, but got {number}")
-    return number
-
-
-def _number(values: dict, key: str, default: Any, path: str, problems: _Problems) -> float | None:
-    value = values.get(key, default)
-    number, ok = coerce(value, (float,))
-    if not ok or not math.isfinite(number):
-        problems.add(path, f"expected {'a number' if not ok else 'a finite number'}, but got {value!r}")
-        return None
-    return number
+def _read(schema: Schema, values: dict, prefix: str, problems: _Problems) -> dict[str, Any]:
+    """Each of ``schema``'s keys: its value in ``values`` checked by its declaration (problems at
+    ``<prefix><key>``), or its default. A value of the wrong type reads as None, which the rules
+    across keys skip (one mistake, one problem); one outside its range or choices is kept as given."""
+    out = schema.defaults()
+    for key, entry in schema.items():
+        if key in values:
+            out[key], found = entry.validate(values[key], path=f"{prefix}{key}")
+            problems.extend(found)
+            if any(p.rule.startswith("expected ") for p in found):
+                out[key] = None
+    return out
 
 
 # --------------------------------------------------------------------------- fixed and space vs RunConfig
@@ -663,7 +666,7 @@ def _check_space(space: Space, fixed: dict[str, Any], problems: _Problems) -> No
                 problems.add(path, _unknown_param(param.name, missing, shared))
                 continue
         for combo in mine:
-            for label, value in _probes(param):
+            for label, value in param.probes():
                 found = _run_problems({**fixed, **combo, param.name: value})
                 for p in found:
                     if p not in base[_frozen(combo)]:
@@ -725,13 +728,6 @@ def _unknown_param(name: str, methods: list[str], shared: bool) -> str:
              if shared and not hint else "")
     return (f"unknown hyperparameter for method{'s' if len(methods) > 1 else ''} "
             f"{', '.join(repr(m) for m in methods)}{hint} ({lists}; or a run setting such as lr){where}")
-
-
-def _probes(param: Param) -> list[tuple[str, Any]]:
-    """The values that stand for the whole range in RunConfig's checks (its rules are intervals)."""
-    if param.kind == "categorical":
-        return [(f"choices[{i}]", c) for i, c in enumerate(param.choices)]
-    return [("low", param.low), ("high", param.high)]
 
 
 def _run_problems(values: dict[str, Any]) -> list[Problem]:

@@ -39,17 +39,7 @@ def problem(folder: str) -> str | None:
 def distributions(space: Any) -> dict[str, Any]:
     """Optuna distributions of every searched name (:meth:`Space.declared`; a name in several
     sub-spaces by its first declaration)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    out = {}
-    for name, p in space.declared().items():
-        if p.kind == "float":
-            out[name] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
-        elif p.kind == "int":
-            out[name] = IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
-        else:
-            out[name] = CategoricalDistribution(list(p.choices))
-    return out
+    return {name: p.distribution for name, p in space.declared().items()}
 
 
 def _fits(distribution: Any, value: Any) -> bool:
