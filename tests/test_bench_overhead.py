@@ -49,5 +49,20 @@ def test_noop_trials_run_through_the_real_search_path(tmp_path) -> None:
     kept = tmp_path / "kept" / "random-4"
     assert (kept / "mlflow.db").is_file()
     assert (kept / "ray" / "overhead-random-4" / "results.csv").is_file()
+    # no checkpoint when a trial ends (its no-op epochs never reach checkpoint_every_s): each would
+    # make Tune snapshot and copy the whole experiment, a cost that grows with the trials
+    trials = list((kept / "ray" / "overhead-random-4").glob("NoopTrainable_*"))
+    assert len(trials) == 4 and not [c for t in trials for c in t.glob("checkpoint_*")]
     # its MLflow artifacts beside its store, nothing in the directory it ran from
     assert (kept / "mlruns").is_dir() and not any((tmp_path / "cwd").iterdir())
+
+
+def test_train_mode_searches_the_quickstart_kd_space_with_real_trials(tmp_path) -> None:
+    from kdtune.search.bench_overhead import write_space
+    from kdtune.search.spec import load_spec
+
+    spec = load_spec(write_space(tmp_path, "tpe", 48, 2, 2, "none", train="digits"), [])
+    assert (spec.fixed["dataset"], spec.fixed["teacher"], spec.fixed["student"], spec.fixed["method"]) == \
+        ("digits", "resnet20", "resnet8", "kd")
+    assert spec.max_epochs == 2 and spec.num_samples == 48 and spec.scheduler == "none"
+    assert set(spec.space.names()) == {"temperature", "kd_weight", "lr"}

@@ -308,7 +308,8 @@ def run_confirmation(spec, table, storage: str, own, client, parent_id: str, tag
                 callbacks=[tracker, Progress(len(configs), spec.max_epochs, spec.metric, spec.mode,
                                              every_s=status_every)],
                 sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=0),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # none at a run's end: see driver.new_tuner
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_at_end=False),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
     try:
         results = tuner.fit()

@@ -272,8 +272,8 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     # A CPU-only trial on a GPU host would otherwise see every GPU (Ray leaves
     # CUDA_VISIBLE_DEVICES unset for zero-GPU trials).
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
-    # Every trial checkpoints every epoch (for retries and --resume); the snapshots this forces
-    # take milliseconds on a local disk, so Tune's warning about them is noise here.
+    # A trial that checkpoints every epoch (checkpoint_every_s 0) forces a snapshot per epoch;
+    # on a local disk that takes milliseconds, so Tune's warning about it is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     # Without --verbose: no banner ("Started a local Ray instance"), and the trials' own output
@@ -467,7 +467,12 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: 
             # PBT copies a top trial's latest checkpoint into a weak one, which restores it later:
             # with one kept, the top trial's next checkpoint could delete it first (Tune warns
             # below 3).
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=3 if spec.scheduler in ("pbt", "pb2") else 1),
+            # No checkpoint when a trial ends (Tune's default for a class trainable): an ended trial
+            # is never restored, and with num_to_keep set Tune snapshots the whole experiment and
+            # copies its folder (files of every trial so far) after each checkpoint, which made
+            # every trial's end cost time linear in the trials (kdtune bench --overhead).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=3 if spec.scheduler in ("pbt", "pb2") else 1,
+                                                    checkpoint_at_end=False),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
 
 

@@ -13,8 +13,8 @@ from kdtune.search.trainable import KDTrainable
 
 class NoopTrainable(KDTrainable):
     """A trial whose epoch is ``step_s`` seconds of sleep: no data, no model, no teacher. Its
-    checkpoint is the size of a resnet8's weights and momentum (what a digits trial saves), so the
-    per-epoch checkpoint costs what it costs in a real search."""
+    checkpoint is the size of a resnet8's weights and momentum (what a digits trial saves), so a
+    checkpoint (``checkpoint_every_s``) costs what it costs in a real search."""
 
     step_s = 0.0
 

@@ -28,9 +28,9 @@ RUN_FILE = "run.yaml"  # in each trial's folder and MLflow run: the trial's full
 #   objective = the metric at the LAST EPOCH THE TRIAL TRAINED
 #
 # (for a completed trial the metric after its last epoch, for a stopped one the metric of the
-# epoch that stopped it). Why not the best epoch: the saved checkpoint is the last epoch's, and a
-# final run (``train --from-search --final``) trains on train+val with no validation split to
-# pick an epoch by, so only the last epoch is a value the final model can be held to.
+# epoch that stopped it). Why not the best epoch: a final run (``train --from-search --final``)
+# trains on train+val with no validation split to pick an epoch by, so only the last epoch is a
+# value the final model can be held to.
 OBJECTIVE = "the search metric at the last epoch the trial trained"
 OBJECTIVE_METRIC = "objective"  # the summary metric of every MLflow child run (one point, step = epochs)
 

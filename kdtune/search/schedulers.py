@@ -2,7 +2,7 @@
 
 * ``asha``: ``ASHAScheduler`` (asynchronous successive halving; rungs at grace_period x rf^k).
 * ``hyperband``: ``HyperBandScheduler`` (synchronous brackets; it pauses trials at a rung and
-  resumes them from their checkpoints, which every kdtune trial writes each epoch). Its brackets
+  resumes them from the checkpoints Tune saves when it pauses them). Its brackets
   come from ``max_t`` (fixed.epochs) and ``reduction_factor``; ``grace_period`` does not apply.
 * ``median``: ``MedianStoppingRule`` (stop a trial whose best value so far is worse than the median
   of the other trials' running averages at the same epoch, from ``grace_period`` on).
