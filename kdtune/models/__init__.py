@@ -1,4 +1,5 @@
-"""The CIFAR model zoo: mdistiller's architectures under mdistiller's names.
+"""The model zoo: mdistiller's CIFAR architectures under mdistiller's names, and torchvision's
+ImageNet ResNets and MobileNetV2 under ``tv_<torchvision name>`` (:mod:`kdtune.models.torchvision_models`).
 
 State-dict keys and shapes match mdistiller's definitions, so its published
 teacher checkpoints load strictly. Every model maps an image batch to
@@ -15,6 +16,7 @@ from kdtune.models import (  # noqa: F401
     resnetv2,
     shufflenetv1,
     shufflenetv2,
+    torchvision_models,
     vgg,
     wrn,
 )
