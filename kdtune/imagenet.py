@@ -32,6 +32,7 @@ import hashlib
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -253,13 +254,16 @@ def crop_box(width: int, height: int, seed: int, min_scale: float) -> tuple[int,
 
 
 def decode(path: str) -> Tensor:
-    """uint8 RGB [3, H, W]. libjpeg-turbo through torchvision; PIL for what it refuses (ImageNet
-    holds a few CMYK JPEGs and one PNG named .JPEG; decode_image reads the PNG by its bytes)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
+    """uint8 RGB [3, H, W]. libjpeg-turbo through torchvision (1.3-1.6x PIL's rate with the crop,
+    docs/performance.md); PIL for what it refuses (ImageNet holds a few CMYK JPEGs) and, should a
+    later torchvision drop its decoders (0.29 deprecates them in favour of TorchCodec), for all."""
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice, once per image
+            from torchvision.io import ImageReadMode, decode_image, read_file
+
+            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except (ImportError, RuntimeError):
         from PIL import Image
 
         with Image.open(path) as image:
