@@ -13,6 +13,7 @@ teacher-output cache, and with cache + torch.compile, side by side per pair; oth
 (f) ``--quickstart``: the quickstart search's mean trial time, cache off and on (subprocesses).
 ``--winners-curse``: how much a search's single-run best overstates itself (kdtune.search.bench_winners).
 ``--overhead``: what the search machinery costs a trial beyond its training (kdtune.search.bench_overhead).
+``--loader``: the streaming ``imagenet`` loader's images/s (:mod:`kdtune.bench_loader`).
 ``--gpu``: per pair single-trial and packed (``--processes``) img/s, cache build, peak memory.
 ``--search``: search strategies' trial-seconds to a target (:mod:`kdtune.search.bench_search`);
 with ``--replay TABLE``, whole searches against a recorded learning-curve table in simulated time
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     given = sys.argv[1:] if argv is None else argv
+    if "--loader" in given:  # the streaming imagenet loader's images/s (kdtune.bench_loader)
+        from kdtune.bench_loader import main as bench_loader
+        return bench_loader(argv)
     if any(a in ("--search", "--winners-curse", "--overhead") or a.split("=")[0] == "--record-curves" for a in given):
         # Search strategies, the winner's curse and the learning-curve table the replay reads are
         # the search layer's benchmarks (Ray, Optuna): loaded only here, and it dispatches them.
@@ -77,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead", action="store_true",
                    help="the search machinery's cost per trial beyond training (no-op trials through the real "
                         "search path); kdtune bench --overhead --help lists its flags")
+    p.add_argument("--loader", action="store_true",
+                   help="the streaming imagenet loader's images/s (and a step's on a GPU); "
+                        "kdtune bench --loader --help lists its flags")
     p.add_argument("--search", action="store_true",
                    help="compare search strategies (TPE+ASHA, random+ASHA, random) instead; "
                         "kdtune bench --search --help lists its flags")

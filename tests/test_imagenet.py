@@ -338,3 +338,18 @@ def test_resnet34_to_resnet18_on_stored_crops_end_to_end(folder, teacher_file, t
     assert any("teacher_crops/" in line and "loaded)" in line for line in lines)  # built once, then read
     for key in ("train/loss", "train/acc1", "val/acc1", "val/loss"):
         assert resumed[key] == whole[key], key
+
+
+@pytest.mark.slow
+def test_a_search_distils_from_the_crop_cache_its_driver_built(short_searches) -> None:
+    """The imagenet search of the short searches (tests/searches.py: imagenet_space): the driver built
+    the crop cache once, and the trial read it."""
+    import csv
+
+    run = short_searches["imagenet"]  # its exit status is checked where it ran
+    assert "crop cache: shard 1/1 (80 images x 2 crops) built" in run.result.stdout
+    with open(run.folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["status"] == "completed" and 0 <= float(rows[0]["final_val/acc1"]) <= 100
+    (trial_out,) = run.folder.glob("KDTrainable_*/stdout")
+    assert "teacher_crops/" in trial_out.read_text() and "loaded)" in trial_out.read_text()
