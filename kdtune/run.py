@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdtune.config import RunConfig
-from kdtune.data import ImageData, TrainLoader, load_dataset
+from kdtune.data import DataError, ImageData, TrainLoader, load_dataset
 from kdtune.distillers import METHODS, build_distiller
 from kdtune.engine import Engine, resolve_device
 from kdtune.fkd_cache import CropCache, open_crop_cache
@@ -22,9 +22,14 @@ from kdtune.teacher_cache import TeacherCache, open_cache, use_cache
 from kdtune.teachers import TeacherInfo, resolve_teacher
 
 
-def load_data(cfg: RunConfig) -> ImageData:
-    return load_dataset(cfg.dataset, root=cfg.data_root, val_size=cfg.val_size,
+def load_data(cfg: RunConfig) -> ImageData | FolderData:
+    data = load_dataset(cfg.dataset, root=cfg.data_root, val_size=cfg.val_size,
                         split_seed=cfg.split_seed, download=cfg.download, options=cfg.dataset_options)
+    # The one crop-cache setting that needs the data: checked here, before a teacher is loaded.
+    if cfg.teacher_cache == "crops" and cfg.teacher_cache_topk >= data.num_classes:
+        raise DataError(f"teacher_cache_topk: must be below the {data.num_classes} classes of dataset {cfg.dataset!r} "
+                        f"(the rest's mass needs a class outside the top k), but got {cfg.teacher_cache_topk}")
+    return data
 
 
 def teacher_seed(cfg: RunConfig) -> int:

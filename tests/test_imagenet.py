@@ -180,6 +180,13 @@ def test_config_refuses_what_a_stream_cannot_do(folder) -> None:
         RunConfig.from_dict({**base, "teacher": "tv_resnet36"})
     with pytest.raises(ConfigError, match="teacher_cache_topk"):
         RunConfig.from_dict({**base, "teacher_cache": "crops", "teacher_cache_topk": 0})
+    from kdtune.run import load_data
+
+    cfg = RunConfig.from_dict({**base, "teacher_cache": "crops", "teacher_cache_topk": 4,
+                               "dataset_options": {"resolution": RES, "workers": 0}, "val_size": 16})
+    with pytest.raises(DataError, match=r"teacher_cache_topk: must be below the 4 classes of dataset 'imagenet' "
+                                        r".*but got 4"):
+        load_data(cfg)
 
 
 # --------------------------------------------------------------------------- torchvision's models
@@ -220,6 +227,21 @@ def test_stage_by_stage_equals_forward(name) -> None:
         assert torch.equal(f, ref_f) and torch.equal(p, ref_p)
     for key, value in staged.state_dict().items():
         assert torch.equal(value, whole.state_dict()[key]), key
+
+
+def test_mdistillers_mobilenet_v1() -> None:
+    """The seeds' MobileNet-V1 student: mdistiller's keys and MobileNet-V1's parameter count; its
+    stages end at strides 2 to 32 with their pre-activations before the last ReLU."""
+    model = build_model("MobileNetV1", num_classes=1000).eval()
+    assert sum(p.numel() for p in model.parameters()) == 4_231_976
+    keys = set(model.state_dict())
+    assert {"model.0.0.weight", "model.13.4.running_var", "fc.weight"} <= keys
+    assert all(k.startswith(("model.", "fc.")) for k in keys)
+    with torch.no_grad():
+        logits, feats = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1000) and [f.shape[-1] for f in feats["feats"]] == [32, 16, 8, 4, 2]
+    for f, p in zip(feats["feats"], feats["preact_feats"]):
+        assert torch.equal(f, p.relu()) and (p < 0).any()
 
 
 def test_teacher_weights_file_loads_or_is_refused(teacher_file, tmp_path) -> None:

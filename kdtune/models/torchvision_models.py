@@ -25,9 +25,8 @@ its output, as in mdistiller); a MobileNetV2 block ends linearly, so its stage's
 its output, except stage 4, whose last layer (the 1x1 conv) has its BN output before ReLU6.
 
 ``forward`` gives torchvision's logits bit for bit (``tests/test_imagenet.py`` checks it against
-torchvision's own ``forward``). Torchvision has no MobileNetV1 (the seeds' ResNet50 -> MobileNetV1
-student, mdistiller's ``MobileNetV1``); kdtune ships MobileNetV2 in its place, and the published
-MobileNetV1 numbers in ``published.yaml`` are marked as a different student.
+torchvision's own ``forward``). Torchvision has no MobileNet-V1, the student of the seeds' ResNet50 ->
+MobileNet-V1 pair: kdtune ships mdistiller's (``MobileNetV1``, :mod:`kdtune.models.mobilenetv1`).
 """
 from __future__ import annotations
 
