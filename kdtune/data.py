@@ -4,6 +4,10 @@ Every dataset is held as uint8 NCHW tensors. The training loader keeps the whole
 train split on the run's device and draws CIFAR's augmentation -- random crop with zero
 padding plus horizontal flip -- for a whole batch in one gather, so there are no PIL
 transforms, no worker processes and no host synchronisation per batch.
+
+A dataset too large for that (``imagenet``, :mod:`kdtune.imagenet`) streams from disk instead; the
+engine asks the data for its loaders (``data.train_loader``, ``data.eval_batches``), so it runs
+either kind the same way.
 """
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 FKD-style crop cache, on a fabricated ImageFolder of small JPEGs (tests/imagefolder.py)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
