@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         teacher, student = _pair(args.pair, "--pair")
         if problem := device_problem(args.device):
             raise ValueError(problem)
-    except ValueError as e:
+        if args.data_root:  # a missing or malformed folder, named before anything runs
+            from kdtune.data import load_dataset
+
+            load_dataset("imagenet", root=args.data_root, val_size=0, options={"resolution": args.resolution})
+    except (ValueError, RuntimeError) as e:  # RuntimeError: kdtune.data.DataError, naming the folder
         print(f"error: {e}", file=sys.stderr)
         return 2
     import torch
