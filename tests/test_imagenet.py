@@ -246,8 +246,8 @@ def test_mdistillers_mobilenet_v1() -> None:
 @pytest.mark.parametrize("method", ["reviewkd", "sakd"])
 def test_feature_methods_run_on_the_imagenet_models(method) -> None:
     """Every stage's features (ReviewKD) and stage-by-stage execution (SAKD) of a torchvision teacher
-    and the MobileNet-V1 student: one step's losses are finite and train. (Every method but mlkd ran
-    on the three ImageNet pairs once by hand, 2026-12-03; these two need the most of the models.)"""
+    and the MobileNet-V1 student: one step's losses are finite and train. Of all methods, these two ask
+    the most of a model's interface."""
     from kdtune.distillers import build_distiller
 
     torch.manual_seed(0)
