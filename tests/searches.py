@@ -115,6 +115,38 @@ def start_search(folder: Path, space: Path, *extra: str, ray=None,
                                 text=True)
 
 
+API_NOTEBOOK = ROOT / "analysis" / "python_api.ipynb"
+# Executes a notebook (argv 1) in its own folder, saves it with its outputs (argv 2) and prints its
+# streams, so that a search run from the notebook reads like one run by the command.
+NOTEBOOK_RUNNER = """
+import sys
+import nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+try:
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": sys.argv[1].rsplit("/", 1)[0]}}).execute()
+finally:
+    nbformat.write(nb, sys.argv[2])
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream":
+                print(o["text"], end="", file=sys.stdout if o["name"] == "stdout" else sys.stderr)
+"""
+
+
+def start_notebook_search(folder: Path, space: Path, ray) -> subprocess.Popen:
+    """The search ``space`` describes, run by analysis/python_api.ipynb through kdtune.search.run
+    (the library under the command), on the shared instance ``ray``: the same folder, store and
+    output files as :func:`start_search`, and the executed notebook in ``folder/python_api.ipynb``."""
+    seed_store(folder)
+    e = {**ray.env, "RAY_ADDRESS": ray.address, "KDTUNE_SPACE": str(space), "KDTUNE_STORAGE": str(folder / "ray"),
+         "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    with open(folder / "search.out", "w") as out, open(folder / "search.err", "w") as err:
+        return subprocess.Popen([sys.executable, "-c", NOTEBOOK_RUNNER, str(API_NOTEBOOK), str(folder / API_NOTEBOOK.name)],
+                                cwd=folder, env=e, stdout=out, stderr=err, text=True)
+
+
 def finish_search(folder: Path, proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
     """A search :func:`start_search` started in ``folder``, waited for (killed after ``timeout``)."""
     try:
@@ -279,6 +311,8 @@ SHORT_SEARCHES = {
                       search={"algorithm": "grid", "metric": "val/acc1", "mode": "max"},
                       scheduler={"type": "hyperband", "reduction_factor": 2}),
 }
+# run from analysis/python_api.ipynb (kdtune.search.run in a notebook kernel), not by the command
+NOTEBOOK_SEARCHES = {"sakd"}
 # searches with a fault: their plugin, written into their folder (the search forwards KDTUNE_PLUGINS
 # to the cluster's workers, and Ray puts the search's folder on their path), and its environment
 FAULTS = {
@@ -316,13 +350,16 @@ def imagenet_space(folder: Path) -> dict:
 
 def short_searches(tmp_path_factory, ray) -> dict[str, SearchRun]:
     """Every search of SHORT_SEARCHES, MO_SPACE ("objectives"), the imagenet one and FAULTS, run at
-    once on ``ray``; each finished one's exit status checked, except the faults' (their tests check them)."""
+    once on ``ray`` (those of NOTEBOOK_SEARCHES from the Python API's notebook);
+    each finished one's exit status checked, except the faults' (their tests check them)."""
     started = {}
     folder = tmp_path_factory.mktemp("imagenet")
     started["imagenet"] = (folder, start_search(folder, write_space(folder, **imagenet_space(folder)), ray=ray))
     for name, changes in {**SHORT_SEARCHES, "objectives": dict(base=MO_SPACE)}.items():
         folder = tmp_path_factory.mktemp(name)
-        started[name] = (folder, start_search(folder, write_space(folder, **changes), "--status-every", "60", ray=ray))
+        space = write_space(folder, **changes)
+        started[name] = (folder, start_notebook_search(folder, space, ray) if name in NOTEBOOK_SEARCHES
+                         else start_search(folder, space, "--status-every", "60", ray=ray))
     for name, (changes, (module, code), extra) in FAULTS.items():
         folder = tmp_path_factory.mktemp(name)
         (folder / f"{module}.py").write_text(code)

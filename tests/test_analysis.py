@@ -395,3 +395,24 @@ def test_notebook_runs_headless(e2e_search: SearchRun, notebook: str, monkeypatc
     images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
               if "image/png" in o.get("data", {})]
     assert len(images) >= 4
+
+
+
+@pytest.mark.slow
+def test_python_api_notebook_runs_a_search_and_reads_it_back(short_searches) -> None:
+    """analysis/python_api.ipynb ran one of the session's short searches (SAKD's, see
+    tests/searches.py: NOTEBOOK_SEARCHES) through kdtune.search.run in its kernel, then opened it with
+    kdtune.analysis; test_search checks the search itself."""
+    import nbformat
+
+    run = short_searches["sakd"]
+    nb = nbformat.read(run.dir / "python_api.ipynb", as_version=4)
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    best = json.loads((run.folder / "best.json").read_text())
+    assert f"{run.folder}\n" in text and f"best: {best['objective']['value']} {best['params']}" in text
+    # the lines before the trials too (Tune's notebook reporter used to clear them when it started)
+    assert "[kdtune] teacher resnet8" in text and "[kdtune] MLflow: this search's trials, best first" in text
+    tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any(best["trial_id"] in html for html in tables)  # the results table, best first
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the learning curves

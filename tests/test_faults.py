@@ -513,15 +513,15 @@ def test_a_killed_search_leaves_nothing_after_resume(tmp_path: Path, shared_ray)
     proc.wait()
     out.close()
     time.sleep(2)  # the GCS and raylet see their driver gone and exit
-    orphans = [p for p in processes._live(killed) if p != proc.pid]
+    orphans = [p for p in processes.live(killed) if p != proc.pid]
     resumed = searches.run_search(tmp_path, space, "--resume", ray=shared_ray)
     try:
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
         if orphans:  # what Ray leaves (and how fast the rest exits) varies; whatever is left is ended, and said
             assert re.search(r"\[kdtune\] ended \d+ process\(es\) left by the killed search in .*/faults "
                              rf"\(its driver, pid {proc.pid}, is gone\)", resumed.stdout), resumed.stdout
-        assert not processes._live(killed), [processes.describe(p) for p in processes._live(killed)]
+        assert not processes.live(killed), [processes.describe(p) for p in processes.live(killed)]
         assert not record.exists()
     finally:
-        processes.kill(processes._live(killed))
+        processes.kill(processes.live(killed))
         shutil.rmtree((tmp_path / "ray_tmpdir").read_text(), ignore_errors=True)

@@ -203,18 +203,25 @@ def optuna_trials(tmp_path: Path, name: str = "e2e") -> dict:
 
 
 @pytest.mark.slow
-def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
+def test_search_prints_progress_hints_and_no_library_noise(e2e_search) -> None:
     e2e_search.check()
     tmp_path, r = e2e_search.dir, e2e_search.result
     assert "best configuration" in r.stdout and "results table" in r.stdout
     assert f"[kdtune] final model: kdtune train --from-search {tmp_path / 'ray' / 'e2e'} --final --seeds 3" in r.stdout
-    table = load_results(tmp_path / "ray" / "e2e")
-    assert len(table) == 6 and table["trial_id"].is_unique
-
     # progress people can watch, and none of Ray's or MLflow's own lines
-    for tid in table["trial_id"]:
+    for tid in load_results(tmp_path / "ray" / "e2e")["trial_id"]:
         assert f"[kdtune] trial {tid} started" in r.stdout
     assert "[kdtune] status " in r.stdout and " of 6 | best " in r.stdout
+    for noise in NOISE:
+        assert noise not in r.stdout + r.stderr, noise
+    best_line = next(line for line in r.stdout.splitlines() if "best configuration" in line)
+    assert not re.search(r"\d\.\d{6,}", best_line), best_line  # floats rounded
+
+
+@pytest.mark.slow
+def test_search_links_the_mlflow_ui_and_logs_the_best_so_far(e2e_search) -> None:
+    e2e_search.check()
+    tmp_path, r = e2e_search.dir, e2e_search.result
     # the MLflow UI opened on this search's trials, best objective first; the parent run's best-so-far
     parent = json.loads((tmp_path / "ray" / "e2e" / "kdtune_search.json").read_text())["parent_run_id"]
     assert (f"MLflow: this search's trials, best first: http://127.0.0.1:5000/#/experiments/" in r.stdout
@@ -225,11 +232,13 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     series = sorted(client.get_metric_history(parent, "best_objective"), key=lambda m: m.step)
     assert [m.step for m in series] == list(range(1, 7))
     assert [m.value for m in series] == sorted(m.value for m in series)  # best so far: never worse
-    for noise in NOISE:
-        assert noise not in r.stdout + r.stderr, noise
-    best_line = next(line for line in r.stdout.splitlines() if "best configuration" in line)
-    assert not re.search(r"\d\.\d{6,}", best_line), best_line  # floats rounded
 
+
+@pytest.mark.slow
+def test_search_results_table_has_every_trial_with_its_status(e2e_search) -> None:
+    e2e_search.check()
+    table = load_results(e2e_search.dir / "ray" / "e2e")
+    assert len(table) == 6 and table["trial_id"].is_unique
     assert set(table["status"]) <= {"completed", "stopped early"}
     assert (table["status"] == "stopped early").any(), "ASHA stopped no trial"
     assert (table["status"] == "completed").any()
@@ -237,6 +246,12 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     assert set(table["method"]) == {"none", "kd"} and table["lr"].notna().all()
     assert (table["temperature"].isna() == (table["method"] == "none")).all()  # kd's parameter, kd's trials
 
+
+@pytest.mark.slow
+def test_search_objective_agrees_in_optuna_the_table_and_best_json(e2e_search) -> None:
+    e2e_search.check()
+    tmp_path = e2e_search.dir
+    table = load_results(tmp_path / "ray" / "e2e")
     # one objective (the metric at the last epoch trained) in Optuna, the table, MLflow and best.json
     objective = table.set_index("trial_id")["final_val/acc1"]
     studied = optuna_trials(tmp_path)
@@ -253,8 +268,13 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     assert best["config"] == yaml.safe_load((trial_dir / "run.yaml").read_text())  # the full configuration
     assert best["config"]["epochs"] == 4 and best["config"]["lr"] == pytest.approx(best["params"]["lr"])
 
+
+@pytest.mark.slow
+def test_search_parent_run_holds_the_fixed_values_the_best_and_the_files(e2e_search) -> None:
+    e2e_search.check()
+    tmp_path = e2e_search.dir
+    objective = load_results(tmp_path / "ray" / "e2e")["final_val/acc1"]
     client, runs = child_runs(tmp_path)
-    assert len(runs) == 6
     parent_ids = {run.data.tags["mlflow.parentRunId"] for run in runs}
     assert len(parent_ids) == 1
     parent = client.get_run(parent_ids.pop())
@@ -263,6 +283,16 @@ def test_search_end_to_end_tracks_every_trial(e2e_search) -> None:
     assert parent.data.metrics["objective"] == pytest.approx(objective.max())
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "spec.yaml", "results.csv", "best.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_search_logs_each_trial_as_one_finished_mlflow_run(e2e_search) -> None:
+    e2e_search.check()
+    tmp_path = e2e_search.dir
+    table = load_results(tmp_path / "ray" / "e2e")
+    objective = table.set_index("trial_id")["final_val/acc1"]
+    client, runs = child_runs(tmp_path)
+    assert len(runs) == 6
     by_trial = {run.data.tags["kdtune.trial_id"]: run for run in runs}
     for row in table.itertuples():
         run = by_trial[row.trial_id]

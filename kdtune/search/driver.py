@@ -458,6 +458,10 @@ def new_tuner(spec: SearchSpec, storage: str, trainable, callbacks, optuna_url: 
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage, callbacks=callbacks, verbose=0,
+            # Tune's default reporter in a notebook (JupyterNotebookReporter) clears the cell's
+            # output when it is made, even at verbose 0: kdtune's lines before the trials (the
+            # teacher, the MLflow link) would vanish from a kdtune.search.run cell.
+            progress_reporter=tune.CLIReporter(),
             # each trial's stdout and stderr, in its folder: written in Ray's staging folder and
             # copied after every epoch (in the background; Ray's default is every 5 minutes and
             # at a checkpoint, and a trial may not checkpoint at all: checkpoint_every_s)
