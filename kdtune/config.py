@@ -115,10 +115,16 @@ class RunConfig:
     # The exact teacher-output cache (kdtune.teacher_cache): auto = on for methods that use only
     # the teacher's logits (kd, dkd, ctkd, ctkd_dkd, and KDAS with them); feature methods and
     # SAKD run the teacher live.
-    teacher_cache: str = declare("auto", choices=("auto", "on", "off"),
-                                 help="exact teacher-output cache: auto = on for logit-only methods")
+    # crops: the FKD-style cache (kdtune.fkd_cache) of streaming datasets (imagenet), whose
+    # augmentation has no finite set of views: stored crops with the teacher's top-k logits.
+    teacher_cache: str = declare("auto", choices=("auto", "on", "off", "crops"),
+                                 help="exact teacher-output cache: auto = on for logit-only methods; "
+                                      "crops = FKD-style stored crops (streaming datasets)")
     teacher_cache_dtype: str = declare("float32", choices=("float32", "float16"),
                                        help="storage precision of the teacher-output cache")
+    teacher_cache_crops: int = declare(5, ge=1, help="teacher_cache: crops: crops stored per training image")
+    teacher_cache_topk: int = declare(10, ge=1, help="teacher_cache: crops: teacher logits stored per crop "
+                                                     "(the largest k; the rest as their mean mass)")
     compile: str = declare("auto", choices=("auto", "on", "off"),
                            help="torch.compile of the step: auto = on for CUDA, off on the CPU")
 
@@ -219,12 +225,13 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
         problems.append(Problem("sampler", f"{cfg['sampler']!r} selects samples by teacher-student "
                                            f"disagreement, so it needs a distillation method, but method is {method!r}"))
     _known(DATASETS, "dataset", cfg["dataset"], problems)
-    if (method is not None and needs_teacher and cfg["teacher_cache"] == "on"
+    if (method is not None and needs_teacher and cfg["teacher_cache"] in ("on", "crops")
             and not getattr(METHODS.get(method), "teacher_logits_only", False)):
         why = ("also trains on a strong view, which has no finite set of views to cache"
                if getattr(METHODS.get(method), "strong_view", None) is not None else "reads the teacher's features")
-        problems.append(Problem("teacher_cache", f"'on' needs a method that uses only the teacher's logits, but "
-                                                 f"method {method!r} {why} (use auto or off)"))
+        problems.append(Problem("teacher_cache", f"{cfg['teacher_cache']!r} needs a method that uses only the "
+                                                 f"teacher's logits, but method {method!r} {why} (use auto or off)"))
+    problems += _streaming_problems(cfg, method)
     problems += Recipe.check(cfg)
     ckpt = cfg["teacher_checkpoint"]
     if ckpt is not None and not Path(ckpt).expanduser().is_file():
@@ -233,6 +240,26 @@ def validate(values: Any) -> tuple[dict[str, Any], list[Problem]]:
     if "lr_decay_epochs" in out:
         out["lr_decay_epochs"] = tuple(out["lr_decay_epochs"])
     return out, list(dict.fromkeys(problems))
+
+
+def _streaming_problems(cfg: dict[str, Any], method: str | None) -> list[Problem]:
+    """What a streaming dataset (imagenet: RandomResizedCrop, no finite set of views) rules out."""
+    if cfg["dataset"] not in DATASETS:
+        return []
+    streaming = getattr(DATASETS.get(cfg["dataset"]), "streaming", False)
+    problems = []
+    if streaming and cfg["teacher_cache"] == "on":
+        problems.append(Problem("teacher_cache", f"'on' (the exact per-view cache) needs a finite set of views, but "
+                                                 f"dataset {cfg['dataset']!r} draws RandomResizedCrops (use crops: "
+                                                 f"stored crops with top-k logits, or auto/off: the teacher runs live)"))
+    if not streaming and cfg["teacher_cache"] == "crops":
+        problems.append(Problem("teacher_cache", f"'crops' is for streaming datasets (imagenet); dataset "
+                                                 f"{cfg['dataset']!r} has a finite set of views, which the exact "
+                                                 f"cache (auto or on) stores whole"))
+    if streaming and method is not None and getattr(METHODS.get(method), "strong_view", None) is not None:
+        problems.append(Problem("method", f"{method!r} trains on a second, strongly augmented view, which only the "
+                                          f"in-memory loader makes; dataset {cfg['dataset']!r} streams its images"))
+    return problems
 
 
 def hparam_owners(key: str) -> list[str]:

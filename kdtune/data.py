@@ -4,9 +4,14 @@ Every dataset is held as uint8 NCHW tensors. The training loader keeps the whole
 train split on the run's device and draws CIFAR's augmentation -- random crop with zero
 padding plus horizontal flip -- for a whole batch in one gather, so there are no PIL
 transforms, no worker processes and no host synchronisation per batch.
+
+A dataset too large for that (``imagenet``, :mod:`kdtune.imagenet`) streams from disk instead; the
+engine asks the data for its loaders (``data.train_loader``, ``data.eval_batches``), so it runs
+either kind the same way.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import pickle
@@ -62,6 +67,21 @@ class ImageData:
     @property
     def in_channels(self) -> int:
         return int(self.train.images.shape[1])
+
+    def train_loader(self, **kwargs) -> TrainLoader:
+        """The engine's training loader (a streaming dataset returns its own kind)."""
+        return TrainLoader(self, **kwargs)
+
+    def eval_batches(self, split: Split, *, batch_size: int, device: torch.device | str) -> list[tuple[Tensor, Tensor]]:
+        """The engine's evaluation batches of ``split`` (see :func:`eval_batches`)."""
+        return eval_batches(split, self, batch_size=batch_size, device=device)
+
+    def train_digest(self) -> str:
+        """A hash of the train split's pixels and labels (what teacher files are keyed on)."""
+        digest = hashlib.sha256()
+        digest.update(self.train.images.numpy().tobytes())
+        digest.update(self.train.labels.numpy().tobytes())
+        return digest.hexdigest()
 
     def for_final(self) -> ImageData:
         """Train on train+val (the whole original training set); evaluate on test."""
@@ -122,13 +142,11 @@ def load_dataset(
     # CIFAR's, and a plugin's that reads files.
     takes = inspect.signature(builder).parameters
     kwargs.update({k: v for k, v in (("root", root), ("download", download)) if k in takes})
-    raw: RawData = builder(**kwargs)
-    n = len(raw.train)
-    val_size = raw.default_val_size if val_size is None else val_size
-    if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in [0, {n}) for {name}, but got {val_size}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    raw = builder(**kwargs)
+    if not isinstance(raw, RawData):  # a streaming dataset (kdtune.imagenet) carves its own file list
+        return raw.carve(name, val_size=val_size, split_seed=split_seed)
+    val_idx, train_idx = carve_indices(len(raw.train), raw.default_val_size if val_size is None else val_size,
+                                       split_seed, name)
     train = Split(raw.train.images[train_idx], raw.train.labels[train_idx])
     val = Split(raw.train.images[val_idx], raw.train.labels[val_idx])
     mean, std = raw.mean, raw.std
@@ -140,6 +158,14 @@ def load_dataset(
         mean = tuple(pixels.mean(1).tolist())
         std = tuple(pixels.std(1).clamp_min(1e-3).tolist())
     return ImageData(name, train, val, raw.test, raw.num_classes, mean, std, raw.crop_padding, raw.flip)
+
+
+def carve_indices(n: int, val_size: int, split_seed: int, name: str) -> tuple[Tensor, Tensor]:
+    """Sorted (val, train) indices of a seeded split of ``n`` training images."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}) for {name}, but got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return perm[:val_size].sort().values, perm[val_size:].sort().values
 
 
 # --------------------------------------------------------------------------- datasets
@@ -316,6 +342,11 @@ def synthetic(*, num_classes: int = 10, image_size: int = 32, channels: int = 3,
 # --------------------------------------------------------------------------- loaders
 
 
+def normalizer(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Callable[[Tensor], Tensor]:
+    """uint8 pixels -> normalised float32, on ``device`` (shared with the streaming loaders)."""
+    return _Normalizer(mean, std, device)
+
+
 class _Normalizer:
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
         # Folding the /255 into mean and std saves one elementwise pass per batch.
@@ -468,3 +499,7 @@ def eval_batches(split: Split, data: ImageData, *, batch_size: int,
         (normalize(images[i:i + batch_size]), labels[i:i + batch_size])
         for i in range(0, len(split), batch_size)
     ]
+
+
+# Registers the streaming ``imagenet`` dataset; imported last, as it builds on this module.
+from kdtune import imagenet  # noqa: E402,F401

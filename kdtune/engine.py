@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 from torch import Tensor
 
-from kdtune.data import ImageData, TrainLoader, eval_batches
+from kdtune.data import ImageData
 from kdtune.devices import cpu_rng_state
 from kdtune.distillers import Distiller
 from kdtune.hparams import Problem, Schema, declare
@@ -159,15 +159,16 @@ class Engine:
         distiller.to(memory_format=self.memory_format)
         # A method that trains on a strong view too (MLKD) names its augmentation; only then
         # does the loader make that view (TrainLoader.strong_images).
-        self.loader = TrainLoader(data, batch_size=recipe.batch_size, device=self.device, seed=seed,
-                                  channels_last=channels_last,
-                                  strong_view=distiller.strong_view)
+        # The data makes its loaders: GPU-resident tensors (CIFAR, digits) or a stream of decoded
+        # files (imagenet); both yield (images, labels, indices, views) on the device.
+        self.loader = data.train_loader(batch_size=recipe.batch_size, device=self.device, seed=seed,
+                                        channels_last=channels_last, strong_view=distiller.strong_view)
         if distiller.needs_indices:
             # A method with a memory over the training set (CRD) sizes it from the split trained on
             # here (train+val in a final run), and is handed each batch's indices (_distill).
             distiller.bind_train_set(data.train.labels)
         eval_split = data.test if final else data.val
-        self.eval_set = eval_batches(eval_split, data, batch_size=eval_batch_size, device=self.device)
+        self.eval_set = data.eval_batches(eval_split, batch_size=eval_batch_size, device=self.device)
         groups = distiller.param_groups()
         for g in groups:
             g["base_lr"] = recipe.lr * g.pop("lr_scale", 1.0)
@@ -348,16 +349,17 @@ class Engine:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], *, amp: bool = False,
+def evaluate_model(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, amp: bool = False,
                    memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
-    """``loss`` (CE), ``acc1`` and ``acc5`` of ``model`` in eval mode over ``batches``.
+    """``loss`` (CE), ``acc1`` and ``acc5`` of ``model`` in eval mode over ``batches`` (a list held on
+    the model's device, or a streaming dataset's :class:`kdtune.imagenet.StreamingEval`).
 
     ``amp`` runs the forward under bf16 autocast; kdtune's own callers leave it off, so every
     accuracy it reports or ranks on comes from fp32 logits.
     """
     was_training = model.training
     model.eval()
-    device = batches[0][1].device
+    device = next(model.parameters()).device
     loss = torch.zeros((), device=device)
     correct1 = torch.zeros((), device=device, dtype=torch.long)
     correct5 = torch.zeros_like(correct1)

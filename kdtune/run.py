@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from kdtune.config import RunConfig
-from kdtune.data import ImageData, TrainLoader, load_dataset
+from kdtune.data import DataError, ImageData, TrainLoader, load_dataset
 from kdtune.devices import in_fresh_process
 from kdtune.distillers import METHODS, build_distiller
 from kdtune.engine import Engine, resolve_device
+from kdtune.fkd_cache import CropCache, open_crop_cache
+from kdtune.imagenet import FolderData
 from kdtune.models import build_model
 from kdtune.sampling import SAMPLERS
 from kdtune.teacher_cache import TeacherCache, open_cache, use_cache
@@ -24,9 +26,14 @@ from kdtune.teachers import TeacherInfo, resolve_teacher
 logger = logging.getLogger(__name__)
 
 
-def load_data(cfg: RunConfig) -> ImageData:
-    return load_dataset(cfg.dataset, root=cfg.data_root, val_size=cfg.val_size,
+def load_data(cfg: RunConfig) -> ImageData | FolderData:
+    data = load_dataset(cfg.dataset, root=cfg.data_root, val_size=cfg.val_size,
                         split_seed=cfg.split_seed, download=cfg.download, options=cfg.dataset_options)
+    # The one crop-cache setting that needs the data: checked here, before a teacher is loaded.
+    if cfg.teacher_cache == "crops" and cfg.teacher_cache_topk >= data.num_classes:
+        raise DataError(f"teacher_cache_topk: must be below the {data.num_classes} classes of dataset {cfg.dataset!r} "
+                        f"(the rest's mass needs a class outside the top k), but got {cfg.teacher_cache_topk}")
+    return data
 
 
 def teacher_seed(cfg: RunConfig) -> int:
@@ -66,18 +73,30 @@ def prepare_cache(cfg: RunConfig, data: ImageData, teacher: nn.Module | None, de
     it) the teacher-output cache a run of ``cfg`` reads, or None when the run does not use one.
     The loader is set up as the Engine sets up its own (same train split, views, device,
     precision), so the key is the one the run's engine computes."""
-    use, _ = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler)
+    use, _ = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler, cfg.dataset)
     if not use or teacher is None:
         return None
     device = device or resolve_device(cfg.device)
     cuda = device.type == "cuda"
     amp = cuda if cfg.amp is None else cfg.amp
+    if cfg.teacher_cache == "crops":
+        return open_crops(cfg, data.for_final() if cfg.final else data, teacher.to(device), device, amp, log)
     loader = TrainLoader(data.for_final() if cfg.final else data, batch_size=cfg.batch_size, device=device,
                          seed=0, channels_last=cuda)
     teacher = teacher.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     return open_cache(teacher, loader, cache_dir=cfg.cache_dir, amp=amp,
                       memory_format=torch.channels_last if cuda else torch.contiguous_format,
                       dtype=cfg.teacher_cache_dtype, log=log, planned_epochs=planned_epochs(cfg, planned))
+
+
+def open_crops(cfg: RunConfig, data: FolderData, teacher: nn.Module, device: torch.device, amp: bool,
+               log: Callable[[str], None]) -> CropCache:
+    """The FKD-style crop cache of ``cfg`` (built first where shards are missing), for the split the
+    run trains on and at the precision its engine runs at."""
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return open_crop_cache(teacher.to(memory_format=memory_format), data, crops=cfg.teacher_cache_crops,
+                           k=cfg.teacher_cache_topk, cache_dir=cfg.cache_dir, device=device, amp=amp,
+                           memory_format=memory_format, dtype=cfg.teacher_cache_dtype, log=log)
 
 
 def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
@@ -95,10 +114,15 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
     sampler = SAMPLERS.build(cfg.sampler, **cfg.sampler_params) if cfg.sampler != "none" else None
     engine = Engine(distiller, data, cfg.recipe(), device=device, seed=cfg.seed, final=cfg.final,
                     amp=cfg.amp, sampler=sampler, compile=use_compile(cfg, device))
-    use, reason = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler)
+    use, reason = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler, cfg.dataset)
     quiet = log or (lambda msg: None)
     if use and teacher is not None:
-        def opener() -> TeacherCache | None:  # at the first epoch: building an engine stays cheap
+        def opener() -> TeacherCache | CropCache | None:  # at the first epoch: building an engine stays cheap
+            if cfg.teacher_cache == "crops":  # the loader samples among the stored crops from now on
+                crops = open_crops(cfg, engine.data, teacher, engine.device, engine.amp, quiet)
+                engine.loader.use_stored_crops(crops)
+                quiet(f"[kdtune] teacher cache: {crops.describe()}")
+                return crops
             # A trial weighs a build against its own epochs: when the search's driver found a
             # build not worth it, no trial (planning fewer epochs than the search) builds one.
             cache = open_cache(teacher, engine.loader, cache_dir=cfg.cache_dir, amp=engine.amp,

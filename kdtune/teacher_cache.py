@@ -58,9 +58,11 @@ class CacheError(RuntimeError):
     """A cache file that cannot be used (wrong key, truncated, unreadable header)."""
 
 
-def use_cache(setting: str, method: str, sampler: str = "none") -> tuple[bool, str]:
-    """Whether a run with ``teacher_cache: setting`` and ``method`` reads the cache, and the line
-    that tells the user which applies."""
+def use_cache(setting: str, method: str, sampler: str = "none", dataset: str | None = None) -> tuple[bool, str]:
+    """Whether a run with ``teacher_cache: setting`` and ``method`` (on ``dataset``) reads a cache,
+    and the line that tells the user which applies. ``crops``: the FKD-style cache
+    (:mod:`kdtune.fkd_cache`) of a streaming dataset."""
+    from kdtune.data import DATASETS
     from kdtune.distillers import METHODS
 
     cls = METHODS.get(method)
@@ -68,6 +70,11 @@ def use_cache(setting: str, method: str, sampler: str = "none") -> tuple[bool, s
         return False, f"teacher cache: not used (method {method!r} trains without a teacher)"
     if setting == "off":
         return False, "teacher cache: off (teacher_cache: off); the teacher runs live every step"
+    streaming = dataset in DATASETS and getattr(DATASETS.get(dataset), "streaming", False)
+    if streaming and setting != "crops":
+        return False, (f"teacher cache: not used (dataset {dataset!r} draws RandomResizedCrops, no finite set of "
+                       f"views to cache; teacher_cache: crops stores a fixed set of crops per image instead); the "
+                       f"teacher runs live every step")
     if getattr(cls, "strong_view", None) is not None:
         return False, (f"teacher cache: not used (method {method!r} also trains on a strong view, random "
                        f"augmentations with no finite set of views to cache); the teacher runs live every step")
@@ -75,6 +82,9 @@ def use_cache(setting: str, method: str, sampler: str = "none") -> tuple[bool, s
         return False, (f"teacher cache: not used (method {method!r} reads the teacher's features, not only "
                        f"its logits); the teacher runs live every step")
     user = "KDAS scoring and training read" if sampler == "kdas" else "training reads"
+    if setting == "crops":
+        return True, (f"teacher cache: crops (method {method!r} uses only the teacher's logits; {user} the top-k "
+                      f"logits of stored crops, and the loader samples among those crops)")
     when = "" if setting == "on" else ", when one exists or building one costs less than running the teacher live"
     return True, f"teacher cache: {setting} (method {method!r} uses only the teacher's logits; {user} them from the cache{when})"
 

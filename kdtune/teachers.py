@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdtune.data import ImageData, eval_batches
+from kdtune.data import ImageData
 from kdtune.distillers import Vanilla
 from kdtune.engine import Engine, Recipe, evaluate_model
 from kdtune.models import build_model
@@ -54,11 +54,8 @@ class TeacherInfo:
 
 def data_key(data: ImageData) -> dict[str, Any]:
     """What identifies a dataset's train split for caching: name, shapes and a content hash."""
-    digest = hashlib.sha256()
-    digest.update(data.train.images.numpy().tobytes())
-    digest.update(data.train.labels.numpy().tobytes())
     return {"dataset": data.name, "num_classes": data.num_classes, "shape": list(data.image_shape),
-            "train_size": len(data.train), "train_sha256": digest.hexdigest()[:16]}
+            "train_size": len(data.train), "train_sha256": data.train_digest()[:16]}
 
 
 def teacher_recipe(model: str, epochs: int) -> Recipe:
@@ -122,7 +119,7 @@ def save_atomic(obj: Any, path: Path) -> None:
 def evaluate_accuracy(model: nn.Module, data: ImageData, device: torch.device) -> float:
     """Top-1 of ``model`` on the validation split (on test when there is no val split)."""
     split = data.val if len(data.val) else data.test
-    batches = eval_batches(split, data, batch_size=512, device=device)
+    batches = data.eval_batches(split, batch_size=512, device=device)
     return evaluate_model(model, batches)["acc1"]  # fp32, like every reported accuracy
 
 

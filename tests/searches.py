@@ -328,11 +328,33 @@ FAULTS = {
 }
 
 
+def imagenet_space(folder: Path) -> dict:
+    """The streaming ``imagenet`` search (tests/test_imagenet.py reads it): a fabricated ImageFolder at
+    16 x 16, torchvision's ResNet-34 from a weights file distilled into ResNet-18 from the crop cache
+    (built by the driver), one trial of one epoch."""
+    import torch
+    import torchvision
+
+    from imagefolder import CLASSES, write_imagefolder
+
+    torch.manual_seed(0)
+    weights = folder / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(num_classes=len(CLASSES)).state_dict(), weights)
+    fixed = {"dataset": "imagenet", "data_root": str(write_imagefolder(folder / "data")), "val_size": 16,
+             "dataset_options": {"resolution": 16, "workers": 0}, "teacher": "tv_resnet34",
+             "teacher_checkpoint": str(weights), "student": "tv_resnet18", "method": "kd", "teacher_cache": "crops",
+             "teacher_cache_crops": 2, "teacher_cache_topk": 3, "epochs": 1, "batch_size": 32, "seed": 0}
+    return dict(fixed=fixed, search={**SPACE["search"], "algorithm": "random", "num_samples": 1},
+                scheduler={"type": "none"})
+
+
 def short_searches(tmp_path_factory, ray) -> dict[str, SearchRun]:
-    """Every search of SHORT_SEARCHES, MO_SPACE ("objectives") and FAULTS, run at once on ``ray``
-    (those of NOTEBOOK_SEARCHES from the Python API's notebook);
+    """Every search of SHORT_SEARCHES, MO_SPACE ("objectives"), the imagenet one and FAULTS, run at
+    once on ``ray`` (those of NOTEBOOK_SEARCHES from the Python API's notebook);
     each finished one's exit status checked, except the faults' (their tests check them)."""
     started = {}
+    folder = tmp_path_factory.mktemp("imagenet")
+    started["imagenet"] = (folder, start_search(folder, write_space(folder, **imagenet_space(folder)), ray=ray))
     for name, changes in {**SHORT_SEARCHES, "objectives": dict(base=MO_SPACE)}.items():
         folder = tmp_path_factory.mktemp(name)
         space = write_space(folder, **changes)

@@ -65,7 +65,8 @@ def test_version_names_kdtune_its_libraries_python_cuda_and_the_commit() -> None
 
 
 HELP_FOR = {"search": ["-m", "kdtune.search"], "train": ["-m", "kdtune.train"], "report": ["-m", "kdtune.report"],
-            "bench": ["-m", "kdtune.bench"], "bench --search": ["-m", "kdtune.bench", "--search"]}
+            "bench": ["-m", "kdtune.bench"], "bench --search": ["-m", "kdtune.bench", "--search"],
+            "bench --loader": ["-m", "kdtune.bench", "--loader"]}
 
 
 def flags_without_help(text: str) -> list[str]:

@@ -81,7 +81,7 @@ def test_shipped_space_loads_and_every_sample_is_a_valid_run(path: Path) -> None
 def test_shipped_cifar_space_reports_the_missing_teacher_checkpoint(path: Path) -> None:
     problems = problems_of(path)
     assert len(problems) == 1
-    expected = str(Path("download_ckpts/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth").resolve())
+    expected = str(Path(yaml.safe_load(path.read_text())["fixed"]["teacher_checkpoint"]).resolve())
     assert problems[0] == f"{path}: fixed.teacher_checkpoint: file not found: {expected!r}"
 
 

@@ -4,7 +4,8 @@ One row per (source, method, pair): ``dataset``, ``teacher`` (None for a model t
 ``student``, ``method``, ``acc1``, ``time_change`` (KDAS's reported wall-clock change, %, else
 NaN), ``source``, ``title``, ``url``. Methods are named the way kdtune runs them (:func:`variant`):
 ``kd``, ``dkd``, ``ctkd``, with ``+ls`` for logit standardization and ``+kdas`` for the KDAS
-sampler; ``none`` is a model trained without a teacher. Every number is a test-set accuracy.
+sampler; ``none`` is a model trained without a teacher. Every number is a test-set accuracy; a
+result's ``dataset`` is the file's unless the result names its own (ImageNet's rows).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _load() -> pd.DataFrame:
         times = entry.get("time_change", {})
         for pair, acc in entry["acc1"].items():
             teacher, _, student = pair.rpartition(" -> ")
-            rows.append({"dataset": data["dataset"], "teacher": teacher or None, "student": student,
+            rows.append({"dataset": entry.get("dataset", data["dataset"]), "teacher": teacher or None, "student": student,
                          "method": entry["method"], "acc1": float(acc),
                          "time_change": float(times.get(pair, math.nan)), "source": entry["source"],
                          "name": source["name"], "title": source["title"], "url": source["url"]})

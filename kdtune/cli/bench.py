@@ -14,6 +14,7 @@ teacher-output cache, and with cache + torch.compile, side by side per pair; oth
 (f) ``--quickstart``: the quickstart search's mean trial time, cache off and on (subprocesses).
 ``--winners-curse``: how much a search's single-run best overstates itself (kdtune.search.bench_winners).
 ``--overhead``: what the search machinery costs a trial beyond its training (kdtune.search.bench_overhead).
+``--loader``: the streaming ``imagenet`` loader's images/s (:mod:`kdtune.bench_loader`).
 ``--gpu``: per pair single-trial and packed (``--processes``) img/s, cache build, peak memory.
 ``--search``: search strategies' trial-seconds to a target (:mod:`kdtune.search.bench_search`);
 with ``--replay TABLE``, whole searches against a recorded learning-curve table in simulated time
@@ -68,7 +69,8 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
 # The search layer's benchmarks, each with its own flags: the flag that names it, its module (with
 # main(argv)). First match wins: --winners-curse has a --replay of its own, --search --replay is
 # the replay benchmark.
-MODES = (("--record-curves", "kdtune.search.curves"), ("--overhead", "kdtune.search.bench_overhead"),
+MODES = (("--loader", "kdtune.bench_loader"),
+         ("--record-curves", "kdtune.search.curves"), ("--overhead", "kdtune.search.bench_overhead"),
          ("--winners-curse", "kdtune.search.bench_winners"), ("--replay", "kdtune.search.replay"),
          ("--search", "kdtune.search.bench_search"))
 
@@ -91,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead", action="store_true",
                    help="the search machinery's cost per trial beyond training (no-op trials through the real "
                         "search path); kdtune bench --overhead --help lists its flags")
+    p.add_argument("--loader", action="store_true",
+                   help="the streaming imagenet loader's images/s (and a step's on a GPU); "
+                        "kdtune bench --loader --help lists its flags")
     p.add_argument("--search", action="store_true",
                    help="compare search strategies (TPE+ASHA, random+ASHA, random) instead; "
                         "kdtune bench --search --help lists its flags")

@@ -1,4 +1,6 @@
-"""The CIFAR model zoo: mdistiller's architectures under mdistiller's names.
+"""The model zoo: mdistiller's CIFAR architectures under mdistiller's names, and torchvision's
+ImageNet ResNets and MobileNetV2 under ``tv_<torchvision name>`` (:mod:`kdtune.models.torchvision_models`),
+and mdistiller's ImageNet ``MobileNetV1`` (:mod:`kdtune.models.mobilenetv1`).
 
 State-dict keys and shapes match mdistiller's definitions, so its published
 teacher checkpoints load strictly. Every model maps an image batch to
@@ -10,11 +12,13 @@ from torch import nn
 
 # Importing the model modules runs their ``@MODELS.register`` decorators.
 from kdtune.models import (  # noqa: F401
+    mobilenetv1,
     mobilenetv2,
     resnet,
     resnetv2,
     shufflenetv1,
     shufflenetv2,
+    torchvision_models,
     vgg,
     wrn,
 )

@@ -243,7 +243,7 @@ def prepare_teacher(spec: SearchSpec) -> dict[str, Any] | None:
     if not needing:
         return None
     cfg = spec.run_config({"method": needing[0]} if spec.space.methods else {})
-    decisions = {m: use_cache(cfg.teacher_cache, m, cfg.sampler) for m in needing}  # (reads it, why)
+    decisions = {m: use_cache(cfg.teacher_cache, m, cfg.sampler, cfg.dataset) for m in needing}  # (reads it, why)
     cached = [m for m, (on, _) in decisions.items() if on]
     cache_cfg = spec.run_config({"method": cached[0]} if spec.space.methods else {}) if cached else None
     # Build for the device the trials use: CPU-only trials on a GPU host see no GPU.
