@@ -13,6 +13,7 @@ from torch import nn
 from kdtune.config import RunConfig
 from kdtune.data import ImageData, TrainLoader, load_dataset
 from kdtune.distillers import METHODS, build_distiller
+from kdtune.distributed import Workers
 from kdtune.engine import Engine, resolve_device
 from kdtune.models import build_model
 from kdtune.sampling import SAMPLERS
@@ -44,9 +45,10 @@ def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = p
                            log=log, train=train)
 
 
-def use_compile(cfg: RunConfig, device: torch.device) -> bool:
-    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (docs/performance.md)."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+def use_compile(cfg: RunConfig, device: torch.device, workers: Workers | None = None) -> bool:
+    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (docs/performance.md).
+    Nor for a data-parallel run: DDP under torch.compile is not measured yet (docs/search-spaces.md)."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and workers is None)
 
 
 def planned_epochs(cfg: RunConfig, planned: float | None = None) -> float | None:
@@ -80,8 +82,11 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
                  log: Callable[[str], None] | None = None) -> Engine:
     """A fresh, seeded engine: the same config and seed give the same run. With a teacher-output
     cache (``teacher_cache``), the engine reads the teacher's logits from it; ``log`` gets the
-    line that says whether the teacher runs live or from the cache (default: not printed)."""
+    line that says whether the teacher runs live or from the cache (default: not printed).
+    In a process of a data-parallel run (``torch.distributed`` initialised, several ranks), the
+    engine is that rank's (:mod:`kdtune.distributed`)."""
     device = resolve_device(cfg.device)
+    workers = Workers.current()
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, num_classes=data.num_classes, in_channels=data.in_channels)
     # Training crops keep the stored size (CIFAR 32x32, digits 8x8), so the stored image shape
@@ -90,7 +95,7 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
                                 **cfg.method_params).to(device)
     sampler = SAMPLERS.build(cfg.sampler, **cfg.sampler_params) if cfg.sampler != "none" else None
     engine = Engine(distiller, data, cfg.recipe(), device=device, seed=cfg.seed, final=cfg.final,
-                    amp=cfg.amp, sampler=sampler, compile=use_compile(cfg, device))
+                    amp=cfg.amp, sampler=sampler, compile=use_compile(cfg, device, workers), workers=workers)
     use, reason = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler)
     quiet = log or (lambda msg: None)
     if use and teacher is not None:
