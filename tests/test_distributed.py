@@ -136,3 +136,43 @@ def test_shards_split_a_batch_in_rank_order() -> None:
     parts = [Workers(r, 3).shard(t) for r in range(3)]
     assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4], [5, 6]]
     assert Workers(0, 2).loss_scale(3, 7) == pytest.approx(6 / 7)
+
+
+@pytest.mark.slow
+def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, shared_ray) -> None:
+    """One trial of a real search as two gloo workers under Ray Train's TorchTrainer: MLflow gets
+    the reduced metrics (the whole train split per epoch; validation as one process computes it),
+    and rank 0's checkpoint is in Ray Train's folder of the trial."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from kdtune.data import load_dataset
+    from kdtune.run import build_engine, load_teacher
+    from kdtune.search.spec import load_spec
+    from searches import SPACE, run_search, write_space
+
+    # one fixed configuration (lr), so that the one-process reference below is that trial
+    space = write_space(tmp_path, SPACE, fixed__epochs=2, fixed__batch_size=64, fixed__device="cpu",
+                        space={"lr": {"type": "categorical", "choices": [0.05]}}, search__algorithm="random",
+                        search__num_samples=1, scheduler={"type": "none"},
+                        resources={"cpus_per_trial": 1, "workers_per_trial": 2}, checkpoint_every_s=0)
+    result = run_search(tmp_path, space, ray=shared_ray)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = tmp_path / "ray" / SPACE["name"]
+    (trial_id,) = pd.read_csv(folder / "results.csv")["trial_id"]
+    assert list((folder / "train" / trial_id).glob("checkpoint_*/engine.pth"))  # after epoch 1, by rank 0
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(SPACE["name"])
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`kdtune.trial_id` = '{trial_id}'")
+    logged = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+              for key in ("samples/epoch", "val/acc1", "val/loss")}
+
+    spec = load_spec(space)
+    cfg = spec.run_config({"lr": 0.05})
+    data = load_dataset("digits", val_size=cfg.val_size)
+    teacher, _ = load_teacher(cfg, data, train=False)  # the one the search trained and cached
+    one = list(build_engine(cfg, data, teacher).run())
+    assert logged["samples/epoch"] == [float(len(data.train))] * 2  # not one worker's half
+    assert logged["val/loss"] == pytest.approx([m["val/loss"] for m in one], rel=1e-3)
+    assert logged["val/acc1"] == pytest.approx([m["val/acc1"] for m in one], abs=0.5)

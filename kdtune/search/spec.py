@@ -31,7 +31,8 @@ SECTIONS = {  # section -> its keys with their defaults (None: computed)
                   # pbt and pb2 only (kdtune.search.pbt)
                   "perturbation_interval": None, "quantile_fraction": 0.25, "resample_probability": 0.25,
                   "mutate": None},
-    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+    # workers_per_trial > 1: a data-parallel trial (kdtune.search.ddp); None: gpus_per_trial if above 1, else 1
+    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "workers_per_trial": None},
     # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
     "confirm": {"top_k": 0, "seeds": 3},
 }
@@ -90,7 +91,7 @@ class SearchSpec:
     grace_period: int
     reduction_factor: float
     cpus_per_trial: float
-    gpus_per_trial: float
+    gpus_per_trial: float  # the trial's: with several workers, one GPU each
     max_failures: int
     resolved: dict  # the whole mapping after overrides and defaults (printed by --dry-run, logged)
     checkpoint_every_s: float = CHECKPOINT_EVERY_S  # see CHECKPOINT_EVERY_S
@@ -104,6 +105,7 @@ class SearchSpec:
     quantile_fraction: float = 0.25
     resample_probability: float = 0.25
     mutate: tuple[str, ...] = ()
+    workers_per_trial: int = 1  # processes of one data-parallel trial (kdtune.search.ddp)
 
     @property
     def max_epochs(self) -> int:
@@ -166,6 +168,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     scheduler = _check_scheduler(sections["scheduler"], epochs, problems, default_type="none" if multi else None)
     resources = _check_resources(sections["resources"], problems)
     _check_combination(search, scheduler, space, problems)
+    _check_data_parallel(resources, search, scheduler, fixed, space, problems)
     population = _check_population(search, scheduler, sections["scheduler"], space, epochs, problems)
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
     checkpoint_every_s = _number(raw, "checkpoint_every_s", CHECKPOINT_EVERY_S, "checkpoint_every_s", problems)
@@ -189,7 +192,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         scheduler = {**scheduler, **population}
     resolved = {"name": name, "fixed": fixed, "space": space.to_dict(),
                 "search": {k: v for k, v in search.items() if k != "warm_start" or v is not None},
-                "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
+                "scheduler": scheduler, "max_failures": max_failures,
+                # workers_per_trial only when above 1: other searches' resolved specs stay as they were
+                "resources": {k: v for k, v in resources.items() if k != "workers_per_trial" or v != 1}}
     if objectives:
         resolved["search"]["objectives"] = dict(objectives)
     if confirm["top_k"]:  # only when on: the resolved spec of a search without it stays as it was
@@ -543,11 +548,45 @@ def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
     if cpus is not None and not cpus > 0:
         problems.add("resources.cpus_per_trial", f"must be > 0, but got {cpus!r}")
     gpus = _number(values, "gpus_per_trial", 0, "resources.gpus_per_trial", problems)
-    if gpus is not None and not 0 <= gpus <= 1:
-        # A trial's engine trains on one device: more than 1 would reserve GPUs it never uses.
-        problems.add("resources.gpus_per_trial", f"must be between 0 and 1 (a share of one GPU: a trial "
-                                                 f"trains on one GPU), but got {gpus!r}")
-    return {"cpus_per_trial": cpus, "gpus_per_trial": gpus}
+    workers = _integer(values, "workers_per_trial", None, "resources.workers_per_trial", problems, 1, nullable=True)
+    if workers is None:  # gpus_per_trial: 4 alone means four workers, one GPU each
+        workers = int(gpus) if gpus is not None and gpus > 1 and float(gpus).is_integer() else 1
+    if isinstance(workers, int) and workers > 1:
+        if gpus is not None and gpus not in (0, workers):
+            # DDP runs one process per device; NCCL refuses two ranks on one GPU
+            problems.add("resources.gpus_per_trial", f"must be 0 or workers_per_trial ({workers}) in a data-parallel "
+                                                     f"trial (each worker drives one GPU), but got {gpus!r}")
+    elif gpus is not None and not 0 <= gpus <= 1:
+        # One process trains on one device: more than 1 would reserve GPUs it never uses.
+        problems.add("resources.gpus_per_trial", f"must be between 0 and 1 (a share of one GPU), or a whole number "
+                                                 f"above 1 for a data-parallel trial with one worker per GPU, but "
+                                                 f"got {gpus!r}")
+    return {"cpus_per_trial": cpus, "gpus_per_trial": gpus, "workers_per_trial": workers}
+
+
+def _check_data_parallel(resources: dict, search: dict, scheduler: dict, fixed: dict, space: Space,
+                         problems: _Problems) -> None:
+    """What a data-parallel trial (workers_per_trial > 1) cannot do, refused before any work."""
+    workers = resources["workers_per_trial"]
+    if not isinstance(workers, int) or workers < 2:
+        return
+    if scheduler["type"] in (*POPULATION_SCHEDULERS, "hyperband"):
+        # Ray Train checkpoints the trial, not Tune: there is nothing for PBT to copy or for
+        # HyperBand to pause and resume from
+        problems.add("scheduler.type", f"must not be {scheduler['type']} with workers_per_trial {workers} (a "
+                                       f"data-parallel trial has no Tune checkpoint to copy or resume); use asha, "
+                                       f"median or none")
+    methods = list(space.methods) if space.methods else [fixed.get("method", RunConfig.method)]
+    for method in methods:
+        cls = METHODS.get(method) if method in METHODS else None
+        if cls is not None and (cls.needs_indices or cls.strong_view is not None):
+            problems.add("resources.workers_per_trial", f"must be 1 with method {method} (its per-process state, a "
+                                                        f"memory over the training set or a strong view's random "
+                                                        f"stream, would differ between workers), but got {workers}")
+    if search["max_concurrent"] is None:
+        # Ray Train reserves a trial's workers itself, outside Tune's accounting: Tune alone would
+        # start every trial at once, each waiting for workers the cluster does not have
+        search["max_concurrent"] = 1
 
 
 def _check_confirm(values: dict, problems: _Problems) -> dict[str, Any]:
