@@ -4,8 +4,11 @@ tests that compare it with a one-process run. Ray Train starts such processes in
 need no Ray instance.
 
 Each rank builds the engine from the same RunConfig (``build_engine`` finds the process group),
-trains, and writes what it ended with to ``out/rank<r>.pth``: the per-epoch metrics, the
-engine's state (rank 0's is what a checkpoint holds) and its parameters.
+trains, and writes what it ended with to ``out/<job>-rank<r>.pth``: the per-epoch metrics, the
+engine's states (rank 0's is what a checkpoint holds) and its parameters.
+
+``KDTUNE_DDP_DEVICE=cuda`` runs the ranks on GPUs (one each, NCCL) instead: the multi-GPU check
+of docs/cuda.md.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+DEVICE = os.environ.get("KDTUNE_DDP_DEVICE", "cpu")  # cpu (gloo) or cuda (NCCL, a GPU per rank)
 
 
 def teacher_model():
@@ -34,7 +39,7 @@ def train(cfg: dict, out: Path, name: str, epochs: int | None = None, resume: Pa
     from kdtune.data import load_dataset
     from kdtune.run import build_engine
 
-    run = RunConfig.from_dict(cfg)
+    run = RunConfig.from_dict({**cfg, "device": DEVICE})
     data = load_dataset("digits", val_size=run.val_size)
     engine = build_engine(run, data, teacher_model() if run.teacher else None)
     if resume is not None:
@@ -55,7 +60,10 @@ def train(cfg: dict, out: Path, name: str, epochs: int | None = None, resume: Pa
 
 def _rank(rank: int, world: int, store: str, jobs: list[dict], out: Path) -> None:
     torch.set_num_threads(1)  # two processes on a 2-core machine
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)  # the engine's "cuda" is this rank's GPU
+    torch.distributed.init_process_group("nccl" if DEVICE == "cuda" else "gloo", init_method=f"file://{store}",
+                                         rank=rank, world_size=world)
     try:
         for job in jobs:  # one process group for them all: the processes start once
             resume = job.get("resume")

@@ -13,7 +13,7 @@ import ddp_harness
 from kdtune.distributed import Workers
 
 BASE = dict(dataset="digits", student="resnet8", teacher="resnet8", epochs=2, batch_size=64, val_size=200,
-            device="cpu", seed=0)
+            device=ddp_harness.DEVICE, seed=0, amp=False)
 # Batch 64: on this run float-level differences stay float-level (swapping BN's arithmetic alone
 # moves the weights by 1e-7 after 2 epochs). At batch 128 the same swap, in one process, moves
 # them by 4e-4: a trajectory that sensitive would test nothing at a tight tolerance.
@@ -22,7 +22,11 @@ KD = dict(BASE, method="kd")
 KDAS = dict(BASE, method="kd", sampler="kdas", kdas_warmup=0, sampling_period=2, start_rate=0.6, end_rate=0.6)
 CTKD = dict(BASE, method="ctkd")
 # Float tolerance: the two processes add the same numbers in another order (gradients, BN sums).
-TOL = dict(rtol=1e-4, atol=1e-4)
+# On GPUs (KDTUNE_DDP_DEVICE=cuda, docs/cuda.md) training runs in fp32 here but convolutions in TF32
+# and with autotuned algorithms, so two runs agree only closely (a first guess: not yet run).
+CUDA = ddp_harness.DEVICE == "cuda"
+TOL = dict(rtol=2e-2, atol=2e-3) if CUDA else dict(rtol=1e-4, atol=1e-4)
+LOSS_REL = 2e-2 if CUDA else 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +49,11 @@ def _assert_same_run(one: dict, two: dict) -> None:
     for a, b in zip(one["metrics"], two["metrics"], strict=True):
         assert a["samples/epoch"] == b["samples/epoch"]
         for key in ("train/loss", "val/loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+            assert b[key] == pytest.approx(a[key], rel=LOSS_REL), key
         # Early on, the logits of a class or two are near ties: a float-level difference flips
         # a prediction now and then (a train sample is 0.08 pp, a val sample 0.5 pp).
         for key in ("train/acc1", "val/acc1"):
-            assert b[key] == pytest.approx(a[key], abs=0.5), key
+            assert b[key] == pytest.approx(a[key], abs=2.0 if CUDA else 0.5), key
     for name, p in one["params"].items():
         torch.testing.assert_close(two["params"][name], p, **TOL, msg=name)
 
@@ -60,7 +64,7 @@ def _assert_ranks_equal(ranks: list[dict]) -> None:
     first = ranks[0]
     for other in ranks[1:]:
         for name, p in first["params"].items():
-            assert torch.equal(other["params"][name], p), name
+            assert torch.equal(other["params"][name].cpu(), p.cpu()), name
         assert other["metrics"] == [dict(m, **{"time/epoch_s": o["time/epoch_s"]}) for m, o in
                                     zip(first["metrics"], other["metrics"])]
 
@@ -77,11 +81,15 @@ def test_kdas_selects_globally_the_samples_one_process_selects(one, two) -> None
     _assert_same_run(one["kdas"], two["kdas"][0])
     want = one["kdas"]["state"]["sampler"]["cache"]
     for rank in two["kdas"]:
-        assert torch.equal(rank["state"]["sampler"]["cache"], want)
+        if CUDA:  # close scores may rank the other way round: nearly the same selection
+            assert len(set(rank["state"]["sampler"]["cache"].tolist()) ^ set(want.tolist())) < 0.02 * want.shape[0]
+        else:
+            assert torch.equal(rank["state"]["sampler"]["cache"], want)
     first, second = two["kdas"][0]["metrics"]
     assert first["samples/scored"] == one["kdas"]["metrics"][0]["samples/scored"]  # the whole train split
     assert second["samples/epoch"] == want.shape[0] < first["samples/scored"]
-    assert first["kdas/mean_weight"] == pytest.approx(one["kdas"]["metrics"][0]["kdas/mean_weight"], rel=1e-5)
+    assert first["kdas/mean_weight"] == pytest.approx(one["kdas"]["metrics"][0]["kdas/mean_weight"],
+                                                      rel=LOSS_REL if CUDA else 1e-5)
 
 
 def test_ctkd_temperature_stays_in_sync_across_workers(two) -> None:
@@ -95,12 +103,18 @@ def test_ctkd_temperature_stays_in_sync_across_workers(two) -> None:
 
 
 def test_resumed_two_worker_run_equals_the_uninterrupted_one(two) -> None:
-    """A checkpoint holds rank 0's state; both ranks load it and go on exactly."""
+    """A checkpoint holds rank 0's state; both ranks load it and go on exactly (on the CPU; on
+    GPUs closely, as a one-GPU resume does: docs/cuda.md)."""
     full, tail = two["kd"], two["kd-tail"]
     assert [m["epoch"] for m in tail[0]["metrics"]] == [2]
     for rank in range(2):
         want = full[rank]["metrics"][1]
         got = tail[rank]["metrics"][0]
+        if CUDA:
+            assert got["train/loss"] == pytest.approx(want["train/loss"], rel=LOSS_REL)
+            for name, p in full[rank]["params"].items():
+                torch.testing.assert_close(tail[rank]["params"][name], p, **TOL, msg=name)
+            continue
         assert {k: v for k, v in got.items() if k != "time/epoch_s"} == \
             {k: v for k, v in want.items() if k != "time/epoch_s"}
         for name, p in full[rank]["params"].items():
@@ -152,11 +166,13 @@ def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, 
     from searches import SPACE, run_search, write_space
 
     # one fixed configuration (lr), so that the one-process reference below is that trial
-    space = write_space(tmp_path, SPACE, fixed__epochs=2, fixed__batch_size=64, fixed__device="cpu",
-                        space={"lr": {"type": "categorical", "choices": [0.05]}}, search__algorithm="random",
-                        search__num_samples=1, scheduler={"type": "none"},
-                        resources={"cpus_per_trial": 1, "workers_per_trial": 2}, checkpoint_every_s=0)
-    result = run_search(tmp_path, space, ray=shared_ray)
+    resources = {"cpus_per_trial": 2, "gpus_per_trial": 2} if CUDA else {"cpus_per_trial": 1, "workers_per_trial": 2}
+    space = write_space(tmp_path, SPACE, fixed__epochs=2, fixed__batch_size=64, fixed__device=ddp_harness.DEVICE,
+                        fixed__amp=False, space={"lr": {"type": "categorical", "choices": [0.05]}},
+                        search__algorithm="random", search__num_samples=1, scheduler={"type": "none"},
+                        resources=resources, checkpoint_every_s=0)
+    # on GPUs a private instance, which gets the machine's GPUs (the shared one has none)
+    result = run_search(tmp_path, space, ray=None if CUDA else shared_ray)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folder = tmp_path / "ray" / SPACE["name"]
     (trial_id,) = pd.read_csv(folder / "results.csv")["trial_id"]
@@ -174,5 +190,25 @@ def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, 
     teacher, _ = load_teacher(cfg, data, train=False)  # the one the search trained and cached
     one = list(build_engine(cfg, data, teacher).run())
     assert logged["samples/epoch"] == [float(len(data.train))] * 2  # not one worker's half
-    assert logged["val/loss"] == pytest.approx([m["val/loss"] for m in one], rel=1e-3)
-    assert logged["val/acc1"] == pytest.approx([m["val/acc1"] for m in one], abs=0.5)
+    assert logged["val/loss"] == pytest.approx([m["val/loss"] for m in one], rel=LOSS_REL if CUDA else 1e-3)
+    assert logged["val/acc1"] == pytest.approx([m["val/acc1"] for m in one], abs=2.0 if CUDA else 0.5)
+
+
+def test_gpus_per_trial_above_one_means_one_worker_per_gpu(tmp_path) -> None:
+    import yaml
+
+    from kdtune.search.spec import load_spec
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "ddp", "fixed": {"dataset": "digits", "teacher": "resnet8", "student": "resnet8", "method": "kd",
+                                 "epochs": 4},
+        "space": {"lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}},
+        "resources": {"cpus_per_trial": 8, "gpus_per_trial": 4}}))
+    spec = load_spec(path)
+    assert (spec.workers_per_trial, spec.gpus_per_trial, spec.max_concurrent) == (4, 4, 1)
+    assert spec.resolved["resources"]["workers_per_trial"] == 4
+    from kdtune.search.ddp import worker_resources
+    assert worker_resources(spec) == {"CPU": 2.0, "GPU": 1.0}
+    one = load_spec(path, ["resources.gpus_per_trial=0.5"])  # a one-process trial's spec stays as it was
+    assert one.workers_per_trial == 1 and "workers_per_trial" not in one.resolved["resources"]

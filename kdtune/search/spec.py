@@ -168,8 +168,8 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     scheduler = _check_scheduler(sections["scheduler"], epochs, problems, default_type="none" if multi else None)
     resources = _check_resources(sections["resources"], problems)
     _check_combination(search, scheduler, space, problems)
-    _check_data_parallel(resources, search, scheduler, fixed, space, problems)
     population = _check_population(search, scheduler, sections["scheduler"], space, epochs, problems)
+    _check_data_parallel(resources, search, scheduler, fixed, space, problems)  # after: it sets max_concurrent
     max_failures = _integer(raw, "max_failures", 2, "max_failures", problems, minimum=0)
     checkpoint_every_s = _number(raw, "checkpoint_every_s", CHECKPOINT_EVERY_S, "checkpoint_every_s", problems)
     if checkpoint_every_s is not None and checkpoint_every_s < 0:
