@@ -72,13 +72,14 @@ class Workers:
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
         """``module`` under DistributedDataParallel.
 
-        ``find_unused_parameters``: some methods leave a trainable parameter out of a step's
-        graph (SAKD's policy routes around blocks; a warm-up term weighted 0), which DDP would
-        otherwise wait for forever. No buffer broadcast before each forward: synchronised BN
-        keeps the running statistics equal on every rank, and the frozen teacher's never change."""
+        ``find_unused_parameters``: KD, KDAS, CTKD and SAKD use every trainable parameter in
+        every step (checked on two gloo processes), but a method that leaves one out of a step's
+        graph would make DDP fail at the next step; finding them costs one walk over the graph
+        per step. No buffer broadcast before each forward: synchronised BN keeps the running
+        statistics equal on every rank, and the frozen teacher's never change."""
         ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False,
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True,
                                                    forward_sync_buffers=False)
 
 

@@ -2,7 +2,7 @@
 
 One launch of two processes runs every two-worker job of this module (tests/ddp_harness.py):
 KD for 2 epochs, its second epoch again resumed from rank 0's state after the first, KDAS for
-2 epochs and CTKD for 1. The one-process references run in the test process.
+2 epochs, and CTKD and SAKD for 1. The one-process references run in the test process.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ KD = dict(BASE, method="kd")
 # sampling from the first epoch: epoch 1 scores and selects, epoch 2 trains on the selection
 KDAS = dict(BASE, method="kd", sampler="kdas", kdas_warmup=0, sampling_period=2, start_rate=0.6, end_rate=0.6)
 CTKD = dict(BASE, method="ctkd")
+SAKD = dict(BASE, method="sakd")
 # Float tolerance: the two processes add the same numbers in another order (gradients, BN sums).
 # On GPUs (KDTUNE_DDP_DEVICE=cuda, docs/cuda.md) training runs in fp32 here but convolutions in TF32
 # and with autotuned algorithms, so two runs agree only closely (a first guess: not yet run).
@@ -36,6 +37,7 @@ def two(tmp_path_factory):
         {"name": "kd-tail", "cfg": KD, "resume": ("kd", 1)},
         {"name": "kdas", "cfg": KDAS},
         {"name": "ctkd", "cfg": CTKD, "epochs": 1},
+        {"name": "sakd", "cfg": SAKD, "epochs": 1},
     ], tmp_path_factory.mktemp("ddp"))
 
 
@@ -100,6 +102,16 @@ def test_ctkd_temperature_stays_in_sync_across_workers(two) -> None:
     ranks = two["ctkd"]
     _assert_ranks_equal(ranks)
     assert ranks[0]["params"]["ctkd.theta"].item() != 1.0  # trained from theta_init (1.0)
+
+
+def test_sakd_policy_stays_in_sync_across_workers(two) -> None:
+    """SAKD's gate policy is trained through the wrapped distiller, so its gradient is all-reduced.
+    (Its routing loss is a batch-level term: each rank computes it over its shard, so SAKD is not
+    compared with one process.)"""
+    ranks = two["sakd"]
+    _assert_ranks_equal(ranks)
+    policy = [name for name in ranks[0]["params"] if not name.startswith("student.")]
+    assert policy  # the policy's parameters are among those compared
 
 
 def test_resumed_two_worker_run_equals_the_uninterrupted_one(two) -> None:
