@@ -220,8 +220,11 @@ class Engine:
             if weights is not None:  # per-sample weights scale the distillation terms, never CE
                 keep = self.distiller.unweighted_terms
                 losses = {k: v if k in keep else v * weights for k, v in losses.items()}
-            loss = sum(term.mean() for term in losses.values())
-            if self.workers is not None:  # this rank's share of the global batch (Workers.loss_scale)
+            if self.workers is None:
+                loss = sum(term.mean() for term in losses.values())
+            else:  # this rank's share of the global batch (Workers.loss_scale); a rank may get no
+                # sample of a short last batch: its sum (0) keeps it in the collective, a mean would be NaN
+                loss = sum(term.mean() if term.numel() else term.sum() for term in losses.values())
                 loss = loss * self._loss_scale(y.shape[0])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

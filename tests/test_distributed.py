@@ -22,6 +22,8 @@ KD = dict(BASE, method="kd")
 KDAS = dict(BASE, method="kd", sampler="kdas", kdas_warmup=0, sampling_period=2, start_rate=0.6, end_rate=0.6)
 CTKD = dict(BASE, method="ctkd")
 SAKD = dict(BASE, method="sakd")
+# 1238 training images in batches of 1237: the last batch is 1 image, so rank 1 gets none of it
+UNEVEN = dict(KD, batch_size=1237, epochs=1)
 # Float tolerance: the two processes add the same numbers in another order (gradients, BN sums).
 # On GPUs (KDTUNE_DDP_DEVICE=cuda, docs/cuda.md) training runs in fp32 here but convolutions in TF32
 # and with autotuned algorithms, so two runs agree only closely (a first guess: not yet run).
@@ -38,13 +40,22 @@ def two(tmp_path_factory):
         {"name": "kdas", "cfg": KDAS},
         {"name": "ctkd", "cfg": CTKD, "epochs": 1},
         {"name": "sakd", "cfg": SAKD, "epochs": 1},
+        {"name": "uneven", "cfg": UNEVEN},
     ], tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    return {name: ddp_harness.train(cfg, out, name) for name, cfg in (("kd", KD), ("kdas", KDAS))}
+    # one thread, as each worker has: on the loaded 2-core machine two threads cost twice the CPU
+    # (23 s instead of about 10 for KD's 2 epochs) for the same run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {name: ddp_harness.train(cfg, out, name) for name, cfg in (("kd", KD), ("kdas", KDAS),
+                                                                          ("uneven", UNEVEN))}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _assert_same_run(one: dict, two: dict) -> None:
@@ -76,6 +87,13 @@ def test_two_gloo_workers_train_as_one_process_with_the_same_global_batch(one, t
     _assert_same_run(one["kd"], two["kd"][0])
     # counts are the global batch's, not one rank's share
     assert two["kd"][0]["metrics"][-1]["samples/backprop"] == 2 * one["kd"]["metrics"][0]["samples/epoch"]
+
+
+def test_a_rank_with_no_sample_of_a_short_batch_still_trains_as_one_process(one, two) -> None:
+    """Shards of 1 and 0 images: the empty rank's loss is a zero sum, not a NaN mean, and the
+    loss scale makes the step the one-process step."""
+    _assert_ranks_equal(two["uneven"])
+    _assert_same_run(one["uneven"], two["uneven"][0])
 
 
 def test_kdas_selects_globally_the_samples_one_process_selects(one, two) -> None:
@@ -200,7 +218,12 @@ def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, 
     cfg = spec.run_config({"lr": 0.05})
     data = load_dataset("digits", val_size=cfg.val_size)
     teacher, _ = load_teacher(cfg, data, train=False)  # the one the search trained and cached
-    one = list(build_engine(cfg, data, teacher).run())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the one fixture
+    try:
+        one = list(build_engine(cfg, data, teacher).run())
+    finally:
+        torch.set_num_threads(threads)
     assert logged["samples/epoch"] == [float(len(data.train))] * 2  # not one worker's half
     assert logged["val/loss"] == pytest.approx([m["val/loss"] for m in one], rel=LOSS_REL if CUDA else 1e-3)
     assert logged["val/acc1"] == pytest.approx([m["val/acc1"] for m in one], abs=2.0 if CUDA else 0.5)
