@@ -17,7 +17,7 @@ import inspect
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from torch import Tensor
 
 from kdtune.plugins import load_plugins
 from kdtune.registry import Registry
+
+if TYPE_CHECKING:
+    from kdtune.distributed import Workers
 
 DATASETS = Registry("dataset")
 
@@ -415,6 +418,9 @@ class TrainLoader:
         self.flips = 2 if self.flip else 1
         self.num_views = (2 * p + 1) ** 2 * self.flips
         self.strong_view = strong_view
+        # kdtune.distributed.Workers when this is one of several data-parallel processes (the
+        # engine sets it): batches() then yields this rank's shard of each global batch.
+        self.workers: Workers | None = None
         if strong_view is not None:
             self.strong_generator = torch.Generator(device=self.device).manual_seed(seed + _STRONG_SEED_OFFSET)
 
@@ -423,15 +429,24 @@ class TrainLoader:
         """One epoch over ``indices`` (default: the whole split) in a fresh random order.
 
         Yields ``(images, labels, indices, views)``. The last batch may be short, as with a
-        DataLoader's default ``drop_last=False``.
+        DataLoader's default ``drop_last=False``. With :attr:`workers` (data-parallel processes)
+        each batch is this rank's shard of the global batch that :meth:`draws` gives every rank.
         """
+        for idx, views in self.draws(indices, batch_size):
+            if self.workers is not None:
+                idx, views = self.workers.shard(idx), self.workers.shard(views)
+            yield self.view_images(idx, views), self.labels[idx], idx, views
+
+    def draws(self, indices: Tensor | None = None,
+              batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """The ``(indices, views)`` of :meth:`batches`' global batches, without images: the same
+        draws on every rank of a data-parallel run, whose generators share the seed."""
         n = self.num_samples if indices is None else indices.shape[0]
         order = torch.randperm(n, device=self.device, generator=self.generator)
         if indices is not None:
             order = indices.to(self.device)[order]
         for idx in order.split(batch_size or self.batch_size):
-            views = self.draw_views(idx.shape[0])
-            yield self.view_images(idx, views), self.labels[idx], idx, views
+            yield idx, self.draw_views(idx.shape[0])
 
     def draw_views(self, b: int, generator: torch.Generator | None = None) -> Tensor:
         """Random views for ``b`` samples (int64 on the device). The draws (offsets, then

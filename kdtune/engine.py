@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kdtune.data import ImageData
 from kdtune.devices import cpu_rng_state
+from kdtune.distributed import Workers, sync_batch_norm
 from kdtune.distillers import Distiller
 from kdtune.hparams import Problem, Schema, declare
 
@@ -135,14 +136,23 @@ class Engine:
             full batches run the compiled graph, a short batch (an epoch's last one; KDAS's last
             selection of an epoch) runs eagerly, so nothing is padded or dropped and BN batch
             statistics stay exact.
+        workers: this process's rank when the run is data-parallel over several processes
+            (:mod:`kdtune.distributed`; ``torch.distributed`` already initialised). Every rank
+            builds the same engine; each trains on its shard of the one-process global batch.
     """
 
     def __init__(self, distiller: Distiller, data: ImageData, recipe: Recipe, *,
                  device: torch.device | str = "cpu", seed: int = 0, final: bool = False,
                  amp: bool | None = None, channels_last: bool | None = None,
                  sampler: SamplePolicy | None = None, eval_batch_size: int = 512,
-                 teacher_cache: Any = None, compile: bool = False) -> None:
+                 teacher_cache: Any = None, compile: bool = False, workers: Workers | None = None) -> None:
         self.device = torch.device(device)
+        self.workers = workers
+        if workers is not None:
+            _check_data_parallel(distiller)
+            # batch statistics over the global batch, as in one process (before the optimizer and
+            # DDP see the module: the layers are swapped, their parameters kept)
+            distiller = sync_batch_norm(distiller, self.device)
         self.recipe = recipe
         self.distiller = distiller
         self.sampler = sampler
@@ -163,12 +173,20 @@ class Engine:
         # files (imagenet); both yield (images, labels, indices, views) on the device.
         self.loader = data.train_loader(batch_size=recipe.batch_size, device=self.device, seed=seed,
                                         channels_last=channels_last, strong_view=distiller.strong_view)
+        if workers is not None and not hasattr(self.loader, "draws"):
+            # The streaming loader draws whole batches in its DataLoader workers; it has no shard
+            # per rank yet (TrainLoader.draws), so each rank would train on the full batch.
+            raise ValueError("several workers per trial need an in-memory dataset (cifar100, cifar10, digits); "
+                             "a streaming dataset (imagenet) runs one process per trial")
+        self.loader.workers = workers  # every rank draws the same batches and trains on its shard
         if distiller.needs_indices:
             # A method with a memory over the training set (CRD) sizes it from the split trained on
             # here (train+val in a final run), and is handed each batch's indices (_distill).
             distiller.bind_train_set(data.train.labels)
         eval_split = data.test if final else data.val
         self.eval_set = data.eval_batches(eval_split, batch_size=eval_batch_size, device=self.device)
+        self.eval_shard = self.eval_set if workers is None else [
+            (workers.shard(x), workers.shard(y)) for x, y in self.eval_set if workers.shard(y).shape[0]]
         groups = distiller.param_groups()
         for g in groups:
             g["base_lr"] = recipe.lr * g.pop("lr_scale", 1.0)
@@ -179,10 +197,14 @@ class Engine:
         self.teacher_cache_opener = None
         if callable(teacher_cache):
             self.teacher_cache, self.teacher_cache_opener = None, teacher_cache
+        # What a step runs: the distiller, or DDP around it, which averages the ranks' gradients.
+        # Everything else (evaluation, KDAS's scoring, state) uses the distiller itself.
+        self.model = distiller if workers is None else workers.wrap(distiller, self.device)
         self.compiled = None
         if compile:
+            # no CUDA graphs under DDP: its gradient hooks run collectives outside any graph
             self.compiled = torch.compile(self._distill, dynamic=False,
-                                          mode="reduce-overhead" if cuda else None)
+                                          mode="reduce-overhead" if cuda and workers is None else None)
         self.epoch = 0  # epochs completed
         self.samples_backprop = 0  # cumulative samples that went through a backward pass
 
@@ -231,7 +253,12 @@ class Engine:
             if weights is not None:  # per-sample weights scale the distillation terms, never CE
                 keep = self.distiller.unweighted_terms
                 losses = {k: v if k in keep else v * weights for k, v in losses.items()}
-            loss = sum(term.mean() for term in losses.values())
+            if self.workers is None:
+                loss = sum(term.mean() for term in losses.values())
+            else:  # this rank's share of the global batch (Workers.loss_scale); a rank may get no
+                # sample of a short last batch: its sum (0) keeps it in the collective, a mean would be NaN
+                loss = sum(term.mean() if term.numel() else term.sum() for term in losses.values())
+                loss = loss * self._loss_scale(y.shape[0])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -243,6 +270,10 @@ class Engine:
             correct1 += c1
             correct5 += c5
             seen += y.shape[0]
+        if self.workers is not None:  # the global batch's sums and counts, before anything reads them
+            *term_sums, correct1, correct5, total = self.workers.sum(
+                [*sums.values(), correct1, correct5, torch.tensor(seen, device=self.device)])
+            sums, seen = dict(zip(sums, term_sums)), int(total.item())
         self.samples_backprop += seen
         self.epoch = epoch
 
@@ -271,7 +302,14 @@ class Engine:
             extra["indices"] = idx
         if strong is not None:  # the strong view of the same samples (MLKD)
             extra["strong"] = strong
-        return self.distiller(x, y, teacher_logits=teacher, **extra)
+        return self.model(x, y, teacher_logits=teacher, **extra)
+
+    def _loss_scale(self, local: int) -> Tensor:
+        """:meth:`Workers.loss_scale` for this step, the global batch size summed on the device
+        (a collective but no host read: the step stays asynchronous on GPUs)."""
+        assert self.workers is not None
+        total = self.workers.sum([torch.tensor(float(local), device=self.device)])[0]
+        return (self.workers.world * local / total).float()
 
     def teacher_logits(self, x: Tensor, indices: Tensor, views: Tensor) -> Tensor:
         """The teacher's logits for images ``x`` (train ``indices`` in ``views``): from the
@@ -286,8 +324,11 @@ class Engine:
             return {}
         # fp32 even when training runs in bf16: top-1 on bf16 logits (spacing 0.0625 near 10)
         # ties often, ties go to the lower class index, and the search ranks on this number.
-        result = evaluate_model(self.distiller.student, self.eval_set, amp=False,
-                                memory_format=self.memory_format)
+        sums = evaluation_sums(self.distiller.student, self.eval_shard, self.device, amp=False,
+                               memory_format=self.memory_format)
+        if self.workers is not None:  # each rank evaluated its shard of every batch
+            sums = torch.stack(self.workers.sum(list(sums)))
+        result = _eval_metrics(sums)
         return {f"{self.eval_name}/{k}": v for k, v in result.items()}
 
     def autocast(self) -> torch.autocast:
@@ -357,9 +398,17 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tenso
     ``amp`` runs the forward under bf16 autocast; kdtune's own callers leave it off, so every
     accuracy it reports or ranks on comes from fp32 logits.
     """
+    return _eval_metrics(evaluation_sums(model, batches, next(model.parameters()).device, amp=amp,
+                                         memory_format=memory_format))
+
+
+@torch.no_grad()
+def evaluation_sums(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device, *,
+                    amp: bool = False, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """``[CE sum, top-1 hits, top-5 hits, samples]`` of ``model`` in eval mode over ``batches``
+    (float64 on ``device``): sums, so that data-parallel ranks add theirs up."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     loss = torch.zeros((), device=device)
     correct1 = torch.zeros((), device=device, dtype=torch.long)
     correct5 = torch.zeros_like(correct1)
@@ -373,8 +422,25 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tenso
         correct5 += c5
         n += y.shape[0]
     model.train(was_training)
-    return {"loss": loss.item() / n, "acc1": 100.0 * correct1.item() / n,
-            "acc5": 100.0 * correct5.item() / n}
+    return torch.stack([loss.double(), correct1.double(), correct5.double(),
+                        torch.tensor(float(n), dtype=torch.float64, device=device)])
+
+
+def _eval_metrics(sums: Tensor) -> dict[str, float]:
+    loss, correct1, correct5, n = sums.tolist()
+    return {"loss": loss / n, "acc1": 100.0 * correct1 / n, "acc5": 100.0 * correct5 / n}
+
+
+def _check_data_parallel(distiller: Distiller) -> None:
+    """Methods whose state is per process, refused before any work starts: it would silently
+    differ between the ranks of a data-parallel run."""
+    name = type(distiller).__name__
+    if distiller.needs_indices:
+        raise ValueError(f"method {name}: a data-parallel run (workers_per_trial > 1) cannot keep its memory over "
+                         f"the training set (each rank would update its own copy); run it with one worker")
+    if distiller.strong_view is not None:
+        raise ValueError(f"method {name}: its strong view draws per process, which a data-parallel run "
+                         f"(workers_per_trial > 1) would not keep in step or resume exactly; run it with one worker")
 
 
 def _correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,7 @@ from kdtune.config import RunConfig
 from kdtune.data import DataError, ImageData, TrainLoader, load_dataset
 from kdtune.devices import in_fresh_process
 from kdtune.distillers import METHODS, build_distiller
+from kdtune.distributed import Workers
 from kdtune.engine import Engine, resolve_device
 from kdtune.fkd_cache import CropCache, open_crop_cache
 from kdtune.imagenet import FolderData
@@ -55,9 +56,10 @@ def load_teacher(cfg: RunConfig, data: ImageData, log: Callable[[str], None] = l
                            log=log, train=train)
 
 
-def use_compile(cfg: RunConfig, device: torch.device) -> bool:
-    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (docs/performance.md)."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+def use_compile(cfg: RunConfig, device: torch.device, workers: Workers | None = None) -> bool:
+    """``compile: auto`` is on for CUDA only: on the CPU the bench measured no gain (docs/performance.md).
+    Nor for a data-parallel run: DDP under torch.compile is not measured yet (docs/search-spaces.md)."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and workers is None)
 
 
 def planned_epochs(cfg: RunConfig, planned: float | None = None) -> float | None:
@@ -103,8 +105,11 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
                  log: Callable[[str], None] | None = None) -> Engine:
     """A fresh, seeded engine: the same config and seed give the same run. With a teacher-output
     cache (``teacher_cache``), the engine reads the teacher's logits from it; ``log`` gets the
-    line that says whether the teacher runs live or from the cache (default: not printed)."""
+    line that says whether the teacher runs live or from the cache (default: not printed).
+    In a process of a data-parallel run (``torch.distributed`` initialised, several ranks), the
+    engine is that rank's (:mod:`kdtune.distributed`)."""
     device = resolve_device(cfg.device)
+    workers = Workers.current()
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, num_classes=data.num_classes, in_channels=data.in_channels)
     # Training crops keep the stored size (CIFAR 32x32, digits 8x8), so the stored image shape
@@ -113,7 +118,7 @@ def build_engine(cfg: RunConfig, data: ImageData, teacher: nn.Module | None,
                                 **cfg.method_params).to(device)
     sampler = SAMPLERS.build(cfg.sampler, **cfg.sampler_params) if cfg.sampler != "none" else None
     engine = Engine(distiller, data, cfg.recipe(), device=device, seed=cfg.seed, final=cfg.final,
-                    amp=cfg.amp, sampler=sampler, compile=use_compile(cfg, device))
+                    amp=cfg.amp, sampler=sampler, compile=use_compile(cfg, device, workers), workers=workers)
     use, reason = use_cache(cfg.teacher_cache, cfg.method, cfg.sampler, cfg.dataset)
     quiet = log or (lambda msg: None)
     if use and teacher is not None:

@@ -154,6 +154,9 @@ class KDAS(Sampler):
         self._scoring = False
         self._weight_sum: Tensor | None = None
         self._weight_count = 0
+        # kdtune.distributed.Workers of a data-parallel run, and its device (set by batches())
+        self.workers: Any = None
+        self._device = torch.device("cpu")
 
     @classmethod
     def check(cls, params: dict[str, Any]) -> list[Problem]:
@@ -189,6 +192,7 @@ class KDAS(Sampler):
 
     def batches(self, epoch: int, engine: Any) -> Iterator[Batch]:
         epochs, batch_size = engine.recipe.epochs, engine.recipe.batch_size
+        self.workers, self._device = engine.workers, engine.device
         self._weight_sum, self._weight_count = None, 0
         self._scoring = self.is_scoring_epoch(epoch, epochs) or (epoch > self.warmup and self.cache is None)
         if epoch <= self.warmup:
@@ -208,6 +212,10 @@ class KDAS(Sampler):
         student = engine.distiller.student
         norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         selected = []
+        if self.workers is not None:
+            yield from self._score_data_parallel(engine, norms, enlarged, batch_size, exclusion, selected)
+            self.cache = torch.cat(selected)
+            return
         for x, y, idx, views in engine.loader.batches(batch_size=enlarged):
             x = x.contiguous(memory_format=engine.memory_format)
             with cudnn_autotune(False):  # the enlarged size follows the rate: a new one most epochs
@@ -219,6 +227,28 @@ class KDAS(Sampler):
             with cudnn_autotune(keep.shape[0] == batch_size):
                 yield x[keep], y[keep], idx[keep], views[keep], teacher_logits[keep]
         self.cache = torch.cat(selected)
+
+    def _score_data_parallel(self, engine: Any, norms: list[nn.Module], enlarged: int, batch_size: int,
+                             exclusion: float, selected: list[Tensor]) -> Iterator[Batch]:
+        """A scoring epoch on several ranks, selecting what one process selects: every rank draws
+        the same enlarged global batch, scores its shard (synchronised BN: the global batch's
+        statistics), and gathers the scores and teacher logits; the selection is then made over
+        the global batch on every rank alike, and each rank trains on its shard of it."""
+        loader, workers = engine.loader, self.workers
+        for idx, views in loader.draws(batch_size=enlarged):
+            mine, my_views = workers.shard(idx), workers.shard(views)
+            x = loader.view_images(mine, my_views).contiguous(memory_format=engine.memory_format)
+            with cudnn_autotune(False):
+                student_logits, teacher_logits = self._score_logits(engine, norms, x, mine, my_views)
+            scores = kl_per_sample(F.log_softmax(teacher_logits.float(), 1), F.log_softmax(student_logits.float(), 1))
+            scores, teacher_logits = workers.gather(scores), workers.gather(teacher_logits)
+            self.samples_scored += idx.shape[0]
+            keep = select(scores, batch_size, exclusion)
+            selected.append(idx[keep])
+            part = workers.shard(keep)
+            with cudnn_autotune(part.shape[0] == batch_size):
+                yield (loader.view_images(idx[part], views[part]), loader.labels[idx[part]], idx[part], views[part],
+                       teacher_logits[part])
 
     @staticmethod
     def _score_logits(engine: Any, norms: list[nn.Module], x: Tensor, idx: Tensor,
@@ -247,14 +277,24 @@ class KDAS(Sampler):
             return None
         e = epoch - self.warmup
         progress = min(1.0, e / self.penalty_warmup) if self.penalty_warmup > 0 else 1.0
-        w = penalty_weights(teacher_target_divergence(teacher_logits, target), self.threshold,
-                            self.penalty_lambda * progress, self.penalty_factor)
+        divergence = teacher_target_divergence(teacher_logits, target)
+        if self.workers is not None:  # the band is the global batch's, as in one process
+            w = penalty_weights(self.workers.gather(divergence), self.threshold, self.penalty_lambda * progress,
+                                self.penalty_factor)
+            w = self.workers.shard(w)
+        else:
+            w = penalty_weights(divergence, self.threshold, self.penalty_lambda * progress, self.penalty_factor)
         total = w.sum()
         self._weight_sum = total if self._weight_sum is None else self._weight_sum + total
         self._weight_count += w.shape[0]
         return w
 
     def epoch_metrics(self) -> dict[str, float]:
+        if self.workers is not None:  # every rank's weights (a collective: every rank calls this)
+            weight_sum = self._weight_sum if self._weight_sum is not None else torch.zeros(())
+            weight_sum, count = self.workers.sum([weight_sum.to(self._device), torch.tensor(
+                float(self._weight_count), device=self._device)])
+            self._weight_sum, self._weight_count = weight_sum, int(count.item())
         mean_weight = self._weight_sum.item() / self._weight_count if self._weight_count else 1.0
         return {"kdas/ratio": self.ratio, "kdas/scoring_epoch": float(self._scoring),
                 "kdas/cache_size": float(0 if self.cache is None else self.cache.shape[0]),

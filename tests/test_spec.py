@@ -115,10 +115,19 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
     (["fixed.epochs=10"], "space.yaml: scheduler.grace_period: must be <= fixed.epochs (10), but got 12"),
     (["resources.gpus_per_trial=1.5"],
      "--set resources.gpus_per_trial=1.5: resources.gpus_per_trial: must be in [0, 1] (a share of one "
-     "GPU: a trial trains on one GPU), but got 1.5"),
-    (["resources.gpus_per_trial=2"],
-     "--set resources.gpus_per_trial=2: resources.gpus_per_trial: must be in [0, 1] (a share of one "
-     "GPU: a trial trains on one GPU), but got 2.0"),
+     "GPU), or a whole number above 1 for a data-parallel trial with one worker per GPU, but got 1.5"),
+    (["resources.workers_per_trial=2", "resources.gpus_per_trial=1"],
+     "--set resources.gpus_per_trial=1: resources.gpus_per_trial: must be 0 or workers_per_trial (2) in a "
+     "data-parallel trial (each worker drives one GPU), but got 1.0"),
+    (["resources.workers_per_trial=0"],
+     "--set resources.workers_per_trial=0: resources.workers_per_trial: must be >= 1, but got 0"),
+    (["resources.workers_per_trial=2", "scheduler.type=pbt", "search.algorithm=random"],
+     "--set scheduler.type=pbt: scheduler.type: must not be pbt with workers_per_trial 2 (a data-parallel trial "
+     "has no Tune checkpoint to copy or resume); use asha, median or none"),
+    (["resources.workers_per_trial=2", "fixed.method=crd"],
+     "--set resources.workers_per_trial=2: resources.workers_per_trial: must be 1 with method crd (its "
+     "per-process state, a memory over the training set or a strong view's random stream, would differ "
+     "between workers), but got 2"),
     (["resources.cpus_per_trial=0"], "--set resources.cpus_per_trial=0: resources.cpus_per_trial: must be > 0, "
                                      "but got 0.0"),
     (["search.metric=val/acc"], "--set search.metric=val/acc: search.metric: must be one of val/acc1, val/acc5, "

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (sets search.num_samples)")
     p.add_argument("--max-concurrent", type=int, metavar="N", help="most trials running at once (sets search.max_concurrent)")
     p.add_argument("--gpus-per-trial", type=float, metavar="GPUS",
-                   help="GPUs per trial, fractional: 0.25 packs 4 trials on a GPU (sets resources.gpus_per_trial)")
+                   help="GPUs per trial: 0.25 packs 4 trials on a GPU; a whole number N > 1 runs each trial as N "
+                        "data-parallel workers (sets resources.gpus_per_trial)")
     p.add_argument("--cpus-per-trial", type=float, metavar="CPUS", help="CPUs per trial (sets resources.cpus_per_trial)")
     p.add_argument("--confirm-top-k", type=int, metavar="K",
                    help="after the search, re-run the K best trials with more seeds and choose the best by its "

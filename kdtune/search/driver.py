@@ -347,9 +347,14 @@ def run_search(spec: SearchSpec, storage: str, tracking_uri: str, address: str |
     if optuna_url:
         logger.info(f"Optuna study {spec.name!r}: optuna-dashboard {optuna_url}")
 
-    trainable = tune.with_resources(tune.with_parameters(trainable_class or KDTrainable, spec=spec),
-                                    {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
+    if spec.workers_per_trial > 1:  # each trial a TorchTrainer of several workers
+        from kdtune.search.ddp import data_parallel_trainable
+
+        trainable = data_parallel_trainable(spec, experiment_path)
+    else:
+        trainable = tune.with_resources(tune.with_parameters(trainable_class or KDTrainable, spec=spec),
+                                        {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
     # On --resume the tracker, progress, searcher and scheduler come back from the experiment state.
     callbacks = None if resume else [
         TrialTracker(tracking_uri, spec.name, parent_id, tags, spec.max_epochs, spec.metric, spec.mode,

@@ -74,9 +74,12 @@ SECTIONS: dict[str, Schema] = {
     ),
     "resources": Schema(
         cpus_per_trial=hp(1.0, gt=0, help="CPUs Ray reserves for each trial"),
-        # A trial's engine trains on one device: more than 1 would reserve GPUs it never uses.
-        gpus_per_trial=hp(0.0, ge=0, le=1, why="a share of one GPU: a trial trains on one GPU",
-                          help="GPUs Ray reserves for each trial (a share: 0.25 runs four per GPU)"),
+        # One process trains on one device, so above 1 only as one GPU per data-parallel worker
+        # (_check_resources).
+        gpus_per_trial=hp(0.0, ge=0, help="GPUs Ray reserves for each trial (a share: 0.25 runs four per GPU; "
+                                          "a whole number N > 1: N data-parallel workers, one GPU each)"),
+        workers_per_trial=hp(None, type=int, ge=1, null_means="gpus_per_trial when a whole number above 1, else 1",
+                             help="data-parallel processes per trial (Ray Train's TorchTrainer; kdtune.search.ddp)"),
     ),
     # after the search: the top_k trials re-run with `seeds` more seeds each (0: no confirmation)
     "confirm": Schema(
@@ -139,7 +142,7 @@ class SearchSpec:
     grace_period: int
     reduction_factor: float
     cpus_per_trial: float
-    gpus_per_trial: float
+    gpus_per_trial: float  # the trial's: with several workers, one GPU each
     max_failures: int
     resolved: dict  # the whole mapping after overrides and defaults (printed by --dry-run, logged)
     checkpoint_every_s: float = CHECKPOINT_EVERY_S  # see CHECKPOINT_EVERY_S
@@ -153,6 +156,7 @@ class SearchSpec:
     quantile_fraction: float = 0.25
     resample_probability: float = 0.25
     mutate: tuple[str, ...] = ()
+    workers_per_trial: int = 1  # processes of one data-parallel trial (kdtune.search.ddp)
 
     @property
     def max_epochs(self) -> int:
@@ -216,6 +220,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     resources = _check_resources(sections["resources"], problems)
     _check_combination(search, scheduler, space, problems)
     population = _check_population(search, scheduler, sections["scheduler"], space, epochs, problems)
+    _check_data_parallel(resources, search, scheduler, fixed, space, problems)  # after: it sets max_concurrent
     top = _read(TOP, raw, "", problems)
     max_failures, checkpoint_every_s = top["max_failures"], top["checkpoint_every_s"]
     confirm = _check_confirm(sections["confirm"], problems)
@@ -236,7 +241,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         scheduler = {**scheduler, **population}
     resolved = {"name": name, "fixed": fixed, "space": space.to_dict(),
                 "search": {k: v for k, v in search.items() if k != "warm_start" or v is not None},
-                "scheduler": scheduler, "resources": resources, "max_failures": max_failures}
+                "scheduler": scheduler, "max_failures": max_failures,
+                # workers_per_trial only when above 1: other searches' resolved specs stay as they were
+                "resources": {k: v for k, v in resources.items() if k != "workers_per_trial" or v != 1}}
     if objectives:
         resolved["search"]["objectives"] = dict(objectives)
     if confirm["top_k"]:  # only when on: the resolved spec of a search without it stays as it was
@@ -569,7 +576,21 @@ def _check_objectives(objectives: tuple[tuple[str, str], ...], scheduler: dict, 
 
 
 def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
-    return _read(SECTIONS["resources"], values, "resources.", problems)
+    out = _read(SECTIONS["resources"], values, "resources.", problems)
+    gpus, workers = out["gpus_per_trial"], out["workers_per_trial"]
+    if workers is None:  # gpus_per_trial: 4 alone means four workers, one GPU each
+        workers = int(gpus) if gpus is not None and gpus > 1 and float(gpus).is_integer() else 1
+    if isinstance(workers, int) and workers > 1:
+        if gpus is not None and gpus not in (0, workers):
+            # DDP runs one process per device; NCCL refuses two ranks on one GPU
+            problems.add("resources.gpus_per_trial", f"must be 0 or workers_per_trial ({workers}) in a data-parallel "
+                                                     f"trial (each worker drives one GPU), but got {gpus!r}")
+    elif gpus is not None and gpus > 1:
+        # One process trains on one device: more than 1 would reserve GPUs it never uses.
+        problems.add("resources.gpus_per_trial", f"must be in [0, 1] (a share of one GPU), or a whole number "
+                                                 f"above 1 for a data-parallel trial with one worker per GPU, but "
+                                                 f"got {gpus!r}")
+    return {**out, "workers_per_trial": workers}
 
 
 def _check_confirm(values: dict, problems: _Problems) -> dict[str, Any]:

@@ -52,6 +52,21 @@ def _teacher(cfg: RunConfig, data):
     return _TEACHERS[key]
 
 
+def epoch_result(engine: Any) -> dict[str, Any]:
+    """Train one epoch of ``engine``: its metrics as a trial reports them (one process's trial
+    here, a data-parallel trial's in kdtune.search.ddp)."""
+    metrics = engine.train_epoch()
+    diverged = not math.isfinite(metrics["train/loss"])
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            metrics[key] = penalty_value("min" if "loss" in key else "max")
+    metrics["diverged"] = float(diverged)
+    # The last epoch ends the trial (without a scheduler nothing else would); a NaN loss
+    # never recovers, so it ends the trial at once.
+    metrics["done"] = diverged or engine.epoch >= engine.recipe.epochs
+    return metrics
+
+
 class KDTrainable(tune.Trainable):
     """A kdtune trial. ``config`` holds only the sampled hyperparameters; the fixed part of
     the run configuration comes from the search spec (``tune.with_parameters``)."""
@@ -81,16 +96,7 @@ class KDTrainable(tune.Trainable):
         self.engine = build_engine(cfg, data, teacher, log=logger.info)
 
     def step(self) -> dict[str, Any]:
-        metrics = self.engine.train_epoch()
-        diverged = not math.isfinite(metrics["train/loss"])
-        for key, value in metrics.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                metrics[key] = penalty_value("min" if "loss" in key else "max")
-        metrics["diverged"] = float(diverged)
-        # The last epoch ends the trial (without a scheduler nothing else would); a NaN loss
-        # never recovers, so it ends the trial at once.
-        metrics["done"] = diverged or self.engine.epoch >= self.engine.recipe.epochs
-        return self.checkpoint_when_due(metrics)
+        return self.checkpoint_when_due(epoch_result(self.engine))
 
     def checkpoint_when_due(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Ask Tune for a checkpoint after this epoch when ``checkpoint_every_s`` have passed since
