@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(problem)
         if args.data_root:  # a missing or malformed folder, named before anything runs
             from kdtune.data import load_dataset
+            from kdtune import imagenet  # noqa: F401  registers the dataset
 
             load_dataset("imagenet", root=args.data_root, val_size=0, options={"resolution": args.resolution})
     except (ValueError, RuntimeError) as e:  # RuntimeError: kdtune.data.DataError, naming the folder
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kdtune.data import load_dataset
+    from kdtune import imagenet  # noqa: F401  registers the dataset
     from kdtune.engine import resolve_device
 
     device = resolve_device(args.device)

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from kdtune.data import DATASETS
+from kdtune import imagenet  # noqa: F401  registers the streaming dataset (it builds on kdtune.data)
 from kdtune.distillers import METHODS
 from kdtune.engine import RECIPE, Recipe
 from kdtune.hparams import Problem, Schema, as_problems, coerce, declare, did_you_mean, render

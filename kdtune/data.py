@@ -514,7 +514,3 @@ def eval_batches(split: Split, data: ImageData, *, batch_size: int,
         (normalize(images[i:i + batch_size]), labels[i:i + batch_size])
         for i in range(0, len(split), batch_size)
     ]
-
-
-# Registers the streaming ``imagenet`` dataset; imported last, as it builds on this module.
-from kdtune import imagenet  # noqa: E402,F401

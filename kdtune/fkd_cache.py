@@ -368,35 +368,9 @@ def open_crop_cache(teacher: nn.Module, data: FolderData, *, crops: int, k: int,
                      cat("classes").reshape(rows, k).to(device), cat("rest").reshape(rows).to(device))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kdtune.fkd_cache RUN.yaml [--set KEY=VALUE ...]``: build (this process's share of)
-    the crop cache of a run configuration and exit. Start it once per GPU, each with its own
-    ``CUDA_VISIBLE_DEVICES``, on nodes that share ``cache_dir``: each builds the shards no other holds."""
-    import argparse
-
-    from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override
-
-    p = argparse.ArgumentParser(prog="python -m kdtune.fkd_cache", description=main.__doc__)
-    p.add_argument("config", help="a run's YAML file (kdtune train's format) with teacher_cache: crops")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    try:
-        values = load_yaml(args.config)
-        values.update(parse_override(text) for text in args.overrides)
-        cfg = RunConfig.from_dict(values, args.config)
-        if cfg.teacher_cache != "crops":
-            raise ConfigError([f"{args.config}: teacher_cache: expected 'crops', but got {cfg.teacher_cache!r}"])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from kdtune.run import load_data, load_teacher, prepare_cache
-
-    data = load_data(cfg)
-    teacher, _ = load_teacher(cfg, data)
-    cache = prepare_cache(cfg, data, teacher)
-    print(f"[kdtune] crop cache: {cache.describe()}" if cache is not None else "[kdtune] no crop cache for this run")
-    return 0
-
-
 if __name__ == "__main__":
+    # The command lives in the CLI layer (it reads a run configuration and loads the run's data and
+    # teacher through kdtune.run, which imports this module).
+    from kdtune.cli.crop_cache import main
+
     raise SystemExit(main())

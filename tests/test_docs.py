@@ -58,4 +58,4 @@ def test_generated_tables_cover_every_key() -> None:
     for schema in (FILE, TOP, *SECTIONS.values()):
         assert all(f"`{key}`" in search and entry.help for key, entry in schema.items())
     assert "|  | `lr` | float | 0.05 | > 0 | base learning rate |" in run
-    assert "|  | `gpus_per_trial` | float | 0 | in [0, 1] |" in search
+    assert "|  | `gpus_per_trial` | float | 0 | >= 0 |" in search and "`workers_per_trial`" in search

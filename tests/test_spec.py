@@ -120,7 +120,8 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
      "--set resources.gpus_per_trial=1: resources.gpus_per_trial: must be 0 or workers_per_trial (2) in a "
      "data-parallel trial (each worker drives one GPU), but got 1.0"),
     (["resources.workers_per_trial=0"],
-     "--set resources.workers_per_trial=0: resources.workers_per_trial: must be >= 1, but got 0"),
+     "--set resources.workers_per_trial=0: resources.workers_per_trial: must be >= 1 (or null for gpus_per_trial "
+     "when a whole number above 1, else 1), but got 0"),
     (["resources.workers_per_trial=2", "scheduler.type=pbt", "search.algorithm=random"],
      "--set scheduler.type=pbt: scheduler.type: must not be pbt with workers_per_trial 2 (a data-parallel trial "
      "has no Tune checkpoint to copy or resume); use asha, median or none"),

@@ -593,6 +593,32 @@ def _check_resources(values: dict, problems: _Problems) -> dict[str, Any]:
     return {**out, "workers_per_trial": workers}
 
 
+
+def _check_data_parallel(resources: dict, search: dict, scheduler: dict, fixed: dict, space: Space,
+                         problems: _Problems) -> None:
+    """What a data-parallel trial (workers_per_trial > 1) cannot do, refused before any work."""
+    workers = resources["workers_per_trial"]
+    if not isinstance(workers, int) or workers < 2:
+        return
+    if scheduler["type"] in (*POPULATION_SCHEDULERS, "hyperband"):
+        # Ray Train checkpoints the trial, not Tune: there is nothing for PBT to copy or for
+        # HyperBand to pause and resume from
+        problems.add("scheduler.type", f"must not be {scheduler['type']} with workers_per_trial {workers} (a "
+                                       f"data-parallel trial has no Tune checkpoint to copy or resume); use asha, "
+                                       f"median or none")
+    methods = list(space.methods) if space.methods else [fixed.get("method", RunConfig.method)]
+    for method in methods:
+        cls = METHODS.get(method) if method in METHODS else None
+        if cls is not None and (cls.needs_indices or cls.strong_view is not None):
+            problems.add("resources.workers_per_trial", f"must be 1 with method {method} (its per-process state, a "
+                                                        f"memory over the training set or a strong view's random "
+                                                        f"stream, would differ between workers), but got {workers}")
+    if search["max_concurrent"] is None:
+        # Ray Train reserves a trial's workers itself, outside Tune's accounting: Tune alone would
+        # start every trial at once, each waiting for workers the cluster does not have
+        search["max_concurrent"] = 1
+
+
 def _check_confirm(values: dict, problems: _Problems) -> dict[str, Any]:
     return _read(SECTIONS["confirm"], values, "confirm.", problems)
 
