@@ -38,7 +38,7 @@ the storage dtype. A crop's box depends only on (key seed, image index, crop ind
 process built its shard, so the shards can be built by several processes at once -- one per GPU,
 on one node or on several that share the folder -- and the result is the same: each builder
 claims the next unbuilt shard with a non-blocking lock, builds it, and moves on; at the end it
-waits for the shards others hold. ``python -m kdtune.fkd_cache RUN.yaml`` started once per GPU
+waits for the shards others hold. ``kdtune cache RUN.yaml`` started once per GPU
 does that. Each shard is written under a temporary name and renamed when complete. (The locks
 are ``flock``; on NFS they are fcntl locks, which need a lock daemon on NFSv3.)
 """
@@ -369,8 +369,8 @@ def open_crop_cache(teacher: nn.Module, data: FolderData, *, crops: int, k: int,
 
 
 if __name__ == "__main__":
-    # The command lives in the CLI layer (it reads a run configuration and loads the run's data and
-    # teacher through kdtune.run, which imports this module).
-    from kdtune.cli.crop_cache import main
+    # ``kdtune cache`` (kdtune.cli.cache) is the command; it lives in the CLI layer because it
+    # loads the run's data and teacher through kdtune.run, which imports this module.
+    from kdtune.cli import main
 
-    raise SystemExit(main())
+    raise SystemExit(main(["cache", *sys.argv[1:]]))

@@ -243,3 +243,12 @@ def test_a_library_call_installs_the_handler_only_where_logging_is_unconfigured(
         assert [type(h) for h in kdtune.handlers] == [Handler] and kdtune.level == logging.INFO
     finally:
         kdtune.setLevel(level)
+
+
+def test_cache_command_refuses_a_run_without_the_crop_cache(tmp_path, capsys) -> None:
+    from kdtune.cli import main
+
+    run = tmp_path / "run.yaml"
+    run.write_text("dataset: digits\nteacher: resnet8\nstudent: resnet8\nteacher_cache: auto\n")
+    assert main(["cache", str(run)]) == 2
+    assert f"{run}: teacher_cache: expected 'crops', but got 'auto'" in capsys.readouterr().err

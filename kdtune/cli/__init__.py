@@ -1,4 +1,4 @@
-"""The ``kdtune`` command: one argparse tree, ``kdtune search|train|report|bench ...``.
+"""The ``kdtune`` command: one argparse tree, ``kdtune search|train|report|bench|cache ...``.
 
 Each command is a module of this package that declares its arguments once (``add_arguments``)
 and runs the library under them (``run(args)``: :func:`kdtune.train.run`, the search driver
@@ -22,7 +22,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("search", "train", "report", "bench")  # each a module kdtune.cli.<name>
+COMMANDS = ("search", "train", "report", "bench", "cache")  # each a module kdtune.cli.<name>
 
 DESCRIPTION = "kdtune: knowledge-distillation hyperparameter search on PyTorch (Ray Tune, Optuna, MLflow)."
 EXAMPLES = """`kdtune COMMAND --help` describes a command.
