@@ -211,7 +211,8 @@ def test_kdas_autotunes_one_batch_size_over_a_240_epoch_schedule(autotune_on) ->
     log: list[tuple[int, bool]] = []
     net = _Recording(log)
     distiller = SimpleNamespace(student=net, teacher_logits=lambda x: net(x)[0])
-    engine = SimpleNamespace(recipe=Recipe(epochs=240, batch_size=64), distiller=distiller,
+    engine = SimpleNamespace(recipe=Recipe(epochs=240, batch_size=64), distiller=distiller, workers=None,
+                             device=torch.device("cpu"),
                              loader=TrainLoader(data, batch_size=64, device="cpu", seed=0),
                              memory_format=torch.contiguous_format,
                              autocast=lambda: torch.autocast("cpu", enabled=False),
