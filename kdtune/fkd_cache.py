@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from kdtune.data import normalizer
 from kdtune.imagenet import RANDOM, BatchPlan, FolderData, FolderImages, make_loader
-from kdtune.teacher_cache import DTYPES, CacheError, _tensor_bytes
+from kdtune.teacher_cache import DTYPES, CacheError, _tensor_bytes, publish
 
 MAGIC = b"KDTUNE-TEACHER-CROPS\n"
 HEADER_BYTES = 4096
@@ -241,9 +241,7 @@ def build_shard(plan: Plan, s: int, teacher: nn.Module, data: FolderData, *, dev
         for a in arrays.values():
             a.flush()
         del arrays, flat
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see no shard or a complete one
+        publish(tmp, path)  # readers see no shard or a complete one
     finally:
         teacher.train(was_training)
         if tmp.exists():

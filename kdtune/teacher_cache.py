@@ -58,6 +58,14 @@ class CacheError(RuntimeError):
     """A cache file that cannot be used (wrong key, truncated, unreadable header)."""
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Move the finished file ``tmp`` to ``path``: flushed to disk first, then renamed, so that
+    readers (other trials, other nodes on a shared cache_dir) see no file or a complete one."""
+    with open(tmp, "r+b") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def use_cache(setting: str, method: str, sampler: str = "none", dataset: str | None = None) -> tuple[bool, str]:
     """Whether a run with ``teacher_cache: setting`` and ``method`` (on ``dataset``) reads a cache,
     and the line that tells the user which applies. ``crops``: the FKD-style cache
@@ -245,9 +253,7 @@ def _build(path: Path, key: str, shape: tuple[int, int, int], dtype: str, teache
                     f"{rate:.0f} views/s, {now - start:.0f}s{eta}")
         out.flush()
         del out
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see no file or a complete one
+        publish(tmp, path)
     finally:
         teacher.train(was_training)
         if tmp.exists():
