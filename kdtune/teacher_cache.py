@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 MAGIC = b"KDTUNE-TEACHER-LOGITS\n"
 HEADER_BYTES = 4096
 VERSION = 1
-SETTINGS = ("auto", "on", "off")
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 
 

@@ -129,6 +129,9 @@ BROKEN = [  # (overrides, the one problem expected): a value set by --set is rep
      "--set resources.workers_per_trial=2: resources.workers_per_trial: must be 1 with method crd (its "
      "per-process state, a memory over the training set or a strong view's random stream, would differ "
      "between workers), but got 2"),
+    (["resources.workers_per_trial=2", "fixed.dataset=imagenet"],
+     "--set resources.workers_per_trial=2: resources.workers_per_trial: must be 1 with dataset imagenet (a "
+     "streaming dataset has no per-worker shard yet; several workers need cifar100, cifar10 or digits), but got 2"),
     (["resources.cpus_per_trial=0"], "--set resources.cpus_per_trial=0: resources.cpus_per_trial: must be > 0, "
                                      "but got 0.0"),
     (["search.metric=val/acc"], "--set search.metric=val/acc: search.metric: must be one of val/acc1, val/acc5, "

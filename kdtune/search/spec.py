@@ -17,6 +17,7 @@ from typing import Any
 
 from kdtune import config
 from kdtune.config import ConfigError, RunConfig, load_yaml, parse_override, validate
+from kdtune.data import DATASETS
 from kdtune.distillers import METHODS
 from kdtune.hparams import Problem, Schema, coerce, did_you_mean, hp, table
 from kdtune.plugins import load_plugins
@@ -613,6 +614,13 @@ def _check_data_parallel(resources: dict, search: dict, scheduler: dict, fixed: 
             problems.add("resources.workers_per_trial", f"must be 1 with method {method} (its per-process state, a "
                                                         f"memory over the training set or a strong view's random "
                                                         f"stream, would differ between workers), but got {workers}")
+    dataset = fixed.get("dataset", RunConfig.dataset)
+    if getattr(DATASETS.get(dataset) if dataset in DATASETS else None, "streaming", False):
+        # The streaming loader draws whole batches in its DataLoader workers and has no shard per
+        # rank yet, so each rank would train on the full batch (the engine refuses it too).
+        problems.add("resources.workers_per_trial", f"must be 1 with dataset {dataset} (a streaming dataset has no "
+                                                    f"per-worker shard yet; several workers need cifar100, cifar10 "
+                                                    f"or digits), but got {workers}")
     if search["max_concurrent"] is None:
         # Ray Train reserves a trial's workers itself, outside Tune's accounting: Tune alone would
         # start every trial at once, each waiting for workers the cluster does not have
