@@ -78,15 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                    else [int(w) for w in args.workers.split(",")])
         if any(w < 0 for w in workers) or args.images < 1 or args.batch_size < 1 or args.resolution < 8:
             raise ValueError("--workers must be counts >= 0, --images and --batch-size >= 1, --resolution >= 8")
-        from kdtune.bench import _pair
-        from kdtune.checks import device_problem
+        from kdtune.checks import device_problem, model_pair
 
-        teacher, student = _pair(args.pair, "--pair")
-        if problem := device_problem(args.device):
+        if problem := model_pair(args.pair, "--pair") or device_problem(args.device):
             raise ValueError(problem)
+        teacher, _, student = args.pair.partition(":")
         if args.data_root:  # a missing or malformed folder, named before anything runs
-            from kdtune.data import load_dataset
             from kdtune import imagenet  # noqa: F401  registers the dataset
+            from kdtune.data import load_dataset
 
             load_dataset("imagenet", root=args.data_root, val_size=0, options={"resolution": args.resolution})
     except (ValueError, RuntimeError) as e:  # RuntimeError: kdtune.data.DataError, naming the folder

@@ -56,6 +56,20 @@ def writable_dir_problem(path: str | Path, what: str, create: bool = True) -> st
     return None
 
 
+
+def model_pair(text: str, flag: str) -> str | None:
+    """Why ``text`` is not a ``TEACHER:STUDENT`` pair of known models (a one-line error naming
+    ``flag``), or None."""
+    from kdtune.models import MODELS
+
+    teacher, sep, student = text.partition(":")
+    if not sep or not teacher or not student:
+        return f"{flag} {text!r}: expected TEACHER:STUDENT, e.g. resnet32x4:resnet8x4"
+    for role, name in (("teacher", teacher), ("student", student)):
+        if name not in MODELS:
+            return f"{flag} {text!r}: {role}: {MODELS.unknown_message(name)}"
+    return None
+
 def shorten(value: object, limit: int = 200) -> str:
     """``repr(value)`` cut to ``limit`` characters: error messages quote user values, which can be huge."""
     text = repr(value)

@@ -55,14 +55,11 @@ def _nonnegative(text: str) -> int:
 
 def _pair(text: str, flag: str) -> tuple[str, str]:
     """``TEACHER:STUDENT`` with both models known, else a one-line error naming the flag."""
-    from kdtune.models import MODELS
+    from kdtune.checks import model_pair
 
-    teacher, sep, student = text.partition(":")
-    if not sep or not teacher or not student:
-        raise ValueError(f"{flag} {text!r}: expected TEACHER:STUDENT, e.g. resnet32x4:resnet8x4")
-    for role, name in (("teacher", teacher), ("student", student)):
-        if name not in MODELS:
-            raise ValueError(f"{flag} {text!r}: {role}: {MODELS.unknown_message(name)}")
+    if problem := model_pair(text, flag):
+        raise ValueError(problem)
+    teacher, _, student = text.partition(":")
     return teacher, student
 
 
