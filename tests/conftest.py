@@ -153,16 +153,27 @@ SHARED_SEARCHES = ("e2e_search", "short_searches", "fault_searches")
 # without it that hook ran first and never saw them.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under ``-n 2`` (pytest-xdist, setup.cfg): the tests of one shared search in one worker,
-    and the slow tests (real searches) first, so that the two workers end together instead of
-    one running the long searches alone at the end."""
+    """Under ``-n 2`` (pytest-xdist, setup.cfg), one unit of work per xdist group: the tests of
+    one shared search, else the tests of one module. A module's tests then share its
+    module-scoped fixtures in one worker: spread over both, each worker built them (the two-process
+    DDP runs of test_distributed twice, 25 s of CPU). The longest units first (setup.cfg turns
+    xdist's own reordering, by test count, off), so that the two workers end together instead
+    of one running the long searches alone at the end."""
     for item in items:
-        group = next((name for name in SHARED_SEARCHES if name in getattr(item, "fixturenames", ())), None)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-    # the longest unit (the e2e search and its readers) first, then the other slow tests
-    items.sort(key=lambda item: ("e2e_search" not in getattr(item, "fixturenames", ()),
-                                 item.get_closest_marker("slow") is None))
+        group = next((name for name in SHARED_SEARCHES if name in getattr(item, "fixturenames", ())),
+                     item.path.stem)
+        item.add_marker(pytest.mark.xdist_group(group))
+    slow_groups = {_group(item) for item in items if item.get_closest_marker("slow")}
+
+    def rank(item) -> int:
+        group = _group(item)
+        return 0 if group == "e2e_search" else 1 if group in SHARED_SEARCHES else 2 if group in slow_groups else 3
+
+    items.sort(key=rank)
+
+
+def _group(item) -> str:
+    return str(item.get_closest_marker("xdist_group").args[0])
 
 
 class _GroupNodeIds:
