@@ -182,11 +182,37 @@ def test_shards_split_a_batch_in_rank_order() -> None:
     assert Workers(0, 2).loss_scale(3, 7) == pytest.approx(6 / 7)
 
 
+# KD whose rank 0 fails once, at the start of epoch 2, as a lost GPU worker would; rank 1 is left
+# waiting in its next collective until Ray Train stops the group
+RANK0_CRASH_PLUGIN = '''
+from pathlib import Path
+
+import torch.distributed as dist
+
+from kdtune.distillers import METHODS
+from kdtune.distillers.kd import KD
+
+
+@METHODS.register("rank0_crash_kd")
+class Rank0CrashKD(KD):
+    def on_epoch_start(self, epoch, num_epochs):
+        super().on_epoch_start(epoch, num_epochs)
+        marker = Path(__file__).parent / "crashed"
+        if epoch == 2 and dist.get_rank() == 0 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("simulated loss of rank 0")
+'''
+
+
 @pytest.mark.slow
 def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, shared_ray) -> None:
-    """One trial of a real search as two gloo workers under Ray Train's TorchTrainer: MLflow gets
-    the reduced metrics (the whole train split per epoch; validation as one process computes it),
-    and rank 0's checkpoint is in Ray Train's folder of the trial."""
+    """One trial of a real search as two gloo workers under Ray Train's TorchTrainer, whose rank 0
+    fails once in epoch 2: Tune retries the trial, and it goes on from rank 0's checkpoint of
+    epoch 1. MLflow gets each epoch once, at its epoch, with the reduced metrics (the whole train
+    split per epoch; validation as one process computes it): the uninterrupted one-process run's."""
+    import json
+    import os
+
     import pandas as pd
     from mlflow import MlflowClient
 
@@ -195,27 +221,39 @@ def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, 
     from kdtune.search.spec import load_spec
     from searches import SPACE, run_search, write_space
 
+    (tmp_path / "rank0_crash.py").write_text(RANK0_CRASH_PLUGIN)
     # one fixed configuration (lr), so that the one-process reference below is that trial
     resources = {"cpus_per_trial": 2, "gpus_per_trial": 2} if CUDA else {"cpus_per_trial": 1, "workers_per_trial": 2}
     space = write_space(tmp_path, SPACE, fixed__epochs=2, fixed__batch_size=64, fixed__device=ddp_harness.DEVICE,
-                        fixed__amp=False, space={"lr": {"type": "categorical", "choices": [0.05]}},
+                        fixed__amp=False, fixed__method="rank0_crash_kd",
+                        space={"lr": {"type": "categorical", "choices": [0.05]}},
                         search__algorithm="random", search__num_samples=1, scheduler={"type": "none"},
-                        resources=resources, checkpoint_every_s=0)
+                        resources=resources, checkpoint_every_s=0, max_failures=1)
     # on GPUs a private instance, which gets the machine's GPUs (the shared one has none)
-    result = run_search(tmp_path, space, ray=None if CUDA else shared_ray)
+    ray = None if CUDA else shared_ray
+    path = os.pathsep.join([str(tmp_path), (ray.env if ray else os.environ).get("PYTHONPATH", "")])
+    result = run_search(tmp_path, space, ray=ray, env_extra={"KDTUNE_PLUGINS": "rank0_crash", "PYTHONPATH": path})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "crashed").exists()  # rank 0 did fail
     folder = tmp_path / "ray" / SPACE["name"]
-    (trial_id,) = pd.read_csv(folder / "results.csv")["trial_id"]
+    table = pd.read_csv(folder / "results.csv")
+    (trial_id,) = table["trial_id"]
+    assert list(table["status"]) == ["completed"] and list(table["epochs"]) == [2]
     assert list((folder / "train" / trial_id).glob("checkpoint_*/engine.pth"))  # after epoch 1, by rank 0
+    # Tune's log of the trial: epoch 1, then the retry's first result, epoch 2 (not epoch 1 again)
+    (log,) = folder.glob(f"data_parallel_trial_{trial_id}_*/result.json")
+    assert [(r["training_iteration"], r["epoch"]) for r in map(json.loads, log.read_text().splitlines())] == [(1, 1), (2, 2)]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(SPACE["name"])
     (run,) = client.search_runs([exp.experiment_id], f"tags.`kdtune.trial_id` = '{trial_id}'")
-    logged = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
-              for key in ("samples/epoch", "val/acc1", "val/loss")}
+    history = {key: sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+               for key in ("samples/epoch", "val/acc1", "val/loss")}
+    assert [m.step for m in history["val/loss"]] == [1, 2]  # each epoch once, the retried one too
+    logged = {key: [m.value for m in metrics] for key, metrics in history.items()}
 
-    spec = load_spec(space)
-    cfg = spec.run_config({"lr": 0.05})
+    # the plugin's method computes KD's; this process has not loaded the plugin
+    cfg = load_spec(space, ["fixed.method=kd"]).run_config({"lr": 0.05})
     data = load_dataset("digits", val_size=cfg.val_size)
     teacher, _ = load_teacher(cfg, data, train=False)  # the one the search trained and cached
     threads = torch.get_num_threads()

@@ -9,7 +9,8 @@ them to MLflow and whose scheduler stops the trial.
 
 Checkpoints are Ray Train's: rank 0 writes the engine state (one state for all ranks), every
 rank loads it. A trial that Tune restarts (a retry, ``--resume``) starts a ``TorchTrainer`` of
-the same name in the same folder, and Ray Train goes on from that run's latest checkpoint.
+the same name in the same folder, and Ray Train goes on from that run's latest checkpoint; its
+results carry their epoch as ``training_iteration``, which Tune would otherwise count from 1 again.
 """
 from __future__ import annotations
 
@@ -90,6 +91,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank0 = ray.train.get_context().get_world_rank() == 0
     while engine.epoch < engine.recipe.epochs:
         metrics = epoch_result(engine)
+        # Tune numbers a trial's results itself, from 1 in each start of the trial function, and keeps
+        # a value the result brings: a retried trial, which Ray Train resumed from its checkpoint of
+        # epoch k, reports epoch k + 1, not 1 (the schedulers' time, MLflow's step, the results table)
+        metrics["training_iteration"] = engine.epoch
         due = time.monotonic() - last_checkpoint >= spec.checkpoint_every_s and not metrics["done"]
         # every rank decides alike: rank 0's clock decides for all (a checkpoint is a collective report)
         due = bool(engine.workers.sum([torch.tensor(float(due and rank0), device=engine.device)])[0].item())
