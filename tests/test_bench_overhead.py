@@ -35,11 +35,13 @@ def test_bad_input_exits_2_before_any_search() -> None:
 
 
 @pytest.mark.slow
-def test_noop_trials_run_through_the_real_search_path(tmp_path) -> None:
+def test_noop_trials_run_through_the_real_search_path(tmp_path, shared_ray) -> None:
+    """On the session's Ray instance (--address; a private one per search is the default, which
+    the searches of test_search and test_faults start)."""
     (tmp_path / "cwd").mkdir()
     r = subprocess.run([sys.executable, "-m", "kdtune.bench", "--overhead", "--trials", "4", "--algorithms", "random",
-                        "--keep", str(tmp_path / "kept")], capture_output=True, text=True, timeout=300, env=env(),
-                       cwd=tmp_path / "cwd")
+                        "--keep", str(tmp_path / "kept"), "--address", shared_ray.address],
+                       capture_output=True, text=True, timeout=300, env=shared_ray.env, cwd=tmp_path / "cwd")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     row = re.search(r"^random\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)", r.stdout, re.M)
     assert row, r.stdout[-2000:]

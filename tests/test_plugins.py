@@ -73,7 +73,9 @@ def test_a_dataset_builder_that_declares_root_gets_data_root(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_plugin_in_a_two_trial_search(tmp_path: Path) -> None:
+def test_plugin_in_a_two_trial_search(tmp_path: Path, shared_ray) -> None:
+    """On the session's Ray instance, whose workers were started without the plugin: the search
+    forwards KDTUNE_PLUGINS to them."""
     space = {"name": "plugin", "fixed": {**RUN, "cache_dir": str(tmp_path / "cache")},
              "space": {"ramp_start": {"type": "categorical", "choices": [0.2, 1.0]}},
              # one trial at a time: a second trial process would cost seconds of imports on 2 cores
@@ -82,8 +84,9 @@ def test_plugin_in_a_two_trial_search(tmp_path: Path) -> None:
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     r = subprocess.run([sys.executable, "-m", "kdtune.search", str(path), "--storage-path", str(tmp_path / "ray"),
-                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, env=_env(),
-                       capture_output=True, text=True, timeout=900)
+                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--address", shared_ray.address],
+                       cwd=tmp_path, env={**shared_ray.env, "KDTUNE_PLUGINS": PLUGIN}, capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from mlflow import MlflowClient
 

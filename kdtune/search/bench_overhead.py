@@ -69,9 +69,10 @@ def write_space(folder: Path, algorithm: str, trials: int, epochs: int, concurre
 
 
 def measure(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: int, scheduler: str,
-            step_s: float, train: str | None = None) -> dict[str, Any]:
+            step_s: float, train: str | None = None, address: str | None = None) -> dict[str, Any]:
     """One search through ``kdtune.search.driver.execute``; its timings. ``train``: real trials on
-    that dataset (kdtune's own trainable) instead of no-op ones."""
+    that dataset (kdtune's own trainable) instead of no-op ones. ``address``: a running Ray
+    cluster (``kdtune search --address``), else a private local instance, as a search starts."""
     from mlflow import MlflowClient
 
     from kdtune.search.api import options
@@ -88,7 +89,8 @@ def measure(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: 
     # The store's artifacts beside it: MLflow's default is ./mlruns of wherever the bench runs.
     MlflowClient(tracking).create_experiment(yaml.safe_load(space.read_text())["name"], tags=EXPERIMENT_KIND,
                                              artifact_location=(folder / "mlruns").as_uri())
-    args = options(space, storage_path=str(folder / "ray"), tracking_uri=tracking, status_every=3600.0)
+    args = options(space, storage_path=str(folder / "ray"), tracking_uri=tracking, status_every=3600.0,
+                   address=address)
     if train:  # the issue's setting: the teacher and its output cache exist before the search starts
         from kdtune.search.driver import prepare_teacher
         from kdtune.search.spec import load_spec
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the searches this many times, the algorithms interleaved (tpe, random, tpe, "
                         "random, ...) so that the machine's load falls on each alike (default 1)")
     p.add_argument("--keep", default=None, help="keep the searches' folders here (default: a temporary folder)")
+    p.add_argument("--address", default=None,
+                   help="a running Ray cluster's address, as for kdtune search (default: each search starts a "
+                        "private local instance, whose start-up is in the figures)")
     args = p.parse_args(argv)
     # checked before anything heavy is imported: a mistyped flag costs a second, not a search
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     folder = root / (f"{algorithm}-{trials}" + (f"-{run}" if args.repeat > 1 else ""))
                     folder.mkdir(parents=True, exist_ok=True)
                     row = measure(folder, algorithm, trials, args.epochs, args.max_concurrent, args.scheduler,
-                                  args.step_s, args.train)
+                                  args.step_s, args.train, args.address)
                     row["run"] = run
                     rows.append(row)
                     print(f"[bench] {algorithm} {trials} trials: {row['wall_s']:.1f} s wall, "
