@@ -395,3 +395,23 @@ def test_a_search_distils_from_the_crop_cache_its_driver_built(short_searches) -
     assert len(rows) == 1 and rows[0]["status"] == "completed" and 0 <= float(rows[0]["final_val/acc1"]) <= 100
     (trial_out,) = run.folder.glob("KDTrainable_*/stdout")
     assert "teacher_crops/" in trial_out.read_text() and "loaded)" in trial_out.read_text()
+
+
+def test_the_loader_benchmark_prints_the_loaders_and_the_steps_rates(tmp_path) -> None:
+    """``kdtune bench --loader`` end to end, on its own temporary JPEGs (only --help was run once,
+    and an ImportError in its model check went unseen)."""
+    import re
+    import subprocess
+    import sys
+
+    from searches import env
+
+    r = subprocess.run([sys.executable, "-m", "kdtune.bench", "--loader", "--images", "16", "--resolution", "16",
+                        "--batch-size", "8", "--workers", "0,1", "--steps", "1"],
+                       capture_output=True, text=True, timeout=300, env=env(), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    train = re.findall(r"train loader,\s+(\d) workers:\s+([\d.]+) img/s \((\d+) images\)", r.stdout)
+    assert [(w, n) for w, _, n in train] == [("0", "16"), ("1", "16")] and all(float(rate) > 0 for _, rate, _ in train)
+    assert re.search(r"eval loader,\s+1 workers:\s+[\d.]+ img/s \(16 images\)", r.stdout), r.stdout
+    assert re.search(r"step tv_resnet34 -> tv_resnet18 \(kd, teacher live\):\s+[\d.]+ img/s \(1 steps", r.stdout), r.stdout
+    assert not any(tmp_path.iterdir())  # its JPEGs were in a temporary folder, removed
