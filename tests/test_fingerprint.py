@@ -5,21 +5,32 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).parent
 
 
+def tool():
+    """tests/tools/fingerprint.py, the script that recorded the fingerprint."""
+    if str(HERE / "tools") not in sys.path:
+        sys.path.insert(0, str(HERE / "tools"))
+    import fingerprint
+
+    return fingerprint
+
+
 def fingerprint(part: str) -> dict:
-    # A subprocess: the script sets deterministic algorithms and one thread for itself only.
-    # One part per test, so that the parts compute in parallel (pytest-xdist) and once each.
-    out = subprocess.run([sys.executable, str(HERE / "tools" / "fingerprint.py"), part], check=True,
-                         capture_output=True, text=True, timeout=300).stdout
-    return json.loads(out)[part]
+    # In this process (a subprocess cost 4-5 s of CPU to import torch and kdtune, per part): the
+    # script's compute() sets one thread and deterministic algorithms, as it recorded them, and
+    # restores this process's settings after. Through JSON, as the script writes the file.
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    got = tool().compute([part])
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+    return json.loads(json.dumps(got))[part]
 
 
 def _close(a, b, rel: float, abs_: float) -> bool:
@@ -67,12 +78,9 @@ def test_behaviour_matches_the_recorded_fingerprint(part: str) -> None:
 def test_a_changed_init_or_output_moves_the_summary_beyond_its_tolerance() -> None:
     """The model summary is a behaviour check, not a bit check: float noise stays inside the
     tolerance, while a change to one weight of millions (or to the logits) leaves it."""
-    import torch
-
-    sys.path.insert(0, str(HERE / "tools"))
-    from fingerprint import model_summary
-
     from kdtune.models import build_model
+
+    model_summary = tool().model_summary
 
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)

@@ -108,11 +108,25 @@ def digits_runs() -> dict[str, dict]:
 PARTS = {"models": models, "losses": losses, "digits": digits_runs}
 
 
-def main(argv: list[str]) -> None:
-    """All parts, or the ones named on the command line (the test computes each on its own)."""
+def compute(names) -> dict[str, dict]:
+    """The parts ``names``, computed as recorded: one thread, deterministic algorithms. Those are set
+    for the call and restored after it (tests/test_fingerprint.py computes the parts in its own
+    process, where the other tests run with their own settings)."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    json.dump({name: PARTS[name]() for name in argv or PARTS}, sys.stdout, indent=1, sort_keys=True)
+    try:
+        return {name: PARTS[name]() for name in names}
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def main(argv: list[str]) -> None:
+    """All parts, or the ones named on the command line."""
+    json.dump(compute(argv or PARTS), sys.stdout, indent=1, sort_keys=True)
     print()
 
 
