@@ -47,7 +47,18 @@ def test_plugin_method_sampler_model_and_dataset_train(tmp_path: Path) -> None:
 
 
 def test_plugin_hyperparameters_are_validated_before_any_work(tmp_path: Path) -> None:
-    r = _train(tmp_path, {**RUN, "ramp_start": 2, "ramp_epochs": 0, "powr": 1, "logit_stand": "yes"})
+    # One process (each costs 4-5 s of CPU to import torch and kdtune) runs what two runs of
+    # `python -m kdtune.train` did, through the same kdtune.cli.main: first `--list kd_ramp` (its
+    # plugin loaded by the listing's own lookup, in a fresh process), then the refused run (its
+    # exit status is the process's).
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**RUN, "ramp_start": 2, "ramp_epochs": 0, "powr": 1, "logit_stand": "yes",
+                                   "cache_dir": str(tmp_path / "cache")}))
+    code = ("import sys\nfrom kdtune.cli import main\n"
+            "print('--list exit status', main(['train', '--list', 'kd_ramp']), flush=True)\n"
+            f"sys.exit(main(['train', {str(cfg)!r}, '--output-dir', {str(tmp_path / 'out')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     for line in ("run.yaml: ramp_start: must be in [0, 1], but got 2.0",
                  "run.yaml: ramp_start: must be 1 when ramp_epochs is 0 (there is no ramp), but got 2.0",
@@ -55,9 +66,8 @@ def test_plugin_hyperparameters_are_validated_before_any_work(tmp_path: Path) ->
                  "run.yaml: logit_stand: expected true or false, but got 'yes'"):  # inherited from KD
         assert line in r.stderr, r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
-    listed = subprocess.run([sys.executable, "-m", "kdtune.train", "--list", "kd_ramp"], env=_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert listed.returncode == 0 and "ramp_start" in listed.stdout and "logit_stand" in listed.stdout
+    listed = r.stdout.partition("--list exit status")
+    assert listed[2].strip() == "0" and "ramp_start" in listed[0] and "logit_stand" in listed[0], r.stdout
 
 
 def test_a_dataset_builder_that_declares_root_gets_data_root(tmp_path: Path) -> None:
