@@ -266,7 +266,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_search_builds_the_cache_only_when_its_planned_epochs_pay(tmp_path: Path, capsys) -> None:
     """The shipped KDAS space cut to 2 epochs x 2 trials on a 600-image CIFAR-100 plans ~3 teacher
     passes per image; a build would make 162 (81 crops x 2 flips): the teacher runs live. The
-    quickstart (12 trials under ASHA, digits' 9 views) plans far more, and builds it."""
+    quickstart (12 trials under ASHA, digits' 9 views) plans far more, and builds it. (The teacher's
+    accuracy is measured on 10 validation images: resnet32x4 takes 0.03 s an image on one core.)"""
     from conftest import write_cifar
 
     from kdtune.search.driver import prepare_teacher
@@ -278,7 +279,7 @@ def test_a_search_builds_the_cache_only_when_its_planned_epochs_pay(tmp_path: Pa
     spec = load_spec(ROOT / "search_spaces" / "kdas.yaml",
                      ["fixed.epochs=2", "search.num_samples=2", "scheduler.grace_period=1",
                       f"fixed.data_root={tmp_path / 'data'}", f"fixed.teacher_checkpoint={ckpt}",
-                      f"fixed.cache_dir={tmp_path / 'cache'}", "fixed.val_size=60", "fixed.device=cpu"])
+                      f"fixed.cache_dir={tmp_path / 'cache'}", "fixed.val_size=10", "fixed.device=cpu"])
     assert spec.planned_trial_epochs() < 162
     record = prepare_teacher(spec)
     out = capsys.readouterr().out
