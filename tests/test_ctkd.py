@@ -163,6 +163,19 @@ def _engine(digits, teacher, **kw):
     return build_engine(RunConfig.from_dict(cfg), digits, teacher)
 
 
+@pytest.fixture(scope="module")
+def ctkd_run(digits, trained_resnet8, tmp_path_factory):
+    """Plain CTKD (global temperature, 3 epochs) with the trained teacher, the engine's state saved
+    after epoch 2: the composition test reads its metrics, the resume test continues it."""
+    engine = _engine(digits, trained_resnet8)
+    run = engine.run()
+    metrics = [next(run), next(run)]
+    # the state after epoch 2 is what a run stopped there saves (state_dict changes nothing)
+    state = tmp_path_factory.mktemp("ctkd") / "s.pth"
+    torch.save(engine.state_dict(), state)
+    return metrics + list(run), state
+
+
 @pytest.mark.parametrize("params", [
     {},
     {"method": "ctkd_dkd", "warmup": 2},
@@ -171,9 +184,12 @@ def _engine(digits, teacher, **kw):
     {"sampler": "kdas", "sampling_period": 2},
     {"temperature_mode": "instance", "temperature_hidden": 32, "method": "ctkd_dkd"},
 ])
-def test_ctkd_composes_with_dkd_logit_standardization_and_kdas(digits, trained_resnet8, params) -> None:
-    engine = _engine(digits, trained_resnet8, **params)
-    metrics = list(engine.run())
+def test_ctkd_composes_with_dkd_logit_standardization_and_kdas(digits, trained_resnet8, params, request) -> None:
+    if params:
+        metrics = list(_engine(digits, trained_resnet8, **params).run())
+    else:  # plain CTKD: the run the resume test continues
+        metrics = request.getfixturevalue("ctkd_run")[0]
+    assert len(metrics) == 3
     assert_learns(metrics, loss="train/loss_ce", label=params)
     low = params.get("t_start", 1.0)
     for epoch, m in enumerate(metrics, start=1):
@@ -185,19 +201,19 @@ def test_ctkd_composes_with_dkd_logit_standardization_and_kdas(digits, trained_r
         assert metrics[0]["kdas/mean_weight"] < 1.0
 
 
-def test_the_temperature_has_its_own_learning_rate_and_resumes_exactly(digits, teacher, tmp_path) -> None:
+def test_the_temperature_has_its_own_learning_rate_and_resumes_exactly(digits, teacher, trained_resnet8,
+                                                                      ctkd_run) -> None:
     engine = _engine(digits, teacher, temperature_lr_scale=0.1, lr=0.05)
     theta = engine.distiller.ctkd.theta
     group = next(g for g in engine.optimizer.param_groups if any(p is theta for p in g["params"]))
     assert group["lr"] == pytest.approx(0.005) and len(group["params"]) == 1
     assert group["weight_decay"] == engine.recipe.weight_decay  # the student's SGD settings otherwise
-    full = [m["train/loss"] for m in _engine(digits, teacher).run()]
-    first = _engine(digits, teacher)
-    head = [next(first.run())["train/loss"] for _ in range(2)]
-    torch.save(first.state_dict(), tmp_path / "s.pth")
-    second = _engine(digits, teacher)
-    second.load_state_dict(torch.load(tmp_path / "s.pth", weights_only=True))
-    assert head + [m["train/loss"] for m in second.run()] == full
+    # a fresh engine loads the state saved after epoch 2 of the plain CTKD run and runs epoch 3
+    full, state = ctkd_run
+    second = _engine(digits, trained_resnet8)
+    second.load_state_dict(torch.load(state, weights_only=True))
+    keys = ("epoch", "train/loss", "val/acc1", "ctkd/temperature", "ctkd/lambda")
+    assert [[m[k] for k in keys] for m in second.run()] == [[m[k] for k in keys] for m in full[2:]]
 
 
 def test_ctkd_config_is_validated() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdtune.config import ConfigError, RunConfig
+from kdtune.data import Split
 from kdtune.distillers import METHODS, build_distiller
 from kdtune.distillers.connectors import ConvReg, feature_shapes
 from kdtune.distillers.feature import FEATURE_LOSSES, FeatureDistiller, spot_features
@@ -402,10 +404,15 @@ def test_each_method_learns_on_digits(digits, trained_resnet8, name) -> None:
 
 
 def test_bf16_autocast_run_follows_the_float32_run(digits, digits_teacher) -> None:
+    # bfloat16 convolutions are emulated on CPUs without bf16 units (5 s an epoch of digits): 320
+    # training images in batches of 64 make as many steps (5) as an epoch of digits in batches of 256
+    data = dataclasses.replace(digits, train=Split(digits.train.images[:320], digits.train.labels[:320]))
     torch.manual_seed(0)
-    m16 = next(build_engine(_cfg(method="fitnet", amp=True, epochs=1), digits, digits_teacher).run())
+    m16 = next(build_engine(_cfg(method="fitnet", amp=True, epochs=1, batch_size=64), data, digits_teacher).run())
     torch.manual_seed(0)
-    m32 = next(build_engine(_cfg(method="fitnet", epochs=1), digits, digits_teacher).run())
+    m32 = next(build_engine(_cfg(method="fitnet", epochs=1, batch_size=64), data, digits_teacher).run())
+    assert m16["samples/epoch"] == m32["samples/epoch"] == 320
+    assert m16["train/loss"] != m32["train/loss"]  # autocast did run in bfloat16
     # same seed, same batches: bfloat16's ~3 significant digits move the losses by a few percent
     for key in ("train/loss", "train/loss_feat", "train/loss_ce"):
         assert m16[key] == pytest.approx(m32[key], rel=0.05), (key, m16[key], m32[key])

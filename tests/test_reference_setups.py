@@ -71,11 +71,22 @@ def workdir(tmp_path_factory) -> Path:
     return tmp
 
 
-def build_once(cfg: RunConfig) -> None:
+@pytest.fixture(scope="module")
+def teachers_loaded() -> dict:
+    """The teachers load_teacher has loaded, by everything it reads for a checkpoint: the 39 setups
+    built here load 6 teacher files, each once."""
+    return {}
+
+
+def build_once(cfg: RunConfig, loaded: dict) -> None:
     """Data, teacher (from the fabricated file), student and method, and one loss on two images."""
     data = load_data(cfg)
-    teacher, info = load_teacher(cfg, data, log=lambda _: None)
-    assert info.source == "checkpoint" and info.path == str(Path(cfg.teacher_checkpoint).resolve())
+    path = str(Path(cfg.teacher_checkpoint).resolve())
+    key = (cfg.teacher, path, data.num_classes, data.in_channels, cfg.device)
+    if key not in loaded:
+        loaded[key] = load_teacher(cfg, data, log=lambda _: None)
+    teacher, info = loaded[key]
+    assert info.source == "checkpoint" and info.path == path and info.model == cfg.teacher
     engine = build_engine(cfg, data, teacher)
     assert type(engine.distiller).__name__ and (engine.sampler is None) == (cfg.sampler == "none")
     x, y = data.train.images[:2].float() / 255, data.train.labels[:2]
@@ -101,7 +112,7 @@ def test_the_reference_setups_are_shipped() -> None:
 
 
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: rel(p).removeprefix("search_spaces/reference/"))
-def test_run_file_validates_and_builds(path: Path, workdir: Path, monkeypatch) -> None:
+def test_run_file_validates_and_builds(path: Path, workdir: Path, teachers_loaded: dict, monkeypatch) -> None:
     text = path.read_text()
     assert text.startswith("#") and f"kdtune train {rel(path)}" in text  # says how to run it
     monkeypatch.chdir(workdir)
@@ -114,11 +125,12 @@ def test_run_file_validates_and_builds(path: Path, workdir: Path, monkeypatch) -
         assert flat[key] == (tuple(value) if isinstance(value, list) else value), key
     assert cfg.dataset == "cifar100" and cfg.final
     assert cfg.teacher_checkpoint == f"download_ckpts/cifar_teachers/{cfg.teacher}_vanilla/ckpt_epoch_240.pth"
-    build_once(cfg)
+    build_once(cfg, teachers_loaded)
 
 
 @pytest.mark.parametrize("path", SEARCHES, ids=lambda p: rel(p).removeprefix("search_spaces/reference/"))
-def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path, monkeypatch, capsys) -> None:
+def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path, teachers_loaded: dict, monkeypatch,
+                                                        capsys) -> None:
     text = path.read_text()
     assert text.startswith("#") and f"kdtune search {rel(path)}" in text
     monkeypatch.chdir(workdir)
@@ -134,7 +146,7 @@ def test_search_file_dry_runs_and_every_method_builds(path: Path, workdir: Path,
         spec.space.suggest(trial)
         cfg = spec.run_config(trial.params)
         if cfg.method not in built:
-            build_once(cfg)
+            build_once(cfg, teachers_loaded)
             built.add(cfg.method)
     assert built == set(spec.space.methods or [spec.fixed["method"]])
 

@@ -140,13 +140,19 @@ def test_initial_gate_bias_follows_the_pair() -> None:
 def test_homogeneous_rule_reproduces_the_released_homo_flags_of_all_ten_pairs() -> None:
     released = json.loads((Path(__file__).parent / "data" / "sakd_released_pairs.json").read_text())
     assert len(released["pairs"]) == 10
-    got, want = {}, {}
+    got, want, built = {}, {}, {}
+
+    def model_and_shapes(name: str):  # 13 architectures in the 10 pairs: each built and probed once
+        if name not in built:
+            with torch.device("meta"):  # shapes only: no weights allocated or initialised
+                model = build_model(name, num_classes=100)
+                built[name] = model, feature_shapes(model, (3, 32, 32))
+        return built[name]
+
     for pair in released["pairs"]:
         names = [released["kdtune_names"].get(pair[k], pair[k]) for k in ("teacher", "student")]
-        with torch.device("meta"):  # shapes only: no weights allocated or initialised
-            teacher, student = (build_model(n, num_classes=100) for n in names)
-            shapes = [feature_shapes(m, (3, 32, 32)) for m in (teacher, student)]
-        got[tuple(names)], want[tuple(names)] = homogeneous(*shapes, teacher, student), pair["homo"]
+        (teacher, t_shapes), (student, s_shapes) = (model_and_shapes(n) for n in names)
+        got[tuple(names)], want[tuple(names)] = homogeneous(t_shapes, s_shapes, teacher, student), pair["homo"]
     assert got == want
     assert want[("resnet32x4", "resnet32")] is False  # the pair a same-family rule got wrong
 
@@ -248,6 +254,25 @@ def trained_teacher(digits, tmp_path_factory):
     return model
 
 
+# AT's CIFAR weight (1000) swamps CE on digits' 8x8 maps (sakd_quickstart.yaml says so too): a
+# digits-sized weight, as that search space uses
+LEARNING = {"epochs": 3, "feat_weight": 30.0}
+
+
+@pytest.fixture(scope="module")
+def default_run(digits, trained_teacher, tmp_path_factory):
+    """The default SAKD run (policy gates, AT, resnet14 -> resnet8) of the learning test, with the
+    engine's state saved after epoch 1: the resume test loads it into a fresh engine."""
+    engine = _engine(digits, trained_teacher, **LEARNING)
+    run = engine.run()
+    metrics = [next(run)]
+    # the state after epoch 1 is what a run of 1 epoch saves (state_dict changes nothing)
+    state = tmp_path_factory.mktemp("sakd") / "s.pth"
+    torch.save(engine.state_dict(), state)
+    metrics += list(run)
+    return engine, metrics, state
+
+
 @pytest.mark.parametrize("params", [
     {},
     {"feature_loss": "fitnet"},
@@ -256,11 +281,13 @@ def trained_teacher(digits, tmp_path_factory):
     {"teacher": "wrn_16_2"},
     {"sampler": "kdas", "sampling_period": 2},
 ])
-def test_sakd_learns_and_reports_gate_rates(digits, trained_teacher, params) -> None:
-    # AT's CIFAR weight (1000) swamps CE on digits' 8x8 maps (sakd_quickstart.yaml says so too):
-    # a digits-sized weight, as that search space uses
-    engine = _engine(digits, trained_teacher, epochs=3, **{"feat_weight": 30.0, **params})
-    metrics = list(engine.run())
+def test_sakd_learns_and_reports_gate_rates(digits, trained_teacher, params, request) -> None:
+    if params:
+        engine = _engine(digits, trained_teacher, **{**LEARNING, **params})
+        metrics = list(engine.run())
+    else:  # the default run, shared with the resume test
+        engine, metrics, _ = request.getfixturevalue("default_run")
+    assert len(metrics) == 3
     assert_learns(metrics, loss="train/loss_ce", label=params)
     spots = engine.distiller.spot_names
     rates = [[m[f"sakd/gate_{s}"] for s in spots] for m in metrics]
@@ -299,11 +326,13 @@ def test_sakd_config_is_validated_before_any_work() -> None:
     assert cfg.method_params == {"feat_weight": 500.0, "route_gamma": None}
 
 
-def test_sakd_resumes_exactly(digits, teacher, tmp_path) -> None:
-    full = [m["train/loss"] for m in _engine(digits, teacher, epochs=3).run()]
-    first = _engine(digits, teacher, epochs=3)
-    head = [next(first.run())["train/loss"]]
-    torch.save(first.state_dict(), tmp_path / "s.pth")
-    second = _engine(digits, teacher, epochs=3)
-    second.load_state_dict(torch.load(tmp_path / "s.pth", weights_only=True))
-    assert head + [m["train/loss"] for m in second.run()] == full  # router, gates' RNG and all
+def test_sakd_resumes_exactly(digits, trained_teacher, default_run) -> None:
+    # a fresh engine loads the state saved after epoch 1 of the default run and runs epochs 2 and 3
+    straight, metrics, state = default_run
+    second = _engine(digits, trained_teacher, **LEARNING)
+    second.load_state_dict(torch.load(state, weights_only=True))
+    resumed = list(second.run())
+    gates = [f"sakd/gate_{s}" for s in straight.distiller.spot_names]
+    keys = ["epoch", "train/loss", "train/loss_route", "val/acc1", *gates]
+    # router, gates' RNG and all: the same losses, bit for bit, and the same gate rates
+    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in metrics[1:]]

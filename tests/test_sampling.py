@@ -110,9 +110,22 @@ def test_ratio_one_with_exclusion_still_drops_the_outliers_of_each_full_batch(di
     assert engine.sampler.cache.shape[0] == sum(sizes)
 
 
-def test_samples_backpropagated_follow_the_ratio_and_the_cache(digits, teacher) -> None:
+@pytest.fixture(scope="module")
+def kdas_run(digits, teacher, tmp_path_factory):
+    """The default KDAS run of _engine (8 epochs, scoring in epochs 1-5), with the engine's state
+    saved after epoch 5: the resume test loads it into a fresh engine."""
     engine = _engine(digits, teacher)
-    metrics = list(engine.run())
+    run = engine.run()
+    metrics = [next(run) for _ in range(5)]
+    # the state after epoch 5 is what a run stopped there saves (state_dict changes nothing)
+    state = tmp_path_factory.mktemp("kdas") / "s.pth"
+    torch.save(engine.state_dict(), state)
+    metrics += list(run)
+    return engine, metrics, state
+
+
+def test_samples_backpropagated_follow_the_ratio_and_the_cache(digits, kdas_run) -> None:
+    engine, metrics, _ = kdas_run
     n = len(digits.train)
     scoring = [m for m in metrics if m["kdas/scoring_epoch"]]
     assert [m["epoch"] for m in scoring] == [1, 2, 3, 4, 5]  # period 1 for 4 epochs, then every 4th
@@ -151,14 +164,15 @@ def test_kdas_runs_with_the_methods_whose_terms_are_per_sample(digits, trained_r
     assert m["samples/epoch"] == m["kdas/cache_size"] < len(digits.train)
 
 
-def test_kdas_resumes_exactly(digits, teacher, tmp_path) -> None:
-    full = [m["train/loss"] for m in _engine(digits, teacher, epochs=6).run()]
-    first = _engine(digits, teacher, epochs=6)
-    head = [next(first.run())["train/loss"] for _ in range(5)]
-    torch.save(first.state_dict(), tmp_path / "s.pth")
-    second = _engine(digits, teacher, epochs=6)
-    second.load_state_dict(torch.load(tmp_path / "s.pth", weights_only=True))
-    assert head + [m["train/loss"] for m in second.run()] == full
+def test_kdas_resumes_exactly(digits, teacher, kdas_run) -> None:
+    # stopped after the last scoring epoch (5): epochs 6-8 train on the selection the state carries
+    _, full, state = kdas_run
+    second = _engine(digits, teacher)
+    second.load_state_dict(torch.load(state, weights_only=True))
+    tail = list(second.run())
+    keys = ("epoch", "train/loss", "val/acc1", "kdas/scoring_epoch", "kdas/cache_size", "samples/backprop")
+    assert [[m[k] for k in keys] for m in tail] == [[m[k] for k in keys] for m in full[5:]]
+    assert not any(m["kdas/scoring_epoch"] for m in tail)
 
 
 def test_kdas_config_is_validated() -> None:
