@@ -152,8 +152,8 @@ def test_mlkd_learns_on_digits_and_resumes_exactly(digits, trained_resnet8, tmp_
     cfg = _cfg()
     straight = build_engine(cfg, digits, trained_resnet8, log=logs.append)
     run = straight.run()
-    metrics = [next(run)]
-    # the state after epoch 1 is what a run of 1 epoch saves (state_dict changes nothing)
+    metrics = [next(run), next(run)]
+    # the state after epoch 2 is what a run stopped there saves (state_dict changes nothing)
     torch.save(straight.state_dict(), tmp_path / "s.pth")
     metrics += list(run)
     assert_learns(metrics, loss="train/loss_ce", label="mlkd")
@@ -162,12 +162,13 @@ def test_mlkd_learns_on_digits_and_resumes_exactly(digits, trained_resnet8, tmp_
         assert math.isclose(m["train/loss"], parts, rel_tol=1e-5)
         assert m["train/loss_kd_strong"] > 0 and m["train/loss_bc"] > 0
     assert sum("strong view" in line and "runs live" in line for line in logs) == 1  # said once
-    # a fresh engine loads the state and runs the other 2 epochs: weak and strong views alike
+    # a fresh engine loads the state and runs the last epoch: weak and strong views alike
     state = torch.load(tmp_path / "s.pth", weights_only=True)
     assert "strong_generator" in state["loader"]
     resumed = build_engine(cfg, digits, trained_resnet8)
     resumed.load_state_dict(state)
-    assert [m["train/loss"] for m in resumed.run()] == [m["train/loss"] for m in metrics[1:]]
+    keys = ("epoch", "train/loss", "val/acc1")
+    assert [[m[k] for k in keys] for m in resumed.run()] == [[m[k] for k in keys] for m in metrics[2:]]
 
 
 def test_only_a_method_that_asks_gets_a_strong_view(digits) -> None:

@@ -262,11 +262,11 @@ LEARNING = {"epochs": 3, "feat_weight": 30.0}
 @pytest.fixture(scope="module")
 def default_run(digits, trained_teacher, tmp_path_factory):
     """The default SAKD run (policy gates, AT, resnet14 -> resnet8) of the learning test, with the
-    engine's state saved after epoch 1: the resume test loads it into a fresh engine."""
+    engine's state saved after epoch 2: the resume test loads it into a fresh engine."""
     engine = _engine(digits, trained_teacher, **LEARNING)
     run = engine.run()
-    metrics = [next(run)]
-    # the state after epoch 1 is what a run of 1 epoch saves (state_dict changes nothing)
+    metrics = [next(run), next(run)]
+    # the state after epoch 2 is what a run stopped there saves (state_dict changes nothing)
     state = tmp_path_factory.mktemp("sakd") / "s.pth"
     torch.save(engine.state_dict(), state)
     metrics += list(run)
@@ -327,7 +327,7 @@ def test_sakd_config_is_validated_before_any_work() -> None:
 
 
 def test_sakd_resumes_exactly(digits, trained_teacher, default_run) -> None:
-    # a fresh engine loads the state saved after epoch 1 of the default run and runs epochs 2 and 3
+    # a fresh engine loads the state saved after epoch 2 of the default run and runs epoch 3
     straight, metrics, state = default_run
     second = _engine(digits, trained_teacher, **LEARNING)
     second.load_state_dict(torch.load(state, weights_only=True))
@@ -335,4 +335,4 @@ def test_sakd_resumes_exactly(digits, trained_teacher, default_run) -> None:
     gates = [f"sakd/gate_{s}" for s in straight.distiller.spot_names]
     keys = ["epoch", "train/loss", "train/loss_route", "val/acc1", *gates]
     # router, gates' RNG and all: the same losses, bit for bit, and the same gate rates
-    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in metrics[1:]]
+    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in metrics[2:]]

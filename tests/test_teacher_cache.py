@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -129,30 +130,30 @@ LOGIT_RUNS = {"kd": {}, "kd_ls": {"logit_stand": True, "temperature": 2.0, "kd_w
               "kd+kdas": {"sampler": "kdas", "sampling_period": "1,2"}}
 
 
-def _run_both(digits, teacher, cache_dir: Path, values: dict) -> dict:
-    """Metrics of the run of ``values`` without (``off``) and with (``on``) the cache, each with the
-    engine and its KDAS selection after epoch 1 (None without KDAS)."""
-    runs = {}
-    for setting in ("off", "on"):
-        engine = build_engine(_cfg(cache_dir, teacher_cache=setting, **values), digits, teacher)
-        run = engine.run()
-        metrics = [next(run)]
-        picks = engine.sampler.cache.clone() if engine.sampler is not None else None
-        runs[setting] = engine, metrics + list(run), picks
+@pytest.fixture(scope="module")
+def logit_runs(digits, teacher, logits_dir) -> Callable[[str], dict]:
+    """The runs of LOGIT_RUNS[name] (2 epochs) without (``off``) and with (``on``) the cache, each
+    as (engine, metrics, KDAS selection after epoch 1 or None), made once per module: the KDAS
+    selection test reads the "kd+kdas" runs, the compiled-step test the eager "kd" one."""
+    made: dict[str, dict] = {}
+
+    def runs(name: str) -> dict:
+        if name not in made:
+            made[name] = {}
+            for setting in ("off", "on"):
+                engine = build_engine(_cfg(logits_dir, teacher_cache=setting, epochs=2, **LOGIT_RUNS[name]),
+                                      digits, teacher)
+                run = engine.run()
+                metrics = [next(run)]
+                picks = engine.sampler.cache.clone() if engine.sampler is not None else None
+                made[name][setting] = engine, metrics + list(run), picks
+        return made[name]
     return runs
 
 
-@pytest.fixture(scope="module")
-def kdas_runs(digits, teacher, logits_dir) -> dict:
-    """The "kd+kdas" runs of the cache-equivalence test, whose first (scoring) epoch the KDAS
-    selection test also reads."""
-    return _run_both(digits, teacher, logits_dir, {"epochs": 2, **LOGIT_RUNS["kd+kdas"]})
-
-
 @pytest.mark.parametrize("name", list(LOGIT_RUNS))
-def test_a_run_with_the_cache_matches_the_run_without(name, digits, teacher, logits_dir, request) -> None:
-    values = {"epochs": 2, **LOGIT_RUNS[name]}
-    runs = request.getfixturevalue("kdas_runs") if name == "kd+kdas" else _run_both(digits, teacher, logits_dir, values)
+def test_a_run_with_the_cache_matches_the_run_without(name, logit_runs) -> None:
+    runs = logit_runs(name)
     (_, live, _), (engine, cached, _) = runs["off"], runs["on"]
     assert engine.teacher_cache is not None
     first = {k: v for k, v in live[0].items() if k.startswith("train/loss")}
@@ -163,8 +164,9 @@ def test_a_run_with_the_cache_matches_the_run_without(name, digits, teacher, log
     assert abs(cached[-1]["val/acc1"] - live[-1]["val/acc1"]) <= 1.5
 
 
-def test_kdas_picks_the_same_samples_with_and_without_the_cache(kdas_runs) -> None:
-    (off, metrics, picks), (on, _, cached_picks) = kdas_runs["off"], kdas_runs["on"]
+def test_kdas_picks_the_same_samples_with_and_without_the_cache(logit_runs) -> None:
+    runs = logit_runs("kd+kdas")
+    (off, metrics, picks), (on, _, cached_picks) = runs["off"], runs["on"]
     assert metrics[0]["kdas/scoring_epoch"] and off.teacher_cache is None and on.teacher_cache is not None
     assert torch.equal(picks, cached_picks)  # the selection made in the scoring epoch 1
 
@@ -232,28 +234,33 @@ def test_float16_storage_halves_the_file_and_stays_close(tiny, teacher, tmp_path
 def test_exact_resume_holds_with_the_cache(digits, teacher, logits_dir, tmp_path) -> None:
     # 3 epochs: scoring, training on the selection, scoring; stopped and resumed after the 2nd
     cfg = _cfg(logits_dir, epochs=3, sampler="kdas", sampling_period="1,2", teacher_cache="on")
-    expected = list(build_engine(cfg, digits, teacher).run())
-    first = build_engine(cfg, digits, teacher)
-    head = [first.train_epoch() for _ in range(2)]
-    torch.save(first.state_dict(), tmp_path / "ckpt.pth")
+    straight = build_engine(cfg, digits, teacher)
+    run = straight.run()
+    expected = [next(run), next(run)]
+    # the state after epoch 2 is what a run stopped there saves (state_dict changes nothing)
+    torch.save(straight.state_dict(), tmp_path / "ckpt.pth")
+    expected += list(run)
+    assert [m["kdas/scoring_epoch"] for m in expected] == [True, False, True]
     torch.manual_seed(999)
     second = build_engine(cfg, digits, teacher)
     second.load_state_dict(torch.load(tmp_path / "ckpt.pth", weights_only=True))
     tail = list(second.run())
-    assert [m["train/loss"] for m in head] == [m["train/loss"] for m in expected[:2]]
+    assert len(tail) == 1
     for got, want in zip(tail, expected[2:]):
         assert (got["epoch"], got["train/loss"], got["val/acc1"]) == (want["epoch"], want["train/loss"], want["val/acc1"])
         assert math.isfinite(got["train/loss"])
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_eager_on_cpu(digits, teacher, logits_dir) -> None:
-    """torch.compile of the distiller step (full batches; the short last batch runs eagerly)."""
-    runs = {}
-    for setting in ("off", "on"):
-        engine = build_engine(_cfg(logits_dir, epochs=2, compile=setting, teacher_cache="on"), digits, teacher)
-        assert (engine.compiled is not None) == (setting == "on")
-        runs[setting] = list(engine.run())
+def test_compiled_step_equals_eager_on_cpu(digits, teacher, logits_dir, logit_runs) -> None:
+    """torch.compile of the distiller step (full batches; the short last batch runs eagerly),
+    against the eager "kd" run with the cache of the cache-equivalence test (the same config)."""
+    eager_engine, eager_run, _ = logit_runs("kd")["on"]
+    assert eager_engine.compiled is None and eager_engine.teacher_cache is not None
+    engine = build_engine(_cfg(logits_dir, epochs=2, compile="on", teacher_cache="on"), digits, teacher)
+    assert engine.compiled is not None
+    runs = {"off": eager_run, "on": list(engine.run())}
+    assert len(runs["on"]) == len(runs["off"]) == 2
     for eager, compiled in zip(runs["off"], runs["on"]):
         for key in ("train/loss", "train/loss_kd", "train/loss_ce"):
             assert math.isclose(compiled[key], eager[key], rel_tol=1e-4), key
