@@ -18,7 +18,8 @@ from pathlib import Path
 import kdtune
 
 LAYERS = ("core", "search", "analysis", "cli")  # lowest first
-HEAVY = ("ray", "mlflow", "optuna")
+# torchvision too: its ops import torch._dynamo (1.5 s of CPU); only a tv_* model needs it
+HEAVY = ("ray", "mlflow", "optuna", "torchvision")
 ROOT = Path(kdtune.__file__).parent
 
 
