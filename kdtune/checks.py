@@ -56,7 +56,6 @@ def writable_dir_problem(path: str | Path, what: str, create: bool = True) -> st
     return None
 
 
-
 def model_pair(text: str, flag: str) -> str | None:
     """Why ``text`` is not a ``TEACHER:STUDENT`` pair of known models (a one-line error naming
     ``flag``), or None."""
@@ -69,6 +68,7 @@ def model_pair(text: str, flag: str) -> str | None:
         if name not in MODELS:
             return f"{flag} {text!r}: {role}: {MODELS.unknown_message(name)}"
     return None
+
 
 def shorten(value: object, limit: int = 200) -> str:
     """``repr(value)`` cut to ``limit`` characters: error messages quote user values, which can be huge."""
