@@ -83,18 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         if problem := model_pair(args.pair, "--pair") or device_problem(args.device):
             raise ValueError(problem)
         teacher, _, student = args.pair.partition(":")
-        if args.data_root:  # a missing or malformed folder, named before anything runs
-            from kdtune import imagenet  # noqa: F401  registers the dataset
-            from kdtune.data import load_dataset
+        from kdtune import imagenet  # noqa: F401  registers the dataset
+        from kdtune.data import load_dataset
 
+        if args.data_root:  # a missing or malformed folder, named before anything runs
             load_dataset("imagenet", root=args.data_root, val_size=0, options={"resolution": args.resolution})
     except (ValueError, RuntimeError) as e:  # RuntimeError: kdtune.data.DataError, naming the folder
         print(f"error: {e}", file=sys.stderr)
         return 2
     import torch
 
-    from kdtune.data import load_dataset
-    from kdtune import imagenet  # noqa: F401  registers the dataset
     from kdtune.engine import resolve_device
 
     device = resolve_device(args.device)
