@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from kdtune.data import ImageData
@@ -162,14 +163,29 @@ def resolve_teacher(model_name: str, data: ImageData, *, checkpoint: str | None,
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:12]
     path = cache / "teachers" / f"{data.name}-{model_name}-seed{seed}-{digest}.pth"
     if path.is_file():
-        model = build()
-        ckpt = load_checkpoint(model, path)
-        model.to(device).eval()
-        return model, TeacherInfo(model_name, str(path), "cache", float(ckpt["val_acc"]))
+        return _cached(model_name, build(), path, device)
     if not train:
         raise TeacherNotCached(f"teacher {model_name} (seed {seed}, {epochs} epochs): not in the cache "
                                f"(looked for {path})", path)
+    # Searches started together on one node (or a sweep of runs) need the same teacher: the first
+    # trains it while the others wait for its file, instead of each training it again.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(path.name + ".lock")):
+        if path.is_file():
+            return _cached(model_name, build(), path, device)
+        return _train_teacher(build, data, path, ident, recipe, seed=seed, device=device, log=log)
 
+
+def _cached(model_name: str, model: nn.Module, path: Path, device: torch.device) -> tuple[nn.Module, TeacherInfo]:
+    ckpt = load_checkpoint(model, path)
+    model.to(device).eval()
+    return model, TeacherInfo(model_name, str(path), "cache", float(ckpt["val_acc"]))
+
+
+def _train_teacher(build: Callable[[], nn.Module], data: ImageData, path: Path, ident: dict[str, Any],
+                   recipe: Recipe, *, seed: int, device: torch.device,
+                   log: Callable[[str], None]) -> tuple[nn.Module, TeacherInfo]:
+    model_name, epochs = ident["arch"], recipe.epochs
     log(f"teacher {model_name}: no checkpoint given and none cached; training it "
         f"({epochs} epochs, seed {seed}) -> {path}")
     torch.manual_seed(seed)

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from kdtune.data import load_dataset
 from kdtune.models import build_model
-from kdtune.teachers import CheckpointError, load_checkpoint, resolve_teacher
+from kdtune.teachers import CheckpointError, TeacherNotCached, load_checkpoint, resolve_teacher
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +81,31 @@ def test_teacher_is_trained_once_then_reused(digits, cache_dir: Path) -> None:
     _, info3 = resolve_teacher("resnet8", digits, checkpoint=None, cache_dir=cache_dir, epochs=1,
                                log=logs.append)
     assert info3.source == "trained" and info3.path != info1.path
+
+
+def test_a_teacher_another_process_is_training_is_waited_for_not_trained_again(digits, cache_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """Searches started together need the same teacher: while one holds the teacher's lock (it
+    trains it), another waits for its file and loads it."""
+    with pytest.raises(TeacherNotCached) as missing:
+        resolve_teacher("resnet8", digits, checkpoint=None, cache_dir=cache_dir, epochs=1, train=False)
+    path = missing.value.path
+    logs: list[str] = []
+    found = []
+    with FileLock(path.with_name(path.name + ".lock")):  # the other process, training
+        waiter = threading.Thread(target=lambda: found.append(resolve_teacher(
+            "resnet8", digits, checkpoint=None, cache_dir=cache_dir, epochs=1, log=logs.append)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not logs  # waiting, training nothing
+        # the other process's teacher lands (one trained elsewhere: the file name is the teacher's key)
+        _, trained = resolve_teacher("resnet8", digits, checkpoint=None, cache_dir=tmp_path / "elsewhere", epochs=1,
+                                     log=lambda *_: None)
+        shutil.copyfile(trained.path, path)
+    waiter.join(timeout=60)
+    (_, info), = found
+    assert info.source == "cache" and info.path == str(path) and not logs
+    assert info.val_acc == trained.val_acc
 
 
 def test_user_checkpoint_accuracy_is_measured_once(digits, cache_dir: Path, tmp_path: Path) -> None:
