@@ -646,11 +646,11 @@ def test_diverging_trial_ends_clearly_and_search_goes_on(short_searches, shared_
 def test_pbt_trials_copy_and_mutate_in_a_real_search(short_searches) -> None:
     tmp_path = short_searches["pbt"].dir
     table = load_results(tmp_path / "ray" / "e2e").set_index("trial_id")
-    assert len(table) == 4 and (table["status"] == "completed").all() and (table["epochs"] == 4).all()
+    assert len(table) == 2 and (table["status"] == "completed").all() and (table["epochs"] == 4).all()
     client, runs = child_runs(tmp_path)
     runs = {run.data.tags["kdtune.trial_id"]: run for run in runs}
     mutated = table[table["mutations"].fillna("") != ""]
-    assert len(mutated), table["mutations"]  # with half the population copying every epoch, some trial did
+    assert len(mutated) == 1, table["mutations"]  # the bottom half (one trial) copied the top half at epoch 2
     for tid, row in table.iterrows():
         run = runs[tid]
         history = row["mutations"] if isinstance(row["mutations"], str) else ""
@@ -664,7 +664,7 @@ def test_pbt_trials_copy_and_mutate_in_a_real_search(short_searches) -> None:
         if history:
             # "epoch E from <trial>: lr a -> b, temperature c -> d": copied from a trial of this search,
             # within the space's ranges
-            assert re.match(r"epoch [1-3] from \S+: (lr|temperature) ", history), history
+            assert re.match(r"epoch 2 from \S+: (lr|temperature) ", history), history
             assert set(re.findall(r"from (\S+):", history)) <= set(table.index), history
             assert 0.01 <= row["lr"] <= 0.2 and 1.0 <= row["temperature"] <= 8.0
         else:
@@ -682,7 +682,7 @@ def test_pb2_trials_in_a_real_search(short_searches) -> None:
     tmp_path = short_searches["pb2"].dir
     assert load_search(tmp_path / "ray" / "e2e").spec["scheduler"]["type"] == "pb2"
     table = load_results(tmp_path / "ray" / "e2e")
-    assert len(table) == 3 and (table["status"] == "completed").all() and "mutations" in table
+    assert len(table) == 2 and (table["status"] == "completed").all() and "mutations" in table
     assert table["lr"].between(0.01, 0.2).all()
     client, runs = child_runs(tmp_path)
     for run in runs:
