@@ -20,6 +20,7 @@ import pytest
 from kdtune import analysis
 from kdtune.analysis import plots
 from kdtune.cli import main as kdtune
+from commands import run_here
 from searches import E2E_SPACE, SearchRun, env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,11 +353,10 @@ def test_every_plot_writes_a_png(e2e_search: SearchRun, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_report_command(e2e_search: SearchRun, tmp_path: Path) -> None:
+def test_report_command(e2e_search: SearchRun, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "kdtune.report", str(e2e_search.folder), "--out", str(out),
-                        "--bootstrap", "3"],
-                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    r = run_here("report", str(e2e_search.folder), "--out", str(out), "--bootstrap", "3", cwd=tmp_path,
+                 monkeypatch=monkeypatch, capsys=capsys)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     best = analysis.best_trials(analysis.load_search(e2e_search.folder).trials, 1).iloc[0]

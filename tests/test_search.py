@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from kdtune.analysis import load_mlflow, load_results, load_search
 from kdtune.search.spec import load_spec
 import processes
+from commands import run_here
 from ray_instance import RayInstance, short_tmpdir
 from searches import (E2E_SPACE, SPACE, env, finish_search, mlflow_run_count, run_search, search_cmd,
                       start_search, write_space)
@@ -323,7 +324,7 @@ def teacher_files(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search) -> None:
+def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search, monkeypatch, capsys) -> None:
     e2e_search.check()
     tmp_path = e2e_search.dir
     folder = tmp_path / "ray" / "e2e"
@@ -331,10 +332,11 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search)
     trial = table.index[table["status"] == "completed"][0]
     run_yaml = yaml.safe_load(next(folder.glob(f"*_{trial}_*/run.yaml")).read_text())
 
-    # the chosen trial again, as train runs it: the same configuration, the same values
-    train = [sys.executable, "-m", "kdtune.train", "--from-search", str(folder)]
-    again = subprocess.run([*train, "--trial", trial, "--output-dir", str(tmp_path / "again")], cwd=tmp_path,
-                           env=env(), capture_output=True, text=True, timeout=600)
+    # the chosen trial again, as train runs it: the same configuration, the same values (the
+    # command in this process: tests/commands.py)
+    train = ["train", "--from-search", str(folder)]
+    again = run_here(*train, "--trial", trial, "--output-dir", str(tmp_path / "again"), cwd=tmp_path,
+                     monkeypatch=monkeypatch, capsys=capsys)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     # (the teacher pinned: the seed it was trained with, the trial's)
     assert yaml.safe_load((tmp_path / "again" / "seed0" / "config.yaml").read_text()) == {**run_yaml,
@@ -343,8 +345,8 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search)
     assert rerun["val/acc1"] == pytest.approx(table.loc[trial, "final_val/acc1"])
 
     # the best trial on train+val, tested, two seeds, logged under the search's experiment
-    final = subprocess.run([*train, "--final", "--seeds", "2", "--output-dir", str(tmp_path / "final")],
-                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    final = run_here(*train, "--final", "--seeds", "2", "--output-dir", str(tmp_path / "final"), cwd=tmp_path,
+                     monkeypatch=monkeypatch, capsys=capsys)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     best = json.loads((folder / "best.json").read_text())
     assert f"trial {best['trial_id']}: test/acc1" in final.stdout and "±" in final.stdout

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from commands import run_here
+
 
 def _train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kdtune.train", *args], cwd=cwd,
@@ -20,19 +22,8 @@ def _train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _train_here(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> subprocess.CompletedProcess:
-    """``kdtune train ARGS`` in this process, in ``cwd``: its exit status and its output, as
-    :func:`_train` gives them."""
-    from kdtune.cli import main
-    from kdtune.logs import configure
-
-    capsys.readouterr()
-    monkeypatch.chdir(cwd)
-    try:
-        code = main(["train", *args])
-    finally:
-        configure()  # as the tests' conftest left it
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["kdtune", "train", *args], code, out, err)
+    """``kdtune train ARGS`` in this process (tests/commands.py), as :func:`_train` gives it."""
+    return run_here("train", *args, cwd=cwd, monkeypatch=monkeypatch, capsys=capsys)
 
 
 def test_train_writes_metrics_checkpoint_and_resumes(tmp_path: Path, monkeypatch, capsys) -> None:
