@@ -294,11 +294,10 @@ SHORT_SEARCHES = {
                  space={"gate_bias": {"type": "categorical", "choices": [-10.0, 10.0]}},
                  search={"algorithm": "grid", "metric": "val/acc1", "mode": "max", "max_concurrent": 1},
                  scheduler={"type": "none"}),
-    # a population of 2, the bottom half copying the top half at epoch 2. Ray Tune ends a paused
-    # trial's process (its actor is cached for reuse only while trials are staged, and a PBT
-    # search stages all of its trials at the start), so every pause starts a new trial process,
-    # seconds of imports: a population of 4 perturbed every epoch started 5 processes for 4
-    # trials and cost 38-49 s of CPU, this one 24 s.
+    # a population of 2, the bottom half copying the top half at epoch 2. Ray Tune keeps a paused
+    # trial's process only when another trial waits to start, so with the whole population
+    # running every pause starts a new trial process, seconds of imports: a population of 4
+    # perturbed every epoch started 5 processes for 4 trials and cost 38-49 s of CPU, this one 24 s.
     "pbt": dict(space={**SPACE["space"], "temperature": {"type": "float", "low": 1.0, "high": 8.0}},
                 search={**SPACE["search"], "algorithm": "random", "num_samples": 2, "max_concurrent": None},
                 scheduler={"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5}),
