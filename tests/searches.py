@@ -116,8 +116,10 @@ def start_search(folder: Path, space: Path, *extra: str, ray=None,
 
 
 API_NOTEBOOK = ROOT / "analysis" / "python_api.ipynb"
-# Executes a notebook (argv 1) in its own folder, saves it with its outputs (argv 2) and prints its
-# streams, so that a search run from the notebook reads like one run by the command.
+# Executes a notebook (argv 1) in the folder of its copy with outputs (argv 2), where it saves it,
+# and prints its streams, so that a search run from the notebook reads like one run by the command.
+# The kernel works in that folder, not in analysis/: MLflow puts a new experiment's artifacts in
+# ./mlruns of the working directory.
 NOTEBOOK_RUNNER = """
 import sys
 import nbformat
@@ -125,7 +127,7 @@ from nbclient import NotebookClient
 nb = nbformat.read(sys.argv[1], as_version=4)
 try:
     NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": sys.argv[1].rsplit("/", 1)[0]}}).execute()
+                   resources={"metadata": {"path": sys.argv[2].rsplit("/", 1)[0]}}).execute()
 finally:
     nbformat.write(nb, sys.argv[2])
     for cell in nb.cells:

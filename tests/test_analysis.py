@@ -415,3 +415,4 @@ def test_python_api_notebook_runs_a_search_and_reads_it_back(short_searches) -> 
     tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any(best["trial_id"] in html for html in tables)  # the results table, best first
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the learning curves
+    assert (run.dir / "mlruns").is_dir()  # its MLflow artifacts in its own folder, not in the checkout
