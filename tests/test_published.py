@@ -3,6 +3,7 @@ search's best trial with them (analysis.baseline_gap) and the report's wording (
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -132,8 +133,13 @@ def test_report_says_published_numbers_are_test_set(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_numbers_install_with_the_package(tmp_path: Path) -> None:
+    # built from a copy: setuptools writes build/ and kdtune.egg-info/ beside setup.cfg
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "kdtune", src / "kdtune", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                        "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = next(tmp_path.glob("kdtune-*.whl"))
     assert "kdtune/published.yaml" in zipfile.ZipFile(wheel).namelist()
