@@ -171,8 +171,9 @@ def check_file(path: Path, key: str, shape: tuple[int, ...], dtype: str) -> dict
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside ``path``: concurrent builders on one node wait for the first."""
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock beside ``path`` (``flock`` on ``<path>.lock``): concurrent builders of
+    ``path`` on one node wait for the first (the teacher-output cache, the cached teachers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -279,7 +280,7 @@ def open_cache(teacher: nn.Module, loader: TrainLoader, *, cache_dir: str | Path
     shape = (loader.num_samples, loader.num_views, num_classes)
     path = Path(cache_dir).expanduser() / "teacher_logits" / f"{key}.logits"
     source, build_s = "loaded", 0.0
-    with _locked(path):
+    with file_lock(path):
         if path.exists():
             try:
                 check_file(path, key, shape, dtype)

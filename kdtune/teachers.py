@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from filelock import FileLock
 from torch import nn
 
 from kdtune.data import ImageData
 from kdtune.distillers import Vanilla
 from kdtune.engine import Engine, Recipe, evaluate_model
 from kdtune.models import build_model
+from kdtune.teacher_cache import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +169,7 @@ def resolve_teacher(model_name: str, data: ImageData, *, checkpoint: str | None,
                                f"(looked for {path})", path)
     # Searches started together on one node (or a sweep of runs) need the same teacher: the first
     # trains it while the others wait for its file, instead of each training it again.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_name(path.name + ".lock")):
+    with file_lock(path):
         if path.is_file():
             return _cached(model_name, build(), path, device)
         return _train_teacher(build, data, path, ident, recipe, seed=seed, device=device, log=log)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 from kdtune.data import load_dataset
 from kdtune.models import build_model
+from kdtune.teacher_cache import file_lock
 from kdtune.teachers import CheckpointError, TeacherNotCached, load_checkpoint, resolve_teacher
 
 
@@ -92,7 +92,7 @@ def test_a_teacher_another_process_is_training_is_waited_for_not_trained_again(d
     path = missing.value.path
     logs: list[str] = []
     found = []
-    with FileLock(path.with_name(path.name + ".lock")):  # the other process, training
+    with file_lock(path):  # the other process, training
         waiter = threading.Thread(target=lambda: found.append(resolve_teacher(
             "resnet8", digits, checkpoint=None, cache_dir=cache_dir, epochs=1, log=logs.append)))
         waiter.start()
