@@ -32,7 +32,13 @@ def _t(values, dtype=torch.float32) -> torch.Tensor:
 
 
 def _close(got: torch.Tensor, want, rel: float = 1e-4, abs_: float = 1e-6) -> None:
-    torch.testing.assert_close(got.detach().float(), _t(want), rtol=rel, atol=abs_)
+    """Within ``rel`` of each value, or ``abs_``, or 2e-5 of the tensor's largest value: a gradient
+    element sums terms as large as the largest elements, so its noise on another CPU's kernels
+    scales with them (ReviewKD's pooled-feature gradient: 4.4e-5 off at -0.289, with elements of
+    11.8, on AVX-512 against the reference's values)."""
+    want = _t(want)
+    torch.testing.assert_close(got.detach().float(), want, rtol=rel,
+                               atol=max(abs_, 2e-5 * want.abs().max().item()) if want.numel() else abs_)
 
 
 def test_goldens_name_the_reference_commits() -> None:

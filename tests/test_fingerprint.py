@@ -52,10 +52,15 @@ def _close(a, b, rel: float, abs_: float) -> bool:
 EXACT, LOOSE = (1e-6, 1e-9), (3e-2, 1e-4)
 
 
-def _tolerance(part: str, key: str) -> tuple[float, float] | None:
-    """(rel, abs) for an entry's ``key``, or None: not compared."""
+def _tolerance(part: str, key: str, entry: dict) -> tuple[float, float] | None:
+    """(rel, abs) for the value of ``key`` in the recorded ``entry``, or None: not compared."""
     if part == "models":
-        return 1e-5, 1e-4
+        # A projection or the sum of a model's outputs (or weights) adds thousands of terms that
+        # can cancel, so its noise scales with the terms, not with the result: 421.488 against
+        # 421.505 (4e-5 relative) for resnet56's logits of norm 2.2e5, AVX-512 against the AVX2
+        # that recorded them. The largest projection measures the norm.
+        family = entry["logits"] if key.startswith("logit") else entry["state"]
+        return 1e-5, 1e-4 + 1e-6 * max(map(abs, family))
     if part == "losses":
         return 5e-3, 1e-5
     if key.startswith("val/") or "acc" in key:
@@ -71,7 +76,7 @@ def test_behaviour_matches_the_recorded_fingerprint(part: str) -> None:
     moved = {name: (got[name], want) for name, want in expected.items()
              if sorted(got[name]) != sorted(want)
              or not all(_close(got[name][k], v, *tol) for k, v in want.items()
-                        if (tol := _tolerance(part, k)) is not None)}
+                        if (tol := _tolerance(part, k, want)) is not None)}
     assert not moved, f"{part} changed: {moved}"
 
 
@@ -86,14 +91,15 @@ def test_a_changed_init_or_output_moves_the_summary_beyond_its_tolerance() -> No
     torch.manual_seed(0)
     model = build_model("resnet8x4", num_classes=100).eval()
     base = model_summary(model, x)
-    rel, abs_ = _tolerance("models", "")
+    close = lambda got, key: _close(got[key], base[key], *_tolerance("models", key, base))  # noqa: E731
     with torch.no_grad():
         noisy = {k: v * (1 + 1e-7 * torch.randn_like(v)) if v.is_floating_point() else v
                  for k, v in model.state_dict().items()}
         model.load_state_dict(noisy)
-    assert all(_close(model_summary(model, x)[k], v, rel, abs_) for k, v in base.items())  # last-bit noise
+    noisy = model_summary(model, x)
+    assert all(close(noisy, k) for k in base)  # last-bit noise
     with torch.no_grad():
         model.state_dict()["conv1.weight"].view(-1)[0] += 0.01  # one weight of 1.2 M
     changed = model_summary(model, x)
-    assert not _close(changed["state"], base["state"], rel, abs_)
-    assert not _close(changed["logits"], base["logits"], rel, abs_)
+    assert not close(changed, "state")
+    assert not close(changed, "logits") and not close(changed, "logit_sum")
