@@ -43,13 +43,14 @@ def data():
     return _cifar_shaped()
 
 
-def _engine(data, method: str = "kd", sampler=None, epochs: int = 4, seed: int = 0, **params) -> Engine:
+def _engine(data, method: str = "kd", sampler=None, epochs: int = 4, seed: int = 0, compile: bool = False,
+            **params) -> Engine:
     torch.manual_seed(seed)
     student = build_model("resnet8x4", num_classes=100)
     teacher = build_model("resnet32x4", num_classes=100) if METHODS.get(method).needs_teacher else None
     distiller = build_distiller(method, student, teacher, input_shape=(3, 32, 32), **params).to(CUDA)
     return Engine(distiller, data, Recipe(epochs=epochs, batch_size=BATCH), device=CUDA, seed=seed,
-                  sampler=sampler)
+                  sampler=sampler, compile=compile)
 
 
 def _python(code: str, timeout: int = 300) -> str:
@@ -134,6 +135,20 @@ def test_training_steps_never_sync_with_the_host(data, method: str, params: dict
     for _ in range(epochs):
         metrics = engine.train_epoch()
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_the_compiled_step_trains_as_the_eager_one(data) -> None:
+    """``compile: auto`` is on for CUDA: Inductor with CUDA graphs (mode reduce-overhead). Two
+    epochs of KD, compiled and eager, from the same seed: the same losses within bf16 autocast's
+    rounding (the suite's CPU test compiles with Dynamo and AOTAutograd only)."""
+    runs = {}
+    for compiled in (False, True):
+        engine = _engine(data, epochs=2, compile=compiled)
+        assert (engine.compiled is not None) == compiled
+        runs[compiled] = list(engine.run())
+    for eager, compiled in zip(runs[False], runs[True]):
+        for key in ("train/loss", "train/loss_kd", "train/loss_ce"):
+            assert abs(compiled[key] - eager[key]) <= 2e-2 * abs(eager[key]) + 1e-3, (key, compiled, eager)
 
 
 # --------------------------------------------------------------------------- 4. precision
