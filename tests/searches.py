@@ -73,9 +73,14 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
+def search_args(folder: Path, space: Path, *extra: str) -> list[str]:
+    """The arguments of ``kdtune search`` for ``space``, its results and store in ``folder``."""
+    return [str(space), "--storage-path", str(folder / "ray"), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            *extra]
+
+
 def search_cmd(folder: Path, space: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kdtune.search", str(space), "--storage-path", str(folder / "ray"),
-            "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", *extra]
+    return [sys.executable, "-m", "kdtune.search", *search_args(folder, space, *extra)]
 
 
 def seed_store(folder: Path) -> None:
@@ -166,6 +171,41 @@ def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 
     """:func:`start_search`, waited for."""
     return finish_search(folder, start_search(folder, space, *extra, ray=ray, env_extra=env_extra, seed=seed),
                          timeout)
+
+
+def search_here(folder: Path, space: Path, *extra: str, ray, monkeypatch, capsys,
+                env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The search of :func:`run_search` on the instance ``ray``, run by ``kdtune search``'s main in
+    this process (tests/commands.py): the same search and output, without a new interpreter's
+    7 s of CPU in imports. ``env_extra`` holds for the search; a plugin it names
+    (``KDTUNE_PLUGINS``) is imported from ``folder``, where Ray's workers find it too, and is
+    forgotten after the search with what it registered. The command keeps its tests in real
+    processes: the end-to-end, killed and interrupted searches among them."""
+    from commands import run_here
+
+    from kdtune import plugins
+    from kdtune.data import DATASETS
+    from kdtune.distillers import METHODS
+    from kdtune.distillers.feature import FEATURE_LOSSES
+    from kdtune.models import MODELS
+    from kdtune.sampling import SAMPLERS
+
+    seed_store(folder)
+    for key, value in {**ray.env, **(env_extra or {})}.items():
+        if key != "PYTHONPATH":
+            monkeypatch.setenv(key, value)
+    monkeypatch.syspath_prepend(str(folder))
+    for registry in (METHODS, MODELS, DATASETS, SAMPLERS, FEATURE_LOSSES):
+        monkeypatch.setattr(registry, "_builders", dict(registry._builders))
+    monkeypatch.setattr(plugins, "_loaded", set(plugins._loaded))
+    modules = set(sys.modules)
+    try:
+        return run_here("search", *search_args(folder, space, *extra, "--address", ray.address), cwd=folder,
+                        monkeypatch=monkeypatch, capsys=capsys)
+    finally:
+        for name in set(sys.modules) - modules:  # the plugin's module: imported afresh by the next test
+            if Path(getattr(sys.modules[name], "__file__", None) or "/").parent == folder:
+                del sys.modules[name]
 
 
 def mlflow_run_count(folder: Path, kind: str | None = None) -> int:
@@ -352,25 +392,68 @@ def imagenet_space(folder: Path) -> dict:
                 scheduler={"type": "none"})
 
 
+# The short searches in two processes that run theirs one after another (tests/search_batch.py):
+# about 7 s of CPU in imports saved per search, and at most two searches at once on the
+# instance's two CPUs. A search whose plugin patches kdtune in its process ("lost") goes last.
+BATCHES = (("imagenet", "pbt", "diverging", "crashed"), ("objectives", "pb2", "lost"))
+
+
+def start_batch(folder: Path, jobs: list[dict], ray) -> subprocess.Popen:
+    """``jobs`` (see tests/search_batch.py) run in turn by one process, on ``ray``."""
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    with open(folder / "batch.out", "w") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "search_batch.py"), str(folder / "jobs.json")],
+                                cwd=folder, env=ray.env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def batch_result(folder: Path, batch: subprocess.Popen) -> subprocess.CompletedProcess:
+    """The search a batch ran in ``folder``: its exit status (the batch's, or -1, if the batch ended
+    before it) and its output."""
+    rc = folder / "search.rc"
+    code = int(rc.read_text()) if rc.is_file() else (batch.returncode or -1)
+    read = lambda name: (folder / name).read_text() if (folder / name).is_file() else ""  # noqa: E731
+    return subprocess.CompletedProcess(["kdtune", "search"], code, read("search.out"), read("search.err"))
+
+
 def short_searches(tmp_path_factory, ray) -> dict[str, SearchRun]:
-    """Every search of SHORT_SEARCHES, MO_SPACE ("objectives"), the imagenet one and FAULTS, run at
-    once on ``ray`` (those of NOTEBOOK_SEARCHES from the Python API's notebook);
-    each finished one's exit status checked, except the faults' (their tests check them)."""
-    started = {}
+    """Every search of SHORT_SEARCHES, MO_SPACE ("objectives"), the imagenet one and FAULTS, on
+    ``ray``: those of NOTEBOOK_SEARCHES from the Python API's notebook, the others in the two
+    batches of BATCHES, all three at once; each finished one's exit status checked, except the
+    faults' (their tests check them)."""
+    jobs, notebooks = {}, {}
     folder = tmp_path_factory.mktemp("imagenet")
-    started["imagenet"] = (folder, start_search(folder, write_space(folder, **imagenet_space(folder)), ray=ray))
+    jobs["imagenet"] = (folder, write_space(folder, **imagenet_space(folder)), {})
     for name, changes in {**SHORT_SEARCHES, "objectives": dict(base=MO_SPACE)}.items():
         folder = tmp_path_factory.mktemp(name)
         space = write_space(folder, **changes)
-        started[name] = (folder, start_notebook_search(folder, space, ray) if name in NOTEBOOK_SEARCHES
-                         else start_search(folder, space, "--status-every", "60", ray=ray))
+        if name in NOTEBOOK_SEARCHES:
+            notebooks[name] = (folder, start_notebook_search(folder, space, ray))
+        else:
+            jobs[name] = (folder, space, {})
     for name, (changes, (module, code), extra) in FAULTS.items():
         folder = tmp_path_factory.mktemp(name)
         (folder / f"{module}.py").write_text(code)
         env_extra = {"KDTUNE_PLUGINS": module, "PYTHONPATH": os.pathsep.join([str(folder), ray.env["PYTHONPATH"]]),
                      **{k: v.format(folder=folder) for k, v in extra.items()}}
-        started[name] = (folder, start_search(folder, write_space(folder, **changes), ray=ray, env_extra=env_extra))
-    runs = run_at_once(started)
+        jobs[name] = (folder, write_space(folder, **changes), env_extra)
+    assert sorted(n for batch in BATCHES for n in batch) == sorted(jobs)
+    batches = []
+    for i, names in enumerate(BATCHES):
+        for name in names:
+            seed_store(jobs[name][0])
+        batch = [{"folder": str(folder), "env": env_extra,
+                  "argv": search_args(folder, space, "--status-every", "60", "--address", ray.address)}
+                 for folder, space, env_extra in (jobs[n] for n in names)]
+        batches.append((names, start_batch(tmp_path_factory.mktemp(f"batch{i}"), batch, ray)))
+    runs = run_at_once(notebooks)
+    for names, proc in batches:
+        try:
+            proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        runs.update({n: SearchRun.of(jobs[n][0], batch_result(jobs[n][0], proc)) for n in names})
     for name, run in runs.items():
         if name not in FAULTS:
             run.check()

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from kdtune.search.trainable import KDTrainable
+from commands import run_here
 from searches import env
 
 
@@ -35,13 +36,14 @@ def test_bad_input_exits_2_before_any_search() -> None:
 
 
 @pytest.mark.slow
-def test_noop_trials_run_through_the_real_search_path(tmp_path, shared_ray) -> None:
+def test_noop_trials_run_through_the_real_search_path(tmp_path, shared_ray, monkeypatch, capsys) -> None:
     """On the session's Ray instance (--address; a private one per search is the default, which
-    the searches of test_search and test_faults start)."""
+    the searches of test_search and test_faults start). The command in this process (a new one
+    costs seconds of imports; the test above runs it in its own)."""
     (tmp_path / "cwd").mkdir()
-    r = subprocess.run([sys.executable, "-m", "kdtune.bench", "--overhead", "--trials", "4", "--algorithms", "random",
-                        "--keep", str(tmp_path / "kept"), "--address", shared_ray.address],
-                       capture_output=True, text=True, timeout=300, env=shared_ray.env, cwd=tmp_path / "cwd")
+    monkeypatch.setenv("RAY_AUTH_MODE", shared_ray.env["RAY_AUTH_MODE"])
+    r = run_here("bench", "--overhead", "--trials", "4", "--algorithms", "random", "--keep", str(tmp_path / "kept"),
+                 "--address", shared_ray.address, cwd=tmp_path / "cwd", monkeypatch=monkeypatch, capsys=capsys)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     row = re.search(r"^random\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)", r.stdout, re.M)
     assert row, r.stdout[-2000:]

@@ -99,17 +99,19 @@ def test_the_winners_curse_replay_measures_known_cases() -> None:
 
 
 @pytest.mark.slow
-def test_a_search_with_a_confirmation_stage_chooses_by_the_mean(tmp_path: Path, shared_ray) -> None:
+def test_a_search_with_a_confirmation_stage_chooses_by_the_mean(tmp_path: Path, shared_ray, monkeypatch,
+                                                                 capsys) -> None:
     import json
 
     import yaml
     from mlflow import MlflowClient
 
-    from searches import SearchRun, run_search
+    from searches import SearchRun, search_here
 
     space = write_space(tmp_path, SPACE, search__num_samples=2, search__max_concurrent=1, scheduler={"type": "none"},
                         fixed__epochs=2, confirm={"top_k": 1, "seeds": 1})  # one trial process at a time
-    run = SearchRun.of(tmp_path, run_search(tmp_path, space, ray=shared_ray))
+    here = dict(ray=shared_ray, monkeypatch=monkeypatch, capsys=capsys)
+    run = SearchRun.of(tmp_path, search_here(tmp_path, space, **here))
     run.check()
     out = run.result.stdout
     best = json.loads((run.folder / "best.json").read_text())
@@ -132,7 +134,7 @@ def test_a_search_with_a_confirmation_stage_chooses_by_the_mean(tmp_path: Path, 
     assert confirm.info.status == "FINISHED" and confirm.data.metrics["objective"] == pytest.approx(chosen["values"][1])
 
     # --resume of the finished search runs nothing again: the same confirmation run, the same choice
-    again = run_search(tmp_path, space, "--resume", ray=shared_ray)
+    again = search_here(tmp_path, space, "--resume", **here)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(list((run.folder / "confirm").glob("KDTrainable_*"))) == 1
     assert len(client.search_runs([exp.experiment_id], "tags.`kdtune.kind` = 'confirm'")) == 1

@@ -205,7 +205,8 @@ class Rank0CrashKD(KD):
 
 
 @pytest.mark.slow
-def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, shared_ray) -> None:
+def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, shared_ray, monkeypatch,
+                                                                      capsys) -> None:
     """One trial of a real search as two gloo workers under Ray Train's TorchTrainer, whose rank 0
     fails once in epoch 2: Tune retries the trial, and it goes on from rank 0's checkpoint of
     epoch 1. MLflow gets each epoch once, at its epoch, with the reduced metrics (the whole train
@@ -219,7 +220,7 @@ def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, 
     from kdtune.data import load_dataset
     from kdtune.run import build_engine, load_teacher
     from kdtune.search.spec import load_spec
-    from searches import SPACE, run_search, write_space
+    from searches import SPACE, run_search, search_here, write_space
 
     (tmp_path / "rank0_crash.py").write_text(RANK0_CRASH_PLUGIN)
     # one fixed configuration (lr), so that the one-process reference below is that trial
@@ -229,10 +230,12 @@ def test_a_search_runs_a_trial_as_two_gloo_workers_under_torchtrainer(tmp_path, 
                         space={"lr": {"type": "categorical", "choices": [0.05]}},
                         search__algorithm="random", search__num_samples=1, scheduler={"type": "none"},
                         resources=resources, checkpoint_every_s=0, max_failures=1)
-    # on GPUs a private instance, which gets the machine's GPUs (the shared one has none)
-    ray = None if CUDA else shared_ray
-    path = os.pathsep.join([str(tmp_path), (ray.env if ray else os.environ).get("PYTHONPATH", "")])
-    result = run_search(tmp_path, space, ray=ray, env_extra={"KDTUNE_PLUGINS": "rank0_crash", "PYTHONPATH": path})
+    if CUDA:  # a private instance, which gets the machine's GPUs (the shared one has none)
+        path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+        result = run_search(tmp_path, space, env_extra={"KDTUNE_PLUGINS": "rank0_crash", "PYTHONPATH": path})
+    else:
+        result = search_here(tmp_path, space, ray=shared_ray, env_extra={"KDTUNE_PLUGINS": "rank0_crash"},
+                             monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "crashed").exists()  # rank 0 did fail
     folder = tmp_path / "ray" / SPACE["name"]

@@ -514,7 +514,7 @@ def test_more_gpus_per_trial_than_the_cluster_has(tmp_path: Path, shared_ray) ->
 
 
 @pytest.mark.slow
-def test_a_killed_search_leaves_nothing_after_resume(tmp_path: Path, shared_ray) -> None:
+def test_a_killed_search_leaves_nothing_after_resume(tmp_path: Path, shared_ray, monkeypatch, capsys) -> None:
     """kill -9 of a driver orphans its private Ray instance's agents (the GCS and raylet notice and
     exit; the dashboard and runtime-env agents do not). --resume ends exactly those, by pid."""
     space = write_space(tmp_path)
@@ -536,7 +536,8 @@ def test_a_killed_search_leaves_nothing_after_resume(tmp_path: Path, shared_ray)
     out.close()
     time.sleep(2)  # the GCS and raylet see their driver gone and exit
     orphans = [p for p in processes.live(killed) if p != proc.pid]
-    resumed = searches.run_search(tmp_path, space, "--resume", ray=shared_ray)
+    resumed = searches.search_here(tmp_path, space, "--resume", ray=shared_ray, monkeypatch=monkeypatch,
+                                   capsys=capsys)
     try:
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
         if orphans:  # what Ray leaves (and how fast the rest exits) varies; whatever is left is ended, and said

@@ -26,7 +26,7 @@ import processes
 from commands import run_here
 from ray_instance import RayInstance, short_tmpdir
 from searches import (E2E_SPACE, SPACE, env, finish_search, mlflow_run_count, run_search, search_cmd,
-                      start_search, write_space)
+                      search_here, start_search, write_space)
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -370,10 +370,11 @@ def test_from_search_reruns_a_trial_exactly_and_the_best_one_on_test(e2e_search,
 
 
 @pytest.mark.slow
-def test_a_second_run_of_the_same_file_starts_a_new_search(e2e_search, shared_ray) -> None:
+def test_a_second_run_of_the_same_file_starts_a_new_search(e2e_search, shared_ray, monkeypatch, capsys) -> None:
     e2e_search.check()
     tmp_path = e2e_search.dir
-    second = run_search(tmp_path, tmp_path / "space.yaml", "--num-samples", "1", ray=shared_ray)
+    second = search_here(tmp_path, tmp_path / "space.yaml", "--num-samples", "1", ray=shared_ray,
+                         monkeypatch=monkeypatch, capsys=capsys)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "starting a new search 'e2e-2'" in second.stdout
     assert len(load_results(tmp_path / "ray" / "e2e-2")) == 1
@@ -421,7 +422,8 @@ class GatedKD(KD):
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path, shared_ray) -> None:
+def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path, shared_ray, monkeypatch,
+                                                                 capsys) -> None:
     """A private search: while it runs, every port its processes listen on is on loopback and a
     second search of its name is refused; Ctrl-C stops it cleanly; --resume finishes it."""
     # Its trials after the third wait for a gate the test opens only before --resume: Ctrl-C
@@ -504,8 +506,8 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
 
     (tmp_path / "gate" / "open").touch()
     # resuming on another cluster works too (the search forwards its plugin to the cluster's workers)
-    r = run_search(tmp_path, space, "--resume", ray=shared_ray,
-                   env_extra={**plugin_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), shared_ray.env["PYTHONPATH"]])})
+    r = search_here(tmp_path, space, "--resume", ray=shared_ray, env_extra=plugin_env, monkeypatch=monkeypatch,
+                    capsys=capsys)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client, after = child_runs(tmp_path)
     trial_ids = [run.data.tags["kdtune.trial_id"] for run in after]
@@ -558,7 +560,8 @@ class BarrierKD(KD):
 
 
 @pytest.mark.slow
-def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu(tmp_path: Path) -> None:
+def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu(tmp_path: Path, monkeypatch,
+                                                                                 capsys) -> None:
     """``--gpus-per-trial 0.25`` on a cluster with one GPU runs four trials at the same time. The
     GPU is only declared (``ray start --num-gpus 1`` on this GPU-less machine): each trial gets a
     quarter of it from Ray, finds no CUDA and trains on the CPU. The trials wait for each other
@@ -572,7 +575,7 @@ def test_quarter_gpu_trials_pack_four_at_once_on_a_cluster_that_declares_one_gpu
                   "PYTHONPATH": os.pathsep.join([str(tmp_path), env()["PYTHONPATH"]])}
     cluster = RayInstance.start(num_cpus=2, num_gpus=1, env_extra=plugin_env)  # its workers load the plugin
     try:
-        r = run_search(tmp_path, space, ray=cluster, timeout=300)
+        r = search_here(tmp_path, space, ray=cluster, monkeypatch=monkeypatch, capsys=capsys)
     finally:
         cluster.stop()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
