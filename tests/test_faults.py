@@ -502,15 +502,19 @@ def test_report_names_a_corrupt_search_record(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_more_gpus_per_trial_than_the_cluster_has(tmp_path: Path, shared_ray) -> None:
+def test_more_gpus_per_trial_than_the_cluster_has(tmp_path: Path, shared_ray, monkeypatch, capsys) -> None:
     """With --address the cluster's resources count, read after connecting (before any record).
-    The session's shared instance declares no GPU."""
+    The session's shared instance declares no GPU. The command in this process: the refused
+    search leaves it disconnected (a program's next search connects to its own cluster)."""
+    import ray
+
     address = shared_ray.address
-    o = search(tmp_path, write_space(tmp_path), "--address", address, "--gpus-per-trial", "0.5",
-               env_extra={"RAY_AUTH_MODE": "disabled"})
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    o = search_here(capsys, tmp_path, write_space(tmp_path), "--address", address, "--gpus-per-trial", "0.5")
     assert_clean_failure(o, tmp_path, rf"resources\.gpus_per_trial: 0\.5 asked for, but the Ray cluster at "
                                       rf"{re.escape(address)} has 0 GPUs")
     assert searches.mlflow_run_count(tmp_path) == 0
+    assert not ray.is_initialized()
 
 
 @pytest.mark.slow

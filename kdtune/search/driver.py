@@ -81,11 +81,25 @@ def execute(args, trainable: type | None = None) -> tuple[int, Path | None]:
                              f"already; start this search under another name (--set name=...)")
     preflight.check_device(spec)
     preflight.check_tracking(tracking_uri)
-    if address:
-        init_ray(address, args.verbose)  # cheap on a running cluster, and the only way to see its resources
-        preflight.check_cluster_resources(spec, address)
-    else:
+    if not address:
         preflight.check_local_resources(spec)
+        return checked_search(spec, args, storage, tracking_uri, own, optuna_url, note, trainable)
+    init_ray(address, args.verbose)  # cheap on a running cluster, and the only way to see its resources
+    try:
+        preflight.check_cluster_resources(spec, address)
+        return checked_search(spec, args, storage, tracking_uri, own, optuna_url, note, trainable)
+    finally:
+        # the search disconnects at its end (run_search); a refused search and a dry run do here,
+        # so that a program's next search (kdtune.search.run) connects to its own cluster
+        import ray
+
+        ray.shutdown()
+
+
+def checked_search(spec: SearchSpec, args, storage: str, tracking_uri: str, own: Path, optuna_url: str,
+                   note: str | None, trainable: type | None) -> tuple[int, Path | None]:
+    """:func:`execute` after its resource checks: the data and teacher checks, then the search (or
+    the dry run's report)."""
     preflight.check_teacher_checkpoint(spec, preflight.check_data(spec))
     if args.dry_run:
         print_dry_run(spec, storage, tracking_uri)
