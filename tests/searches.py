@@ -173,11 +173,11 @@ def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 
                          timeout)
 
 
-def search_here(folder: Path, space: Path, *extra: str, ray, monkeypatch, capsys,
+def search_here(folder: Path, space: Path, *extra: str, ray=None, monkeypatch, capsys,
                 env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The search of :func:`run_search` on the instance ``ray``, run by ``kdtune search``'s main in
-    this process (tests/commands.py): the same search and output, without a new interpreter's
-    7 s of CPU in imports. ``env_extra`` holds for the search; a plugin it names
+    """The search of :func:`run_search` on the instance ``ray`` (None: a private one), run by
+    ``kdtune search``'s main in this process (tests/commands.py): the same search and output,
+    without a new interpreter's 7 s of CPU in imports. ``env_extra`` holds for the search; a plugin it names
     (``KDTUNE_PLUGINS``) is imported from ``folder``, where Ray's workers find it too, and is
     forgotten after the search with what it registered. The command keeps its tests in real
     processes: the end-to-end, killed and interrupted searches among them."""
@@ -191,7 +191,7 @@ def search_here(folder: Path, space: Path, *extra: str, ray, monkeypatch, capsys
     from kdtune.sampling import SAMPLERS
 
     seed_store(folder)
-    for key, value in {**ray.env, **(env_extra or {})}.items():
+    for key, value in {**(ray.env if ray else env()), **(env_extra or {})}.items():
         if key != "PYTHONPATH":
             monkeypatch.setenv(key, value)
     monkeypatch.syspath_prepend(str(folder))
@@ -200,8 +200,8 @@ def search_here(folder: Path, space: Path, *extra: str, ray, monkeypatch, capsys
     monkeypatch.setattr(plugins, "_loaded", set(plugins._loaded))
     modules = set(sys.modules)
     try:
-        return run_here("search", *search_args(folder, space, *extra, "--address", ray.address), cwd=folder,
-                        monkeypatch=monkeypatch, capsys=capsys)
+        return run_here("search", *search_args(folder, space, *extra, *(("--address", ray.address) if ray else ())),
+                        cwd=folder, monkeypatch=monkeypatch, capsys=capsys)
     finally:
         for name in set(sys.modules) - modules:  # the plugin's module: imported afresh by the next test
             if Path(getattr(sys.modules[name], "__file__", None) or "/").parent == folder:

@@ -25,8 +25,7 @@ from kdtune.search.spec import load_spec
 import processes
 from commands import run_here
 from ray_instance import RayInstance, short_tmpdir
-from searches import (E2E_SPACE, SPACE, env, finish_search, mlflow_run_count, run_search, search_cmd,
-                      search_here, start_search, write_space)
+from searches import E2E_SPACE, SPACE, env, mlflow_run_count, run_search, search_cmd, search_here, write_space
 
 def child_runs(tmp_path: Path, name: str = "e2e") -> list:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -448,9 +447,6 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
         lines.append(line)
         if not checked and "[kdtune] trial" in line and " started " in line:
             checked = True
-            # a second search of the same name while this one runs: started at once (its imports
-            # take seconds, and this search's trials take seconds each)
-            second = start_search(tmp_path, space, env_extra=plugin_env)
             # the trial's worker takes its name (ray::KDTrainable, or Tune's wrapper's name,
             # ray::ResourceTrainable, while it trains) and opens its servers a moment after
             # "started": seconds under the full suite's load (the gated trials keep it running)
@@ -467,9 +463,10 @@ def test_interrupted_search_resumes_without_duplicates_or_reruns(tmp_path: Path,
             exposed = [(processes.describe(pid), address, port) for pid, address, port in sockets
                        if address not in processes.LOOPBACK]
             assert not exposed, f"listening beyond loopback: {exposed}"
-            # the second search: refused before anything is recorded (the first one's trials add
-            # runs meanwhile: count searches)
-            second = finish_search(tmp_path, second, 120)
+            # a second search of the same name while this one runs (the command in this process):
+            # refused before anything is recorded (the first one's trials add runs meanwhile: count
+            # searches)
+            second = search_here(tmp_path, space, env_extra=plugin_env, monkeypatch=monkeypatch, capsys=capsys)
             assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
             assert re.search(rf"a search named 'e2e' is already running \(pid {proc.pid} ", second.stderr)
             assert mlflow_run_count(tmp_path, kind="search") == 1
