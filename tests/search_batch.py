@@ -8,7 +8,8 @@ Tune's own lines land there too) and its exit status in ``folder/search.rc``.
 
 Why: a search's process spends about 7 s of CPU importing torch, MLflow and Ray Tune before its
 first trial; the tests' batch of short searches (tests/searches.py) pays that once per batch
-process instead of once per search. Each search connects to the cluster (``--address``) and
+process instead of once per search, and the end-to-end search (:func:`run` in the test process)
+not at all. Each search connects to the cluster (``--address``) and
 disconnects at its end, as a program that runs searches in turn does. A plugin stays imported
 once loaded, so a job whose plugin changes kdtune for the rest of the process goes last.
 """
@@ -23,8 +24,7 @@ import traceback
 def run(job: dict) -> int:
     from kdtune.cli import main
 
-    saved_env = dict(os.environ)
-    saved_path = list(sys.path)
+    saved_env, saved_path, saved_cwd = dict(os.environ), list(sys.path), os.getcwd()
     folder = job["folder"]
     os.chdir(folder)  # where the command would run; Ray puts it on the trials' path
     os.environ.update(job.get("env", {}))
@@ -47,6 +47,7 @@ def run(job: dict) -> int:
             os.environ.clear()
             os.environ.update(saved_env)
             sys.path[:] = saved_path
+            os.chdir(saved_cwd)
     with open(os.path.join(folder, "search.rc"), "w") as f:
         f.write(str(code))
     return code

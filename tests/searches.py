@@ -174,13 +174,14 @@ def run_search(folder: Path, space: Path, *extra: str, ray=None, timeout: int = 
 
 
 def search_here(folder: Path, space: Path, *extra: str, ray=None, monkeypatch, capsys,
-                env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                env_extra: dict[str, str] | None = None, seed: bool = True) -> subprocess.CompletedProcess:
     """The search of :func:`run_search` on the instance ``ray`` (None: a private one), run by
     ``kdtune search``'s main in this process (tests/commands.py): the same search and output,
-    without a new interpreter's 7 s of CPU in imports. ``env_extra`` holds for the search; a plugin it names
-    (``KDTUNE_PLUGINS``) is imported from ``folder``, where Ray's workers find it too, and is
-    forgotten after the search with what it registered. The command keeps its tests in real
-    processes: the end-to-end, killed and interrupted searches among them."""
+    without a new interpreter's 7 s of CPU in imports. ``env_extra`` holds for the search; a
+    plugin it names (``KDTUNE_PLUGINS``), a module of ``folder`` (where Ray's workers find it
+    too) or of a package, is forgotten after the search with what it registered. ``seed``: as
+    :func:`start_search`. The command keeps tests in real processes: the killed and interrupted
+    searches, and the refused ones of test_faults."""
     from commands import run_here
 
     from kdtune import plugins
@@ -190,7 +191,8 @@ def search_here(folder: Path, space: Path, *extra: str, ray=None, monkeypatch, c
     from kdtune.models import MODELS
     from kdtune.sampling import SAMPLERS
 
-    seed_store(folder)
+    if seed:
+        seed_store(folder)
     for key, value in {**(ray.env if ray else env()), **(env_extra or {})}.items():
         if key != "PYTHONPATH":
             monkeypatch.setenv(key, value)
@@ -203,8 +205,9 @@ def search_here(folder: Path, space: Path, *extra: str, ray=None, monkeypatch, c
         return run_here("search", *search_args(folder, space, *extra, *(("--address", ray.address) if ray else ())),
                         cwd=folder, monkeypatch=monkeypatch, capsys=capsys)
     finally:
+        named = set(os.environ.get("KDTUNE_PLUGINS", "").split(","))
         for name in set(sys.modules) - modules:  # the plugin's module: imported afresh by the next test
-            if Path(getattr(sys.modules[name], "__file__", None) or "/").parent == folder:
+            if name in named or Path(getattr(sys.modules[name], "__file__", None) or "/").parent == folder:
                 del sys.modules[name]
 
 
@@ -258,9 +261,20 @@ def run_at_once(started: dict[str, tuple[Path, subprocess.Popen]]) -> dict[str, 
 
 def e2e_search(folder: Path, ray) -> SearchRun:
     """The end-to-end search, on the session's shared Ray instance ``ray`` (the searches that
-    start a private local instance, the default a user gets, are in test_search and test_faults)."""
-    r = run_search(folder, write_space(folder, E2E_SPACE), "--status-every", "2", ray=ray)
-    return SearchRun.of(folder, r)
+    start a private local instance, the default a user gets, are in test_search and test_faults),
+    run by the command's main in this process, its output in the folder's files as a batch
+    writes them (tests/search_batch.py)."""
+    from search_batch import run
+
+    from kdtune.logs import configure
+
+    seed_store(folder)
+    args = search_args(folder, write_space(folder, E2E_SPACE), "--status-every", "2", "--address", ray.address)
+    try:
+        run({"folder": str(folder), "env": ray.env, "argv": args})
+    finally:
+        configure()  # as the tests' conftest left it
+    return SearchRun.of(folder, batch_result(folder))
 
 
 FLAKY_PLUGIN = '''
@@ -406,11 +420,11 @@ def start_batch(folder: Path, jobs: list[dict], ray) -> subprocess.Popen:
                                 cwd=folder, env=ray.env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
-def batch_result(folder: Path, batch: subprocess.Popen) -> subprocess.CompletedProcess:
+def batch_result(folder: Path, batch: subprocess.Popen | None = None) -> subprocess.CompletedProcess:
     """The search a batch ran in ``folder``: its exit status (the batch's, or -1, if the batch ended
     before it) and its output."""
     rc = folder / "search.rc"
-    code = int(rc.read_text()) if rc.is_file() else (batch.returncode or -1)
+    code = int(rc.read_text()) if rc.is_file() else ((batch and batch.returncode) or -1)
     read = lambda name: (folder / name).read_text() if (folder / name).is_file() else ""  # noqa: E731
     return subprocess.CompletedProcess(["kdtune", "search"], code, read("search.out"), read("search.err"))
 

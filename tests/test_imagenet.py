@@ -397,18 +397,16 @@ def test_a_search_distils_from_the_crop_cache_its_driver_built(short_searches) -
     assert "teacher_crops/" in trial_out.read_text() and "loaded)" in trial_out.read_text()
 
 
-def test_the_loader_benchmark_prints_the_loaders_and_the_steps_rates(tmp_path) -> None:
+def test_the_loader_benchmark_prints_the_loaders_and_the_steps_rates(tmp_path, monkeypatch, capsys) -> None:
     """``kdtune bench --loader`` end to end, on its own temporary JPEGs (only --help was run once,
-    and an ImportError in its model check went unseen)."""
+    and an ImportError in its model check went unseen); the command in this process (test_cli
+    runs it in its own)."""
     import re
-    import subprocess
-    import sys
 
-    from searches import env
+    from commands import run_here
 
-    r = subprocess.run([sys.executable, "-m", "kdtune.bench", "--loader", "--images", "16", "--resolution", "16",
-                        "--batch-size", "8", "--workers", "0,1", "--steps", "1"],
-                       capture_output=True, text=True, timeout=300, env=env(), cwd=tmp_path)
+    r = run_here("bench", "--loader", "--images", "16", "--resolution", "16", "--batch-size", "8", "--workers", "0,1",
+                 "--steps", "1", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     train = re.findall(r"train loader,\s+(\d) workers:\s+([\d.]+) img/s \((\d+) images\)", r.stdout)
     assert [(w, n) for w, _, n in train] == [("0", "16"), ("1", "16")] and all(float(rate) > 0 for _, rate, _ in train)

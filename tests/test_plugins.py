@@ -83,9 +83,12 @@ def test_a_dataset_builder_that_declares_root_gets_data_root(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_plugin_in_a_two_trial_search(tmp_path: Path, shared_ray) -> None:
+def test_plugin_in_a_two_trial_search(tmp_path: Path, shared_ray, monkeypatch, capsys) -> None:
     """On the session's Ray instance, whose workers were started without the plugin: the search
-    forwards KDTUNE_PLUGINS to them."""
+    forwards KDTUNE_PLUGINS to them. The command in this process (the tests above run a plugin in
+    a command's own), with a store it makes itself."""
+    from searches import search_here
+
     space = {"name": "plugin", "fixed": {**RUN, "cache_dir": str(tmp_path / "cache")},
              "space": {"ramp_start": {"type": "categorical", "choices": [0.2, 1.0]}},
              # one trial at a time: a second trial process would cost seconds of imports on 2 cores
@@ -93,10 +96,8 @@ def test_plugin_in_a_two_trial_search(tmp_path: Path, shared_ray) -> None:
              "scheduler": {"type": "none"}, "resources": {"cpus_per_trial": 1}}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
-    r = subprocess.run([sys.executable, "-m", "kdtune.search", str(path), "--storage-path", str(tmp_path / "ray"),
-                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--address", shared_ray.address],
-                       cwd=tmp_path, env={**shared_ray.env, "KDTUNE_PLUGINS": PLUGIN}, capture_output=True, text=True,
-                       timeout=900)
+    r = search_here(tmp_path, path, ray=shared_ray, env_extra={"KDTUNE_PLUGINS": PLUGIN}, seed=False,
+                    monkeypatch=monkeypatch, capsys=capsys)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from mlflow import MlflowClient
 

@@ -4,8 +4,6 @@ starts; each search takes well under a second."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from kdtune.search import replay
 from kdtune.search.curves import SPACE, read_curves, write_table
+from commands import run_here
 
 EPOCHS = 6
 LRS = (0.01, 0.1, 1.0)
@@ -139,15 +138,15 @@ def test_bootstrap_interval_holds_the_median_and_counts_never_as_infinite() -> N
     assert ratio == pytest.approx(1 / 3) and lo == hi == pytest.approx(1 / 3)
 
 
-def test_the_command_prints_every_strategy_and_refuses_bad_input(table: Path) -> None:
-    cmd = [sys.executable, "-m", "kdtune.cli", "bench", "--search", "--replay", str(table), "--seeds", "3",
-           "--budget", "4"]
-    r = subprocess.run(cmd + ["--strategies", "random,tpe+asha,hyperband"], capture_output=True, text=True,
-                       timeout=300)
+def test_the_command_prints_every_strategy_and_refuses_bad_input(table: Path, tmp_path, monkeypatch, capsys) -> None:
+    """In this process (test_bench_search runs the command in its own)."""
+    args = ("bench", "--search", "--replay", str(table), "--seeds", "3", "--budget", "4")
+    r = run_here(*args, "--strategies", "random,tpe+asha,hyperband", cwd=tmp_path, monkeypatch=monkeypatch,
+                 capsys=capsys)
     assert r.returncode == 0, r.stderr
     for s in ("| random |", "| tpe+asha |", "| hyperband |", "tpe+asha / random"):
         assert s in r.stdout
-    r = subprocess.run(cmd + ["--strategies", "tpe,bogus"], capture_output=True, text=True, timeout=120)
+    r = run_here(*args, "--strategies", "tpe,bogus", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert r.returncode == 2 and "bogus" in r.stderr and "Traceback" not in r.stderr
 
 
