@@ -31,8 +31,9 @@ def run(job: dict) -> int:
     sys.path[:0] = [p for p in job.get("env", {}).get("PYTHONPATH", "").split(os.pathsep) if p]
     with open(os.path.join(folder, "search.out"), "w") as out, open(os.path.join(folder, "search.err"), "w") as err:
         sys.stdout.flush(), sys.stderr.flush()
-        fds = os.dup(1), os.dup(2)
+        fds, streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
         os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = out, err  # in a test process, pytest's capture replaced them
         try:
             code = main(["search", *job["argv"]])
         except SystemExit as e:  # argparse
@@ -42,6 +43,7 @@ def run(job: dict) -> int:
             code = 1
         finally:
             sys.stdout.flush(), sys.stderr.flush()
+            sys.stdout, sys.stderr = streams
             os.dup2(fds[0], 1), os.dup2(fds[1], 2)
             os.close(fds[0]), os.close(fds[1])
             os.environ.clear()
