@@ -407,8 +407,9 @@ def imagenet_space(folder: Path) -> dict:
 
 
 # The short searches in two processes that run theirs one after another (tests/search_batch.py):
-# about 7 s of CPU in imports saved per search, and at most two searches at once on the
-# instance's two CPUs. A search whose plugin patches kdtune in its process ("lost") goes last.
+# about 7 s of CPU in imports saved per search, and at most three searches at once (with the
+# notebook's) on the instance's two CPUs. A search whose plugin patches kdtune in its process
+# ("lost") goes last.
 BATCHES = (("imagenet", "pbt", "diverging", "crashed"), ("objectives", "pb2", "lost"))
 
 
