@@ -57,10 +57,11 @@ def _tolerance(part: str, key: str, entry: dict) -> tuple[float, float] | None:
     if part == "models":
         # A projection or the sum of a model's outputs (or weights) adds thousands of terms that
         # can cancel, so its noise scales with the terms, not with the result: 421.488 against
-        # 421.505 (4e-5 relative) for resnet56's logits of norm 2.2e5, AVX-512 against the AVX2
-        # that recorded them. The largest projection measures the norm.
+        # 421.505 (4e-5 relative) for resnet56's logits of norm 2.2e5, AVX-512 against the kernels
+        # that recorded them; with ATEN_CPU_CAPABILITY=default (no SIMD) about 1e-5 of the norm,
+        # the weights' initial values included. The largest projection measures the norm.
         family = entry["logits"] if key.startswith("logit") else entry["state"]
-        return 1e-5, 1e-4 + 1e-6 * max(map(abs, family))
+        return 1e-5, 1e-4 + 2e-5 * max(map(abs, family))
     if part == "losses":
         return 5e-3, 1e-5
     if key.startswith("val/") or "acc" in key:
