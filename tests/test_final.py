@@ -145,7 +145,21 @@ def test_a_moved_search_reruns_into_its_own_store_fully_tracked(tmp_path: Path, 
         assert [m.step for m in history] == [1] and history[0].value == pytest.approx(result["test/acc1"])
         assert {"student.pth", "final.json", "metrics.jsonl", "run.yaml", "log.txt"} <= {
             a.path for a in client.list_artifacts(run.info.run_id)}
+        # the files beside the store, not in ./mlruns of the directory the rerun started from
+        assert run.info.artifact_uri.startswith((moved / "mlruns").as_uri() + "/")
         assert run.data.params["teacher_checkpoint"] == str(teacher.resolve())
+
+
+def test_a_sqlite_stores_experiments_keep_their_files_beside_it(tmp_path: Path, monkeypatch) -> None:
+    from kdtune.search.tracking import artifact_location
+
+    monkeypatch.chdir(tmp_path)
+    assert artifact_location(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "kd search") == \
+        (tmp_path / "a" / "mlruns" / "kd_search").as_uri()
+    assert artifact_location("sqlite:///b/mlflow.db?timeout=20", "e2e/2") == (tmp_path / "b" / "mlruns" / "e2e_2").as_uri()
+    # elsewhere the store (a server, a file store) decides
+    for uri in ("sqlite:///:memory:", "http://127.0.0.1:5000", f"file://{tmp_path}", "postgresql://db/kd"):
+        assert artifact_location(uri, "e2e") is None, uri
 
 
 def test_a_store_that_is_gone_stops_the_rerun_before_it_trains(tmp_path: Path, threads, capsys) -> None:

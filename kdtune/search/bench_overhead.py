@@ -77,18 +77,17 @@ def measure(folder: Path, algorithm: str, trials: int, epochs: int, concurrent: 
 
     from kdtune.search.api import options
     from kdtune.search.driver import execute
+    from kdtune.search.preflight import create_tracking_store
     from kdtune.search.records import RESULTS_FILE
-    from kdtune.search.tracking import EXPERIMENT_KIND, child_runs
+    from kdtune.search.tracking import child_runs
 
     import pandas as pd
 
     from kdtune.search.noop_trainable import sleeping
 
     space = write_space(folder, algorithm, trials, epochs, concurrent, scheduler, train)
-    tracking = f"sqlite:///{folder / 'mlflow.db'}"
-    # The store's artifacts beside it: MLflow's default is ./mlruns of wherever the bench runs.
-    MlflowClient(tracking).create_experiment(yaml.safe_load(space.read_text())["name"], tags=EXPERIMENT_KIND,
-                                             artifact_location=(folder / "mlruns").as_uri())
+    tracking = f"sqlite:///{folder / 'mlflow.db'}"  # its artifacts go beside it (tracking.artifact_location)
+    create_tracking_store(tracking)  # MLflow's schema migrations: seconds, not the search's overhead
     args = options(space, storage_path=str(folder / "ray"), tracking_uri=tracking, status_every=3600.0,
                    address=address)
     if train:  # the setting: the teacher and its output cache exist before the search starts

@@ -11,6 +11,7 @@ not logged twice.
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,25 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name, tags=EXPERIMENT_KIND)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, tags=EXPERIMENT_KIND,
+                                    artifact_location=artifact_location(client.tracking_uri, name))
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its runs' files (the space file, each trial's ``run.yaml``, the
+    results table): beside a SQLite store, in ``<its folder>/mlruns/<experiment>``, so that they
+    stay with the store whichever folder a search or a final run started from (MLflow's default
+    is ``./mlruns`` of the working directory). None for other stores: a tracking server, or a
+    file store, keeps them where it is configured to. Runs live in folders named by their ids, so
+    two experiment names that map to one folder name share it harmlessly."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if db in ("", ":memory:"):
+        return None
+    return (Path(db).resolve().parent / "mlruns" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
 
 
 BEST_SO_FAR_METRIC = "best_objective"  # on a search's parent run: one point per ended trial
