@@ -38,7 +38,7 @@ import pandas as pd
 
 from kdtune.search.records import (NOT_METRICS, OBJECTIVE_METRIC, PARENT_TAG, PARETO_COLUMN, PENALTY, RESULTS_FILE,
                                    STATE_FILE, STATUS_TAG, TRIAL_TAG, is_own_metric, objective_column, pareto_column,
-                                   resolve_tracking_uri, run_metrics)
+                                   resolve_tracking_uri, run_metrics, sqlite_file)
 from kdtune.search.space import parse_space
 from kdtune.search.pbt import HISTORY_COLUMN, HISTORY_TAG, METRIC_PREFIX as PBT_PREFIX
 
@@ -357,7 +357,7 @@ def _experiment_exists(name: str, tracking_uri: str | None) -> bool:
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if (db := sqlite_file(uri)) is not None and not db.is_file():
         return False  # MlflowClient would create an empty database just to look
     try:
         return MlflowClient(uri).get_experiment_by_name(name) is not None

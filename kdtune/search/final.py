@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 from kdtune.config import ConfigError, RunConfig
-from kdtune.search.records import BEST_FILE, OBJECTIVE, OPTUNA_FILE, RESULTS_FILE, RUN_FILE, STATE_FILE
+from kdtune.search.records import (BEST_FILE, OBJECTIVE, OPTUNA_FILE, RESULTS_FILE, RUN_FILE, STATE_FILE,
+                                   sqlite_file)
 
 logger = logging.getLogger(__name__)
 # a seed's own lines (epochs, teacher), bare as kdtune.train prints them (kdtune.logs)
@@ -97,10 +98,8 @@ def original_folder(state: dict[str, Any]) -> Path | None:
     """Where the search's folder was when it ran (its state file says, or its Optuna study's path)."""
     if state.get("folder"):
         return Path(state["folder"])
-    optuna = state.get("optuna_storage") or ""
-    if optuna.startswith("sqlite:///") and optuna.endswith("/" + OPTUNA_FILE):
-        return Path(optuna.removeprefix("sqlite:///")).parent
-    return None
+    study = sqlite_file(state.get("optuna_storage") or "")
+    return study.parent if study is not None and study.name == OPTUNA_FILE else None
 
 
 def relocate(value: Any, old: Path | None, new: Path) -> Any:
@@ -125,7 +124,7 @@ def tracking_store(state: dict[str, Any], search: Path, given: str | None) -> st
     if not uri:
         raise ConfigError([f"{search / STATE_FILE}: no tracking_uri stored; give one with --tracking-uri"])
     try:
-        if not given and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        if not given and (db := sqlite_file(uri)) is not None and not db.is_file():
             raise PreflightError(f"the search's MLflow store {uri} no longer exists")
         check_tracking(uri)
     except PreflightError as e:

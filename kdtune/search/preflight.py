@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kdtune.checks import device_problem, shorten, writable_dir_problem
+from kdtune.search.records import sqlite_file
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def check_tracking(uri: str) -> None:
     from mlflow import MlflowClient
 
     where = f"--tracking-uri {shorten(uri)}"
-    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    db = sqlite_file(uri)
     if db is not None:
         if not db.parent.is_dir():
             raise PreflightError(f"{where}: folder {db.parent} does not exist")
@@ -157,9 +158,10 @@ def create_tracking_store(uri: str) -> None:
 
     from mlflow import MlflowClient
 
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         return
-    with warnings.catch_warnings(), _dir_lock(Path(uri.removeprefix("sqlite:///")).parent):
+    with warnings.catch_warnings(), _dir_lock(db.parent):
         warnings.simplefilter("ignore")
         MlflowClient(uri).search_experiments(max_results=1)
 

@@ -169,3 +169,12 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
 def resolve_tracking_uri(given: str | None = None) -> str:
     """The given URI, else ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``."""
     return given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite URI (``sqlite:///path``, relative to the working directory
+    unless absolute; a query string dropped); None for any other store, and for SQLite in memory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path not in ("", ":memory:") else None

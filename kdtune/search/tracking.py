@@ -22,7 +22,7 @@ from ray.tune import Callback
 
 from kdtune.search.pbt import METRIC_PREFIX as PBT_PREFIX
 from kdtune.search.records import (NOT_METRICS, OBJECTIVE_METRIC, PARENT_TAG, RUN_FILE, STATUS_TAG, STATUSES,
-                                   TRIAL_TAG, is_better, run_metrics, trial_status)
+                                   TRIAL_TAG, is_better, run_metrics, sqlite_file, trial_status)
 
 
 # MLflow 3 opens an experiment without this tag on its GenAI view; a search is model development.
@@ -44,12 +44,8 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     is ``./mlruns`` of the working directory). None for other stores: a tracking server, or a
     file store, keeps them where it is configured to. Runs live in folders named by their ids, so
     two experiment names that map to one folder name share it harmlessly."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    db = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if db in ("", ":memory:"):
-        return None
-    return (Path(db).resolve().parent / "mlruns" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
+    db = sqlite_file(tracking_uri)
+    return None if db is None else (db.resolve().parent / "mlruns" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
 
 
 BEST_SO_FAR_METRIC = "best_objective"  # on a search's parent run: one point per ended trial
