@@ -154,14 +154,19 @@ def start_notebook_search(folder: Path, space: Path, ray) -> subprocess.Popen:
                                 cwd=folder, env=e, stdout=out, stderr=err, text=True)
 
 
-def finish_search(folder: Path, proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
-    """A search :func:`start_search` started in ``folder``, waited for (killed after ``timeout``)."""
+def wait_or_kill(proc: subprocess.Popen, timeout: int) -> None:
+    """``proc`` waited for; killed (and the timeout raised) after ``timeout`` seconds."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         raise
+
+
+def finish_search(folder: Path, proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A search :func:`start_search` started in ``folder``, waited for (killed after ``timeout``)."""
+    wait_or_kill(proc, timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, (folder / "search.out").read_text(),
                                        (folder / "search.err").read_text())
 
@@ -181,7 +186,7 @@ def search_here(folder: Path, space: Path, *extra: str, ray=None, monkeypatch, c
     plugin it names (``KDTUNE_PLUGINS``), a module of ``folder`` (where Ray's workers find it
     too) or of a package, is forgotten after the search with what it registered. ``seed``: as
     :func:`start_search`. The command keeps tests in real processes: the killed and interrupted
-    searches, and the refused ones of test_faults."""
+    searches, and test_faults' refusals that need one (two at once, a read-only store)."""
     from commands import run_here
 
     from kdtune import plugins
@@ -462,12 +467,7 @@ def short_searches(tmp_path_factory, ray) -> dict[str, SearchRun]:
         batches.append((names, start_batch(tmp_path_factory.mktemp(f"batch{i}"), batch, ray)))
     runs = run_at_once(notebooks)
     for names, proc in batches:
-        try:
-            proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+        wait_or_kill(proc, 900)
         runs.update({n: SearchRun.of(jobs[n][0], batch_result(jobs[n][0], proc)) for n in names})
     for name, run in runs.items():
         if name not in FAULTS:
